@@ -1,0 +1,281 @@
+"""Model configuration: one dataclass for the Qwen2 / Llama-style decoder family.
+
+`ModelConfig` holds the architecture (what a Hugging Face `config.json` describes) plus the runtime
+choices that are ours (compute dtype, remat policy, attention implementation, which heads exist).
+Only the architecture part is written back to `config.json` on export; the whole config travels as
+Orbax checkpoint metadata so a checkpoint is self-describing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+
+# Architectures whose checkpoints map onto our decoder without changes to the math.
+SUPPORTED_ARCHITECTURES = (
+    "Qwen2ForCausalLM",
+    "Qwen2ForProcessRewardModel",
+    "Qwen2Model",
+    "LlamaForCausalLM",
+)
+SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "minimal")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class UnsupportedCheckpointError(ValueError):
+    """A checkpoint's architecture or config is outside what this decoder implements."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    # Architecture (Hugging Face names where they exist).
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    rope_scaling_factor: float = 1.0  # "linear" RoPE scaling; 1.0 = none
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 4096
+    attention_bias: bool = True  # bias on q/k/v (Qwen2: yes, Llama: no); o_proj never has one
+    tie_word_embeddings: bool = False
+    num_labels: int = 2
+    model_type: str = "qwen2"
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    # Heads present in this model instance. A PRM needs the step head; a policy needs the LM head.
+    with_lm_head: bool = True
+    with_prm_head: bool = True
+    # Runtime (not written to config.json).
+    dtype: str = "float32"  # compute dtype of activations and matmuls
+    param_dtype: str = "float32"  # storage dtype of parameters (fp32 master weights)
+    remat_policy: str = "none"
+    attention_impl: str = "auto"
+
+    def __post_init__(self) -> None:
+        # Modules keep the config as static (hashed) metadata: lists become tuples.
+        if isinstance(self.eos_token_id, list):
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy={self.remat_policy!r}; choose one of {REMAT_POLICIES}")
+        if self.attention_impl not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(
+                f"attention_impl={self.attention_impl!r}; choose one of {ATTENTION_IMPLEMENTATIONS}"
+            )
+        for field in ("dtype", "param_dtype"):
+            if getattr(self, field) not in _DTYPES:
+                raise ValueError(f"{field}={getattr(self, field)!r}; choose one of {list(_DTYPES)}")
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return _DTYPES[self.dtype]
+
+    @property
+    def parameter_dtype(self) -> jnp.dtype:
+        return _DTYPES[self.param_dtype]
+
+    @property
+    def num_query_groups(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def num_parameters(self) -> int:
+        """Parameter count of this instance (heads included as configured)."""
+        h, i, n, k, d, v = (
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_attention_heads,
+            self.num_key_value_heads,
+            self.head_dim,
+            self.vocab_size,
+        )
+        attn = h * n * d + 2 * h * k * d + n * d * h
+        if self.attention_bias:
+            attn += n * d + 2 * k * d
+        per_layer = attn + 3 * h * i + 2 * h
+        total = v * h + self.num_hidden_layers * per_layer + h
+        if self.with_lm_head and not self.tie_word_embeddings:
+            total += h * v
+        if self.with_prm_head:
+            total += h * h + h + h * self.num_labels + self.num_labels
+        return total
+
+    # ------------------------------------------------------------------ Hugging Face config.json
+
+    @classmethod
+    def from_hf_dict(cls, hf: Mapping[str, Any], source: str = "config.json", **overrides: Any) -> "ModelConfig":
+        """Reads a Hugging Face config dict (transformers 4.x or 5.x style).
+
+        `source` names the file in error messages. Runtime fields and head choices come from
+        `overrides`; by default a PRM checkpoint gets only the step head and a causal LM both.
+        """
+        model_type = hf.get("model_type")
+        architectures = list(hf.get("architectures") or [])
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise UnsupportedCheckpointError(
+                f"{source}: model_type={model_type!r} is not supported (supported: {SUPPORTED_MODEL_TYPES})"
+            )
+        unsupported = [a for a in architectures if a not in SUPPORTED_ARCHITECTURES]
+        if unsupported:
+            raise UnsupportedCheckpointError(
+                f"{source}: architectures={unsupported} not supported (supported: {SUPPORTED_ARCHITECTURES})"
+            )
+        required = (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+        )
+        missing = [k for k in required if k not in hf]
+        if missing:
+            raise ValueError(f"{source}: missing required field(s) {missing}")
+
+        # transformers 5 moved rope_theta/rope_scaling into rope_parameters.
+        rope = dict(hf.get("rope_parameters") or {})
+        rope_scaling = hf.get("rope_scaling") or {}
+        rope_theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type") or rope_scaling.get("rope_type") or rope_scaling.get("type") or "default"
+        scaling_factor = 1.0
+        if rope_type == "linear":
+            scaling_factor = float(rope.get("factor", rope_scaling.get("factor", 1.0)))
+        elif rope_type != "default":
+            raise UnsupportedCheckpointError(
+                f"{source}: rope_type={rope_type!r} is not supported (supported: default, linear)"
+            )
+        if hf.get("use_sliding_window"):
+            raise UnsupportedCheckpointError(f"{source}: use_sliding_window=true is not supported")
+
+        if model_type == "llama" and (hf.get("attention_bias") or hf.get("mlp_bias")):
+            # Llama's attention_bias also puts a bias on o_proj, which this decoder does not have.
+            raise UnsupportedCheckpointError(
+                f"{source}: Llama with attention_bias/mlp_bias=true is not supported"
+            )
+        n_heads = int(hf["num_attention_heads"])
+        is_prm = "Qwen2ForProcessRewardModel" in architectures
+        defaults: dict[str, Any] = {
+            "with_lm_head": not is_prm,
+            "with_prm_head": True,
+        }
+        defaults.update(overrides)
+        attention_bias = hf.get("attention_bias", model_type == "qwen2")
+        return cls(
+            vocab_size=int(hf["vocab_size"]),
+            hidden_size=int(hf["hidden_size"]),
+            intermediate_size=int(hf["intermediate_size"]),
+            num_hidden_layers=int(hf["num_hidden_layers"]),
+            num_attention_heads=n_heads,
+            num_key_value_heads=int(hf.get("num_key_value_heads") or n_heads),
+            head_dim=int(hf.get("head_dim") or int(hf["hidden_size"]) // n_heads),
+            rope_theta=float(rope_theta),
+            rope_scaling_factor=scaling_factor,
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+            attention_bias=bool(attention_bias),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            num_labels=int(hf.get("num_labels", 2)),
+            model_type=model_type,
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=hf.get("eos_token_id"),
+            **defaults,
+        )
+
+    @classmethod
+    def from_hf_file(cls, path: str | Path, **overrides: Any) -> "ModelConfig":
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: no config.json") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+        return cls.from_hf_dict(data, source=str(path), **overrides)
+
+    def to_hf_dict(self, *, torch_dtype: str = "bfloat16") -> dict[str, Any]:
+        """The Qwen2 fields of config.json in a form transformers 4.4x and 5.x both read.
+
+        Both spellings are written: 4.x reads top-level `rope_theta`/`torch_dtype`, 5.x reads
+        `rope_parameters`/`dtype` (and tolerates the legacy keys).
+        """
+        rope_parameters: dict[str, Any] = {"rope_theta": self.rope_theta, "rope_type": "default"}
+        out: dict[str, Any] = {
+            "model_type": "qwen2",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": None,
+            "rope_parameters": rope_parameters,
+            "attention_dropout": 0.0,
+            "initializer_range": 0.02,
+            "use_cache": False,
+            "use_sliding_window": False,
+            "sliding_window": None,
+            "max_window_layers": self.num_hidden_layers,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "num_labels": self.num_labels,
+            "torch_dtype": torch_dtype,
+            "dtype": torch_dtype,
+        }
+        if self.rope_scaling_factor != 1.0:
+            scaling = {"rope_type": "linear", "type": "linear", "factor": self.rope_scaling_factor}
+            out["rope_scaling"] = scaling
+            out["rope_parameters"] = {**rope_parameters, "rope_type": "linear", "factor": self.rope_scaling_factor}
+        if not self.attention_bias:
+            # Qwen2 in transformers always has q/k/v bias; without it the checkpoint is Llama-like
+            # and cannot be exported in the Qwen2 layout faithfully.
+            raise UnsupportedCheckpointError(
+                "export to the Qwen2ForProcessRewardModel layout needs attention_bias=True (Qwen2 "
+                "always has q/k/v biases); this model has none"
+            )
+        if self.bos_token_id is not None:
+            out["bos_token_id"] = self.bos_token_id
+        if self.eos_token_id is not None:
+            eos = self.eos_token_id
+            out["eos_token_id"] = list(eos) if isinstance(eos, tuple) else eos
+        return out
+
+    # ------------------------------------------------------------------ checkpoint metadata
+
+    def to_json_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        if isinstance(data["eos_token_id"], tuple):
+            data["eos_token_id"] = list(data["eos_token_id"])
+        return data
+
+    @classmethod
+    def from_json_dict(cls, data: Mapping[str, Any], **overrides: Any) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig field(s) in checkpoint metadata: {unknown}")
+        values = dict(data)
+        values.update(overrides)
+        return cls(**values)

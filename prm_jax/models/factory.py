@@ -1,0 +1,101 @@
+"""Building models: abstract (shapes only), freshly initialised and sharded, or from arrays."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from prm_jax.models.config import ModelConfig
+from prm_jax.models.transformer import Transformer
+from prm_jax.sharding import LogicalAxisRules, state_shardings
+
+ParamPath = tuple[str | int, ...]
+
+
+def abstract_model(config: ModelConfig) -> Transformer:
+    """The model with `jax.ShapeDtypeStruct` leaves: no memory, no compute."""
+    return nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+
+
+def param_shardings(
+    config: ModelConfig, mesh: Mesh, rules: LogicalAxisRules | None = None
+) -> nnx.State:
+    """NamedShardings for the model's parameters under `rules` on `mesh`."""
+    return state_shardings(nnx.state(abstract_model(config)), mesh, rules)
+
+
+def create_model(
+    config: ModelConfig,
+    *,
+    seed: int = 0,
+    mesh: Mesh | None = None,
+    rules: LogicalAxisRules | None = None,
+) -> Transformer:
+    """A freshly initialised model whose parameters are created already sharded on `mesh`."""
+    if mesh is None:
+        return Transformer(config, rngs=nnx.Rngs(seed))
+    graphdef, abstract_state = nnx.split(abstract_model(config))
+    shardings = state_shardings(abstract_state, mesh, rules)
+
+    @jax.jit
+    def init() -> nnx.State:
+        state = nnx.state(Transformer(config, rngs=nnx.Rngs(seed)))
+        return jax.lax.with_sharding_constraint(state, shardings)
+
+    with jax.set_mesh(mesh):
+        state = init()
+    return nnx.merge(graphdef, state)
+
+
+def flat_params(model: Transformer) -> dict[ParamPath, jax.Array]:
+    """{parameter path: array} of a model (the inverse of `model_from_arrays`)."""
+    return {tuple(path): var.get_value() for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def model_from_arrays(
+    config: ModelConfig,
+    arrays: Mapping[ParamPath, Any],
+    *,
+    mesh: Mesh | None = None,
+    rules: LogicalAxisRules | None = None,
+) -> Transformer:
+    """Assembles a model from host or device arrays keyed by parameter path.
+
+    Every parameter must be present with its exact shape; values are cast to the config's
+    parameter dtype and placed with their sharding (one device when `mesh` is None).
+    """
+    graphdef, abstract_state = nnx.split(abstract_model(config))
+    flat = nnx.to_flat_state(abstract_state)
+    expected = {tuple(p) for p, _ in flat}
+    missing = sorted(".".join(map(str, p)) for p in expected - set(arrays))
+    extra = sorted(".".join(map(str, p)) for p in set(arrays) - expected)
+    if missing or extra:
+        raise ValueError(f"parameter set mismatch: missing {missing}, unexpected {extra}")
+    if mesh is not None:
+        shardings = dict(nnx.to_flat_state(state_shardings(abstract_state, mesh, rules)))
+    leaves = []
+    for path, variable in flat:
+        path = tuple(path)
+        target = variable.get_value()
+        value = arrays[path]
+        if tuple(value.shape) != tuple(target.shape):
+            raise ValueError(
+                f"{'.'.join(map(str, path))}: shape {tuple(value.shape)} != expected {tuple(target.shape)}"
+            )
+        value = value.astype(target.dtype)
+        if mesh is None:
+            placed = jax.device_put(value)
+        else:
+            sharding = shardings[path]
+            sharding = sharding.get_value() if isinstance(sharding, nnx.Variable) else sharding
+            placed = jax.device_put(value, sharding)
+        leaves.append((path, variable.replace(placed)))
+    state = nnx.from_flat_state(leaves)
+    return nnx.merge(graphdef, state)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())

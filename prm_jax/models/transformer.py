@@ -1,0 +1,304 @@
+"""Flax NNX decoder for the Qwen2 / Llama family with a causal-LM head and a PRM step head.
+
+Layout follows the Hugging Face modules one to one (`model.layers[i].self_attn.q_proj`, ...) so the
+checkpoint mapping stays a table. Projections are stored head-major (`[embed, heads, head_dim]`)
+so tensor parallelism can split heads; the HF `[out, in]` matrices are reshaped on conversion.
+
+Sequences are described by `segment_ids` (0 = padding, 1..k = packed examples) and per-token
+`positions`; attention never crosses segments, which covers left/right padding and packing with
+one mask.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from prm_jax.models.config import ModelConfig
+from prm_jax.sharding import logical_constraint
+
+_KERNEL_INIT = jax.nn.initializers.normal(stddev=0.02)
+
+
+def _param(
+    rngs: nnx.Rngs | None,
+    init: Callable[..., jax.Array],
+    shape: tuple[int, ...],
+    axes: tuple[str | None, ...],
+    dtype: jnp.dtype,
+) -> nnx.Param:
+    # Sharding is applied by the caller from the logical names (see sharding.state_shardings),
+    # not eagerly at creation, so the same module builds on one device or a mesh.
+    key = rngs.params() if rngs is not None else jax.random.key(0)
+    return nnx.Param(init(key, shape, dtype), out_sharding=axes, eager_sharding=False)
+
+
+def _zeros(key: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
+    del key
+    return jnp.zeros(shape, dtype)
+
+
+def _ones(key: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
+    del key
+    return jnp.ones(shape, dtype)
+
+
+# ---------------------------------------------------------------------------- sequence helpers
+
+
+def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
+    """Position of each token inside its contiguous segment (restarts at 0 per segment)."""
+    length = segment_ids.shape[-1]
+    index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), segment_ids.shape)
+    previous = jnp.concatenate([segment_ids[..., :1] - 1, segment_ids[..., :-1]], axis=-1)
+    starts = jnp.where(segment_ids != previous, index, 0)
+    return index - jax.lax.cummax(starts, axis=segment_ids.ndim - 1)
+
+
+def attention_mask(segment_ids: jax.Array) -> jax.Array:
+    """[B, 1, T, T] causal mask that never crosses segments.
+
+    Padding (segment 0) attends to earlier padding only, so no query row is fully masked (fully
+    masked rows give NaN in some kernels, which would then poison masked reductions).
+    """
+    length = segment_ids.shape[-1]
+    causal = jnp.tril(jnp.ones((length, length), dtype=jnp.bool_))
+    same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return (causal[None] & same_segment)[:, None]
+
+
+def rotary_cos_sin(positions: jax.Array, config: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """cos/sin tables [B, T, head_dim] in fp32, HF "rotate_half" convention."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    scaled = positions.astype(jnp.float32) / config.rope_scaling_factor
+    freqs = scaled[..., None] * inv_freq
+    angles = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x: [B, T, heads, head_dim]."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos = cos[:, :, None, :].astype(x.dtype)
+    sin = sin[:, :, None, :].astype(x.dtype)
+    return x * cos + rotated * sin
+
+
+# ---------------------------------------------------------------------------- layers
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, config: ModelConfig, rngs: nnx.Rngs | None):
+        self.eps = config.rms_norm_eps
+        self.compute_dtype = config.compute_dtype
+        self.weight = _param(rngs, _ones, (dim,), ("norm",), config.parameter_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # Normalise in fp32 and scale in the compute dtype, as transformers' Qwen2RMSNorm does.
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(self.compute_dtype) * normed.astype(self.compute_dtype)
+
+
+class Embedding(nnx.Module):
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs | None):
+        self.compute_dtype = config.compute_dtype
+        self.embedding = _param(
+            rngs, _KERNEL_INIT, (config.vocab_size, config.hidden_size), ("vocab", "embed"),
+            config.parameter_dtype,
+        )
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.compute_dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """Tied LM head: logits against the embedding matrix."""
+        return jnp.einsum("bte,ve->btv", x, self.embedding[...].astype(x.dtype))
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs | None):
+        e, n, k, d = (
+            config.hidden_size,
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+        )
+        pd = config.parameter_dtype
+        self.config = config
+        self.q_kernel = _param(rngs, _KERNEL_INIT, (e, n, d), ("embed", "heads", "head_dim"), pd)
+        self.k_kernel = _param(rngs, _KERNEL_INIT, (e, k, d), ("embed", "kv_heads", "head_dim"), pd)
+        self.v_kernel = _param(rngs, _KERNEL_INIT, (e, k, d), ("embed", "kv_heads", "head_dim"), pd)
+        self.o_kernel = _param(rngs, _KERNEL_INIT, (n, d, e), ("heads", "head_dim", "embed"), pd)
+        if config.attention_bias:
+            self.q_bias = _param(rngs, _zeros, (n, d), ("heads", "head_dim"), pd)
+            self.k_bias = _param(rngs, _zeros, (k, d), ("kv_heads", "head_dim"), pd)
+            self.v_bias = _param(rngs, _zeros, (k, d), ("kv_heads", "head_dim"), pd)
+        else:
+            self.q_bias = self.k_bias = self.v_bias = None
+
+    def _project(self, x: jax.Array, kernel: nnx.Param, bias: nnx.Param | None) -> jax.Array:
+        y = jnp.einsum("bte,end->btnd", x, kernel[...].astype(x.dtype))
+        if bias is not None:
+            y = y + bias[...].astype(x.dtype)
+        return y
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+        q = apply_rotary(self._project(x, self.q_kernel, self.q_bias), cos, sin)
+        k = apply_rotary(self._project(x, self.k_kernel, self.k_bias), cos, sin)
+        v = self._project(x, self.v_kernel, self.v_bias)
+        q = logical_constraint(q, ("activation_batch", "activation_length", "activation_heads", None))
+        k = logical_constraint(k, ("activation_batch", "activation_length", "activation_kv_heads", None))
+        v = logical_constraint(v, ("activation_batch", "activation_length", "activation_kv_heads", None))
+        impl = None if self.config.attention_impl == "auto" else self.config.attention_impl
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+        return jnp.einsum("btnd,nde->bte", out, self.o_kernel[...].astype(x.dtype))
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs | None):
+        e, i, pd = config.hidden_size, config.intermediate_size, config.parameter_dtype
+        self.gate_kernel = _param(rngs, _KERNEL_INIT, (e, i), ("embed", "mlp"), pd)
+        self.up_kernel = _param(rngs, _KERNEL_INIT, (e, i), ("embed", "mlp"), pd)
+        self.down_kernel = _param(rngs, _KERNEL_INIT, (i, e), ("mlp", "embed"), pd)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        gate = x @ self.gate_kernel[...].astype(x.dtype)
+        up = x @ self.up_kernel[...].astype(x.dtype)
+        hidden = logical_constraint(
+            jax.nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp")
+        )
+        return hidden @ self.down_kernel[...].astype(x.dtype)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs | None):
+        self.input_layernorm = RMSNorm(config.hidden_size, config, rngs)
+        self.self_attn = Attention(config, rngs)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config, rngs)
+        self.mlp = MLP(config, rngs)
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+
+
+_REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Decoder(nnx.Module):
+    """Embedding, decoder layers, final norm: the backbone both heads share."""
+
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs | None):
+        self.config = config
+        self.embed_tokens = Embedding(config, rngs)
+        self.layers = nnx.List([DecoderLayer(config, rngs) for _ in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config, rngs)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
+    ) -> jax.Array:
+        if segment_ids is None:
+            segment_ids = jnp.ones_like(input_ids, dtype=jnp.int32)
+        if positions is None:
+            positions = positions_from_segments(segment_ids)
+        mask = attention_mask(segment_ids)
+        cos, sin = rotary_cos_sin(positions, self.config)
+        x = self.embed_tokens(input_ids)
+        x = logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+
+        def run_layer(layer: DecoderLayer, x: jax.Array) -> jax.Array:
+            return layer(x, cos, sin, mask)
+
+        if self.config.remat_policy != "none":
+            run_layer = nnx.remat(run_layer, policy=_REMAT_POLICIES[self.config.remat_policy])
+        for layer in self.layers:
+            x = run_layer(layer, x)
+        return self.norm(x)
+
+
+class LMHead(nnx.Module):
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs | None):
+        self.kernel = _param(
+            rngs, _KERNEL_INIT, (config.hidden_size, config.vocab_size), ("embed", "vocab"),
+            config.parameter_dtype,
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x @ self.kernel[...].astype(x.dtype)
+
+
+class StepHead(nnx.Module):
+    """The PRM head: Linear(h, h) -> ReLU -> Linear(h, num_labels), both with bias (HF `score.0/2`)."""
+
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs | None):
+        h, pd = config.hidden_size, config.parameter_dtype
+        self.hidden_kernel = _param(rngs, _KERNEL_INIT, (h, h), ("embed", "mlp"), pd)
+        self.hidden_bias = _param(rngs, _zeros, (h,), ("mlp",), pd)
+        self.out_kernel = _param(rngs, _KERNEL_INIT, (h, config.num_labels), ("mlp", "labels"), pd)
+        self.out_bias = _param(rngs, _zeros, (config.num_labels,), ("labels",), pd)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = jax.nn.relu(x @ self.hidden_kernel[...].astype(x.dtype) + self.hidden_bias[...].astype(x.dtype))
+        return h @ self.out_kernel[...].astype(x.dtype) + self.out_bias[...].astype(x.dtype)
+
+
+class Transformer(nnx.Module):
+    """Backbone plus the heads the config asks for.
+
+    `model(ids, segment_ids, positions)` returns final hidden states; `lm_logits` and
+    `step_logits` apply the heads (fp32 outputs), so a training step runs the backbone once and
+    only the head it needs.
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs | None):
+        if not (config.with_lm_head or config.with_prm_head):
+            raise ValueError("a model needs at least one head (with_lm_head or with_prm_head)")
+        self.config = config
+        self.model = Decoder(config, rngs)
+        self.lm_head = (
+            LMHead(config, rngs) if config.with_lm_head and not config.tie_word_embeddings else None
+        )
+        self.score = StepHead(config, rngs) if config.with_prm_head else None
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
+    ) -> jax.Array:
+        return self.model(input_ids, segment_ids, positions)
+
+    def lm_logits(self, hidden: jax.Array) -> jax.Array:
+        if not self.config.with_lm_head:
+            raise ValueError("this model was built without the causal-LM head (with_lm_head=False)")
+        if self.lm_head is None:
+            logits = self.model.embed_tokens.attend(hidden)
+        else:
+            logits = self.lm_head(hidden)
+        logits = logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
+        return logits.astype(jnp.float32)
+
+    def step_logits(self, hidden: jax.Array) -> jax.Array:
+        if self.score is None:
+            raise ValueError("this model was built without the PRM head (with_prm_head=False)")
+        return self.score(hidden).astype(jnp.float32)
+
+
+def step_rewards(step_logits: jax.Array) -> jax.Array:
+    """Probability of the positive class ("step is correct") at every position."""
+    return jax.nn.softmax(step_logits.astype(jnp.float32), axis=-1)[..., 1]

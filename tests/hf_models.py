@@ -1,0 +1,60 @@
+"""Tiny random Hugging Face models built locally (no hub) for parity and conversion tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from prm_jax.conversion.hf_mapping import tensor_mappings
+from prm_jax.models.config import ModelConfig
+
+TINY_QWEN2: dict[str, Any] = dict(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+)
+
+
+def random_causal_lm(model_type: str = "qwen2", seed: int = 0, **overrides: Any) -> torch.nn.Module:
+    """A random-init transformers causal LM (fp32, eval mode) with non-trivial norms and biases."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    fields = {**TINY_QWEN2, **overrides}
+    torch.manual_seed(seed)
+    if model_type == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**fields))
+    elif model_type == "llama":
+        model = LlamaForCausalLM(LlamaConfig(attention_bias=False, mlp_bias=False, **fields))
+    else:
+        raise ValueError(model_type)
+    # Default init leaves norms at 1 and biases at 0, which would hide layout bugs.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith(".bias"):
+                p.copy_(torch.randn_like(p) * 0.5 + (1.0 if name.endswith("norm.weight") else 0.0))
+    return model.eval()
+
+
+def jax_arrays_from_torch(model: torch.nn.Module, config: ModelConfig) -> dict:
+    """{our parameter path: numpy array} from a transformers state dict, via the mapping table."""
+    state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    return {m.path: m.to_jax(state[m.hf_name]) for m in tensor_mappings(config)}
+
+
+def save_hf(model: torch.nn.Module, out_dir: Path) -> Path:
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+def rng_ids(batch: int, length: int, vocab: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, vocab, size=(batch, length)).astype(np.int32)
