@@ -1,0 +1,58 @@
+r"""Convert between Hugging Face checkpoints and prm-jax Orbax checkpoints.
+
+  python -m launch.convert --direction=hf_to_orbax --hf_dir=SRC --orbax_dir=DST [--seed=0]
+  python -m launch.convert --direction=orbax_to_hf --orbax_dir=SRC --hf_dir=DST \
+      [--tokenizer_dir=T] [--dtype=bfloat16|float32] [--max_shard_size=5GB]
+
+hf_to_orbax accepts a causal LM (Qwen2/Llama layout; the PRM head is initialised from --seed) or a
+Qwen2ForProcessRewardModel checkpoint (head imported). orbax_to_hf writes the Qwen2.5-Math-PRM
+layout, loadable with AutoModel.from_pretrained(dir, trust_remote_code=True) and by vLLM.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from absl import app, flags
+
+from prm_jax.conversion.hf_checkpoint import hf_to_orbax, orbax_to_hf
+from prm_jax.tokenization import STEP_SEPARATOR
+
+_DIRECTION = flags.DEFINE_enum("direction", None, ["hf_to_orbax", "orbax_to_hf"], "Conversion direction.")
+_HF_DIR = flags.DEFINE_string("hf_dir", None, "Hugging Face checkpoint directory (source or destination).")
+_ORBAX_DIR = flags.DEFINE_string("orbax_dir", None, "Orbax model checkpoint directory (source or destination).")
+_TOKENIZER_DIR = flags.DEFINE_string("tokenizer_dir", None, "orbax_to_hf: tokenizer to save beside the weights.")
+_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "orbax_to_hf: weight dtype.")
+_PARAM_DTYPE = flags.DEFINE_enum("param_dtype", "float32", ["float32", "bfloat16"], "hf_to_orbax: stored dtype.")
+_SEED = flags.DEFINE_integer("seed", 0, "hf_to_orbax: seed of a freshly initialised PRM head.")
+_MAX_SHARD_SIZE = flags.DEFINE_string("max_shard_size", "5GB", "orbax_to_hf: safetensors shard size limit.")
+_SEPARATOR = flags.DEFINE_string("separator", STEP_SEPARATOR, "orbax_to_hf: step separator token.")
+_ADD_SEPARATOR = flags.DEFINE_bool(
+    "add_separator", True, "orbax_to_hf: add the separator as a special token if it splits (else refuse)."
+)
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing destination.")
+
+flags.mark_flags_as_required(["direction", "hf_dir", "orbax_dir"])
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.getLogger().setLevel(logging.INFO)
+    if _DIRECTION.value == "hf_to_orbax":
+        config = hf_to_orbax(
+            _HF_DIR.value, _ORBAX_DIR.value, seed=_SEED.value, param_dtype=_PARAM_DTYPE.value,
+            overwrite=_OVERWRITE.value,
+        )
+        print(f"wrote Orbax checkpoint {_ORBAX_DIR.value}: {config.num_parameters():,} parameters")
+    else:
+        orbax_to_hf(
+            _ORBAX_DIR.value, _HF_DIR.value, dtype=_DTYPE.value, tokenizer_dir=_TOKENIZER_DIR.value,
+            separator=_SEPARATOR.value, add_separator=_ADD_SEPARATOR.value,
+            max_shard_size=_MAX_SHARD_SIZE.value, overwrite=_OVERWRITE.value,
+        )
+        print(f"wrote Hugging Face PRM {_HF_DIR.value}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,350 @@
+"""Orbax model checkpoints: parameters plus the model config as metadata.
+
+A model checkpoint directory (what `launch.convert` writes, and what training step directories
+contain) holds two Orbax items:
+
+* `params`: the parameter PyTree, nested dicts keyed by the parameter path
+  (`model/layers/0/self_attn/q_kernel`, ...), unscanned layers;
+* `model_config`: JSON with the `ModelConfig`, the layout version and free-form provenance.
+
+Restores take `jax.ShapeDtypeStruct`s carrying the target shardings, so a checkpoint saved on one
+mesh restores onto any other device count or mesh. Conversion writes parameters through
+`LazyTensor` leaves that are materialised one at a time while Orbax writes them, so host memory
+stays near the largest tensor instead of the model size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import Mesh
+from orbax.checkpoint import type_handlers
+
+from prm_jax.models.config import ModelConfig
+from prm_jax.models.factory import abstract_model
+from prm_jax.models.transformer import Transformer
+from prm_jax.sharding import LogicalAxisRules, state_shardings
+
+PARAMS_ITEM = "params"
+CONFIG_ITEM = "model_config"
+LAYOUT_VERSION = 1  # bump when the parameter tree layout changes
+ParamPath = tuple[str | int, ...]
+
+
+# ---------------------------------------------------------------------------- lazy leaves
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LazyTensor:
+    """A checkpoint leaf whose value is produced only when Orbax writes it."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    load: Callable[[], np.ndarray]
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def materialize(self) -> np.ndarray:
+        value = np.asarray(self.load())
+        if tuple(value.shape) != tuple(self.shape) or value.dtype != np.dtype(self.dtype):
+            raise ValueError(
+                f"lazy tensor produced shape {value.shape} dtype {value.dtype}, "
+                f"declared {self.shape} {np.dtype(self.dtype)}"
+            )
+        return value
+
+
+class _LazyTensorHandler(type_handlers.NumpyHandler):
+    """Writes `LazyTensor`s as ordinary numpy arrays, loading and writing one at a time.
+
+    The stock NumpyHandler deep-copies every value of a save up front and writes them
+    concurrently, which needs the whole model in memory. On disk the result is identical to a
+    numpy save (same typestr), so restores need nothing special.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(deepcopy_host_arrays=False)
+
+    async def _background_serialize(self, values, infos, args=None):  # type: ignore[override]
+        args = args or [ocp.SaveArgs()] * len(values)
+        for lazy, info, arg in zip(values, infos, args):
+            value = lazy.materialize()
+            await super()._background_serialize([value], [info], [arg])
+            del value
+
+
+def _register_lazy_tensor_handler() -> None:
+    # Orbax logs a "collision on np.ndarray" warning because we share the numpy typestr on
+    # purpose (see _LazyTensorHandler); keep import quiet.
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
+    try:
+        type_handlers.register_type_handler(LazyTensor, _LazyTensorHandler(), override=True)
+    finally:
+        absl_logger.setLevel(level)
+
+
+_register_lazy_tensor_handler()
+
+
+# ---------------------------------------------------------------------------- tree layout
+
+
+def params_to_tree(flat: Mapping[ParamPath, Any]) -> dict[str, Any]:
+    """{(model, layers, 0, ...): leaf} -> nested dicts with string keys (the on-disk layout)."""
+    tree: dict[str, Any] = {}
+    for path, leaf in flat.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(str(key), {})
+        node[str(path[-1])] = leaf
+    return tree
+
+
+def tree_to_params(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    flat: dict[tuple[str, ...], Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(tree_to_params(value, prefix + (key,)))
+        else:
+            flat[prefix + (key,)] = value
+    return flat
+
+
+def _string_path(path: Iterable[Any]) -> tuple[str, ...]:
+    return tuple(str(p) for p in path)
+
+
+def _model_param_paths(config: ModelConfig) -> list[tuple[ParamPath, jax.ShapeDtypeStruct]]:
+    state = nnx.state(abstract_model(config), nnx.Param)
+    return [(tuple(p), v.get_value()) for p, v in nnx.to_flat_state(state)]
+
+
+# ---------------------------------------------------------------------------- save
+
+
+def _checkpointer() -> ocp.Checkpointer:
+    return ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+
+
+def _metadata(config: ModelConfig, provenance: Mapping[str, Any] | None) -> dict[str, Any]:
+    return {
+        "layout_version": LAYOUT_VERSION,
+        "scan_layers": False,
+        "config": config.to_json_dict(),
+        "provenance": dict(provenance or {}),
+    }
+
+
+def save_params(
+    directory: str | Path,
+    params: Mapping[ParamPath, Any],
+    config: ModelConfig,
+    *,
+    provenance: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Saves parameters (jax/numpy arrays or `LazyTensor`s) and the config as one checkpoint.
+
+    The set of parameter paths and their shapes must be exactly the model's for `config`.
+    Orbax writes into a temporary directory and renames it at the end, so a failed save leaves
+    nothing at `directory`.
+    """
+    directory = Path(directory).absolute()
+    expected = {_string_path(p): s.shape for p, s in _model_param_paths(config)}
+    given = {_string_path(p): tuple(v.shape) for p, v in params.items()}
+    missing = sorted(".".join(p) for p in expected.keys() - given.keys())
+    extra = sorted(".".join(p) for p in given.keys() - expected.keys())
+    if missing or extra:
+        raise ValueError(f"parameters do not match the config: missing {missing}, unexpected {extra}")
+    for path, shape in given.items():
+        if tuple(expected[path]) != shape:
+            raise ValueError(f"{'.'.join(path)}: shape {shape} != expected {tuple(expected[path])}")
+    if directory.exists():
+        if not overwrite:
+            raise FileExistsError(f"{directory} exists; pass overwrite=True to replace it")
+        shutil.rmtree(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        _checkpointer().save(
+            directory,
+            args=ocp.args.Composite(
+                **{
+                    PARAMS_ITEM: ocp.args.PyTreeSave(params_to_tree(params)),
+                    CONFIG_ITEM: ocp.args.JsonSave(_metadata(config, provenance)),
+                }
+            ),
+        )
+    except BaseException:
+        _remove_partial_saves(directory)
+        raise
+    return directory
+
+
+def save_model(
+    directory: str | Path,
+    model: Transformer,
+    *,
+    provenance: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    state = nnx.state(model, nnx.Param)
+    params = {tuple(p): v.get_value() for p, v in nnx.to_flat_state(state)}
+    return save_params(directory, params, model.config, provenance=provenance, overwrite=overwrite)
+
+
+def _remove_partial_saves(directory: Path) -> None:
+    for leftover in directory.parent.glob(f"{directory.name}.orbax-checkpoint-tmp*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------- restore
+
+
+def read_checkpoint_metadata(directory: str | Path) -> dict[str, Any]:
+    directory = Path(directory).absolute()
+    if not (directory / CONFIG_ITEM).is_dir() or not (directory / PARAMS_ITEM).is_dir():
+        raise FileNotFoundError(
+            f"{directory} is not a prm-jax model checkpoint (expected '{PARAMS_ITEM}/' and "
+            f"'{CONFIG_ITEM}/' items)"
+        )
+    restored = _checkpointer().restore(
+        directory, args=ocp.args.Composite(**{CONFIG_ITEM: ocp.args.JsonRestore()})
+    )
+    metadata = dict(restored[CONFIG_ITEM])
+    version = metadata.get("layout_version")
+    if version != LAYOUT_VERSION:
+        raise ValueError(
+            f"{directory}: checkpoint layout_version={version}, this prm-jax reads {LAYOUT_VERSION}"
+        )
+    return metadata
+
+
+def read_model_config(directory: str | Path, **overrides: Any) -> ModelConfig:
+    """The ModelConfig stored with a checkpoint; runtime fields may be overridden."""
+    return ModelConfig.from_json_dict(read_checkpoint_metadata(directory)["config"], **overrides)
+
+
+def _target_tree(
+    config: ModelConfig,
+    mesh: Mesh | None,
+    rules: LogicalAxisRules | None,
+    paths: Sequence[ParamPath] | None,
+    as_numpy: bool = False,
+) -> dict[str, Any]:
+    abstract_state = nnx.state(abstract_model(config), nnx.Param)
+    if mesh is None:
+        mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+    shardings = dict(nnx.to_flat_state(state_shardings(abstract_state, mesh, rules)))
+    wanted = None if paths is None else {_string_path(p) for p in paths}
+    targets: dict[ParamPath, jax.ShapeDtypeStruct] = {}
+    for path, variable in nnx.to_flat_state(abstract_state):
+        if wanted is not None and _string_path(path) not in wanted:
+            continue
+        sharding = shardings[tuple(path)]
+        sharding = sharding.get_value() if isinstance(sharding, nnx.Variable) else sharding
+        spec = variable.get_value()
+        targets[tuple(path)] = jax.ShapeDtypeStruct(
+            spec.shape, config.parameter_dtype, sharding=None if as_numpy else sharding
+        )
+    if wanted is not None:
+        unknown = wanted - {_string_path(p) for p in targets}
+        if unknown:
+            raise KeyError(f"no such parameters: {sorted('.'.join(p) for p in unknown)}")
+    return params_to_tree(targets)
+
+
+def restore_params(
+    directory: str | Path,
+    config: ModelConfig | None = None,
+    *,
+    mesh: Mesh | None = None,
+    rules: LogicalAxisRules | None = None,
+    paths: Sequence[ParamPath] | None = None,
+    as_numpy: bool = False,
+) -> dict[ParamPath, Any]:
+    """Restores parameters as jax.Arrays sharded for `mesh` (one device when None).
+
+    `paths` restores only those parameters (streaming export reads one tensor at a time);
+    `as_numpy` returns host numpy arrays and never touches an accelerator. Values are cast to
+    `config.param_dtype`.
+    """
+    directory = Path(directory).absolute()
+    config = config or read_model_config(directory)
+    target = _target_tree(config, mesh, rules, paths, as_numpy)
+    if as_numpy:
+        restore_args = jax.tree.map(
+            lambda s: ocp.RestoreArgs(restore_type=np.ndarray, dtype=s.dtype), target
+        )
+    else:
+        restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+    restored = _checkpointer().restore(
+        directory,
+        args=ocp.args.Composite(
+            **{
+                PARAMS_ITEM: ocp.args.PyTreeRestore(
+                    item=target, restore_args=restore_args, partial_restore=paths is not None
+                )
+            }
+        ),
+    )[PARAMS_ITEM]
+    by_string = tree_to_params(restored)
+    out: dict[ParamPath, jax.Array] = {}
+    for path, _ in _model_param_paths(config):
+        key = _string_path(path)
+        if key in by_string:
+            out[path] = by_string[key]
+    return out
+
+
+def restore_model(
+    directory: str | Path,
+    *,
+    mesh: Mesh | None = None,
+    rules: LogicalAxisRules | None = None,
+    **config_overrides: Any,
+) -> Transformer:
+    """A model restored from a checkpoint, sharded for `mesh`.
+
+    `config_overrides` may change runtime fields (dtype, remat_policy, attention_impl);
+    architecture fields must match the checkpoint.
+    """
+    stored = read_model_config(directory)
+    config = stored.replace(**config_overrides)
+    params = restore_params(directory, config, mesh=mesh, rules=rules)
+    graphdef, abstract_state = nnx.split(abstract_model(config))
+    leaves = [
+        (tuple(path), variable.replace(params[tuple(path)]))
+        for path, variable in nnx.to_flat_state(abstract_state)
+    ]
+    return nnx.merge(graphdef, nnx.from_flat_state(leaves))
+
+
+__all__ = [
+    "LazyTensor",
+    "PARAMS_ITEM",
+    "CONFIG_ITEM",
+    "save_params",
+    "save_model",
+    "read_checkpoint_metadata",
+    "read_model_config",
+    "restore_params",
+    "restore_model",
+    "params_to_tree",
+    "tree_to_params",
+]

@@ -1,0 +1,57 @@
+"""Step scoring: problem + steps -> one reward per step.
+
+The single entry point evaluation, the HF usage example and the demo rely on. Inputs are built
+by `tokenization.build_prm_input` (chat layout, separator after each step); the model's step
+head is read at the separator positions. Batches are right-padded to a multiple of
+`pad_to_multiple` tokens so repeated calls reuse a handful of compiled shapes.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from prm_jax.models.transformer import Transformer, step_rewards
+from prm_jax.tokenization import STEP_SEPARATOR, PRMInput, build_prm_input
+
+
+@nnx.jit
+def _rewards_at_all_positions(model: Transformer, input_ids: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    return step_rewards(model.step_logits(model(input_ids, segment_ids)))
+
+
+def score_prm_inputs(
+    model: Transformer,
+    inputs: Sequence[PRMInput],
+    *,
+    pad_to_multiple: int = 64,
+    pad_id: int = 0,
+) -> list[list[float]]:
+    """Rewards at each input's separator positions, for a batch of prepared inputs."""
+    if not inputs:
+        return []
+    longest = max(len(x.input_ids) for x in inputs)
+    length = int(np.ceil(longest / pad_to_multiple) * pad_to_multiple)
+    ids = np.full((len(inputs), length), pad_id, dtype=np.int32)
+    segments = np.zeros((len(inputs), length), dtype=np.int32)
+    for row, x in enumerate(inputs):
+        ids[row, : len(x.input_ids)] = x.input_ids
+        segments[row, : len(x.input_ids)] = 1
+    rewards = np.asarray(_rewards_at_all_positions(model, jnp.asarray(ids), jnp.asarray(segments)))
+    return [[float(rewards[row, p]) for p in x.separator_positions] for row, x in enumerate(inputs)]
+
+
+def score_steps(
+    model: Transformer,
+    tokenizer,
+    problem: str,
+    steps: Sequence[str],
+    *,
+    separator: str = STEP_SEPARATOR,
+) -> list[float]:
+    """One reward (probability that the step is correct) per step."""
+    return score_prm_inputs(model, [build_prm_input(tokenizer, problem, steps, separator=separator)])[0]
