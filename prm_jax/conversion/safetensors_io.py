@@ -1,0 +1,512 @@
+"""Streaming safetensors I/O: read and write Hugging Face checkpoints one tensor at a time.
+
+Converting a 7B/72B model between Hugging Face and Orbax must never hold the whole model in host
+memory. Reading is easy: ``safetensors.safe_open`` memory-maps a file and reads its header without
+touching the data, so :class:`SafetensorsCheckpoint` returns shapes/dtypes for free and loads exactly
+one tensor per :meth:`SafetensorsCheckpoint.get`.
+
+Writing is where the ``safetensors`` library does not help: its ``save_file``/``save`` take a whole
+``{name: array}`` dict, which would hold an entire shard (5 GiB by default, or a whole model when
+unsharded) in memory at once. :func:`write_safetensors` therefore writes the file format itself.
+The format is simple and stable:
+
+* 8 bytes: little-endian u64 ``N``, the size of the JSON header;
+* ``N`` bytes: a JSON object mapping each tensor name to ``{"dtype", "shape", "data_offsets"}``
+  (offsets relative to the start of the data section) plus an optional ``"__metadata__"``
+  ``{str: str}``; padded with spaces so the data section starts 8-byte aligned;
+* the data section: the tensors' raw little-endian C-order bytes, back to back with no gaps.
+
+Because every tensor's offset is known from its shape and dtype alone, the header is written first
+and each tensor is then requested from a callback, written at its offset, and dropped. Shards and
+the ``model.safetensors.index.json`` follow the transformers naming, so ``from_pretrained`` (and
+vLLM) load the output directly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import struct
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final
+
+import ml_dtypes
+import numpy as np
+from safetensors import safe_open
+
+__all__ = [
+    "INDEX_NAME",
+    "SINGLE_FILE_NAME",
+    "SafetensorsCheckpoint",
+    "TensorSpec",
+    "numpy_dtype",
+    "safetensors_dtype",
+    "shard_file_name",
+    "write_safetensors",
+]
+
+#: Weight file of an unsharded checkpoint (transformers' ``SAFE_WEIGHTS_NAME``).
+SINGLE_FILE_NAME: Final[str] = "model.safetensors"
+#: Index of a sharded checkpoint (transformers' ``SAFE_WEIGHTS_INDEX_NAME``).
+INDEX_NAME: Final[str] = "model.safetensors.index.json"
+
+# safetensors dtype tag -> numpy dtype. Sub-byte and exotic float formats that numpy/ml_dtypes
+# cannot represent one element per byte-multiple are left out on purpose: their byte size is not
+# shape * itemsize, and no checkpoint we convert uses them.
+_ST_TO_NP: Final[dict[str, np.dtype]] = {
+    "BOOL": np.dtype(np.bool_),
+    "U8": np.dtype(np.uint8),
+    "I8": np.dtype(np.int8),
+    "U16": np.dtype(np.uint16),
+    "I16": np.dtype(np.int16),
+    "U32": np.dtype(np.uint32),
+    "I32": np.dtype(np.int32),
+    "U64": np.dtype(np.uint64),
+    "I64": np.dtype(np.int64),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F32": np.dtype(np.float32),
+    "F64": np.dtype(np.float64),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "F8_E8M0": np.dtype(ml_dtypes.float8_e8m0fnu),
+}
+_NP_TO_ST: Final[dict[np.dtype, str]] = {v: k for k, v in _ST_TO_NP.items()}
+
+_SHARD_RE: Final[re.Pattern[str]] = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+_METADATA_KEY: Final[str] = "__metadata__"
+_DEFAULT_MAX_SHARD_BYTES: Final[int] = 5 * 2**30
+
+
+def numpy_dtype(st_dtype: str) -> np.dtype:
+    """numpy dtype (ml_dtypes for bf16/fp8) of a safetensors dtype tag such as ``"BF16"``."""
+    try:
+        return _ST_TO_NP[st_dtype]
+    except KeyError:
+        raise ValueError(
+            f"unsupported safetensors dtype {st_dtype!r}; supported: {sorted(_ST_TO_NP)}"
+        ) from None
+
+
+def safetensors_dtype(dtype: Any) -> str:
+    """safetensors dtype tag of a numpy dtype (accepts anything ``np.dtype`` accepts)."""
+    np_dtype = np.dtype(dtype)
+    try:
+        return _NP_TO_ST[np_dtype]
+    except KeyError:
+        raise ValueError(
+            f"dtype {np_dtype} cannot be stored in safetensors; supported: "
+            f"{sorted(str(d) for d in _NP_TO_ST)}"
+        ) from None
+
+
+def shard_file_name(index: int, count: int) -> str:
+    """transformers' shard name, e.g. ``model-00001-of-00003.safetensors`` (``index`` is 0-based)."""
+    return f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, shape and dtype of one tensor: everything needed to lay it out before its data exists.
+
+    ``dtype`` is a numpy dtype (``ml_dtypes.bfloat16`` for bf16); shapes and dtypes are normalised
+    on construction so specs built from lists, jax dtypes or type objects compare equal.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    def __post_init__(self) -> None:
+        shape = tuple(int(d) for d in self.shape)
+        if any(d < 0 for d in shape):
+            raise ValueError(f"tensor {self.name!r}: negative dimension in shape {shape}")
+        object.__setattr__(self, "shape", shape)
+        object.__setattr__(self, "dtype", np.dtype(self.dtype))
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the tensor's data in bytes (0 for a tensor with a zero-size dimension)."""
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------
+
+
+def _c_contiguous(array: np.ndarray) -> np.ndarray:
+    """C-contiguous ``array``, copied only if needed (np.ascontiguousarray would turn 0-d into 1-d)."""
+    return array if array.flags.c_contiguous else np.array(array, order="C")
+
+
+def _read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """Parse a safetensors header; returns (header, byte offset of the data section)."""
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) != 8:
+            raise ValueError(f"{path} is not a safetensors file (shorter than 8 bytes)")
+        (header_size,) = struct.unpack("<Q", prefix)
+        raw = f.read(header_size)
+        if len(raw) != header_size:
+            raise ValueError(f"{path}: truncated safetensors header")
+    return json.loads(raw), 8 + header_size
+
+
+class SafetensorsCheckpoint:
+    """Lazy, read-only view of the safetensors weights in a Hugging Face model directory.
+
+    Accepts an unsharded ``model.safetensors`` or a sharded ``model.safetensors.index.json`` plus
+    its shards (the single file wins when both exist, as in transformers, so we read what
+    ``from_pretrained`` would). Opening only reads headers; it validates that every shard the index
+    names exists and holds the tensors the index assigns to it, so a broken download fails here with
+    a precise message rather than midway through a long conversion.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = Path(directory)
+        if not self.directory.is_dir():
+            raise FileNotFoundError(f"checkpoint directory {self.directory} does not exist")
+        self._handles: dict[Path, Any] = {}
+        self._weight_map: dict[str, Path] = {}
+        try:
+            self._open()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- construction ----------------------------------------------------------------------
+
+    def _open(self) -> None:
+        single = self.directory / SINGLE_FILE_NAME
+        index = self.directory / INDEX_NAME
+        if single.is_file():
+            handle = self._handle(single)
+            self._weight_map = {name: single for name in handle.keys()}
+        elif index.is_file():
+            self._open_index(index)
+        else:
+            raise FileNotFoundError(self._missing_weights_message())
+
+    def _open_index(self, index: Path) -> None:
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index} has no 'weight_map' (or it is empty)")
+        by_shard: dict[str, list[str]] = {}
+        for name, shard in weight_map.items():
+            by_shard.setdefault(shard, []).append(name)
+        for shard, names in by_shard.items():
+            path = self.directory / shard
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"{index} references shard {shard!r}, which is missing from {self.directory}"
+                )
+            present = set(self._handle(path).keys())
+            for name in names:
+                if name not in present:
+                    raise ValueError(
+                        f"{index} maps tensor {name!r} to shard {shard!r}, but that shard does "
+                        "not contain it"
+                    )
+                self._weight_map[name] = path
+
+    def _missing_weights_message(self) -> str:
+        files = sorted(p.name for p in self.directory.iterdir())
+        message = (
+            f"no {SINGLE_FILE_NAME} or {INDEX_NAME} in {self.directory}; "
+            f"files present: {files}."
+        )
+        if any(name.endswith((".bin", ".pt", ".pth")) for name in files):
+            message += (
+                " PyTorch .bin checkpoints are not supported (loading them means unpickling); "
+                "convert the model to safetensors with transformers first, e.g. "
+                "AutoModel.from_pretrained(path).save_pretrained(out, safe_serialization=True)."
+            )
+        return message
+
+    def _handle(self, path: Path) -> Any:
+        handle = self._handles.get(path)
+        if handle is None:
+            handle = safe_open(str(path), framework="numpy")
+            self._handles[path] = handle
+        return handle
+
+    # -- queries ---------------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        """All tensor names, sorted."""
+        return sorted(self._weight_map)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._weight_map
+
+    def __len__(self) -> int:
+        return len(self._weight_map)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def file_of(self, name: str) -> Path:
+        """Path of the file holding ``name`` (useful in error messages and for grouping reads)."""
+        try:
+            return self._weight_map[name]
+        except KeyError:
+            raise KeyError(f"tensor {name!r} is not in the checkpoint at {self.directory}") from None
+
+    def spec(self, name: str) -> TensorSpec:
+        """Shape and dtype of ``name`` from the file header; no tensor data is read."""
+        view = self._handle(self.file_of(name)).get_slice(name)
+        return TensorSpec(name, tuple(view.get_shape()), numpy_dtype(view.get_dtype()))
+
+    def get(self, name: str) -> np.ndarray:
+        """Load exactly one tensor into host memory as a C-contiguous numpy array."""
+        path = self.file_of(name)
+        expected = self.spec(name)
+        try:
+            array = self._handle(path).get_tensor(name)
+        except (AttributeError, TypeError, KeyError):
+            # safetensors' numpy backend does not know every dtype (e.g. fp8 needs ml_dtypes
+            # names numpy lacks); read the bytes ourselves then.
+            array = self._read_raw(path, expected)
+        if array.dtype != expected.dtype:
+            array = array.view(expected.dtype)
+        return _c_contiguous(array.reshape(expected.shape))
+
+    def _read_raw(self, path: Path, spec: TensorSpec) -> np.ndarray:
+        header, data_start = _read_header(path)
+        begin, end = header[spec.name]["data_offsets"]
+        if end - begin != spec.nbytes:
+            raise ValueError(
+                f"{path}: tensor {spec.name!r} spans {end - begin} bytes, expected {spec.nbytes}"
+            )
+        with open(path, "rb") as f:
+            f.seek(data_start + begin)
+            data = f.read(end - begin)
+        return np.frombuffer(data, dtype=spec.dtype).reshape(spec.shape).copy()
+
+    def metadata(self) -> dict[str, str]:
+        """``__metadata__`` of the first weight file (shards of one checkpoint share it)."""
+        if not self._weight_map:
+            return {}
+        first = self._weight_map[self.names()[0]]
+        return dict(self._handle(first).metadata() or {})
+
+    # -- lifetime --------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release the memory maps of all opened files; the object is unusable afterwards."""
+        handles, self._handles = self._handles, {}
+        for handle in handles.values():
+            handle.__exit__(None, None, None)
+
+    def __enter__(self) -> SafetensorsCheckpoint:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"SafetensorsCheckpoint({str(self.directory)!r}, {len(self)} tensors)"
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------
+
+
+def _plan_shards(specs: Sequence[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
+    """Greedy split in the given order; a tensor larger than the limit gets a shard of its own."""
+    shards: list[list[TensorSpec]] = []
+    current: list[TensorSpec] = []
+    current_bytes = 0
+    for spec in specs:
+        if current and current_bytes + spec.nbytes > max_shard_bytes:
+            shards.append(current)
+            current, current_bytes = [], 0
+        current.append(spec)
+        current_bytes += spec.nbytes
+    if current or not shards:
+        shards.append(current)
+    return shards
+
+
+def _layout(shard: Sequence[TensorSpec]) -> list[tuple[TensorSpec, int, int]]:
+    """Byte ranges of the tensors inside a shard's data section.
+
+    The format forbids gaps between tensors, so alignment cannot be obtained by padding. Instead
+    tensors are laid out by decreasing element size (stable within a size, like the safetensors
+    library does): the data section starts 8-byte aligned and every tensor's size is a multiple of
+    its element size, so each tensor then starts at a multiple of its own element size. Loaders
+    that build typed views straight on the memory map (torch, numpy) need that.
+    """
+    ordered = sorted(shard, key=lambda s: -s.dtype.itemsize)
+    layout = []
+    offset = 0
+    for spec in ordered:
+        layout.append((spec, offset, offset + spec.nbytes))
+        offset += spec.nbytes
+    return layout
+
+
+def _encode_header(
+    layout: Sequence[tuple[TensorSpec, int, int]], metadata: Mapping[str, str]
+) -> bytes:
+    header: dict[str, Any] = {_METADATA_KEY: dict(metadata)} if metadata else {}
+    for spec, begin, end in layout:
+        header[spec.name] = {
+            "dtype": safetensors_dtype(spec.dtype),
+            "shape": list(spec.shape),
+            "data_offsets": [begin, end],
+        }
+    encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    encoded += b" " * (-(8 + len(encoded)) % 8)
+    return struct.pack("<Q", len(encoded)) + encoded
+
+
+def _checked_array(spec: TensorSpec, value: Any) -> np.ndarray:
+    """Host array for ``spec`` from the callback, refusing anything that would corrupt the layout."""
+    array = np.asarray(value)
+    if array.shape != spec.shape or array.dtype != spec.dtype:
+        raise ValueError(
+            f"get_tensor({spec.name!r}) returned shape {array.shape} dtype {array.dtype}, "
+            f"but the spec says shape {spec.shape} dtype {spec.dtype}"
+        )
+    return _c_contiguous(array)
+
+
+def _write_bytes(f: Any, array: np.ndarray) -> None:
+    # A flat uint8 view of a contiguous array is a zero-copy buffer for every dtype, including
+    # ml_dtypes ones that the buffer protocol cannot describe, and for 0-d / size-0 arrays.
+    # Byte order needs no handling: _checked_array only lets native (little-endian on every
+    # platform JAX supports) dtypes through, since spec dtypes come from the little-endian table.
+    f.write(memoryview(array.reshape(-1).view(np.uint8)))
+
+
+def _write_atomic_shard(
+    path: Path,
+    layout: Sequence[tuple[TensorSpec, int, int]],
+    metadata: Mapping[str, str],
+    order: Sequence[TensorSpec],
+    get_tensor: Callable[[str], np.ndarray],
+) -> None:
+    header = _encode_header(layout, metadata)
+    offsets = {spec.name: begin for spec, begin, _ in layout}
+    data_size = layout[-1][2] if layout else 0
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(header)
+            # Request tensors in the caller's order (it may be streaming them from a source in
+            # that order), writing each at its place in the data section.
+            for spec in order:
+                array = _checked_array(spec, get_tensor(spec.name))
+                f.seek(len(header) + offsets[spec.name])
+                _write_bytes(f, array)
+                del array
+            f.truncate(len(header) + data_size)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write_atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_safetensors(
+    out_dir: Path,
+    specs: Sequence[TensorSpec],
+    get_tensor: Callable[[str], np.ndarray],
+    *,
+    max_shard_bytes: int = _DEFAULT_MAX_SHARD_BYTES,
+    metadata: dict[str, str] | None = None,
+) -> list[Path]:
+    """Write tensors as a (possibly sharded) Hugging Face safetensors checkpoint, one at a time.
+
+    Args:
+      out_dir: destination directory (created if missing).
+      specs: the tensors to write, in order; shards are filled greedily in this order and
+        ``get_tensor`` is called in this order, each name exactly once.
+      get_tensor: returns the array for a name; its shape and dtype must equal the spec's
+        (jax arrays are accepted and copied to host). Only one returned array is alive at a time.
+      max_shard_bytes: a new shard starts when the next tensor would push the current one past
+        this; a tensor bigger than the limit gets a shard of its own.
+      metadata: the header's ``__metadata__``; defaults to ``{"format": "pt"}``. ``"format"`` is
+        added when missing because transformers refuses safetensors files without it.
+
+    Returns:
+      The written weight files in shard order. One shard is written as ``model.safetensors``;
+      several as ``model-0000i-of-0000N.safetensors`` plus ``model.safetensors.index.json``.
+      Every file goes to a temporary name first and is renamed when complete (the index last, so
+      its presence means all shards are whole). Weight files and an index left in ``out_dir`` by a
+      previous export under these standard names, but not part of this one, are removed, so a
+      loader can never mix two exports.
+    """
+    out_dir = Path(out_dir)
+    specs = list(specs)
+    if max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    seen: set[str] = set()
+    for spec in specs:
+        if spec.name == _METADATA_KEY:
+            raise ValueError(f"{_METADATA_KEY!r} is reserved and cannot name a tensor")
+        if spec.name in seen:
+            raise ValueError(f"duplicate tensor name {spec.name!r}")
+        seen.add(spec.name)
+        safetensors_dtype(spec.dtype)  # fail before writing anything
+    meta = {"format": "pt"} if metadata is None else dict(metadata)
+    meta.setdefault("format", "pt")
+    for key, value in meta.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError(f"safetensors metadata must be str -> str, got {key!r}: {value!r}")
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shards = _plan_shards(specs, max_shard_bytes)
+    names = (
+        [SINGLE_FILE_NAME]
+        if len(shards) == 1
+        else [shard_file_name(i, len(shards)) for i in range(len(shards))]
+    )
+    written: list[Path] = []
+    for shard, file_name in zip(shards, names):
+        path = out_dir / file_name
+        _write_atomic_shard(path, _layout(shard), meta, shard, get_tensor)
+        written.append(path)
+
+    index_path = out_dir / INDEX_NAME
+    if len(shards) > 1:
+        weight_map = {spec.name: file_name for shard, file_name in zip(shards, names) for spec in shard}
+        index = {
+            "metadata": {"total_size": sum(spec.nbytes for spec in specs)},
+            "weight_map": dict(sorted(weight_map.items())),
+        }
+        _write_atomic_text(index_path, json.dumps(index, indent=2) + "\n")
+    else:
+        index_path.unlink(missing_ok=True)
+    keep = set(names)
+    for stale in out_dir.iterdir():
+        if stale.name in keep:
+            continue
+        if stale.name == SINGLE_FILE_NAME or _SHARD_RE.match(stale.name):
+            stale.unlink()
+    return written
