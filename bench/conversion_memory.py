@@ -54,9 +54,13 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from prm_jax.conversion.safetensors_io import TensorSpec
+    from prm_jax.models.config import ModelConfig
 
 REPO_ROOT: Final[Path] = Path(__file__).resolve().parents[1]
 MIB: Final[int] = 2**20
@@ -136,7 +140,8 @@ def _naive_orbax_to_hf(orbax_dir: str, hf_dir: str) -> None:
         if not m.is_lm_head
     }
     Path(hf_dir).mkdir(parents=True, exist_ok=True)
-    safetensors.numpy.save_file(tensors, str(Path(hf_dir) / "model.safetensors"), metadata={"format": "pt"})
+    out = Path(hf_dir) / "model.safetensors"
+    safetensors.numpy.save_file(tensors, str(out), metadata={"format": "pt"})
 
 
 def _child_main(argv: Sequence[str]) -> None:
@@ -196,7 +201,9 @@ class Measurement:
     total_s: float  # child wall time including interpreter start and imports
 
 
-def run_child(name: str, mode: str, args: Sequence[str], *, sample_s: float, log_dir: Path) -> Measurement:
+def run_child(
+    name: str, mode: str, args: Sequence[str], *, sample_s: float, log_dir: Path
+) -> Measurement:
     """Runs one child task and measures it (see the module docstring)."""
     cmd = [sys.executable, "-m", "bench.conversion_memory", _CHILD_MODE, mode, *args]
     env = dict(os.environ)
@@ -230,7 +237,9 @@ def run_child(name: str, mode: str, args: Sequence[str], *, sample_s: float, log
     )
 
 
-def build_source_checkpoint(directory: Path, config: Any, *, max_shard_bytes: int, seed: int) -> list[Any]:
+def build_source_checkpoint(
+    directory: Path, config: ModelConfig, *, max_shard_bytes: int, seed: int
+) -> list[TensorSpec]:
     """Writes a random Qwen2ForCausalLM checkpoint one generated tensor at a time; returns its specs."""
     from prm_jax.conversion.hf_mapping import tensor_mappings
     from prm_jax.conversion.safetensors_io import TensorSpec, write_safetensors
@@ -243,7 +252,8 @@ def build_source_checkpoint(directory: Path, config: Any, *, max_shard_bytes: in
     def get_tensor(name: str) -> np.ndarray:
         if name.endswith("norm.weight"):
             return np.ones(shapes[name], dtype=np.float32)
-        value = np.random.default_rng([seed, position[name]]).standard_normal(shapes[name], dtype=np.float32)
+        rng = np.random.default_rng([seed, position[name]])
+        value = rng.standard_normal(shapes[name], dtype=np.float32)
         value *= np.float32(0.02)
         return value
 
@@ -276,22 +286,30 @@ def _mib(n: float) -> str:
 
 
 def format_table(rows: Sequence[Measurement], baseline: Measurement, largest: int) -> str:
+    """Fixed-width table; sizes in MiB, increments relative to the baseline child."""
     header = (
         f"{'run':<28}{'peak RSS':>10}{'increment':>11}{'incr/largest':>14}"
-        f"{'anon peak':>11}{'file peak':>11}{'convert s':>11}{'total s':>9}"
+        f"{'anon peak':>11}{'anon incr':>11}{'file peak':>11}{'convert s':>11}{'total s':>9}"
     )
     lines = [header, "-" * len(header)]
     for row in rows:
         is_base = row is baseline
         increment = row.peak_rss - baseline.peak_rss
+        anon_increment = row.peak_anon - baseline.peak_anon
         lines.append(
             f"{row.name:<28}{_mib(row.peak_rss):>10}"
             f"{'-' if is_base else _mib(increment):>11}"
             f"{'-' if is_base else f'{increment / largest:.2f}x':>14}"
-            f"{_mib(row.peak_anon):>11}{_mib(row.peak_file):>11}"
+            f"{_mib(row.peak_anon):>11}{'-' if is_base else _mib(anon_increment):>11}"
+            f"{_mib(row.peak_file):>11}"
             f"{'-' if is_base else f'{row.run_s:.1f}':>11}{row.total_s:>9.1f}"
         )
-    lines.append("(MiB; increment = peak RSS - baseline peak RSS; anon/file peaks sampled, peak RSS exact)")
+    lines += [
+        "MiB. peak RSS: the child's exact VmHWM; increment: minus the baseline child's. anon / file:",
+        "sampled peaks of RssAnon (allocations) and RssFile+RssShmem (shared libraries and mmapped",
+        "checkpoint files: clean page cache, reclaimable, but counted in RSS). convert s: the",
+        "conversion alone; total s: the child including interpreter start and imports.",
+    ]
     return "\n".join(lines)
 
 
@@ -299,7 +317,9 @@ def format_table(rows: Sequence[Measurement], baseline: Measurement, largest: in
 
 
 def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     shape = parser.add_argument_group("model shape (Qwen2; defaults give ~530 MB fp32)")
     shape.add_argument("--vocab", type=int, default=32000)
     shape.add_argument("--hidden", type=int, default=1024)
@@ -310,9 +330,16 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     shape.add_argument("--head_dim", type=int, default=64)
     parser.add_argument("--shard_mb", type=float, default=200.0, help="source shard size limit (MB)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()), help="temporary checkpoints go under here")
+    parser.add_argument(
+        "--workdir", type=Path, default=Path("/tmp"), help="a temporary directory is made (and removed) here"
+    )
     parser.add_argument("--out", type=Path, default=None, help="also write the figures here as JSON")
-    parser.add_argument("--compare_naive", action=argparse.BooleanOptionalAction, default=True, help="also measure whole-model conversions")
+    parser.add_argument(
+        "--compare_naive",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure whole-model (non-streaming) conversions",
+    )
     parser.add_argument("--sample_ms", type=float, default=5.0, help="anon/file RSS sampling interval")
     return parser.parse_args(argv)
 
@@ -340,7 +367,9 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
         logs = work / "logs"
         logs.mkdir()
         t0 = time.perf_counter()
-        specs = build_source_checkpoint(hf_src, config, max_shard_bytes=int(args.shard_mb * 1e6), seed=args.seed)
+        specs = build_source_checkpoint(
+            hf_src, config, max_shard_bytes=int(args.shard_mb * 1e6), seed=args.seed
+        )
         build_s = time.perf_counter() - t0
         source_bytes = sum(s.nbytes for s in specs)
         largest = max(specs, key=lambda s: s.nbytes)
@@ -363,7 +392,8 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
         ))
         rows.append(measure(
             "orbax_to_hf streaming fp32", "convert",
-            "--direction=orbax_to_hf", f"--orbax_dir={orbax_dir}", f"--hf_dir={hf_out}", "--dtype=float32",
+            "--direction=orbax_to_hf", f"--orbax_dir={orbax_dir}", f"--hf_dir={hf_out}",
+            "--dtype=float32",
         ))
         orbax_bytes, export_bytes = _tree_bytes(orbax_dir), _tree_bytes(hf_out)
         check = [largest.name, specs[1].name, "model.norm.weight"]
@@ -396,7 +426,12 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
         "orbax_bytes": orbax_bytes,
         "export_bytes": export_bytes,
         "runs": [
-            {**dataclasses.asdict(r), "increment": r.peak_rss - baseline.peak_rss} for r in rows
+            {
+                **dataclasses.asdict(r),
+                "increment": r.peak_rss - baseline.peak_rss,
+                "anon_increment": r.peak_anon - baseline.peak_anon,
+            }
+            for r in rows
         ],
     }
     if args.out is not None:

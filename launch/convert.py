@@ -11,9 +11,10 @@ layout, loadable with AutoModel.from_pretrained(dir, trust_remote_code=True) and
 
 from __future__ import annotations
 
-import logging
 
 from absl import app, flags
+
+from launch.logs import configure_logging
 
 from prm_jax.conversion.hf_checkpoint import hf_to_orbax, orbax_to_hf
 from prm_jax.tokenization import STEP_SEPARATOR
@@ -38,7 +39,7 @@ flags.mark_flags_as_required(["direction", "hf_dir", "orbax_dir"])
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.getLogger().setLevel(logging.INFO)
+    configure_logging()
     if _DIRECTION.value == "hf_to_orbax":
         config = hf_to_orbax(
             _HF_DIR.value, _ORBAX_DIR.value, seed=_SEED.value, param_dtype=_PARAM_DTYPE.value,

@@ -29,7 +29,7 @@ from jax.sharding import Mesh
 from orbax.checkpoint import type_handlers
 
 from prm_jax.models.config import ModelConfig
-from prm_jax.models.factory import abstract_model
+from prm_jax.models.factory import abstract_model, abstract_param_state, params_to_tree, tree_to_params
 from prm_jax.models.transformer import Transformer
 from prm_jax.sharding import LogicalAxisRules, state_shardings
 
@@ -105,33 +105,12 @@ _register_lazy_tensor_handler()
 # ---------------------------------------------------------------------------- tree layout
 
 
-def params_to_tree(flat: Mapping[ParamPath, Any]) -> dict[str, Any]:
-    """{(model, layers, 0, ...): leaf} -> nested dicts with string keys (the on-disk layout)."""
-    tree: dict[str, Any] = {}
-    for path, leaf in flat.items():
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(str(key), {})
-        node[str(path[-1])] = leaf
-    return tree
-
-
-def tree_to_params(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-    flat: dict[tuple[str, ...], Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            flat.update(tree_to_params(value, prefix + (key,)))
-        else:
-            flat[prefix + (key,)] = value
-    return flat
-
-
 def _string_path(path: Iterable[Any]) -> tuple[str, ...]:
     return tuple(str(p) for p in path)
 
 
 def _model_param_paths(config: ModelConfig) -> list[tuple[ParamPath, jax.ShapeDtypeStruct]]:
-    state = nnx.state(abstract_model(config), nnx.Param)
+    state = abstract_param_state(config)
     return [(tuple(p), v.get_value()) for p, v in nnx.to_flat_state(state)]
 
 
@@ -247,7 +226,7 @@ def _target_tree(
     paths: Sequence[ParamPath] | None,
     as_numpy: bool = False,
 ) -> dict[str, Any]:
-    abstract_state = nnx.state(abstract_model(config), nnx.Param)
+    abstract_state = abstract_param_state(config)
     if mesh is None:
         mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
     shardings = dict(nnx.to_flat_state(state_shardings(abstract_state, mesh, rules)))

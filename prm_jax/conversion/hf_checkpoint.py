@@ -106,7 +106,7 @@ def hf_to_orbax(
         params: dict[tuple, Any] = {}
         for m in imported:
             params[m.path] = LazyTensor(
-                m.jax_shape, dtype, lambda m=m: m.to_jax(reader.get(m.hf_name)).astype(dtype)
+                m.jax_shape, dtype, lambda m=m: m.to_jax(reader.get(m.hf_name)).astype(dtype, copy=False)
             )
         if not is_prm:
             params.update({p: v.astype(dtype) for p, v in _fresh_step_head(config, seed).items()})
@@ -199,11 +199,11 @@ def orbax_to_hf(
     def get_tensor(name: str) -> np.ndarray:
         m = by_name[name]
         value = restore_params(orbax_dir, config, paths=[m.path], as_numpy=True)[m.path]
-        value = m.to_hf(np.asarray(value, dtype=np.float32))
+        value = m.to_hf(np.asarray(value))
         if name == embed_name and vocab_size > config.vocab_size:
             new_rows = np.broadcast_to(value.mean(axis=0), (vocab_size - config.vocab_size, value.shape[1]))
             value = np.concatenate([value, new_rows], axis=0)
-        return value.astype(out_dtype)
+        return value.astype(out_dtype, copy=False)
 
     staging = _prepare_destination(hf_dir, overwrite)
     try:

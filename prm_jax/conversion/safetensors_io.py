@@ -173,6 +173,7 @@ class SafetensorsCheckpoint:
         if not self.directory.is_dir():
             raise FileNotFoundError(f"checkpoint directory {self.directory} does not exist")
         self._handles: dict[Path, Any] = {}
+        self._headers: dict[Path, tuple[dict[str, Any], int]] = {}
         self._weight_map: dict[str, Path] = {}
         try:
             self._open()
@@ -265,30 +266,35 @@ class SafetensorsCheckpoint:
         return TensorSpec(name, tuple(view.get_shape()), numpy_dtype(view.get_dtype()))
 
     def get(self, name: str) -> np.ndarray:
-        """Load exactly one tensor into host memory as a C-contiguous numpy array."""
-        path = self.file_of(name)
-        expected = self.spec(name)
-        try:
-            array = self._handle(path).get_tensor(name)
-        except (AttributeError, TypeError, KeyError):
-            # safetensors' numpy backend does not know every dtype (e.g. fp8 needs ml_dtypes
-            # names numpy lacks); read the bytes ourselves then.
-            array = self._read_raw(path, expected)
-        if array.dtype != expected.dtype:
-            array = array.view(expected.dtype)
-        return _c_contiguous(array.reshape(expected.shape))
+        """Load exactly one tensor into host memory as a C-contiguous numpy array.
 
-    def _read_raw(self, path: Path, spec: TensorSpec) -> np.ndarray:
-        header, data_start = _read_header(path)
-        begin, end = header[spec.name]["data_offsets"]
+        The bytes are read straight into a fresh array with plain file reads rather than through
+        safe_open's memory map: pages touched through a long-lived map stay resident and would
+        make a streaming conversion's RSS grow to the whole checkpoint. One copy, no map.
+        """
+        path = self.file_of(name)
+        spec = self.spec(name)
+        header, data_start = self._header(path)
+        begin, end = header[name]["data_offsets"]
         if end - begin != spec.nbytes:
-            raise ValueError(
-                f"{path}: tensor {spec.name!r} spans {end - begin} bytes, expected {spec.nbytes}"
-            )
-        with open(path, "rb") as f:
+            raise ValueError(f"{path}: tensor {name!r} spans {end - begin} bytes, expected {spec.nbytes}")
+        array = np.empty(spec.shape, spec.dtype)
+        buffer = memoryview(array.reshape(-1).view(np.uint8))
+        with open(path, "rb", buffering=0) as f:
             f.seek(data_start + begin)
-            data = f.read(end - begin)
-        return np.frombuffer(data, dtype=spec.dtype).reshape(spec.shape).copy()
+            filled = 0
+            while filled < len(buffer):
+                count = f.readinto(buffer[filled:])
+                if not count:
+                    raise ValueError(f"{path}: truncated file while reading tensor {name!r}")
+                filled += count
+        return array
+
+    def _header(self, path: Path) -> tuple[dict[str, Any], int]:
+        cached = self._headers.get(path)
+        if cached is None:
+            cached = self._headers[path] = _read_header(path)
+        return cached
 
     def metadata(self) -> dict[str, str]:
         """``__metadata__`` of the first weight file (shards of one checkpoint share it)."""

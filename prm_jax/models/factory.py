@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping
 
 import jax
@@ -18,6 +19,16 @@ ParamPath = tuple[str | int, ...]
 def abstract_model(config: ModelConfig) -> Transformer:
     """The model with `jax.ShapeDtypeStruct` leaves: no memory, no compute."""
     return nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+
+
+@functools.lru_cache(maxsize=8)
+def abstract_param_state(config: ModelConfig) -> nnx.State:
+    """The abstract Param state for a config, cached: treat it as read-only.
+
+    Streaming export restores one tensor at a time; rebuilding the abstract model per tensor made
+    it O(tensors x layers).
+    """
+    return nnx.state(abstract_model(config), nnx.Param)
 
 
 def param_shardings(
@@ -99,3 +110,46 @@ def model_from_arrays(
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+# ---------------------------------------------------------------------------- params trees
+#
+# Training and checkpoints handle parameters as plain nested dicts with string keys
+# ("model" -> "layers" -> "0" -> ...), the on-disk layout; these two functions move between that
+# tree and a Transformer (cheap: they only rewire references, also under jit tracing).
+
+
+def params_to_tree(flat: Mapping[ParamPath, Any]) -> dict[str, Any]:
+    """{(model, layers, 0, ...): leaf} -> nested dicts with string keys (the on-disk layout)."""
+    tree: dict[str, Any] = {}
+    for path, leaf in flat.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(str(key), {})
+        node[str(path[-1])] = leaf
+    return tree
+
+
+def tree_to_params(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    flat: dict[tuple[str, ...], Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(tree_to_params(value, prefix + (key,)))
+        else:
+            flat[prefix + (key,)] = value
+    return flat
+
+
+def params_tree(model: Transformer) -> dict[str, Any]:
+    return params_to_tree(flat_params(model))
+
+
+def model_from_params_tree(graphdef: nnx.GraphDef, abstract_state: nnx.State, tree: Mapping[str, Any]) -> Transformer:
+    """Rebuilds a model from `nnx.split(abstract_model(config))` and a params tree."""
+    leaves = []
+    for path, variable in nnx.to_flat_state(abstract_state):
+        node: Any = tree
+        for key in path:
+            node = node[str(key)]
+        leaves.append((tuple(path), variable.replace(node)))
+    return nnx.merge(graphdef, nnx.from_flat_state(leaves))

@@ -1,0 +1,53 @@
+r"""Train a PRM (or a causal LM) with sharded JAX.
+
+  python -m launch.train --config=configs/tiny.py --workdir=W [--config.train.num_steps=500 ...]
+
+Multi-host: every process runs the same command. On TPU pods and SLURM clusters
+`jax.distributed.initialize()` finds its peers itself; elsewhere pass --coordinator_address,
+--num_processes and --process_id. Rerunning the same command resumes from W/checkpoints.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import jax
+from absl import app, flags
+
+from launch.logs import configure_logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, TensorBoard.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (auto-detects TPU/SLURM/MPI).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (implies --distributed).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    configure_logging()
+    if _DISTRIBUTED.value or _COORDINATOR.value:
+        jax.distributed.initialize(
+            coordinator_address=_COORDINATOR.value,
+            num_processes=_NUM_PROCESSES.value,
+            process_id=_PROCESS_ID.value,
+        )
+    # Imported after distributed init: these modules touch devices.
+    from data_pipeline.synthetic import prepare_synthetic_run
+    from prm_jax.training.run import train_from_config
+
+    workdir = Path(_WORKDIR.value)
+    result = train_from_config(prepare_synthetic_run(_CONFIG.value, workdir), workdir)
+    if jax.process_index() == 0:
+        summary = {"final_step": result.final_step, "stopped_early": result.stopped_early, **(result.last_eval or {})}
+        print("training done: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    app.run(main)

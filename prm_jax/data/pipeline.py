@@ -1,0 +1,267 @@
+"""Training and evaluation input pipelines: shuffle, shard per process, pack, batch.
+
+Built on grain's ``MapDataset``/``IterDataset`` so that the training iterator is resumable: its
+state (:meth:`grain.DatasetIterator.get_state`) is a small JSON-serialisable dict that is saved
+with each checkpoint, and after :meth:`~grain.DatasetIterator.set_state` the iterator yields
+exactly the batches an uninterrupted run would have (the order is a pure function of the seed,
+the epoch and the position, and the packer re-packs deterministically). grain iterators also
+implement Orbax's checkpointable API, so the trainer can save them next to the model.
+
+Order of operations for training, per process:
+
+1. A global, seeded permutation of all examples per epoch (grain's index shuffle, reseeded each
+   epoch so epochs differ), computed lazily from the index: nothing is materialised.
+2. Process ``i`` of ``P`` takes positions ``i, i + P, i + 2P, ...`` of each epoch's order: the
+   shards are disjoint and together are exactly the epoch. (Shard sizes differ by at most one.)
+3. First-fit packing into rows of ``seq_len`` tokens (:mod:`prm_jax.data.packing`).
+4. Batching to ``rows_per_batch`` rows (this process's share of the global batch).
+
+Multi-process note: packing makes the number of batches per epoch data-dependent, so processes
+may reach the end of a finite run (``num_epochs`` set) after different numbers of batches. A
+sharded training loop, in which every process must take part in every step, should iterate
+forever (``num_epochs=None``, the default) and stop after a fixed number of steps.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+from os import PathLike
+from typing import TYPE_CHECKING
+
+import grain
+import numpy as np
+
+from prm_jax.data.packing import example_features, pack_rows, padding_row, stack_rows
+from prm_jax.data.records import (
+    DataError,
+    iter_prm_records_with_lines,
+    iter_sft_records_with_lines,
+)
+from prm_jax.data.tokenize import (
+    Example,
+    TokenizeConfig,
+    TokenizeStats,
+    check_separator,
+    tokenize_prm,
+    tokenize_sft,
+)
+
+if TYPE_CHECKING:  # transformers is heavy to import; only type checkers need it here.
+    from transformers import PreTrainedTokenizerBase
+
+__all__ = [
+    "PipelineConfig",
+    "build_train_iterator",
+    "build_eval_batches",
+    "load_prm_examples",
+    "load_sft_examples",
+]
+
+Batch = dict[str, np.ndarray]
+
+#: grain reads in-memory examples fastest on the calling thread (its docs recommend 0 threads
+#: for data already in memory: worker threads would only contend for the GIL).
+_IN_MEMORY = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Batching, shuffling and sharding of token examples.
+
+    Attributes:
+        seq_len: Tokens per row; every example must fit (``TokenizeConfig.max_length <=
+            seq_len``).
+        rows_per_batch: Rows per batch *on this process* (the global batch is this times
+            ``process_count``).
+        seed: Shuffle seed, in ``[0, 2**32)``; epoch ``e`` uses the permutation of ``seed + e``.
+        shuffle: Shuffle the examples (per epoch). Without it every epoch is in file order.
+        num_epochs: Passes over the data; ``None`` repeats forever.
+        packing: Pack several examples per row; ``False`` puts one example per row.
+        process_index: This process's index (``jax.process_index()``).
+        process_count: Number of processes (``jax.process_count()``).
+        drop_remainder: Drop a final incomplete batch of a finite run; otherwise it is padded
+            with empty rows to ``rows_per_batch``.
+        num_packing_bins: Rows open at once in the first-fit packer (default
+            ``rows_per_batch``); more bins pack tighter but delay examples longer.
+    """
+
+    seq_len: int
+    rows_per_batch: int
+    seed: int = 0
+    shuffle: bool = True
+    num_epochs: int | None = None
+    packing: bool = True
+    process_index: int = 0
+    process_count: int = 1
+    drop_remainder: bool = True
+    num_packing_bins: int | None = None
+
+    def __post_init__(self) -> None:
+        """Reject settings that would silently misbehave (e.g. overlapping process shards)."""
+        if self.seq_len < 1:
+            raise ValueError(f"seq_len must be positive, got {self.seq_len}")
+        if self.rows_per_batch < 1:
+            raise ValueError(f"rows_per_batch must be positive, got {self.rows_per_batch}")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
+        if self.num_epochs is not None and self.num_epochs < 1:
+            raise ValueError(f"num_epochs must be None or >= 1, got {self.num_epochs}")
+        if self.process_count < 1 or not 0 <= self.process_index < self.process_count:
+            raise ValueError(
+                f"need 0 <= process_index < process_count, got process_index="
+                f"{self.process_index}, process_count={self.process_count}"
+            )
+        if self.num_packing_bins is not None and self.num_packing_bins < 1:
+            raise ValueError(f"num_packing_bins must be positive, got {self.num_packing_bins}")
+
+    @property
+    def packing_bins(self) -> int:
+        """The effective number of open rows in the packer."""
+        return self.num_packing_bins if self.num_packing_bins is not None else self.rows_per_batch
+
+
+def _check_fits(examples: Sequence[Example], seq_len: int) -> None:
+    if len(examples) == 0:
+        raise ValueError("no examples to build a pipeline from")
+    longest = max(range(len(examples)), key=lambda k: len(examples[k]))
+    if len(examples[longest]) > seq_len:
+        raise ValueError(
+            f"example {longest} (record {examples[longest].record_id!r}) has "
+            f"{len(examples[longest])} tokens, more than seq_len={seq_len}; tokenize with "
+            "TokenizeConfig.max_length <= seq_len"
+        )
+
+
+def _epoch_shard_indices(num_examples: int, cfg: PipelineConfig) -> grain.MapDataset:
+    """Lazy dataset of example indices: this process's slice of each (shuffled) epoch."""
+    n, p, i = num_examples, cfg.process_count, cfg.process_index
+    per_epoch = (n - i + p - 1) // p  # len(range(i, n, p))
+    if per_epoch == 0:
+        raise ValueError(
+            f"{n} examples cannot be sharded over {p} processes (process {i} would get none)"
+        )
+    if cfg.shuffle:
+        # Index k >= n reads epoch k // n, which grain reseeds with seed + epoch.
+        order: grain.MapDataset | None = grain.MapDataset.source(range(n)).shuffle(cfg.seed)
+    else:
+        order = None
+    total = sys.maxsize if cfg.num_epochs is None else per_epoch * cfg.num_epochs
+
+    def source_index(k: int) -> int:
+        epoch, j = divmod(k, per_epoch)
+        position = j * p + i
+        return int(order[epoch * n + position]) if order is not None else position
+
+    return grain.MapDataset.range(total).map(source_index)
+
+
+def build_train_iterator(examples: Sequence[Example], cfg: PipelineConfig) -> grain.DatasetIterator:
+    """A resumable iterator of training batches for this process.
+
+    Each batch is a dict of ``[rows_per_batch, seq_len]`` numpy arrays (see
+    :data:`prm_jax.data.packing.BATCH_FIELDS`). Save ``iterator.get_state()`` (a JSON-
+    serialisable dict) with each checkpoint; ``set_state`` on a freshly built iterator (same
+    examples and config) resumes the exact batch sequence.
+
+    Raises:
+        ValueError: No examples, an example longer than ``seq_len``, or fewer examples than
+            processes.
+    """
+    _check_fits(examples, cfg.seq_len)
+    indices = _epoch_shard_indices(len(examples), cfg)
+    features = indices.map(lambda k: example_features(examples[k])).to_iter_dataset(_IN_MEMORY)
+    rows = pack_rows(
+        features, cfg.seq_len, packing=cfg.packing, num_packing_bins=cfg.packing_bins
+    )
+    batches = rows.batch(
+        cfg.rows_per_batch,
+        drop_remainder=cfg.drop_remainder,
+        batch_fn=partial(stack_rows, rows_per_batch=cfg.rows_per_batch),
+    )
+    return iter(batches)
+
+
+def _eval_rows(examples: Sequence[Example], cfg: PipelineConfig) -> list[dict[str, np.ndarray]]:
+    features = (
+        grain.MapDataset.source(examples).map(example_features).to_iter_dataset(_IN_MEMORY)
+    )
+    return list(
+        pack_rows(features, cfg.seq_len, packing=cfg.packing, num_packing_bins=cfg.packing_bins)
+    )
+
+
+def build_eval_batches(examples: Sequence[Example], cfg: PipelineConfig) -> list[Batch]:
+    """All of this process's evaluation batches: one pass, in order, nothing dropped.
+
+    Process ``i`` takes examples ``i, i + P, ...``; every example lands in exactly one batch of
+    exactly one process. The last batch is padded with empty rows. Because sharded evaluation
+    steps are collective, every process returns the same number of batches: processes whose
+    share packs into fewer batches get trailing all-padding batches (``loss_mask`` 0), which
+    contribute nothing to metrics. ``shuffle``, ``num_epochs``, ``seed`` and
+    ``drop_remainder`` are ignored.
+    """
+    _check_fits(examples, cfg.seq_len)
+    p, i = cfg.process_count, cfg.process_index
+    to_batches = partial(stack_rows, rows_per_batch=cfg.rows_per_batch)
+    own_rows = _eval_rows(examples[i::p], cfg) if len(examples) > i else []
+    batches = [
+        to_batches(own_rows[s : s + cfg.rows_per_batch])
+        for s in range(0, len(own_rows), cfg.rows_per_batch)
+    ]
+    num_batches = len(batches)
+    for other in range(p):
+        if other != i and len(examples) > other:
+            rows = len(_eval_rows(examples[other::p], cfg))
+            num_batches = max(num_batches, -(-rows // cfg.rows_per_batch))
+    for _ in range(num_batches - len(batches)):
+        batches.append(to_batches([padding_row(cfg.seq_len)]))
+    return batches
+
+
+def load_prm_examples(
+    path: str | PathLike[str],
+    tokenizer: PreTrainedTokenizerBase,
+    tcfg: TokenizeConfig,
+) -> tuple[list[Example], TokenizeStats]:
+    """Read, validate and tokenize a PRM JSONL file.
+
+    ``examples[k].example_index == k`` (positions in the returned list, after records that did
+    not fit were dropped), and ``examples[k].record_id`` is the record's ``id``.
+
+    Raises:
+        ValueError: The separator is not a single token of ``tokenizer``.
+        DataError: An invalid record, or one that cannot be tokenized as configured (e.g. soft
+            labels with ``soft_labels=False``), with ``file:line``.
+    """
+    check_separator(tokenizer, tcfg.separator)
+    stats = TokenizeStats()
+    examples: list[Example] = []
+    for line, record in iter_prm_records_with_lines(path):
+        try:
+            example = tokenize_prm(record, tokenizer, tcfg, len(examples), stats)
+        except DataError as e:
+            raise e.located(path, line) from e
+        if example is not None:
+            examples.append(example)
+    return examples, stats
+
+
+def load_sft_examples(
+    path: str | PathLike[str],
+    tokenizer: PreTrainedTokenizerBase,
+    tcfg: TokenizeConfig,
+) -> tuple[list[Example], TokenizeStats]:
+    """Read, validate and tokenize an SFT JSONL file (see :func:`load_prm_examples`)."""
+    stats = TokenizeStats()
+    examples: list[Example] = []
+    for line, record in iter_sft_records_with_lines(path):
+        try:
+            example = tokenize_sft(record, tokenizer, tcfg, len(examples), stats)
+        except DataError as e:
+            raise e.located(path, line) from e
+        if example is not None:
+            examples.append(example)
+    return examples, stats

@@ -1,0 +1,101 @@
+"""The jitted train and eval steps: pure functions of (params, opt_state, batch).
+
+Parameters are a plain params tree (see `models.factory.params_tree`) in the parameter dtype
+(fp32 master weights); the model casts them to the compute dtype inside the forward pass, so
+gradients and optimizer state stay fp32. Losses are normalised by the global number of
+supervised positions in the whole batch, which makes gradient accumulation exact.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from prm_jax.models.factory import model_from_params_tree
+from prm_jax.models.transformer import step_rewards
+from prm_jax.training.losses import lm_loss_sums, prm_loss_sums
+
+Batch = dict[str, jax.Array]
+OBJECTIVES = ("prm", "lm")
+
+
+def _loss_sums(graphdef: nnx.GraphDef, abstract_state: nnx.State, objective: str, params: Any, batch: Batch):
+    model = model_from_params_tree(graphdef, abstract_state, params)
+    hidden = model(batch["input_ids"], batch["segment_ids"], batch["positions"])
+    if objective == "prm":
+        return prm_loss_sums(model.step_logits(hidden), batch["labels"], batch["loss_mask"]), hidden, model
+    return lm_loss_sums(model.lm_logits(hidden), batch["targets"], batch["loss_mask"]), hidden, model
+
+
+def _microbatches(batch: Batch, count: int) -> Batch:
+    # Row r goes to microbatch r % count, so every microbatch keeps rows from every data shard.
+    def split(x: jax.Array) -> jax.Array:
+        rows = x.shape[0]
+        return x.reshape(rows // count, count, *x.shape[1:]).swapaxes(0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    abstract_state: nnx.State,
+    optimizer: optax.GradientTransformation,
+    *,
+    objective: str,
+    grad_accum_steps: int = 1,
+) -> Callable[[Any, Any, Batch], tuple[Any, Any, dict[str, jax.Array]]]:
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective={objective!r}; choose one of {OBJECTIVES}")
+
+    def train_step(params, opt_state, batch: Batch):
+        total_weight = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+
+        def loss_fn(p, microbatch):
+            sums = _loss_sums(graphdef, abstract_state, objective, p, microbatch)[0]
+            return sums["loss_sum"] / total_weight, sums
+
+        grad_fn = jax.grad(loss_fn, has_aux=True)
+        if grad_accum_steps == 1:
+            grads, sums = grad_fn(params, batch)
+        else:
+            def accumulate(carry, microbatch):
+                grads_acc, sums_acc = carry
+                grads, sums = grad_fn(params, microbatch)
+                return (jax.tree.map(jnp.add, grads_acc, grads), jax.tree.map(jnp.add, sums_acc, sums)), None
+
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            zero_sums = {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "weight", "correct")}
+            (grads, sums), _ = jax.lax.scan(
+                accumulate, (zeros, zero_sums), _microbatches(batch, grad_accum_steps)
+            )
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        metrics = {
+            "loss": sums["loss_sum"] / total_weight,
+            "accuracy": sums["correct"] / total_weight,
+            "grad_norm": grad_norm,
+            "supervised": sums["weight"],
+            "tokens": jnp.sum((batch["segment_ids"] > 0).astype(jnp.float32)),
+        }
+        return params, opt_state, metrics
+
+    return train_step
+
+
+def make_eval_step(graphdef: nnx.GraphDef, abstract_state: nnx.State, *, objective: str):
+    """Loss sums plus, for the PRM objective, the step reward at every position."""
+
+    def eval_step(params, batch: Batch):
+        sums, hidden, model = _loss_sums(graphdef, abstract_state, objective, params, batch)
+        if objective == "prm":
+            rewards = step_rewards(model.step_logits(hidden))
+        else:
+            rewards = jnp.zeros(batch["input_ids"].shape, jnp.float32)
+        return sums, rewards
+
+    return eval_step

@@ -1,0 +1,417 @@
+"""The training loop: sharded PRM (or causal-LM) training with Orbax checkpoints.
+
+Side effects live here (data loading, checkpoint I/O, metrics, signals); the math is in
+`train_step`. One run directory (`workdir`) holds `checkpoints/<step>/` (params, opt_state,
+data_iter, model_config, trainer_state), `metrics.jsonl` and `tensorboard/`. A checkpoint step
+directory is also a model checkpoint: `checkpoint.restore_model` and `launch.convert` read it.
+
+Determinism: every process builds the same global batch stream (same seed, same data) and feeds
+the rows its devices own, so a run's batches do not depend on the number of processes, and a
+restored iterator state replays exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import signal
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from prm_jax.checkpoint import CONFIG_ITEM, PARAMS_ITEM, _metadata, params_to_tree, read_model_config, restore_params
+from prm_jax.metrics import first_error_index, step_error_scores
+from prm_jax.models.config import ModelConfig
+from prm_jax.models.factory import abstract_model, create_model, params_tree
+from prm_jax.sharding import logical_to_partition_spec, make_mesh, state_shardings
+from prm_jax.training import flops
+from prm_jax.training.metrics_writer import MetricsWriter
+from prm_jax.training.optimizer import OptimizerConfig, build_optimizer, learning_rate_schedule
+from prm_jax.training.train_step import make_eval_step, make_train_step
+
+_log = logging.getLogger(__name__)
+
+OPT_STATE_ITEM = "opt_state"
+DATA_ITER_ITEM = "data_iter"
+TRAINER_STATE_ITEM = "trainer_state"
+BATCH_FIELDS = ("input_ids", "segment_ids", "positions", "loss_mask", "labels", "targets")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue (e.g. a non-finite loss); the last good checkpoint is kept."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    final_step: int
+    stopped_early: bool  # SIGTERM / preemption
+    last_metrics: dict[str, float]
+    last_eval: dict[str, float] | None
+
+
+# ---------------------------------------------------------------------------- model config
+
+
+_RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "attention_impl")
+
+
+def training_model_config(config: ml_collections.ConfigDict) -> ModelConfig:
+    """The ModelConfig to train: from `model.init_from`'s metadata or `model.arch`, heads per objective."""
+    runtime = {f: config.model[f] for f in _RUNTIME_FIELDS}
+    heads = {"with_prm_head": config.objective == "prm", "with_lm_head": config.objective == "lm"}
+    if config.model.init_from:
+        return read_model_config(config.model.init_from).replace(**runtime, **heads)
+    return ModelConfig(**dict(config.model.arch), **runtime, **heads)
+
+
+# ---------------------------------------------------------------------------- sharding helpers
+
+
+def _batch_sharding(mesh: Mesh, rows: int) -> NamedSharding:
+    spec = logical_to_partition_spec(("activation_batch", None), (rows, 1), mesh)
+    return NamedSharding(mesh, spec)
+
+
+def _local_rows(sharding: NamedSharding, global_shape: tuple[int, int]) -> slice:
+    """The contiguous block of global rows whose shards live on this process's devices."""
+    starts, stops = [], []
+    for index in sharding.addressable_devices_indices_map(global_shape).values():
+        rows = index[0]
+        starts.append(rows.start or 0)
+        stops.append(global_shape[0] if rows.stop is None else rows.stop)
+    return slice(min(starts), max(stops))
+
+
+def _to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+    out = {}
+    for name in BATCH_FIELDS:
+        value = batch[name]
+        rows = _local_rows(sharding, value.shape)
+        out[name] = jax.make_array_from_process_local_data(sharding, value[rows], value.shape)
+    return out
+
+
+def _fingerprint(batch: dict[str, np.ndarray]) -> int:
+    """A cheap identity of a batch's content: equal fingerprints = the same examples, same order."""
+    return zlib.crc32(np.ascontiguousarray(batch["input_ids"]).tobytes()) ^ zlib.crc32(
+        np.ascontiguousarray(batch["segment_ids"]).tobytes()
+    )
+
+
+# ---------------------------------------------------------------------------- trainer
+
+
+class Trainer:
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path):
+        self.config = config
+        self.workdir = Path(workdir).absolute()
+        self.is_primary = jax.process_index() == 0
+        self.mesh = make_mesh({k: int(v) for k, v in config.mesh.items()})
+        self.model_config = training_model_config(config)
+        self.objective = config.objective
+        self.global_rows = int(config.train.global_batch_rows)
+        accum = int(config.train.grad_accum_steps)
+        if self.global_rows % accum:
+            raise ValueError(f"global_batch_rows={self.global_rows} is not divisible by grad_accum_steps={accum}")
+        self.opt_config = OptimizerConfig(**dict(config.optimizer), total_steps=int(config.train.num_steps))
+        self.optimizer = build_optimizer(self.opt_config)
+        self.schedule = learning_rate_schedule(self.opt_config)
+
+        self.graphdef, self.abstract_state = nnx.split(abstract_model(self.model_config))
+        shardings = state_shardings(self.abstract_state, self.mesh)
+        self.param_shardings = params_tree_from_state(shardings)
+        self.abstract_params = jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+            params_tree_from_state(self.abstract_state), self.param_shardings,
+        )
+        with jax.set_mesh(self.mesh):
+            self.opt_shardings = (
+                jax.jit(self.optimizer.init).lower(self.abstract_params).compile().output_shardings
+            )
+        self.batch_sharding = _batch_sharding(self.mesh, self.global_rows)
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        self.train_step = jax.jit(
+            make_train_step(self.graphdef, self.abstract_state, self.optimizer, objective=self.objective, grad_accum_steps=accum),
+            in_shardings=(self.param_shardings, self.opt_shardings, self.batch_sharding),
+            out_shardings=(self.param_shardings, self.opt_shardings, replicated),
+            donate_argnums=(0, 1),
+        )
+        self.eval_step = jax.jit(
+            make_eval_step(self.graphdef, self.abstract_state, objective=self.objective),
+            in_shardings=(self.param_shardings, self.batch_sharding),
+            out_shardings=replicated,
+        )
+        self.flops_per_token = flops.training_flops_per_token(
+            self.model_config, int(config.data.seq_len), self.objective
+        )
+        self.peak_flops = flops.peak_flops_per_device(override=float(config.train.peak_flops_per_device))
+
+        self.checkpoint_manager = ocp.CheckpointManager(
+            self.workdir / "checkpoints",
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=int(config.checkpoint.max_to_keep),
+                enable_async_checkpointing=bool(config.checkpoint.async_save),
+                create=True,
+            ),
+        )
+        self._stop_requested = False
+
+    # ------------------------------------------------------------------ state
+
+    def _fresh_params(self) -> Any:
+        init_from = self.config.model.init_from
+        if not init_from:
+            model = create_model(self.model_config, seed=int(self.config.seed), mesh=self.mesh)
+            return params_tree(model)
+        # Import what the source has (backbone, and whichever heads it carries); initialise the rest.
+        stored = read_model_config(init_from)
+        source_paths = {tuple(map(str, p)) for p, _ in _flat_paths(stored)}
+        wanted = [p for p, _ in _flat_paths(self.model_config) if tuple(map(str, p)) in source_paths]
+        restored = restore_params(
+            init_from, stored.replace(**{f: getattr(self.model_config, f) for f in _RUNTIME_FIELDS}),
+            mesh=self.mesh, paths=wanted,
+        )
+        missing = [p for p, _ in _flat_paths(self.model_config) if p not in restored]
+        if missing:
+            _log.info("initialising %d parameters absent from %s (seed %d): %s", len(missing), init_from,
+                      self.config.seed, sorted(".".join(map(str, p)) for p in missing))
+            fresh = create_model(self.model_config, seed=int(self.config.seed), mesh=self.mesh)
+            fresh_flat = {tuple(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(fresh, nnx.Param))}
+            restored.update({p: fresh_flat[p] for p in missing})
+        return params_to_tree(restored)
+
+    def _save(self, step: int, params: Any, opt_state: Any, iterator: Any, extra: dict[str, Any], force: bool = False) -> bool:
+        meta = _metadata(self.model_config, {"source": "prm_jax.training", "init_from": self.config.model.init_from or None})
+        saved = self.checkpoint_manager.save(
+            step,
+            args=ocp.args.Composite(
+                **{
+                    PARAMS_ITEM: ocp.args.PyTreeSave(params),
+                    OPT_STATE_ITEM: ocp.args.PyTreeSave(opt_state),
+                    CONFIG_ITEM: ocp.args.JsonSave(meta),
+                    DATA_ITER_ITEM: grain.checkpoint.CheckpointSave(iterator),
+                    TRAINER_STATE_ITEM: ocp.args.JsonSave({"step": step, **extra}),
+                }
+            ),
+            force=force,
+        )
+        return bool(saved)
+
+    def _restore(self, step: int, iterator: Any) -> tuple[Any, Any, dict[str, Any]]:
+        abstract_opt = jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+            jax.eval_shape(self.optimizer.init, self.abstract_params), self.opt_shardings,
+        )
+        restored = self.checkpoint_manager.restore(
+            step,
+            args=ocp.args.Composite(
+                **{
+                    PARAMS_ITEM: ocp.args.PyTreeRestore(
+                        item=self.abstract_params,
+                        restore_args=ocp.checkpoint_utils.construct_restore_args(self.abstract_params),
+                    ),
+                    OPT_STATE_ITEM: ocp.args.PyTreeRestore(
+                        item=abstract_opt, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_opt)
+                    ),
+                    DATA_ITER_ITEM: grain.checkpoint.CheckpointRestore(iterator),
+                    TRAINER_STATE_ITEM: ocp.args.JsonRestore(),
+                    CONFIG_ITEM: ocp.args.JsonRestore(),
+                }
+            ),
+        )
+        stored = ModelConfig.from_json_dict(restored[CONFIG_ITEM]["config"])
+        if stored != self.model_config:
+            raise ValueError(
+                f"checkpoint {step} in {self.workdir} was written for a different model config:\n"
+                f"  checkpoint: {stored}\n  this run:   {self.model_config}"
+            )
+        return restored[PARAMS_ITEM], restored[OPT_STATE_ITEM], dict(restored[TRAINER_STATE_ITEM])
+
+    # ------------------------------------------------------------------ eval
+
+    def evaluate(self, params: Any, eval_batches: list[dict[str, np.ndarray]]) -> dict[str, float]:
+        loss_sum = weight = correct = 0.0
+        rewards_by_example: dict[int, dict[int, float]] = {}
+        labels_by_example: dict[int, dict[int, float]] = {}
+        for batch in eval_batches:
+            sums, rewards = self.eval_step(params, _to_global(batch, self.batch_sharding))
+            loss_sum += float(sums["loss_sum"])
+            weight += float(sums["weight"])
+            correct += float(sums["correct"])
+            if self.objective != "prm":
+                continue
+            rewards = np.asarray(rewards)
+            rows, cols = np.nonzero(batch["loss_mask"] > 0)
+            for r, c in zip(rows, cols):
+                ex, st = int(batch["example_index"][r, c]), int(batch["step_index"][r, c])
+                rewards_by_example.setdefault(ex, {})[st] = float(rewards[r, c])
+                labels_by_example.setdefault(ex, {})[st] = float(batch["labels"][r, c])
+        out = {"eval_loss": loss_sum / max(weight, 1.0), "eval_accuracy": correct / max(weight, 1.0)}
+        if self.objective == "prm":
+            pairs = []
+            for ex, rewards in rewards_by_example.items():
+                order = sorted(rewards)
+                pairs.append((
+                    first_error_index([rewards[s] for s in order]),
+                    first_error_index([labels_by_example[ex][s] for s in order]),
+                ))
+            scores = step_error_scores(pairs)
+            out.update({"eval_f1": scores.f1, "eval_acc_err": scores.acc_err, "eval_acc_ok": scores.acc_ok})
+        return out
+
+    # ------------------------------------------------------------------ loop
+
+    def _install_sigterm_handler(self) -> None:
+        def request_stop(signum, frame):  # noqa: ARG001
+            _log.warning("SIGTERM received: saving a checkpoint at the next step boundary and exiting")
+            self._stop_requested = True
+
+        if threading_is_main():
+            signal.signal(signal.SIGTERM, request_stop)
+
+    def _stop_agreed(self) -> bool:
+        """All processes stop at the same step (any one's SIGTERM counts)."""
+        flag = np.array([self._stop_requested], dtype=np.int32)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            flag = multihost_utils.process_allgather(flag)
+        return bool(np.any(flag))
+
+    def run(self, train_iterator: Any, eval_batches: list[dict[str, np.ndarray]] | None, data_stats: dict[str, Any]) -> TrainResult:
+        cfg = self.config.train
+        num_steps = int(cfg.num_steps)
+        latest = self.checkpoint_manager.latest_step()
+        if latest is not None:
+            params, opt_state, trainer_state = self._restore(latest, train_iterator)
+            step = int(trainer_state["step"])
+            _log.info("resumed from %s at step %d", self.workdir / "checkpoints", step)
+        else:
+            params = self._fresh_params()
+            with jax.set_mesh(self.mesh):
+                opt_state = jax.jit(self.optimizer.init, out_shardings=self.opt_shardings)(params)
+            step = 0
+        writer = MetricsWriter(self.workdir, enabled=self.is_primary, resume_step=step)
+        if self.is_primary and step == 0:
+            writer.write(0, {f"data/{k}": v for k, v in data_stats.items() if isinstance(v, (int, float))})
+        self._install_sigterm_handler()
+
+        progress = _progress(self.is_primary, initial=step, total=num_steps)
+        pending: list[tuple[int, dict[str, jax.Array], float, int]] = []
+        last_metrics: dict[str, float] = {}
+        last_eval: dict[str, float] | None = None
+        window_start, window_tokens = time.perf_counter(), 0.0
+        stopped = False
+
+        def resolve_pending() -> None:
+            nonlocal window_start, window_tokens, last_metrics
+            while pending:
+                s, device_metrics, lr, fingerprint = pending.pop(0)
+                metrics = {k: float(v) for k, v in device_metrics.items()}
+                if not math.isfinite(metrics["loss"]) or not math.isfinite(metrics["grad_norm"]):
+                    raise TrainingError(
+                        f"non-finite loss ({metrics['loss']}) or grad norm ({metrics['grad_norm']}) at step {s}; "
+                        f"stopping. The last good checkpoint is step {self.checkpoint_manager.latest_step()} "
+                        f"in {self.workdir / 'checkpoints'}"
+                    )
+                window_tokens += metrics["tokens"]
+                if s % int(cfg.log_every) == 0 or s == num_steps:
+                    elapsed = time.perf_counter() - window_start
+                    tokens_per_s = window_tokens / max(elapsed, 1e-9)
+                    metrics.update({"lr": lr, "tokens_per_s": tokens_per_s, "batch_fingerprint": fingerprint})
+                    if self.peak_flops:
+                        metrics["mfu"] = tokens_per_s * self.flops_per_token / (self.peak_flops * jax.device_count())
+                    writer.write(s, metrics)
+                    progress.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{tokens_per_s:.0f}")
+                    window_start, window_tokens = time.perf_counter(), 0.0
+                last_metrics = metrics
+
+        try:
+            while step < num_steps:
+                batch = next(train_iterator)
+                fingerprint = _fingerprint(batch)
+                global_batch = _to_global(batch, self.batch_sharding)
+                with jax.set_mesh(self.mesh):
+                    params, opt_state, device_metrics = self.train_step(params, opt_state, global_batch)
+                lr = float(self.schedule(step))
+                step += 1
+                progress.update(1)
+                # Resolve the previous step's metrics after dispatching this one: the host check
+                # for NaN then never stalls the device pipeline.
+                resolve_pending()
+                pending.append((step, device_metrics, lr, fingerprint))
+                stop_now = self._stop_agreed()
+                if eval_batches and (step % int(cfg.eval_every) == 0 or step == num_steps):
+                    resolve_pending()
+                    last_eval = self.evaluate(params, eval_batches)
+                    writer.write(step, last_eval)
+                if step % int(self.config.checkpoint.save_every) == 0 or step == num_steps or stop_now:
+                    resolve_pending()  # never checkpoint a step whose loss was not checked
+                    self._save(step, params, opt_state, train_iterator, {"data_stats": data_stats}, force=True)
+                if stop_now:
+                    stopped = True
+                    _log.warning("stopped at step %d on request; checkpoint saved", step)
+                    break
+            resolve_pending()
+        finally:
+            progress.close()
+            self.checkpoint_manager.wait_until_finished()
+            writer.flush()
+            writer.close()
+        return TrainResult(step, stopped, last_metrics, last_eval)
+
+    def close(self) -> None:
+        self.checkpoint_manager.close()
+
+
+def params_tree_from_state(state: nnx.State) -> dict[str, Any]:
+    """An nnx.State (of Params, shardings or shapes) as a string-keyed params tree."""
+    return params_to_tree({
+        tuple(path): leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
+        for path, leaf in nnx.to_flat_state(state)
+    })
+
+
+def _flat_paths(config: ModelConfig) -> list[tuple[tuple, Any]]:
+    state = nnx.state(abstract_model(config), nnx.Param)
+    return [(tuple(p), v) for p, v in nnx.to_flat_state(state)]
+
+
+def threading_is_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+class _NullProgress:
+    def update(self, n: int) -> None: ...
+    def set_postfix(self, **kw: Any) -> None: ...
+    def close(self) -> None: ...
+
+
+def _progress(enabled: bool, initial: int, total: int):
+    if not enabled:
+        return _NullProgress()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+
+def write_run_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str) + "\n")
+
+
+__all__ = ["Trainer", "TrainResult", "TrainingError", "training_model_config", "write_run_config"]
