@@ -11,11 +11,9 @@ layout, loadable with AutoModel.from_pretrained(dir, trust_remote_code=True) and
 
 from __future__ import annotations
 
-
 from absl import app, flags
 
 from launch.logs import configure_logging
-
 from prm_jax.conversion.hf_checkpoint import hf_to_orbax, orbax_to_hf
 from prm_jax.tokenization import STEP_SEPARATOR
 

@@ -9,14 +9,15 @@ Multi-host: every process runs the same command. On TPU pods and SLURM clusters
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
 import jax
 from absl import app, flags
+from ml_collections import config_flags
 
 from launch.logs import configure_logging
-from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, TensorBoard.")
@@ -39,10 +40,16 @@ def main(argv: list[str]) -> None:
         )
     # Imported after distributed init: these modules touch devices.
     from data_pipeline.synthetic import prepare_synthetic_run
+    from prm_jax.data.records import DataError
     from prm_jax.training.run import train_from_config
+    from prm_jax.training.trainer import TrainingError
 
     workdir = Path(_WORKDIR.value)
-    result = train_from_config(prepare_synthetic_run(_CONFIG.value, workdir), workdir)
+    try:
+        result = train_from_config(prepare_synthetic_run(_CONFIG.value, workdir), workdir)
+    except (TrainingError, DataError) as error:
+        logging.error("%s", error)
+        sys.exit(1)
     if jax.process_index() == 0:
         summary = {"final_step": result.final_step, "stopped_early": result.stopped_early, **(result.last_eval or {})}
         print("training done: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))

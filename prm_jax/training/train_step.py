@@ -72,13 +72,16 @@ def make_train_step(
             (grads, sums), _ = jax.lax.scan(
                 accumulate, (zeros, zero_sums), _microbatches(batch, grad_accum_steps)
             )
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         metrics = {
             "loss": sums["loss_sum"] / total_weight,
             "accuracy": sums["correct"] / total_weight,
             "grad_norm": grad_norm,
+            # Checked on the host before any checkpoint: a finite loss can still come with a
+            # non-finite update, and the saved params are the updated ones.
+            "param_norm": optax.tree.norm(params),
             "supervised": sums["weight"],
             "tokens": jnp.sum((batch["segment_ids"] > 0).astype(jnp.float32)),
         }

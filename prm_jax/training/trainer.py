@@ -319,9 +319,11 @@ class Trainer:
             while pending:
                 s, device_metrics, lr, fingerprint = pending.pop(0)
                 metrics = {k: float(v) for k, v in device_metrics.items()}
-                if not math.isfinite(metrics["loss"]) or not math.isfinite(metrics["grad_norm"]):
+                checked = ("loss", "grad_norm", "param_norm")
+                if not all(math.isfinite(metrics[k]) for k in checked):
+                    values = ", ".join(f"{k}={metrics[k]}" for k in checked)
                     raise TrainingError(
-                        f"non-finite loss ({metrics['loss']}) or grad norm ({metrics['grad_norm']}) at step {s}; "
+                        f"non-finite training state at step {s} ({values}); "
                         f"stopping. The last good checkpoint is step {self.checkpoint_manager.latest_step()} "
                         f"in {self.workdir / 'checkpoints'}"
                     )

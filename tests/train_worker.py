@@ -1,0 +1,43 @@
+"""`python -m launch.train`, with a deterministic per-step delay for kill/preemption tests.
+
+    PRM_TEST_STEP_DELAY_S=0.5 python tests/train_worker.py --config=configs/tiny.py --workdir=W ...
+
+Takes exactly the flags of `launch.train` and runs its `main`. The only difference: the host
+sleeps PRM_TEST_STEP_DELAY_S before each training step (wrapped around the batch fingerprint,
+which the loop computes once per step before dispatch), so a test can reliably signal the run
+between two checkpoints. The sleep touches no array: the math, the batches and the checkpoints are
+those of the plain command. Single-process runs only (the patch imports the trainer before
+`jax.distributed.initialize` would run).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for `launch`
+
+
+def _install_step_delay(seconds: float) -> None:
+    from prm_jax.training import trainer
+
+    fingerprint = trainer._fingerprint
+
+    def slow_fingerprint(batch):
+        time.sleep(seconds)
+        return fingerprint(batch)
+
+    trainer._fingerprint = slow_fingerprint
+
+
+if __name__ == "__main__":
+    delay = float(os.environ.get("PRM_TEST_STEP_DELAY_S", "0"))
+    if delay > 0:
+        _install_step_delay(delay)
+    from absl import app
+
+    from launch import train
+
+    app.run(train.main)
