@@ -11,6 +11,7 @@ one mask.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import jax
@@ -89,6 +90,33 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos + rotated * sin
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """Per-layer keys/values [B, S, kv_heads, head_dim] and slot segments [B, S] (0 = empty/pad)."""
+
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
+    segments: jax.Array
+
+    @classmethod
+    def empty(cls, config: ModelConfig, batch: int, slots: int, dtype: jnp.dtype | None = None) -> "KVCache":
+        shape = (batch, slots, config.num_key_value_heads, config.head_dim)
+        dtype = dtype or config.compute_dtype
+        layers = range(config.num_hidden_layers)
+        return cls(
+            tuple(jnp.zeros(shape, dtype) for _ in layers),
+            tuple(jnp.zeros(shape, dtype) for _ in layers),
+            jnp.zeros((batch, slots), jnp.int32),
+        )
+
+    def take_rows(self, rows: jax.Array) -> "KVCache":
+        """The cache of selected rows (e.g. one prefilled prompt repeated for its n samples)."""
+        return KVCache(
+            tuple(k[rows] for k in self.keys), tuple(v[rows] for v in self.values), self.segments[rows]
+        )
+
+
 # ---------------------------------------------------------------------------- layers
 
 
@@ -148,16 +176,34 @@ class Attention(nnx.Module):
             y = y + bias[...].astype(x.dtype)
         return y
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+    def _qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         q = apply_rotary(self._project(x, self.q_kernel, self.q_bias), cos, sin)
         k = apply_rotary(self._project(x, self.k_kernel, self.k_bias), cos, sin)
         v = self._project(x, self.v_kernel, self.v_bias)
         q = logical_constraint(q, ("activation_batch", "activation_length", "activation_heads", None))
         k = logical_constraint(k, ("activation_batch", "activation_length", "activation_kv_heads", None))
         v = logical_constraint(v, ("activation_batch", "activation_length", "activation_kv_heads", None))
+        return q, k, v
+
+    def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
         impl = None if self.config.attention_impl == "auto" else self.config.attention_impl
         out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
-        return jnp.einsum("btnd,nde->bte", out, self.o_kernel[...].astype(x.dtype))
+        return jnp.einsum("btnd,nde->bte", out, self.o_kernel[...].astype(q.dtype))
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+        q, k, v = self._qkv(x, cos, sin)
+        return self._attend(q, k, v, mask)
+
+    def call_with_cache(
+        self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+        cache_k: jax.Array, cache_v: jax.Array, write_index: jax.Array,
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Writes this chunk's keys/values at `write_index` and attends over the whole cache."""
+        q, k, v = self._qkv(x, cos, sin)
+        start = (0, write_index, 0, 0)
+        cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
+        cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
+        return self._attend(q, cache_k.astype(q.dtype), cache_v.astype(q.dtype), mask), cache_k, cache_v
 
 
 class MLP(nnx.Module):
@@ -187,6 +233,14 @@ class DecoderLayer(nnx.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
         x = x + self.mlp(self.post_attention_layernorm(x))
         return logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+
+    def call_with_cache(self, x, cos, sin, mask, cache_k, cache_v, write_index):
+        attn, cache_k, cache_v = self.self_attn.call_with_cache(
+            self.input_layernorm(x), cos, sin, mask, cache_k, cache_v, write_index
+        )
+        x = x + attn
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, cache_k, cache_v
 
 
 _REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
@@ -229,6 +283,36 @@ class Decoder(nnx.Module):
         for layer in self.layers:
             x = run_layer(layer, x)
         return self.norm(x)
+
+    def call_with_cache(
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array,
+        segment_ids: jax.Array,
+        cache: "KVCache",
+        write_index: jax.Array,
+    ) -> tuple[jax.Array, "KVCache"]:
+        """Runs new tokens [B, t] against a KV cache (prefill when the cache is empty, else decode).
+
+        The new tokens occupy cache slots write_index..write_index+t-1 with their `segment_ids`
+        (1 = real, 0 = left padding); a query sees the slots of its own segment up to its own slot.
+        """
+        length = input_ids.shape[1]
+        slots = jnp.arange(cache.segments.shape[1], dtype=jnp.int32)
+        new_slots = write_index + jnp.arange(length, dtype=jnp.int32)
+        segments = jax.lax.dynamic_update_slice(cache.segments, segment_ids.astype(jnp.int32), (0, write_index))
+        query_segments = segment_ids
+        visible = slots[None, None, :] <= new_slots[None, :, None]
+        # Padding queries see padding (never a fully masked row), real queries see real slots.
+        mask = (visible & (segments[:, None, :] == query_segments[:, :, None]))[:, None]
+        cos, sin = rotary_cos_sin(positions, self.config)
+        x = self.embed_tokens(input_ids)
+        keys, values = [], []
+        for layer, cache_k, cache_v in zip(self.layers, cache.keys, cache.values):
+            x, cache_k, cache_v = layer.call_with_cache(x, cos, sin, mask, cache_k, cache_v, write_index)
+            keys.append(cache_k)
+            values.append(cache_v)
+        return self.norm(x), KVCache(tuple(keys), tuple(values), segments)
 
 
 class LMHead(nnx.Module):

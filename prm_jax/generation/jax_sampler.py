@@ -1,0 +1,308 @@
+"""KV-cache sampling with the NNX model: the generation backend for CPU, TPU and the embedded demo.
+
+How a `generate` call runs:
+* prompts are rendered to ids, checked against the context length, and grouped so that a group's
+  sample rows fit `max_batch_rows`;
+* each group prefills its *unique* prompts once (left-padded to a length bucket), then the cache
+  rows are repeated for the prompt's n samples: a prompt with n > 1 is prefilled once;
+* decoding runs `chunk_size` steps per jitted call (a `lax.scan`), and the host checks stop
+  strings and finished rows between chunks so a batch stops as soon as every row is done.
+Shapes are bucketed (rows to powers of two, lengths to multiples of `length_bucket`), so a new
+batch size or prompt length reuses a compiled program instead of compiling again.
+
+Randomness: the token at step t of completion j of a request with seed s is drawn with
+`fold_in(key(s + j), t)`: independent of batching, which makes prefix sharing exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from prm_jax.generation.types import (
+    Completion,
+    Prompt,
+    RequestOutput,
+    SamplingParams,
+    per_prompt_params,
+    render_prompt,
+)
+from prm_jax.models.transformer import KVCache, Transformer
+from prm_jax.sharding import logical_to_partition_spec
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+    max_batch_rows: int = 64  # sample rows decoded together
+    chunk_size: int = 16  # decode steps per device call between host stop checks
+    length_bucket: int = 64  # prompt and cache lengths round up to a multiple of this
+    overflow: str = "error"  # prompt longer than the context: "error" | "truncate_left"
+    share_prefix: bool = True  # prefill each prompt once for its n samples (False: once per sample)
+    pad_id: int = 0
+
+
+@dataclasses.dataclass
+class SamplerStats:
+    prefill_rows: int = 0  # prompt rows prefilled (padding rows excluded)
+    prefill_tokens: int = 0  # real prompt tokens prefilled
+    decode_steps: int = 0
+    generated_tokens: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class _Row:
+    prompt: int  # index of the prompt in the call
+    sample: int  # completion index j within its request
+    params: SamplingParams
+
+
+def _bucket_rows(rows: int, multiple: int) -> int:
+    size = 1 << max(0, math.ceil(math.log2(max(rows, 1))))
+    return max(size, multiple) if size % multiple == 0 else math.ceil(size / multiple) * multiple
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return max(multiple, math.ceil(value / multiple) * multiple)
+
+
+def _sample_tokens(logits, temperature, top_p, top_k, seeds, step, filtering: bool):
+    """One token per row; greedy where temperature == 0."""
+    logits = logits.astype(jnp.float32)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(seeds, step)
+    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+    if filtering:
+        order = jnp.argsort(-scaled, axis=-1)
+        sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
+        ranks = jnp.arange(scaled.shape[-1])[None, :]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly better tokens
+        keep = ((top_k[:, None] == 0) | (ranks < top_k[:, None])) & (before < top_p[:, None])
+        masked = jnp.where(keep, sorted_logits, -jnp.inf)
+        choice = jax.vmap(jax.random.categorical)(keys, masked)
+        sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    else:
+        sampled = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+    return jnp.where(temperature == 0, greedy, sampled)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _prefill(graphdef, state, tokens, positions, segments, cache: KVCache):
+    model = nnx.merge(graphdef, state)
+    hidden, cache = model.model.call_with_cache(tokens, positions, segments, cache, jnp.int32(0))
+    return model.lm_logits(hidden[:, -1:])[:, 0], cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "filtering"), donate_argnames=("cache",))
+def _decode_chunk(graphdef, state, cache, logits, write_index, positions, done, generated, rows, filtering, steps):
+    """`steps` decode steps. rows: per-row arrays (temperature, top_p, top_k, seed, max_tokens, stop_ids)."""
+    model = nnx.merge(graphdef, state)
+
+    def step(carry, _):
+        cache, logits, write_index, positions, done, generated = carry
+        token = _sample_tokens(
+            logits, rows["temperature"], rows["top_p"], rows["top_k"], rows["seed"], generated, filtering
+        )
+        token = jnp.where(done, 0, token)
+        emitted = ~done
+        generated = generated + emitted.astype(jnp.int32)
+        stopped = jnp.any(token[:, None] == rows["stop_ids"], axis=-1)
+        done = done | (emitted & (stopped | (generated >= rows["max_tokens"])))
+        ones = jnp.ones_like(token)[:, None]
+        hidden, cache = model.model.call_with_cache(token[:, None], positions[:, None], ones, cache, write_index)
+        logits = model.lm_logits(hidden)[:, 0]
+        return (cache, logits, write_index + 1, positions + 1, done, generated), (token, emitted)
+
+    carry, (tokens, emitted) = jax.lax.scan(
+        step, (cache, logits, write_index, positions, done, generated), None, length=steps
+    )
+    return carry, tokens.T, emitted.T
+
+
+class JaxSampler:
+    """Generation backend on the NNX model (its LM head must be present)."""
+
+    def __init__(self, model: Transformer, tokenizer, *, mesh: Mesh | None = None, config: SamplerConfig | None = None):
+        if not model.config.with_lm_head:
+            raise ValueError("JaxSampler needs a model with the causal-LM head (with_lm_head=True)")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.mesh = mesh
+        self.config = config or SamplerConfig()
+        self.context_length = model.config.max_position_embeddings
+        self.graphdef, self.state = nnx.split(model)
+        self.stats = SamplerStats()
+        eos = getattr(tokenizer, "eos_token_id", None)
+        self.eos_ids = tuple(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+        self._row_multiple = 1
+        if mesh is not None:
+            spec = logical_to_partition_spec(("activation_batch",), None, mesh)
+            axes = spec[0] if spec else None
+            axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+            self._row_multiple = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+
+    # ------------------------------------------------------------------ public
+
+    def generate(
+        self, prompts: Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams]
+    ) -> list[RequestOutput]:
+        prompt_ids = [self._checked_prompt(render_prompt(self.tokenizer, p), i) for i, p in enumerate(prompts)]
+        all_params = per_prompt_params(params, len(prompt_ids))
+        rows = [_Row(i, j, p) for i, p in enumerate(all_params) for j in range(p.n)]
+        results: dict[tuple[int, int], Completion] = {}
+        for group in self._groups(rows):
+            results.update(self._generate_group(prompt_ids, group))
+        return [
+            RequestOutput(tuple(ids), tuple(results[(i, j)] for j in range(all_params[i].n)))
+            for i, ids in enumerate(prompt_ids)
+        ]
+
+    # ------------------------------------------------------------------ steps
+
+    def _checked_prompt(self, ids: list[int], index: int) -> list[int]:
+        if not ids:
+            raise ValueError(f"prompt {index} is empty")
+        limit = self.context_length - 1  # room for at least one generated token
+        if len(ids) > limit:
+            if self.config.overflow == "truncate_left":
+                return ids[-limit:]
+            raise ValueError(
+                f"prompt {index} has {len(ids)} tokens; the model's context is {self.context_length} "
+                f"(max_position_embeddings) and generation needs at least one more. Shorten it or use "
+                f"SamplerConfig(overflow='truncate_left')"
+            )
+        return ids
+
+    def _groups(self, rows: list[_Row]) -> list[list[_Row]]:
+        groups: list[list[_Row]] = [[]]
+        for row in rows:
+            if len(groups[-1]) >= self.config.max_batch_rows and groups[-1][-1].prompt != row.prompt:
+                groups.append([])
+            groups[-1].append(row)
+        return [g for g in groups if g]
+
+    def _place(self, x):
+        if self.mesh is None or self._row_multiple == 1:
+            return jnp.asarray(x)
+        spec = logical_to_partition_spec(("activation_batch",) + (None,) * (np.ndim(x) - 1), np.shape(x), self.mesh)
+        return jax.device_put(np.asarray(x), NamedSharding(self.mesh, spec))
+
+    def _generate_group(self, prompt_ids: list[list[int]], group: list[_Row]) -> dict[tuple[int, int], Completion]:
+        cfg = self.config
+        if cfg.share_prefix:
+            unique = sorted({row.prompt for row in group})
+            source_row = {p: k for k, p in enumerate(unique)}
+            prefill_prompts = [prompt_ids[p] for p in unique]
+            row_source = [source_row[row.prompt] for row in group]
+        else:
+            prefill_prompts = [prompt_ids[row.prompt] for row in group]
+            row_source = list(range(len(group)))
+        prompt_len = _round_up(max(len(ids) for ids in prefill_prompts), cfg.length_bucket)
+        max_new = [min(row.params.max_tokens, self.context_length - len(prompt_ids[row.prompt])) for row in group]
+        slots = _round_up(prompt_len + max(max_new), cfg.length_bucket)
+        prefill_batch = _bucket_rows(len(prefill_prompts), self._row_multiple)
+        batch = _bucket_rows(len(group), self._row_multiple)
+
+        tokens = np.full((prefill_batch, prompt_len), cfg.pad_id, np.int32)
+        segments = np.zeros((prefill_batch, prompt_len), np.int32)
+        for r, ids in enumerate(prefill_prompts):
+            tokens[r, prompt_len - len(ids):] = ids
+            segments[r, prompt_len - len(ids):] = 1
+        positions = np.maximum(np.cumsum(segments, axis=1) - 1, 0).astype(np.int32)
+        cache = KVCache.empty(self.model.config, prefill_batch, slots)
+        logits, cache = _prefill(
+            self.graphdef, self.state, self._place(tokens), self._place(positions), self._place(segments), cache
+        )
+        self.stats.prefill_rows += len(prefill_prompts)
+        self.stats.prefill_tokens += sum(len(ids) for ids in prefill_prompts)
+
+        gather = np.zeros(batch, np.int32)
+        gather[: len(group)] = row_source
+        gather = jnp.asarray(gather)
+        cache = cache.take_rows(gather)
+        logits = logits[gather]
+        stop_width = 1 + max(len(row.params.stop_token_ids) for row in group) + len(self.eos_ids)
+        stop_ids = np.full((batch, stop_width), -1, np.int32)
+        row_arrays = {
+            "temperature": np.zeros(batch, np.float32),
+            "top_p": np.ones(batch, np.float32),
+            "top_k": np.zeros(batch, np.int32),
+            "seed": np.zeros(batch, np.uint32),
+            "max_tokens": np.ones(batch, np.int32),
+        }
+        for r, row in enumerate(group):
+            p = row.params
+            row_arrays["temperature"][r] = p.temperature
+            row_arrays["top_p"][r] = p.top_p
+            row_arrays["top_k"][r] = p.top_k
+            row_arrays["seed"][r] = (p.seed + row.sample) % 2**32
+            row_arrays["max_tokens"][r] = max_new[r]
+            ids = list(p.stop_token_ids) + ([] if p.ignore_eos else list(self.eos_ids))
+            stop_ids[r, : len(ids)] = ids
+        row_arrays["stop_ids"] = stop_ids
+        rows = {k: self._place(v) for k, v in row_arrays.items()}
+        filtering = any(row.params.top_p < 1 or row.params.top_k > 0 for row in group)
+
+        positions = np.zeros(batch, np.int32)
+        for r, row in enumerate(group):
+            positions[r] = len(prompt_ids[row.prompt])
+        done = np.zeros(batch, bool)
+        done[len(group):] = True
+        generated = np.zeros(batch, np.int32)
+        state = (cache, logits, jnp.int32(prompt_len), self._place(positions), self._place(done), self._place(generated))
+        out_tokens = [[] for _ in group]
+        stop_hits: dict[int, str] = {}
+        steps = cfg.chunk_size  # fixed: one compiled decode program per shape bucket
+        while True:
+            carry, chunk_tokens, chunk_emitted = _decode_chunk(
+                self.graphdef, self.state, *state, rows, filtering=filtering, steps=steps
+            )
+            chunk_tokens, chunk_emitted = np.asarray(chunk_tokens), np.asarray(chunk_emitted)
+            done = np.array(carry[4])
+            generated = np.asarray(carry[5])
+            self.stats.decode_steps += steps
+            for r, row in enumerate(group):
+                out_tokens[r].extend(int(t) for t in chunk_tokens[r][chunk_emitted[r]])
+                if not done[r] and row.params.stop:
+                    hit = self._stop_string_hit(out_tokens[r], row.params.stop)
+                    if hit is not None:
+                        stop_hits[r] = hit
+                        done[r] = True
+            if done[: len(group)].all():
+                break
+            state = (carry[0], carry[1], carry[2], carry[3], self._place(done), carry[5])
+        self.stats.generated_tokens += sum(len(t) for t in out_tokens)
+        return {(row.prompt, row.sample): self._completion(out_tokens[r], row.params, stop_hits.get(r)) for r, row in enumerate(group)}
+
+    # ------------------------------------------------------------------ host-side text
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def _stop_string_hit(self, ids: list[int], stops: tuple[str, ...]) -> str | None:
+        text = self._decode(ids)
+        found = [(text.find(s), s) for s in stops if s in text]
+        return min(found)[1] if found else None
+
+    def _completion(self, ids: list[int], params: SamplingParams, stop_string: str | None) -> Completion:
+        if stop_string is not None:
+            # Keep tokens up to the one that completed the stop string; cut the text before it.
+            for k in range(1, len(ids) + 1):
+                if stop_string in self._decode(ids[:k]):
+                    ids = ids[:k]
+                    break
+            text = self._decode(ids)
+            return Completion(text[: text.find(stop_string)], tuple(ids), "stop", stop_string)
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_ids))
+        if ids and ids[-1] in stop_ids:
+            reason = ids[-1] if ids[-1] in params.stop_token_ids else None
+            return Completion(self._decode(ids), tuple(ids), "stop", reason)
+        return Completion(self._decode(ids), tuple(ids), "length")

@@ -1,0 +1,113 @@
+"""The generation interface every backend implements.
+
+A request is a prompt (token ids, or chat messages rendered with the tokenizer's chat template, or
+plain text) plus `SamplingParams`; the answer is, per prompt, `n` completions with text, token ids
+and a finish reason. Seeds: completion j of a request with seed s draws from seed s + j, so n
+samples of one request equal n single-sample requests with seeds s..s+n-1 (and vLLM's per-child
+seeding has the same shape), which is what makes prefix sharing checkable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal, Mapping, Protocol, Sequence, Union
+
+FinishReason = Literal["stop", "length"]
+Message = Mapping[str, str]
+Prompt = Union[Sequence[int], Sequence[Message], str]
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no top-k filter
+    max_tokens: int = 256
+    stop: tuple[str, ...] = ()  # stop strings: the text is cut before the first match
+    stop_token_ids: tuple[int, ...] = ()  # besides the tokenizer's EOS
+    seed: int = 0
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        problems = []
+        if not isinstance(self.n, int) or self.n <= 0:
+            problems.append(f"n must be a positive integer, got {self.n!r}")
+        if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
+            problems.append(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            problems.append(f"temperature must be finite and >= 0, got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            problems.append(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
+        if any(not s for s in self.stop):
+            problems.append("stop strings must be non-empty")
+        if problems:
+            raise ValueError("invalid SamplingParams: " + "; ".join(problems))
+
+
+@dataclasses.dataclass(frozen=True)
+class Completion:
+    text: str  # decoded without special tokens, cut before a matched stop string
+    token_ids: tuple[int, ...]  # generated ids, including the EOS/stop token that ended it
+    finish_reason: FinishReason
+    stop_reason: str | int | None = None  # the stop string or token id that matched, if any
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestOutput:
+    prompt_token_ids: tuple[int, ...]
+    completions: tuple[Completion, ...]
+
+
+class GenerationBackend(Protocol):
+    tokenizer: object
+
+    def generate(
+        self, prompts: Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams]
+    ) -> list[RequestOutput]:
+        """One output per prompt, in order; `params` is shared or given per prompt."""
+        ...
+
+
+def render_prompt(tokenizer, prompt: Prompt, *, system_prompt: str | None = None) -> list[int]:
+    """Token ids of a prompt.
+
+    Token ids pass through; a string is encoded as is; chat messages go through the chat template
+    with the generation prompt appended, or, without a template, a plain layout of the message
+    contents separated by blank lines (ending with a blank line, where the answer starts).
+    """
+    if isinstance(prompt, str):
+        return list(tokenizer.encode(prompt, add_special_tokens=False))
+    items = list(prompt)
+    if not items:
+        raise ValueError("empty prompt")
+    if all(isinstance(t, int) or hasattr(t, "__index__") and not isinstance(t, Mapping) for t in items):
+        return [int(t) for t in items]
+    if not all(isinstance(m, Mapping) and "role" in m and "content" in m for m in items):
+        raise TypeError("a prompt is token ids, a string, or a list of {'role', 'content'} messages")
+    messages = [dict(m) for m in items]
+    if system_prompt is not None and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    else:
+        text = "\n\n".join(m["content"] for m in messages) + "\n\n"
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def per_prompt_params(
+    params: SamplingParams | Sequence[SamplingParams], count: int
+) -> list[SamplingParams]:
+    if isinstance(params, SamplingParams):
+        return [params] * count
+    params = list(params)
+    if len(params) != count:
+        raise ValueError(f"{len(params)} SamplingParams for {count} prompts")
+    return params

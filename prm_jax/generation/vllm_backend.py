@@ -1,0 +1,317 @@
+"""vLLM backends (GPU): sampling for the data pipeline and fast step scoring of exported PRMs.
+
+vLLM is an optional extra (``pip install 'prm-jax[vllm]'``); this is the only module that imports
+it, and it does so lazily inside the constructors, so importing ``prm_jax.generation`` never needs
+it. Written against vLLM's current offline API (``vllm.LLM``, ``vllm.SamplingParams``,
+``vllm.TokensPrompt``, ``vllm.config.PoolerConfig``; vLLM >= 0.11 for ``runner=``/``pooler_config=``):
+
+* :class:`VLLMBackend` implements :class:`~prm_jax.generation.types.GenerationBackend`. Prompts
+  are rendered to token ids here (same :func:`render_prompt` as every backend) and sent as
+  ``TokensPrompt``s; each prompt becomes exactly **one** request with ``n = k`` so its prefix is
+  prefilled once and the k samples share it (vLLM fans ``n`` out into child requests after the
+  prompt; prefix caching also shares prefixes across requests).
+* :class:`VLLMStepScorer` serves a Qwen2.5-Math-PRM-layout checkpoint (what
+  :func:`prm_jax.conversion.hf_checkpoint.orbax_to_hf` writes) with ``runner="pooling"`` and STEP
+  pooling on the step separator, and returns one reward per step: ``softmax(logits)[1]`` at each
+  separator, exactly what the JAX model and the transformers remote code compute.
+
+Seeds: our interface defines completion ``j`` of a request with seed ``s`` to draw from seed
+``s + j``. vLLM (``vllm/v1/engine/parallel_sampling.py``) gives child ``j`` of an ``n > 1``
+request the seed ``seed + j`` as well, so the *scheme* is the same: a request with ``n = k`` and
+seed ``s`` equals ``k`` requests with ``n = 1`` and seeds ``s .. s+k-1``. The *samples* are not
+identical to the JAX backend's (different RNGs and kernels), which is expected; within vLLM a
+seeded request is reproducible up to batch-dependent floating-point differences.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from prm_jax.generation.types import (
+    Completion,
+    Prompt,
+    RequestOutput,
+    SamplingParams,
+    per_prompt_params,
+    render_prompt,
+)
+from prm_jax.tokenization import STEP_SEPARATOR, PRMInput, separator_token_id
+
+__all__ = ["VLLMBackend", "VLLMStepScorer", "to_request_output", "to_vllm_sampling_params"]
+
+_INSTALL_HINT = "vLLM is not installed; install the optional extra: pip install 'prm-jax[vllm]'"
+
+#: vLLM's finish reasons we accept. "stop" covers EOS, stop strings and stop token ids;
+#: "abort", "error" and "repetition" (and anything newer) mean the request did not finish normally.
+_FINISH_REASONS = {"stop": "stop", "length": "length"}
+
+
+def _import_vllm():
+    """``vllm`` with its ``config`` submodule loaded (tests replace this with a fake module)."""
+    try:
+        vllm = importlib.import_module("vllm")
+        importlib.import_module("vllm.config")
+    except ImportError as e:
+        raise ImportError(_INSTALL_HINT) from e
+    return vllm
+
+
+def _is_greedy(params: SamplingParams) -> bool:
+    return params.temperature == 0
+
+
+def to_vllm_sampling_params(params: SamplingParams, vllm_module: Any):
+    """Our :class:`SamplingParams` as a ``vllm.SamplingParams`` (built from ``vllm_module``).
+
+    * ``top_k = 0`` (off) is passed as 0, which vLLM documents as "consider all tokens"
+      (it still accepts -1 but prefers 0).
+    * ``max_tokens`` is always set (vLLM's default is 16).
+    * ``seed`` is the request seed; vLLM derives child ``j``'s seed as ``seed + j``.
+    * Greedy (``temperature == 0``): vLLM rejects ``n > 1`` with greedy sampling, and all greedy
+      completions are identical anyway, so the vLLM request asks for ``n = 1`` and
+      :func:`to_request_output` repeats that completion ``params.n`` times.
+    * Text is decoded without special tokens and stop strings are cut from it, as our
+      :class:`Completion` specifies. vLLM itself rejects ``temperature > 2``.
+    """
+    return vllm_module.SamplingParams(
+        n=1 if _is_greedy(params) else params.n,
+        temperature=float(params.temperature),
+        top_p=float(params.top_p),
+        top_k=int(params.top_k),
+        max_tokens=int(params.max_tokens),
+        stop=list(params.stop),
+        stop_token_ids=list(params.stop_token_ids),
+        seed=int(params.seed),
+        ignore_eos=bool(params.ignore_eos),
+        skip_special_tokens=True,
+        include_stop_str_in_output=False,
+    )
+
+
+def to_request_output(vllm_output: Any, params: SamplingParams, prompt_token_ids: Sequence[int]) -> RequestOutput:
+    """One vLLM ``RequestOutput`` as ours; raises if a completion did not finish normally."""
+    outputs = sorted(vllm_output.outputs, key=lambda o: getattr(o, "index", 0))
+    expected = 1 if _is_greedy(params) else params.n
+    if len(outputs) != expected:
+        raise RuntimeError(f"vLLM returned {len(outputs)} completions for a request with n={expected}")
+    completions = []
+    for out in outputs:
+        reason = None if out.finish_reason is None else str(out.finish_reason)
+        if reason not in _FINISH_REASONS:
+            raise RuntimeError(
+                f"vLLM request {getattr(vllm_output, 'request_id', '?')} finished with "
+                f"finish_reason={reason!r} (expected 'stop' or 'length'); "
+                f"stop_reason={getattr(out, 'stop_reason', None)!r}"
+            )
+        stop_reason = out.stop_reason
+        completions.append(
+            Completion(
+                text=out.text,
+                token_ids=tuple(int(t) for t in out.token_ids),
+                finish_reason=_FINISH_REASONS[reason],
+                stop_reason=stop_reason if isinstance(stop_reason, (str, type(None))) else int(stop_reason),
+            )
+        )
+    if _is_greedy(params):
+        completions = completions * params.n
+    return RequestOutput(prompt_token_ids=tuple(int(t) for t in prompt_token_ids), completions=tuple(completions))
+
+
+def _load_tokenizer(name_or_path: str, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+
+
+class VLLMBackend:
+    """:class:`GenerationBackend` on a vLLM engine (one process, ``tensor_parallel_size`` GPUs).
+
+    Data parallelism: ``vllm.LLM`` refuses ``data_parallel_size > 1`` in a single process (it
+    would hang; vLLM points to its multi-process example instead). Run one process per replica,
+    each pinned to its GPUs with ``CUDA_VISIBLE_DEVICES`` and given its own shard of the prompts,
+    and concatenate the outputs.
+
+    Args:
+        model: HF model directory or hub name.
+        tokenizer: Tokenizer directory or name when it differs from ``model``; the same tokenizer
+            renders prompts here (``self.tokenizer``) and decodes inside vLLM.
+        tensor_parallel_size, gpu_memory_utilization, max_model_len, dtype,
+        enable_prefix_caching, seed: passed to ``vllm.LLM``.
+        **engine_kwargs: any other ``vllm.LLM`` / ``EngineArgs`` keyword (e.g. ``enforce_eager``,
+            ``trust_remote_code``, ``max_num_seqs``).
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        tokenizer: str | None = None,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.9,
+        max_model_len: int | None = None,
+        dtype: str = "auto",
+        enable_prefix_caching: bool = True,
+        seed: int = 0,
+        **engine_kwargs: Any,
+    ) -> None:
+        self._vllm = _import_vllm()
+        model = str(model)
+        tokenizer = None if tokenizer is None else str(tokenizer)
+        self.tokenizer = _load_tokenizer(tokenizer or model, bool(engine_kwargs.get("trust_remote_code", False)))
+        self.llm = self._vllm.LLM(
+            model=model,
+            tokenizer=tokenizer,
+            tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_model_len=max_model_len,
+            dtype=dtype,
+            enable_prefix_caching=enable_prefix_caching,
+            seed=seed,
+            **engine_kwargs,
+        )
+
+    def generate(
+        self, prompts: Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams]
+    ) -> list[RequestOutput]:
+        """One :class:`RequestOutput` per prompt, in order; one vLLM request (``n = k``) per prompt."""
+        prompts = list(prompts)
+        all_params = per_prompt_params(params, len(prompts))
+        if not prompts:
+            return []
+        token_ids = [render_prompt(self.tokenizer, p) for p in prompts]
+        requests = [self._vllm.TokensPrompt(prompt_token_ids=ids) for ids in token_ids]
+        vllm_params = [to_vllm_sampling_params(p, self._vllm) for p in all_params]
+        outputs = self.llm.generate(requests, vllm_params, use_tqdm=False)
+        if len(outputs) != len(prompts):
+            raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(prompts)} prompts")
+        return [to_request_output(o, p, ids) for o, p, ids in zip(outputs, all_params, token_ids)]
+
+
+def _separator_id_from_checkpoint(model: str, tokenizer: str | None, trust_remote_code: bool) -> int:
+    """The step separator id: ``config.json["step_separator_id"]`` (our exports), else the tokenizer's
+    single-token ``<extra_0>`` (released Qwen2.5-Math-PRM checkpoints), else an error."""
+    config_path = Path(model) / "config.json"
+    if config_path.is_file():
+        value = json.loads(config_path.read_text(encoding="utf-8")).get("step_separator_id")
+        if value is not None:
+            return int(value)
+    tok = _load_tokenizer(tokenizer or model, trust_remote_code)
+    token_id = separator_token_id(tok, STEP_SEPARATOR)
+    if token_id is None:
+        raise ValueError(
+            f"{model}: no 'step_separator_id' in config.json and {STEP_SEPARATOR!r} is not a single "
+            "token of its tokenizer; pass step_separator_id explicitly"
+        )
+    return token_id
+
+
+def _as_array(data: Any) -> np.ndarray:
+    if hasattr(data, "detach"):  # torch.Tensor (vLLM returns CPU tensors; bf16 needs .float())
+        data = data.detach().float().cpu().numpy()
+    return np.asarray(data, dtype=np.float64)
+
+
+class VLLMStepScorer:
+    """Step rewards from a Qwen2ForProcessRewardModel checkpoint served by vLLM's pooling runner.
+
+    The engine runs ``LLM(model, runner="pooling", pooler_config=PoolerConfig(pooling_type="STEP",
+    step_tag_id=<separator id>))``: the model's head gives 2 logits per token, STEP pooling keeps
+    the rows at tokens equal to ``step_tag_id``, and the classifier activation (softmax over the 2
+    labels) turns them into ``[num_steps, 2]`` probabilities; column 1 is the step reward. The
+    separator id is set explicitly because recent vLLM versions no longer default it to 151651
+    (without it STEP pooling returns every token). ``returned_token_ids`` is left unset: it
+    selects vocabulary columns for LM-head PRMs such as Math-Shepherd, while this head already
+    has exactly 2 outputs.
+
+    Args:
+        model: Exported PRM directory (``orbax_to_hf``) or a released Qwen2.5-Math-PRM name.
+        step_separator_id: Token id of the separator; read from ``config.json``'s
+            ``step_separator_id`` (written by ``orbax_to_hf`` with a tokenizer), else from the
+            tokenizer's ``<extra_0>``.
+        tokenizer: Tokenizer directory or name when it differs from ``model`` (only used to find
+            the separator id).
+        **engine_kwargs: any other ``vllm.LLM`` / ``EngineArgs`` keyword.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        step_separator_id: int | None = None,
+        tokenizer: str | None = None,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.9,
+        max_model_len: int | None = None,
+        dtype: str = "auto",
+        seed: int = 0,
+        **engine_kwargs: Any,
+    ) -> None:
+        self._vllm = _import_vllm()
+        model = str(model)
+        tokenizer = None if tokenizer is None else str(tokenizer)
+        if step_separator_id is None:
+            step_separator_id = _separator_id_from_checkpoint(
+                model, tokenizer, bool(engine_kwargs.get("trust_remote_code", False))
+            )
+        self.step_separator_id = int(step_separator_id)
+        pooler_config = self._vllm.config.PoolerConfig(pooling_type="STEP", step_tag_id=self.step_separator_id)
+        self.llm = self._vllm.LLM(
+            model=model,
+            tokenizer=tokenizer,
+            runner="pooling",
+            pooler_config=pooler_config,
+            tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_model_len=max_model_len,
+            dtype=dtype,
+            seed=seed,
+            **engine_kwargs,
+        )
+        # vLLM >= 0.11.1 names the per-token task "token_classify"; earlier builds called it "encode".
+        supported = getattr(self.llm, "supported_tasks", None)
+        self._pooling_task = (
+            "encode" if supported is not None and "token_classify" not in supported and "encode" in supported
+            else "token_classify"
+        )
+
+    def _check_input(self, index: int, x: PRMInput) -> None:
+        ids = x.input_ids
+        count = sum(1 for t in ids if t == self.step_separator_id)
+        if count != len(x.separator_positions) or any(ids[p] != self.step_separator_id for p in x.separator_positions):
+            raise ValueError(
+                f"input {index}: STEP pooling reads every token with id {self.step_separator_id}, but the "
+                f"input holds {count} of them for {len(x.separator_positions)} separator positions "
+                "(wrong step_separator_id, or the separator also occurs inside the text)"
+            )
+
+    def score(self, inputs: Sequence[PRMInput]) -> list[list[float]]:
+        """One reward (probability that the step is correct) per step, per input, in order."""
+        inputs = list(inputs)
+        if not inputs:
+            return []
+        for i, x in enumerate(inputs):
+            self._check_input(i, x)
+        prompts = [self._vllm.TokensPrompt(prompt_token_ids=[int(t) for t in x.input_ids]) for x in inputs]
+        outputs = self.llm.encode(prompts, pooling_task=self._pooling_task, use_tqdm=False)
+        if len(outputs) != len(inputs):
+            raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(inputs)} inputs")
+        scores = []
+        for i, (x, out) in enumerate(zip(inputs, outputs)):
+            probs = _as_array(out.outputs.data)
+            if probs.ndim != 2 or probs.shape[1] != 2:
+                raise ValueError(
+                    f"input {i}: expected [num_steps, 2] step probabilities from vLLM, got shape {probs.shape}; "
+                    "is the checkpoint a Qwen2ForProcessRewardModel served with STEP pooling?"
+                )
+            if probs.shape[0] != len(x.separator_positions):
+                raise ValueError(
+                    f"input {i}: vLLM returned {probs.shape[0]} step scores for "
+                    f"{len(x.separator_positions)} steps (step_tag_id={self.step_separator_id})"
+                )
+            scores.append([float(p) for p in probs[:, 1]])
+        return scores
