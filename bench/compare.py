@@ -234,8 +234,11 @@ def run(suite: str, size: str, *, rows: int, seq_len: int, steps: int, torch_com
     def torch_runner(module):
         if suite == "train":
             module.train()
-            enable = getattr(module.model, "activation_checkpointing_enable", None) or module.model.gradient_checkpointing_enable
-            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            checkpoint_kwargs = {"use_reentrant": False}
+            if hasattr(module.model, "activation_checkpointing_enable"):  # transformers >= 5
+                module.model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs)
+            else:
+                module.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)
             optimizer = torch.optim.AdamW(module.parameters(), lr=1e-5, fused=on_gpu)
 
             def step():
