@@ -172,3 +172,25 @@ def test_init_from_converted_base_imports_backbone_and_fresh_head(tiny_run, tmp_
     assert ("lm_head", "kernel") not in params  # the PRM objective does not carry the LM head
     for path, value in params.items():
         np.testing.assert_array_equal(np.asarray(value), source[path], err_msg=".".join(path))
+
+
+def test_causal_lm_objective_trains_on_the_same_loop(tiny_run, tmp_path) -> None:
+    """objective=lm (the demo policy's SFT): loss falls, the checkpoint carries the LM head."""
+    _, base, _ = tiny_run
+    sft = tmp_path / "sft.jsonl"
+    with sft.open("w") as f:
+        for line in Path(base.data.train_file).read_text().splitlines()[:400]:
+            record = json.loads(line)
+            f.write(json.dumps({"id": record["id"], "prompt": record["problem"], "completion": "\n\n".join(record["steps"])}) + "\n")
+    config = tiny_config(**{
+        "objective": "lm", "data.train_file": str(sft), "data.eval_file": str(sft), "data.synthetic": "",
+        "data.tokenizer_dir": base.data.tokenizer_dir, "train.num_steps": 40, "train.eval_every": 40,
+        "checkpoint.save_every": 40, "optimizer.learning_rate": 3e-3,
+    })
+    result = train_from_config(config, tmp_path / "run")
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [line["loss"] for line in lines if "loss" in line]
+    assert losses[-1] < 0.6 * losses[0], losses
+    assert "eval_f1" not in result.last_eval and result.last_eval["eval_loss"] < losses[0]
+    params = restore_params(tmp_path / "run" / "checkpoints" / "40", as_numpy=True)
+    assert ("lm_head", "kernel") in params and not any(p[0] == "score" for p in params)
