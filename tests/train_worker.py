@@ -6,8 +6,8 @@ Takes exactly the flags of `launch.train` and runs its `main`. The only differen
 sleeps PRM_TEST_STEP_DELAY_S before each training step (wrapped around the batch fingerprint,
 which the loop computes once per step before dispatch), so a test can reliably signal the run
 between two checkpoints. The sleep touches no array: the math, the batches and the checkpoints are
-those of the plain command. Single-process runs only (the patch imports the trainer before
-`jax.distributed.initialize` would run).
+those of the plain command. Works for multi-process runs too: importing the trainer module
+initialises no JAX backend, so `jax.distributed.initialize` in `launch.train.main` still comes first.
 """
 
 from __future__ import annotations

@@ -302,7 +302,9 @@ class Trainer:
             with jax.set_mesh(self.mesh):
                 opt_state = jax.jit(self.optimizer.init, out_shardings=self.opt_shardings)(params)
             step = 0
-        writer = MetricsWriter(self.workdir, enabled=self.is_primary, resume_step=step)
+        # A fresh start forgets all lines of an attempt killed before its first checkpoint
+        # (resume_step=None); keeping its step-0 line would log the data stats twice.
+        writer = MetricsWriter(self.workdir, enabled=self.is_primary, resume_step=step if latest is not None else None)
         if self.is_primary and step == 0:
             writer.write(0, {f"data/{k}": v for k, v in data_stats.items() if isinstance(v, (int, float))})
         self._install_sigterm_handler()
