@@ -12,6 +12,7 @@ restored iterator state replays exactly the batches an uninterrupted run would h
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
@@ -313,11 +314,15 @@ class Trainer:
         pending: list[tuple[int, dict[str, jax.Array], float, int]] = []
         last_metrics: dict[str, float] = {}
         last_eval: dict[str, float] | None = None
-        window_start, window_tokens = time.perf_counter(), 0.0
+        # (completion time, cumulative tokens) of recent steps: throughput over a sliding window is
+        # robust to a step whose metrics are read right after the previous one's (save/eval steps).
+        completions: collections.deque[tuple[float, float]] = collections.deque(maxlen=21)
+        completions.append((time.perf_counter(), 0.0))
+        total_tokens = 0.0
         stopped = False
 
         def resolve_pending() -> None:
-            nonlocal window_start, window_tokens, last_metrics
+            nonlocal total_tokens, last_metrics
             while pending:
                 s, device_metrics, lr, fingerprint = pending.pop(0)
                 metrics = {k: float(v) for k, v in device_metrics.items()}
@@ -329,16 +334,16 @@ class Trainer:
                         f"stopping. The last good checkpoint is step {self.checkpoint_manager.latest_step()} "
                         f"in {self.workdir / 'checkpoints'}"
                     )
-                window_tokens += metrics["tokens"]
+                total_tokens += metrics["tokens"]
+                completions.append((time.perf_counter(), total_tokens))
                 if s % int(cfg.log_every) == 0 or s == num_steps:
-                    elapsed = time.perf_counter() - window_start
-                    tokens_per_s = window_tokens / max(elapsed, 1e-9)
+                    (t0, n0), (t1, n1) = completions[0], completions[-1]
+                    tokens_per_s = (n1 - n0) / max(t1 - t0, 1e-9)
                     metrics.update({"lr": lr, "tokens_per_s": tokens_per_s, "batch_fingerprint": fingerprint})
                     if self.peak_flops:
                         metrics["mfu"] = tokens_per_s * self.flops_per_token / (self.peak_flops * jax.device_count())
                     writer.write(s, metrics)
                     progress.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{tokens_per_s:.0f}")
-                    window_start, window_tokens = time.perf_counter(), 0.0
                 last_metrics = metrics
 
         try:
