@@ -1,0 +1,151 @@
+"""Synthesis configuration (ml_collections), defaults following the paper.
+
+``configs/synth_*.py`` start from :func:`default_config` and override; every field can be
+overridden on the command line (``--config.mc.k=16``).
+
+Which fields matter for resuming: :data:`SEMANTIC_FIELDS` change what a stage *produces* (the
+input, models, sampling settings, seeds); they are written to ``W/run_config.json`` on the
+first run (with the problem file's SHA-256, so the file may sit at another path on another node)
+and a rerun with different values is refused, since mixing them in one workdir would silently mix
+two datasets. Everything else (batch sizes, worker counts, progress bars, the
+consensus options, which are recomputed from scratch) may change between runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+from prm_jax.tokenization import SYSTEM_PROMPT
+
+ON_ERROR = ("record", "stop")
+
+
+class ConfigError(ValueError):
+    """An invalid or inconsistent synthesis config (reported without a traceback by the launcher)."""
+
+
+LABEL_TYPES = ("hard", "soft")
+CONSENSUS_MODES = ("agree", "mc", "judge")
+
+SEMANTIC_FIELDS = (
+    "seed",
+    "problems.format", "problems.limit",  # the file itself is identified by its SHA-256
+    "policy.backend", "policy.model_path",
+    "judge.backend", "judge.model_path",
+    "sample.n", "sample.temperature", "sample.top_p", "sample.max_tokens", "sample.system_prompt",
+    "mc.k", "mc.temperature", "mc.top_p", "mc.max_tokens", "mc.early_stop", "mc.skip_truncated",
+    "judge.num_samples", "judge.temperature", "judge.top_p", "judge.max_tokens", "judge.vote_threshold",
+    "grading.timeout_s",
+)
+
+
+def _model_section(backend: str = "jax") -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({
+        "backend": backend,  # "jax" | "vllm"
+        "model_path": "",  # Orbax model checkpoint or Hugging Face directory
+        "tokenizer_path": "",  # defaults to model_path (required for Orbax checkpoints)
+        # JAX backend
+        "dtype": "bfloat16",  # compute dtype
+        "param_dtype": "float32",  # HF checkpoints only: storage dtype after loading
+        "mesh": "",  # e.g. "fsdp=4,tensor=2"; empty = one device
+        "sampler": {"max_batch_rows": 64, "chunk_size": 16, "length_bucket": 64},
+        # vLLM backend
+        "vllm": {"tensor_parallel_size": 1, "gpu_memory_utilization": 0.9, "max_model_len": 0,
+                 "dtype": "auto"},
+    })
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.on_error = "record"  # bad input / empty responses: "record" error records | "stop" the run
+
+    c.problems = ml_collections.ConfigDict()
+    c.problems.path = ""
+    c.problems.format = "jsonl"  # "jsonl" {id, problem, answer} | "gsm8k" | "math"
+    c.problems.limit = 0  # the first N valid problems of the file (0 = all)
+
+    c.policy = _model_section()
+    c.judge = _model_section()
+    c.judge.model_path = ""  # empty = the policy model (one backend serves both)
+
+    c.sample = ml_collections.ConfigDict()
+    c.sample.n = 8  # responses per problem (paper: 6-8), one n=N request per problem
+    c.sample.temperature = 0.7
+    c.sample.top_p = 1.0
+    c.sample.max_tokens = 2048
+    c.sample.system_prompt = SYSTEM_PROMPT
+    c.sample.batch_size = 64  # problems per generate call
+
+    c.mc = ml_collections.ConfigDict()
+    c.mc.k = 8  # completions per step prefix (paper: 8), one n=k request per prefix
+    c.mc.temperature = 0.7
+    c.mc.top_p = 1.0
+    c.mc.max_tokens = 2048
+    c.mc.early_stop = True  # stop a response at its first hard-negative step
+    c.mc.skip_truncated = True  # responses cut by max_tokens have no final answer: not labelled
+    c.mc.batch_responses = 64  # responses rolled out together (continuous batching)
+
+    c.judge.num_samples = 1  # > 1: majority vote (use temperature > 0)
+    c.judge.temperature = 0.0
+    c.judge.top_p = 1.0
+    c.judge.max_tokens = 4096
+    c.judge.vote_threshold = 0.5  # the winning index needs more than this share of all samples
+    c.judge.batch_size = 64
+    c.judge.keep_text = False  # store raw judge outputs (audits; large)
+
+    c.grading = ml_collections.ConfigDict()
+    c.grading.timeout_s = 5.0  # hard wall-clock limit per item; a hung worker is killed
+    c.grading.workers = 4
+    c.grading.max_memory_mb = 4096
+    c.grading.cache_size = 200_000
+
+    c.consensus = ml_collections.ConfigDict()
+    c.consensus.mode = "agree"  # "agree": MC first error == judge's | "mc" | "judge" (ablations)
+    c.consensus.label_type = "hard"  # "hard" (0/1, the paper's final recipe) | "soft" (n_correct/k)
+
+    c.io = ml_collections.ConfigDict()
+    c.io.fsync_every = 64  # records between fsyncs of a stage shard
+    c.io.progress = True  # tqdm bars with ETA on stderr
+    return c
+
+
+def semantic_values(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    values = {}
+    for dotted in SEMANTIC_FIELDS:
+        node: Any = config
+        for part in dotted.split("."):
+            node = node[part]
+        values[dotted] = node
+    return values
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Reject inconsistent settings before any model is loaded."""
+    problems = []
+    if config.on_error not in ON_ERROR:
+        problems.append(f"on_error={config.on_error!r}; choose one of {ON_ERROR}")
+    if config.consensus.label_type not in LABEL_TYPES:
+        problems.append(f"consensus.label_type={config.consensus.label_type!r}; choose one of {LABEL_TYPES}")
+    if config.consensus.mode not in CONSENSUS_MODES:
+        problems.append(f"consensus.mode={config.consensus.mode!r}; choose one of {CONSENSUS_MODES}")
+    if config.consensus.mode == "judge" and config.consensus.label_type == "soft":
+        problems.append("consensus.mode='judge' has no soft labels; use label_type='hard'")
+    for name in ("sample.n", "mc.k", "judge.num_samples", "sample.batch_size", "mc.batch_responses",
+                 "judge.batch_size", "sample.max_tokens", "mc.max_tokens", "judge.max_tokens"):
+        section, field = name.split(".")
+        if int(config[section][field]) < 1:
+            problems.append(f"{name} must be >= 1")
+    if config.judge.num_samples > 1 and config.judge.temperature == 0:
+        problems.append("judge.num_samples > 1 with temperature 0 gives identical votes; set "
+                        "judge.temperature > 0")
+    if not 0 <= config.judge.vote_threshold < 1:
+        problems.append("judge.vote_threshold must be in [0, 1)")
+    if config.grading.timeout_s <= 0 or config.grading.workers < 0:
+        problems.append("grading.timeout_s must be > 0 and grading.workers >= 0")
+    if not config.problems.path:
+        problems.append("problems.path is empty")
+    if problems:
+        raise ConfigError("invalid synthesis config: " + "; ".join(problems))

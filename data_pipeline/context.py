@@ -1,0 +1,100 @@
+"""What every stage runner gets: the config, the workdir layout, its shard, and lazily built tools.
+
+Backends and the grading pool are expensive (a model load, worker processes), so they are built
+on first use and shared by the stages of one invocation; tests and benchmarks inject their own
+(a scripted backend, an in-process grader) through the constructor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import sys
+from typing import Any, Iterator
+
+import ml_collections
+
+from data_pipeline.grading import GradingPool
+from data_pipeline.schemas import ErrorRecord
+from data_pipeline.shards import Layout, Shard, read_json
+from prm_jax.generation.types import GenerationBackend
+
+_log = logging.getLogger("data_pipeline")
+
+
+class SynthesisError(RuntimeError):
+    """A condition that stops the run cleanly with a message (bad input under on_error="stop",
+    a stage run before its inputs exist, a workdir started with other settings)."""
+
+
+@dataclasses.dataclass
+class StageContext:
+    config: ml_collections.ConfigDict
+    layout: Layout
+    shard: Shard
+    policy: GenerationBackend | None = None
+    judge: GenerationBackend | None = None
+    grader: GradingPool | None = None
+
+    def policy_backend(self) -> GenerationBackend:
+        if self.policy is None:
+            from data_pipeline.backends import build_backend
+
+            self.policy = build_backend(self.config.policy, seed=self.config.seed)
+        return self.policy
+
+    def judge_backend(self) -> GenerationBackend:
+        if self.judge is None:
+            judge_cfg = self.config.judge
+            same = not judge_cfg.model_path or (
+                judge_cfg.model_path == self.config.policy.model_path and judge_cfg.backend == self.config.policy.backend)
+            if same:
+                self.judge = self.policy_backend()
+            else:
+                from data_pipeline.backends import build_backend
+
+                self.judge = build_backend(judge_cfg, seed=self.config.seed)
+        return self.judge
+
+    def grading_pool(self) -> GradingPool:
+        if self.grader is None:
+            g = self.config.grading
+            self.grader = GradingPool(g.workers, g.timeout_s, max_memory_mb=g.max_memory_mb, cache_size=g.cache_size)
+        return self.grader
+
+    def close(self) -> None:
+        if self.grader is not None:
+            self.grader.close()
+
+    # ------------------------------------------------------------------ helpers
+
+    def error(self, writer: Any, record: ErrorRecord) -> None:
+        """Record an error, or stop the run with it under ``on_error="stop"``."""
+        if self.config.on_error == "stop":
+            where = f"{record.source}: " if record.source else ""
+            raise SynthesisError(f"{where}{record.error}: {record.message} (stage {record.stage}; set "
+                                 "--config.on_error=record to write error records and continue)")
+        writer.write(record)
+
+    def require_done(self, stage: str) -> dict[str, Any]:
+        marker = self.layout.done(stage, self.shard)
+        if not marker.exists():
+            raise SynthesisError(f"stage {stage!r} has not finished shard {self.shard.name} (no {marker}); "
+                                 f"run --stage={stage} for this shard first")
+        return read_json(marker)
+
+    def is_done(self, stage: str) -> bool:
+        return self.layout.done(stage, self.shard).exists()
+
+    @contextlib.contextmanager
+    def progress(self, total: int, desc: str, unit: str) -> Iterator[Any]:
+        """A tqdm bar with rate and ETA (disabled by io.progress=False)."""
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, desc=f"{desc} [{self.shard.name}]", unit=unit, dynamic_ncols=True,
+                   disable=not self.config.io.progress, file=sys.stderr, mininterval=1.0)
+        try:
+            yield bar
+        finally:
+            bar.close()

@@ -1,0 +1,160 @@
+"""Stage 4, judge: an LLM names each response's earliest wrong step (ProcessBench-style critique).
+
+The judge (any backend; paper: Qwen2.5-72B-Instruct) reads the critique prompt of
+:mod:`prm_jax.critique` (steps wrapped as ``<paragraph_i>``, indexed from 0) as the user turn of
+its chat template and answers with an index in ``\\boxed{}``. The last box is the verdict
+(several boxes: the last wins, as ProcessBench parses). A sample without a box, with a
+non-integer box or with an index outside ``[-1, num_steps)`` gives no verdict; the reason is
+recorded per sample and counted in the summary.
+
+Majority vote (``judge.num_samples > 1``, sampled at ``judge.temperature > 0`` as one ``n``
+request): the most common verdict wins if it has more than ``vote_threshold`` (default 0.5) of
+*all* samples, unparseable ones included, so a judge that mostly fails to answer never gets a
+verdict from a single lucky sample. Otherwise: no verdict (``no_majority``).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+from typing import Iterable, Iterator, Sequence
+
+from data_pipeline.backends import context_length, prompt_lengths
+from data_pipeline.context import StageContext
+from data_pipeline.ids import stable_seed
+from data_pipeline.schemas import GradeRecord, JudgeRecord
+from data_pipeline.shards import AppendOnlyWriter, atomic_write_json, exclusive_lock, iter_records
+from data_pipeline.solutions import render_chat
+from prm_jax.critique import critique_messages, last_boxed, parse_first_error
+from prm_jax.generation.types import GenerationBackend, SamplingParams
+
+_log = logging.getLogger(__name__)
+
+
+def classify_verdict(text: str, num_steps: int) -> tuple[int | None, str]:
+    """``(index, "ok")`` or ``(None, reason)``; the index agrees with :func:`parse_first_error`."""
+    index = parse_first_error(text, num_steps)
+    if index is not None:
+        return index, "ok"
+    content = last_boxed(text)
+    if content is None:
+        return None, "no_box"
+    content = content.strip().strip("$").strip()
+    if content.startswith("\\text{") and content.endswith("}"):
+        content = content[len("\\text{"): -1].strip()
+    try:
+        int(content)
+    except ValueError:
+        return None, "not_integer"
+    return None, "out_of_range"
+
+
+def majority_vote(verdicts: Sequence[int | None], reasons: Sequence[str],
+                  threshold: float = 0.5) -> tuple[int | None, str | None]:
+    """``(first_error, None)`` or ``(None, why)`` over per-sample verdicts (see the module doc)."""
+    counts = collections.Counter(v for v in verdicts if v is not None)
+    if not counts:
+        # Every sample failed: report the most common failure.
+        return None, collections.Counter(reasons).most_common(1)[0][0] if reasons else "no_box"
+    (best, votes), *rest = counts.most_common()
+    if votes > threshold * len(verdicts) and not (rest and rest[0][1] == votes):
+        return best, None
+    return None, "no_majority"
+
+
+@dataclasses.dataclass(frozen=True)
+class JudgeSettings:
+    num_samples: int = 1
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_tokens: int = 4096
+    vote_threshold: float = 0.5
+    batch_size: int = 64
+    keep_text: bool = False
+    base_seed: int = 0
+
+    @classmethod
+    def from_config(cls, config) -> "JudgeSettings":
+        j = config.judge
+        return cls(num_samples=j.num_samples, temperature=j.temperature, top_p=j.top_p, max_tokens=j.max_tokens,
+                   vote_threshold=j.vote_threshold, batch_size=j.batch_size, keep_text=j.keep_text,
+                   base_seed=config.seed)
+
+
+class Judge:
+    def __init__(self, backend: GenerationBackend, settings: JudgeSettings) -> None:
+        self.backend = backend
+        self.settings = settings
+        self.context_length = context_length(backend)
+
+    def _skipped(self, record: GradeRecord, reason: str) -> JudgeRecord:
+        return JudgeRecord(id=record.id, problem_id=record.problem_id, status="skipped", skip_reason=reason,
+                           num_steps=len(record.steps), verdicts=(), reasons=(), first_error=None,
+                           no_verdict_reason=None)
+
+    def judge_batch(self, records: Sequence[GradeRecord]) -> list[JudgeRecord]:
+        s = self.settings
+        out: dict[str, JudgeRecord] = {}
+        todo, prompts = [], []
+        for record in records:
+            if not record.steps:
+                out[record.id] = self._skipped(record, "no_steps")
+                continue
+            todo.append(record)
+            prompts.append(render_chat(self.backend.tokenizer, critique_messages(record.problem, record.steps)))
+        if self.context_length is not None and todo:
+            lengths = prompt_lengths(self.backend, prompts)
+            fits = [length < self.context_length for length in lengths]
+            for record, ok in zip(todo, fits):
+                if not ok:
+                    out[record.id] = self._skipped(record, "prompt_too_long")
+            todo = [r for r, ok in zip(todo, fits) if ok]
+            prompts = [p for p, ok in zip(prompts, fits) if ok]
+        params = [SamplingParams(n=s.num_samples, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens,
+                                 seed=stable_seed(s.base_seed, "judge", r.id)) for r in todo]
+        outputs = self.backend.generate(prompts, params) if todo else []
+        for record, output in zip(todo, outputs):
+            texts = [c.text for c in output.completions]
+            parsed = [classify_verdict(t, len(record.steps)) for t in texts]
+            verdicts = tuple(v for v, _ in parsed)
+            reasons = tuple(r for _, r in parsed)
+            first_error, why = majority_vote(verdicts, reasons, s.vote_threshold)
+            out[record.id] = JudgeRecord(
+                id=record.id, problem_id=record.problem_id, status="judged", skip_reason=None,
+                num_steps=len(record.steps), verdicts=verdicts, reasons=reasons, first_error=first_error,
+                no_verdict_reason=why, texts=tuple(texts) if s.keep_text else None)
+        return [out[r.id] for r in records]
+
+    def judge(self, records: Iterable[GradeRecord]) -> Iterator[JudgeRecord]:
+        batch: list[GradeRecord] = []
+        for record in records:
+            batch.append(record)
+            if len(batch) >= self.settings.batch_size:
+                yield from self.judge_batch(batch)
+                batch = []
+        if batch:
+            yield from self.judge_batch(batch)
+
+
+def run_judge(ctx: StageContext) -> None:
+    layout, shard, cfg = ctx.layout, ctx.shard, ctx.config
+    if ctx.is_done("judge"):
+        _log.info("judge: %s already done", shard.name)
+        return
+    ctx.require_done("grade")
+    grades_path = layout.records("grade", shard)
+    with exclusive_lock(layout.lock("judge", shard)), \
+            AppendOnlyWriter(layout.records("judge", shard), JudgeRecord.from_json,
+                             fsync_every=cfg.io.fsync_every) as writer:
+        pending = sum(r.id not in writer.ids for _, r in iter_records(grades_path, GradeRecord.from_json))
+        _log.info("judge: %s: %d responses to judge (%d already done)", shard.name, pending, len(writer.ids))
+        if pending:
+            judge = Judge(ctx.judge_backend(), JudgeSettings.from_config(cfg))
+            todo = (r for _, r in iter_records(grades_path, GradeRecord.from_json) if r.id not in writer.ids)
+            with ctx.progress(pending, "judge", "response") as bar:
+                for record in judge.judge(todo):
+                    writer.write(record)
+                    bar.update(1)
+        counts = {"records": len(writer.ids)}
+    atomic_write_json(layout.done("judge", shard), counts)

@@ -1,0 +1,102 @@
+"""Runs the synthesis stages for one shard: sample -> grade -> mc -> judge -> consensus (-> merge).
+
+Every stage reads the previous stage's shard file and appends to its own (see
+:mod:`data_pipeline.shards`), skips ids already present, and writes a done marker at the end,
+so ``run`` with the same arguments is idempotent and resumes after a kill. Several nodes each
+run ``run(..., shard=Shard(i, n))`` on a shared workdir; problems are partitioned by a stable
+hash of their id (:func:`data_pipeline.ids.shard_of`), so the slices are disjoint and the same
+for every node. ``stage="all"`` ends with the merge once every shard has its consensus (the
+last node to finish does it; the merge is deterministic, so a race between two is harmless);
+``stage="merge"`` runs it explicitly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import ml_collections
+
+from data_pipeline.config import semantic_values, validate
+from data_pipeline.consensus import run_consensus, run_merge
+from data_pipeline.context import StageContext, SynthesisError
+from data_pipeline.grade import run_grade
+from data_pipeline.grading import GradingPool
+from data_pipeline.judge import run_judge
+from data_pipeline.mc import run_mc
+from data_pipeline.sample import run_sample
+from data_pipeline.shards import Layout, Shard, atomic_write_json, read_json
+from prm_jax.generation.types import GenerationBackend
+
+_log = logging.getLogger("data_pipeline")
+
+STAGES = ("all", "sample", "grade", "mc", "judge", "consensus", "merge")
+_RUNNERS = {"sample": run_sample, "grade": run_grade, "mc": run_mc, "judge": run_judge, "consensus": run_consensus}
+
+
+def _file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_run_config(layout: Layout, config: ml_collections.ConfigDict, num_shards: int) -> None:
+    """Record the run's semantic settings on first use of a workdir; refuse a mismatch later.
+
+    The problem file's SHA-256 is part of it: resuming over an edited input would mix records.
+    """
+    if not Path(config.problems.path).is_file():
+        raise SynthesisError(f"problem file {config.problems.path} does not exist")
+    current = {**semantic_values(config), "num_shards": num_shards,
+               "problems.sha256": _file_sha256(config.problems.path)}
+    if not layout.run_config.exists():
+        layout.workdir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(layout.run_config, current)
+    stored = read_json(layout.run_config)
+    diffs = [f"{key}: {stored.get(key)!r} -> {value!r}" for key, value in current.items() if stored.get(key) != value]
+    if diffs:
+        raise SynthesisError(f"{layout.workdir} was started with other settings ({'; '.join(diffs)}). Resuming "
+                             "would mix two datasets: use a new --workdir, or restore the original settings")
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | Path, *, stage: str = "all", shard: Shard | None = None,
+        policy: GenerationBackend | None = None, judge: GenerationBackend | None = None,
+        grader: GradingPool | None = None) -> None:
+    """Run ``stage`` (or all stages) for ``shard``; backends and grader are built from the config
+    unless given (tests inject scripted ones). Raises SynthesisError for conditions a user fixes."""
+    if stage not in STAGES:
+        raise ValueError(f"stage={stage!r}; choose one of {STAGES}")
+    shard = shard or Shard()
+    validate(config)
+    layout = Layout(Path(workdir))
+    check_run_config(layout, config, shard.count)
+    if stage == "merge":
+        run_merge(layout, shard.count)
+        return
+    ctx = StageContext(config, layout, shard, policy=policy, judge=judge, grader=grader)
+    owns_grader = grader is None
+    try:
+        if stage == "all":
+            stages = ["sample", "grade", "mc", "judge", "consensus"]
+            if config.consensus.mode == "mc":
+                stages.remove("judge")
+            if config.consensus.mode == "judge":
+                stages.remove("mc")
+        else:
+            stages = [stage]
+        for name in stages:
+            _RUNNERS[name](ctx)
+    finally:
+        if owns_grader:
+            ctx.close()
+    if stage == "all":
+        waiting = [Shard(i, shard.count).name for i in range(shard.count)
+                   if not layout.done("consensus", Shard(i, shard.count)).exists()]
+        if waiting:
+            _log.info("shard %s finished; the merge waits for %d shard(s): %s (the last one to finish merges, "
+                      "or run --stage=merge)", shard.name, len(waiting), ", ".join(waiting[:8]))
+        else:
+            run_merge(layout, shard.count)

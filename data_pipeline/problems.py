@@ -1,0 +1,137 @@
+"""Problem readers: our JSONL, GSM8K and MATH files, normalised to :class:`Problem`.
+
+Formats (JSONL, one object per line, UTF-8):
+
+* ``jsonl``: ``{"id": str, "problem": str, "answer": str}`` (our format; ``id`` required).
+* ``gsm8k``: ``{"question": str, "answer": str}``; the gold is the text after the last
+  ``####`` of ``answer`` (GSM8K's answers are a worked solution ending in ``#### 42``).
+* ``math``: ``{"problem": str, "solution": str}`` (Hendrycks MATH); the gold is the last
+  ``\\boxed{}`` of ``solution``; an ``answer`` field (MATH-500) wins when present.
+
+Any of the three gold spellings is accepted in any format's answer field (plain ``42``,
+``... #### 42``, ``... \\boxed{42}``), see :func:`gold_answer`. Ids: ``id`` when present, else
+``unique_id`` (MATH-500), else derived from the content (``gsm8k-<hash>``/``math-<hash>``),
+which is stable when the file is reordered or split.
+
+Bad lines never disappear silently: each becomes an :class:`ErrorRecord` (malformed JSON, not an
+object, a missing or empty problem or answer, a wrong type, a duplicate id) in input order, which
+the sample stage counts and writes (or stops on, with ``on_error="stop"``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+from data_pipeline.ids import content_id
+from data_pipeline.schemas import ErrorRecord, Problem
+from prm_jax.critique import last_boxed
+
+FORMATS = ("jsonl", "gsm8k", "math")
+
+
+def gold_answer(raw: str) -> str | None:
+    """The bare gold answer of a plain, GSM8K (``#### x``) or MATH (``\\boxed{x}``) answer string."""
+    text = raw.strip()
+    if "####" in text:
+        text = text.rsplit("####", 1)[1].strip()
+    elif "\\boxed" in text or "\\fbox" in text:
+        boxed = last_boxed(text)
+        if boxed is None:
+            return None
+        text = boxed.strip()
+    if len(text) >= 2 and text.startswith("$") and text.endswith("$"):
+        text = text.strip("$").strip()
+    return text or None
+
+
+class _BadLine(Exception):
+    def __init__(self, error: str, message: str) -> None:
+        super().__init__(message)
+        self.error = error
+        self.message = message
+
+
+def _string(obj: dict[str, Any], name: str, *, required: bool = True) -> str | None:
+    if name not in obj or obj[name] is None:
+        if required:
+            raise _BadLine("missing_answer" if name in ("answer", "solution") else "missing_field",
+                           f"field {name!r} is missing")
+        return None
+    value = obj[name]
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and name in ("answer", "id"):
+        return str(value)  # numeric golds (and ids) are common in hand-made files
+    if not isinstance(value, str):
+        raise _BadLine("bad_field", f"field {name!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _problem_from_object(obj: dict[str, Any], fmt: str, source: str) -> Problem:
+    if fmt == "jsonl":
+        record_id = _string(obj, "id")
+        problem = _string(obj, "problem")
+        raw_answer = _string(obj, "answer")
+    elif fmt == "gsm8k":
+        problem = _string(obj, "question")
+        raw_answer = _string(obj, "answer")
+        record_id = _string(obj, "id", required=False) or content_id("gsm8k", problem or "")
+        if raw_answer is not None and "####" not in raw_answer:
+            raise _BadLine("missing_answer", "a GSM8K answer ends with '#### <answer>'; this one has no '####'")
+    elif fmt == "math":
+        problem = _string(obj, "problem")
+        raw_answer = _string(obj, "answer", required=False)
+        if raw_answer is None:
+            raw_answer = _string(obj, "solution")
+            if raw_answer is not None and last_boxed(raw_answer) is None:
+                raise _BadLine("missing_answer", "a MATH solution holds its answer in \\boxed{}; this one has none")
+        record_id = (_string(obj, "id", required=False) or _string(obj, "unique_id", required=False)
+                     or content_id("math", problem or ""))
+    else:
+        raise ValueError(f"unknown problem format {fmt!r}; choose one of {FORMATS}")
+    if not record_id or not record_id.strip():
+        raise _BadLine("missing_field", "field 'id' is empty")
+    if not problem or not problem.strip():
+        raise _BadLine("missing_field", "the problem text is empty")
+    gold = gold_answer(raw_answer or "")
+    if gold is None:
+        raise _BadLine("missing_answer", f"no gold answer could be read from {raw_answer!r:.80}")
+    return Problem(id=record_id, problem=problem, answer=gold, source=source)
+
+
+def read_problems(path: str | Path, fmt: str = "jsonl") -> Iterator[Problem | ErrorRecord]:
+    """Every non-blank line of a problem file as a :class:`Problem` or an :class:`ErrorRecord`.
+
+    Duplicate ids: the first occurrence is the problem, later ones are ``duplicate_id`` errors.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown problem format {fmt!r}; choose one of {FORMATS}")
+    path = Path(path)
+    seen: dict[str, str] = {}
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            source = f"{path}:{number}"
+            line_id = f"{path.name}:{number}"
+            try:
+                try:
+                    obj = json.loads(raw.decode("utf-8-sig" if number == 1 else "utf-8"))
+                except UnicodeDecodeError as e:
+                    raise _BadLine("malformed_json", f"not valid UTF-8 ({e.reason})") from None
+                except json.JSONDecodeError as e:
+                    raise _BadLine("malformed_json", f"malformed JSON: {e.msg} (column {e.colno})") from None
+                if not isinstance(obj, dict):
+                    raise _BadLine("malformed_json", f"expected a JSON object, got {type(obj).__name__}")
+                problem = _problem_from_object(obj, fmt, source)
+            except _BadLine as bad:
+                yield ErrorRecord(id=line_id, stage="input", error=bad.error, message=bad.message,
+                                  record_id=None, source=source)
+                continue
+            if problem.id in seen:
+                yield ErrorRecord(id=line_id, stage="input", error="duplicate_id",
+                                  message=f"id {problem.id!r} already used at {seen[problem.id]}",
+                                  record_id=problem.id, source=source)
+                continue
+            seen[problem.id] = source
+            yield problem
