@@ -1,0 +1,239 @@
+"""One evaluation run from a config: load the model (or critic), run the task, write the outputs.
+
+``launch/evaluate.py`` maps its flags onto :class:`EvaluationConfig` and calls :func:`run_evaluation`;
+the same call works from Python or a notebook. Modes:
+
+* ``task="processbench"`` with ``model`` (a PRM: Orbax checkpoint or Hugging Face directory),
+  ``critic_model`` (a causal LM critic, ProcessBench's critique prompt), or ``predictions`` (an
+  ``{id, pred}`` file from any external critic; no model is loaded);
+* ``task="bon"`` with ``model``.
+
+``backend="jax"`` scores with :class:`~prm_jax.evaluation.scorer.BatchedScorer` and generates with
+:class:`~prm_jax.generation.jax_sampler.JaxSampler` on a ``(data, fsdp, tensor)`` mesh;
+``backend="vllm"`` uses ``VLLMStepScorer`` / ``VLLMBackend`` on a Hugging Face directory (GPU only,
+optional dependency). Only process 0 writes outputs in a multi-process run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import jax
+
+from prm_jax.evaluation.best_of_n import AGGREGATIONS
+from prm_jax.evaluation.processbench import DEFAULT_THRESHOLD
+from prm_jax.evaluation.records import read_bon, read_processbench
+from prm_jax.evaluation.tasks import (
+    EvaluationOutput,
+    bon_with_prm,
+    processbench_with_critic,
+    processbench_with_predictions,
+    processbench_with_prm,
+    write_outputs,
+)
+from prm_jax.generation.types import SamplingParams
+
+__all__ = ["EvaluationConfig", "parse_mesh_shape", "run_evaluation"]
+
+_log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationConfig:
+    """Everything one run needs; field names match ``launch.evaluate``'s flags."""
+
+    task: Literal["processbench", "bon"]
+    data: str
+    out: str
+    model: str | None = None  # PRM checkpoint (Orbax dir or HF dir)
+    tokenizer: str | None = None  # needed for Orbax checkpoints; overrides an HF dir's tokenizer
+    predictions: str | None = None  # processbench: external critic's {id, pred} file
+    missing: Literal["error", "wrong"] = "error"
+    critic_model: str | None = None  # processbench: causal LM used as a critic
+    backend: Literal["jax", "vllm"] = "jax"
+    # PRM scoring
+    threshold: float = DEFAULT_THRESHOLD
+    tune_threshold_on: str | None = None
+    aggregations: tuple[str, ...] = AGGREGATIONS
+    bon_k: tuple[int, ...] = ()
+    max_length: int | None = None  # None: the model's max_position_embeddings; 0: no limit
+    # JAX model and batching
+    dtype: str = "bfloat16"
+    param_dtype: str | None = "bfloat16"
+    mesh_shape: dict[str, int] = dataclasses.field(default_factory=lambda: {"fsdp": -1})
+    tokens_per_batch: int = 16384
+    max_rows: int = 64
+    min_length: int = 64
+    window: int = 4096
+    # critic sampling
+    critic_samples: int = 1
+    critic_temperature: float = 0.0
+    critic_top_p: float = 1.0
+    critic_max_tokens: int = 2048
+    critic_batch: int = 64
+    seed: int = 0
+    # vLLM engine
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    plots: bool = True
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.task not in ("processbench", "bon"):
+            problems.append(f"task={self.task!r}; choose processbench or bon")
+        sources = [n for n in ("model", "critic_model", "predictions") if getattr(self, n)]
+        if self.task == "processbench" and len(sources) != 1:
+            problems.append(f"processbench needs exactly one of model, critic_model, predictions (got {sources or 'none'})")
+        if self.task == "bon" and sources != ["model"]:
+            problems.append(f"bon needs model (a PRM) and no critic_model/predictions (got {sources or 'none'})")
+        if self.backend not in ("jax", "vllm"):
+            problems.append(f"backend={self.backend!r}; choose jax or vllm")
+        if not 0.0 <= self.threshold <= 1.0:
+            problems.append(f"threshold={self.threshold} must be in [0, 1]")
+        if self.critic_samples > 1 and self.critic_temperature == 0:
+            problems.append("critic_samples > 1 with temperature 0 would vote over identical greedy answers; set a temperature")
+        unknown = [a for a in self.aggregations if a not in AGGREGATIONS]
+        if unknown or not self.aggregations:
+            problems.append(f"aggregations {list(self.aggregations)}: choose from {list(AGGREGATIONS)}")
+        if any(k <= 0 for k in self.bon_k):
+            problems.append(f"bon_k {list(self.bon_k)} must be positive")
+        if self.missing not in ("error", "wrong"):
+            problems.append(f"missing={self.missing!r}; choose error or wrong")
+        if problems:
+            raise ValueError("invalid evaluation config: " + "; ".join(problems))
+
+
+def parse_mesh_shape(text: str) -> dict[str, int]:
+    """``"data=2,fsdp=-1"`` -> ``{"data": 2, "fsdp": -1}`` (axes of ``prm_jax.sharding.make_mesh``)."""
+    shape: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, value = part.partition("=")
+        try:
+            shape[name.strip()] = int(value)
+        except ValueError:
+            raise ValueError(f"mesh shape {text!r}: expected axis=size pairs like 'data=2,fsdp=-1'") from None
+    return shape
+
+
+def _mesh(config: EvaluationConfig):
+    from prm_jax.sharding import make_mesh
+
+    return make_mesh(config.mesh_shape)
+
+
+def _max_length(config: EvaluationConfig, model_config: Any | None) -> int | None:
+    if config.max_length == 0:
+        return None
+    if config.max_length is not None:
+        return config.max_length
+    return None if model_config is None else model_config.max_position_embeddings
+
+
+def _prm_scorer(config: EvaluationConfig) -> tuple[Any, Any, int | None]:
+    """(scorer, tokenizer, max_length) for a PRM."""
+    from prm_jax.evaluation.model_loading import checkpoint_kind, load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(config.model, config.tokenizer)
+    if config.backend == "vllm":
+        if checkpoint_kind(config.model) != "hf":
+            raise ValueError(f"{config.model}: vLLM serves Hugging Face directories; export it with launch.convert first")
+        from prm_jax.generation.vllm_backend import VLLMStepScorer
+
+        scorer = VLLMStepScorer(
+            config.model, tokenizer=config.tokenizer, tensor_parallel_size=config.tensor_parallel_size,
+            gpu_memory_utilization=config.gpu_memory_utilization, seed=config.seed, trust_remote_code=True,
+        )
+        return scorer, tokenizer, _max_length(config, None)
+    from prm_jax.evaluation.scorer import BatchedScorer, BucketConfig
+
+    mesh = _mesh(config)
+    model = load_model(config.model, mesh=mesh, head="prm", dtype=config.dtype, param_dtype=config.param_dtype)
+    pad_id = getattr(tokenizer, "pad_token_id", None) or 0
+    buckets = BucketConfig(min_length=config.min_length, tokens_per_batch=config.tokens_per_batch, max_rows=config.max_rows)
+    return BatchedScorer(model, mesh=mesh, config=buckets, pad_id=pad_id), tokenizer, _max_length(config, model.config)
+
+
+def _critic_backend(config: EvaluationConfig) -> Any:
+    from prm_jax.evaluation.model_loading import checkpoint_kind, load_model, load_tokenizer
+
+    if config.backend == "vllm":
+        if checkpoint_kind(config.critic_model) != "hf":
+            raise ValueError(f"{config.critic_model}: vLLM serves Hugging Face directories")
+        from prm_jax.generation.vllm_backend import VLLMBackend
+
+        return VLLMBackend(
+            config.critic_model, tokenizer=config.tokenizer, tensor_parallel_size=config.tensor_parallel_size,
+            gpu_memory_utilization=config.gpu_memory_utilization, seed=config.seed,
+        )
+    from prm_jax.generation.jax_sampler import JaxSampler, SamplerConfig
+
+    tokenizer = load_tokenizer(config.critic_model, config.tokenizer)
+    mesh = _mesh(config)
+    model = load_model(config.critic_model, mesh=mesh, head="lm", dtype=config.dtype, param_dtype=config.param_dtype)
+    return JaxSampler(model, tokenizer, mesh=mesh, config=SamplerConfig(max_batch_rows=config.max_rows))
+
+
+def run_evaluation(config: EvaluationConfig) -> EvaluationOutput:
+    """Run one evaluation and write its outputs (process 0 only); returns what was written."""
+    out = Path(config.out)
+    if (out / "results.json").exists() and not config.overwrite:
+        raise FileExistsError(f"{out}/results.json exists; pass overwrite to replace it")
+    if config.task == "processbench":
+        records = read_processbench(config.data)
+        if config.predictions:
+            output = processbench_with_predictions(records, config.predictions, missing=config.missing)
+        elif config.critic_model:
+            backend = _critic_backend(config)
+            params = SamplingParams(
+                n=config.critic_samples, temperature=config.critic_temperature, top_p=config.critic_top_p,
+                max_tokens=config.critic_max_tokens, seed=config.seed,
+            )
+            output = processbench_with_critic(records, backend, params, batch_size=config.critic_batch)
+        else:
+            scorer, tokenizer, max_length = _prm_scorer(config)
+            output = processbench_with_prm(
+                records, scorer, tokenizer, threshold=config.threshold, tune_on=config.tune_threshold_on,
+                max_length=max_length, window=config.window,
+            )
+    else:
+        scorer, tokenizer, max_length = _prm_scorer(config)
+        output = bon_with_prm(
+            read_bon(config.data), scorer, tokenizer, aggregations=config.aggregations, ks=config.bon_k,
+            max_length=max_length, window=config.window,
+        )
+    output.results["run"] = {
+        "data": str(config.data),
+        "model": config.model or config.critic_model,
+        "predictions": config.predictions,
+        "backend": None if config.predictions else config.backend,
+        "dtype": config.dtype if config.backend == "jax" and not config.predictions else None,
+        "devices": jax.device_count(),
+    }
+    if jax.process_index() == 0:
+        write_outputs(out, output, plots=config.plots)
+        _log.info("wrote %s", out / "results.json")
+    return output
+
+
+def summary_line(results: dict[str, Any]) -> str:
+    """A one-line summary for the console."""
+    if results["task"] == "processbench":
+        subsets = ", ".join(f"{k} {100 * v['f1']:.1f}" for k, v in results["subsets"].items())
+        line = f"ProcessBench ({results['mode']}) F1: {subsets}; average {100 * results['average_f1']:.1f}"
+        sweep = results.get("threshold_sweep")
+        if sweep:
+            line += f" | tuned on {sweep['tuned_on']} (t={sweep['threshold']:.3g}): average {100 * sweep['average_f1']:.1f}"
+        return line
+    average = results["average"]
+    prm = ", ".join(f"{k} {100 * v:.1f}" for k, v in average["prm_at_n"].items())
+    return f"Best-of-N (average): prm {prm}; maj {100 * average['maj_at_n']:.1f}; pass {100 * average['pass_at_n']:.1f}"
+
+
+def results_json(out_dir: str | Path) -> dict[str, Any]:
+    """Read a run's results.json (null stays None)."""
+    return json.loads((Path(out_dir) / "results.json").read_text(encoding="utf-8"))

@@ -1,0 +1,433 @@
+"""The evaluation tasks end to end: records in, results and per-record predictions out.
+
+Each task streams its records once, keeps only what scoring needs (ids, labels, rewards; never the
+text once it is tokenized) and returns an :class:`EvaluationOutput`, which :func:`write_outputs`
+turns into ``results.json``, ``results.md``, ``predictions.jsonl`` and plots. The scorer is any
+:class:`~prm_jax.evaluation.scorer.StepScorer` (the JAX :class:`BatchedScorer`, or vLLM's STEP
+pooling scorer) and the critic any :class:`~prm_jax.generation.GenerationBackend`, so the same
+task code runs on CPU, TPU and GPU.
+
+results.json layouts (accuracies are fractions; undefined values are ``null``):
+
+* ProcessBench: ``{"task": "processbench", "mode": "prm" | "critic" | "predictions",
+  "threshold": float | null, "subsets": {name: {"f1", "acc_err", "acc_ok", "n_err", "n_ok",
+  "n_unparseable"}}, "average_f1": float, "threshold_sweep"?: {"tuned_on", "threshold",
+  "subsets", "average_f1"}, "analyses": {"min_position"?, "flawed_process", "calibration"?},
+  "scoring"?: {...throughput...}, "critic"?: {...sampling...}}``
+* Best-of-N: ``{"task": "bon", "aggregations": [...], "datasets": {name: {"n_problems",
+  "n_responses", "n", "prm_at_n": {aggregation: acc}, "maj_at_n", "pass_at_n",
+  "n_inconsistent_votes"}}, "average": {same keys, unweighted over datasets}, "by_k"?: {k:
+  average}, "analyses": {"min_position"}, "scoring"?: {...}}``
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from prm_jax.critique import critique_messages, parse_first_error
+from prm_jax.evaluation import report
+from prm_jax.evaluation.analyses import calibration, flawed_process_detection, labelled_steps, min_position_stats
+from prm_jax.evaluation.best_of_n import AGGREGATIONS, bon_scores, response_answer, score_problem
+from prm_jax.evaluation.processbench import (
+    DEFAULT_THRESHOLD,
+    f1_curves,
+    majority_verdict,
+    predict_first_error,
+    processbench_scores,
+    sweep_threshold,
+)
+from prm_jax.evaluation.records import (
+    BoNRecord,
+    EvaluationDataError,
+    ProcessBenchRecord,
+    read_predictions,
+)
+from prm_jax.evaluation.scorer import BatchedScorer, StepScorer, score_stream
+from prm_jax.generation.types import GenerationBackend, SamplingParams
+from prm_jax.tokenization import PRMInput, build_prm_input
+
+__all__ = [
+    "EvaluationOutput",
+    "prepare_input",
+    "processbench_with_prm",
+    "processbench_with_critic",
+    "processbench_with_predictions",
+    "bon_with_prm",
+    "write_outputs",
+]
+
+_log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class EvaluationOutput:
+    """What a task produced: the results document, one row per record, and plot-only data."""
+
+    results: dict[str, Any]
+    predictions: list[dict[str, Any]]
+    curves: dict[str, Any] | None = None
+
+
+def prepare_input(
+    tokenizer: Any, problem: str, steps: Sequence[str], *, source: str, max_length: int | None = None
+) -> PRMInput:
+    """Tokenize one solution in the PRM layout; problems are reported at the record's ``path:line``."""
+    try:
+        x = build_prm_input(tokenizer, problem, list(steps))
+    except (TypeError, ValueError) as e:
+        raise EvaluationDataError(str(e), path=source, field="steps") from None
+    if max_length is not None and len(x.input_ids) > max_length:
+        raise EvaluationDataError(
+            f"{len(x.input_ids)} tokens exceed the model's context of {max_length} "
+            "(max_position_embeddings); pass a larger --max_length to score it past the trained context anyway",
+            path=source,
+        )
+    return x
+
+
+def _scoring_stats(scorer: StepScorer) -> dict[str, Any] | None:
+    return scorer.stats.as_dict() if isinstance(scorer, BatchedScorer) else None
+
+
+# ---------------------------------------------------------------------------- ProcessBench
+
+
+@dataclasses.dataclass(frozen=True)
+class _Scored:
+    """A ProcessBench record without its text, plus its rewards."""
+
+    id: str
+    subset: str
+    label: int
+    final_answer_correct: bool | None
+    generator: str
+    rewards: list[float]
+
+
+def processbench_with_prm(
+    records: Iterable[ProcessBenchRecord],
+    scorer: StepScorer,
+    tokenizer: Any,
+    *,
+    threshold: float = DEFAULT_THRESHOLD,
+    tune_on: str | None = None,
+    max_length: int | None = None,
+    window: int = 4096,
+) -> EvaluationOutput:
+    """ProcessBench with a PRM: rewards per step, the first below ``threshold`` is the verdict.
+
+    ``tune_on`` adds the threshold sweep (best threshold on that subset, applied to all).
+    """
+
+    def inputs() -> Iterator[tuple[_Scored, PRMInput]]:
+        for r in records:
+            x = prepare_input(tokenizer, r.problem, r.steps, source=r.source, max_length=max_length)
+            yield _Scored(r.id, r.subset, r.label, r.final_answer_correct, r.generator, []), x
+
+    scored = [dataclasses.replace(meta, rewards=rewards) for meta, rewards in score_stream(scorer, inputs(), window)]
+    if not scored:
+        raise ValueError("no ProcessBench records to evaluate")
+    predictions = [predict_first_error(s.rewards, threshold) for s in scored]
+    scores = processbench_scores((s.subset, p, s.label) for s, p in zip(scored, predictions))
+    results: dict[str, Any] = {"task": "processbench", "mode": "prm", "threshold": threshold, **scores.as_dict()}
+    by_subset: dict[str, list[tuple[list[float], int]]] = {}
+    for s in scored:
+        by_subset.setdefault(s.subset, []).append((s.rewards, s.label))
+    if tune_on is not None:
+        results["threshold_sweep"] = sweep_threshold(by_subset, tune_on).as_dict()
+    results["analyses"] = {
+        "min_position": min_position_stats(s.rewards for s in scored).as_dict(),
+        "flawed_process": flawed_process_detection(
+            (s.final_answer_correct, s.label, p) for s, p in zip(scored, predictions)
+        ).as_dict(),
+        "calibration": calibration(step for s in scored for step in labelled_steps(s.rewards, s.label)).as_dict(),
+    }
+    stats = _scoring_stats(scorer)
+    if stats is not None:
+        results["scoring"] = stats
+    thresholds, f1 = f1_curves(by_subset)
+    curves = {"thresholds": thresholds.tolist(), "f1": {name: values.tolist() for name, values in f1.items()}}
+    rows = [
+        {
+            "id": s.id,
+            "subset": s.subset,
+            "label": s.label,
+            "pred": p,
+            "correct": p == s.label,
+            "final_answer_correct": s.final_answer_correct,
+            "generator": s.generator,
+            "rewards": s.rewards,
+        }
+        for s, p in zip(scored, predictions)
+    ]
+    return EvaluationOutput(results, rows, curves)
+
+
+def processbench_with_critic(
+    records: Iterable[ProcessBenchRecord],
+    backend: GenerationBackend,
+    params: SamplingParams,
+    *,
+    batch_size: int = 64,
+    keep_texts: bool = True,
+) -> EvaluationOutput:
+    """ProcessBench with an LLM critic: the critique prompt, ``params.n`` samples per solution,
+    verdict = last ``\\boxed{}`` index, majority vote over samples (see
+    :func:`~prm_jax.evaluation.processbench.majority_verdict`)."""
+    rows: list[dict[str, Any]] = []
+    samples = unparseable_samples = truncated = 0
+
+    def flush(batch: list[ProcessBenchRecord]) -> None:
+        nonlocal samples, unparseable_samples, truncated
+        outputs = backend.generate([critique_messages(r.problem, list(r.steps)) for r in batch], params)
+        for r, out in zip(batch, outputs):
+            verdicts = [parse_first_error(c.text, len(r.steps)) for c in out.completions]
+            samples += len(verdicts)
+            unparseable_samples += sum(v is None for v in verdicts)
+            truncated += sum(c.finish_reason == "length" for c in out.completions)
+            pred = majority_verdict(verdicts)
+            row: dict[str, Any] = {
+                "id": r.id,
+                "subset": r.subset,
+                "label": r.label,
+                "pred": pred,
+                "correct": pred == r.label,
+                "final_answer_correct": r.final_answer_correct,
+                "generator": r.generator,
+                "verdicts": verdicts,
+            }
+            if keep_texts:
+                row["outputs"] = [c.text for c in out.completions]
+            rows.append(row)
+
+    batch: list[ProcessBenchRecord] = []
+    for record in records:
+        batch.append(record)
+        if len(batch) >= batch_size:
+            flush(batch)
+            batch = []
+    if batch:
+        flush(batch)
+    if not rows:
+        raise ValueError("no ProcessBench records to evaluate")
+    scores = processbench_scores((r["subset"], r["pred"], r["label"]) for r in rows)
+    results: dict[str, Any] = {"task": "processbench", "mode": "critic", "threshold": None, **scores.as_dict()}
+    results["critic"] = {
+        "samples_per_record": params.n,
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "max_tokens": params.max_tokens,
+        "seed": params.seed,
+        "samples": samples,
+        "unparseable_samples": unparseable_samples,
+        "truncated_samples": truncated,
+    }
+    results["analyses"] = {
+        "flawed_process": flawed_process_detection(
+            (r["final_answer_correct"], r["label"], r["pred"]) for r in rows
+        ).as_dict()
+    }
+    return EvaluationOutput(results, rows)
+
+
+def processbench_with_predictions(
+    records: Iterable[ProcessBenchRecord],
+    predictions_path: str | Path,
+    *,
+    missing: Literal["error", "wrong"] = "error",
+) -> EvaluationOutput:
+    """ProcessBench for an external critic's ``{id, pred}`` file.
+
+    Every prediction must name a record of the data (unknown ids are an error listing them) and be
+    a valid index for that record; records without a prediction are an error too, unless
+    ``missing="wrong"`` scores them as wrong (counted in ``n_unparseable`` and ``n_missing``).
+    """
+    meta = {r.id: r for r in _light_processbench(records)}
+    if not meta:
+        raise ValueError("no ProcessBench records to evaluate")
+    predictions: dict[str, int | None] = {}
+    unknown: list[str] = []
+    for p in read_predictions(predictions_path):
+        if p.id not in meta:
+            unknown.append(p.id)
+            continue
+        n_steps = meta[p.id].n_steps
+        if p.pred is not None and p.pred >= n_steps:
+            raise EvaluationDataError(
+                f"prediction {p.pred} is out of range for record {p.id!r} with {n_steps} steps", path=p.source, field="pred"
+            )
+        predictions[p.id] = p.pred
+    if unknown:
+        raise EvaluationDataError(
+            f"{len(unknown)} prediction(s) for ids not in the data: {_preview(unknown)}", path=predictions_path, field="id"
+        )
+    absent = [i for i in meta if i not in predictions]
+    if absent and missing == "error":
+        raise EvaluationDataError(
+            f"no prediction for {len(absent)} record(s): {_preview(absent)} (pass --missing=wrong to score them as wrong)",
+            path=predictions_path, field="id",
+        )
+    rows = []
+    for record_id, r in meta.items():
+        pred = predictions.get(record_id)
+        rows.append(
+            {
+                "id": record_id,
+                "subset": r.subset,
+                "label": r.label,
+                "pred": pred,
+                "correct": pred == r.label,
+                "final_answer_correct": r.final_answer_correct,
+                "missing": record_id not in predictions,
+            }
+        )
+    scores = processbench_scores((r["subset"], r["pred"], r["label"]) for r in rows)
+    results: dict[str, Any] = {"task": "processbench", "mode": "predictions", "threshold": None, **scores.as_dict()}
+    results["n_missing"] = len(absent)
+    results["analyses"] = {
+        "flawed_process": flawed_process_detection(
+            (r["final_answer_correct"], r["label"], r["pred"]) for r in rows
+        ).as_dict()
+    }
+    return EvaluationOutput(results, rows)
+
+
+@dataclasses.dataclass(frozen=True)
+class _LightRecord:
+    id: str
+    subset: str
+    label: int
+    n_steps: int
+    final_answer_correct: bool | None
+
+
+def _light_processbench(records: Iterable[ProcessBenchRecord]) -> Iterator[_LightRecord]:
+    for r in records:
+        yield _LightRecord(r.id, r.subset, r.label, len(r.steps), r.final_answer_correct)
+
+
+def _preview(ids: Sequence[str], limit: int = 10) -> str:
+    shown = ", ".join(repr(i) for i in ids[:limit])
+    return shown + (f", ... ({len(ids) - limit} more)" if len(ids) > limit else "")
+
+
+# ---------------------------------------------------------------------------- Best-of-N
+
+
+@dataclasses.dataclass(frozen=True)
+class _Problem:
+    """A Best-of-N record without text: what selection and voting need."""
+
+    id: str
+    dataset: str
+    correct: tuple[bool, ...]
+    answers: tuple[str | None, ...]
+
+
+def bon_with_prm(
+    records: Iterable[BoNRecord],
+    scorer: StepScorer,
+    tokenizer: Any,
+    *,
+    aggregations: Sequence[str] = AGGREGATIONS,
+    ks: Sequence[int] | None = None,
+    max_length: int | None = None,
+    window: int = 4096,
+) -> EvaluationOutput:
+    """Best-of-N with a PRM: score every response, select per aggregation, compare with maj/pass.
+
+    ``ks`` also reports every metric using only each problem's first k responses (a curve over N;
+    prefixes of the sampled order, not fresh draws).
+    """
+    for how in aggregations:
+        if how not in AGGREGATIONS:
+            raise ValueError(f"unknown aggregation {how!r}; choose from {AGGREGATIONS}")
+    problems: list[_Problem] = []
+
+    def inputs() -> Iterator[tuple[tuple[int, int], PRMInput]]:
+        for r in records:
+            problems.append(
+                _Problem(r.id, r.dataset, tuple(x.correct for x in r.responses), tuple(response_answer(x) for x in r.responses))
+            )
+            for j, response in enumerate(r.responses):
+                source = f"{r.source} (response {j})"
+                yield (len(problems) - 1, j), prepare_input(
+                    tokenizer, r.problem, response.steps, source=source, max_length=max_length
+                )
+
+    rewards_of: list[list[list[float]]] = []
+    for (i, j), rewards in score_stream(scorer, inputs(), window):
+        if j == 0:
+            rewards_of.append([])
+        rewards_of[i].append(rewards)
+    if not problems:
+        raise ValueError("no Best-of-N records to evaluate")
+    outcomes = [score_problem(p.correct, p.answers, r, aggregations) for p, r in zip(problems, rewards_of)]
+    datasets, average = bon_scores(((p.dataset, o) for p, o in zip(problems, outcomes)), aggregations)
+    results: dict[str, Any] = {
+        "task": "bon",
+        "aggregations": list(aggregations),
+        "datasets": {name: d.as_dict() for name, d in datasets.items()},
+        "average": average.as_dict(),
+    }
+    if ks:
+        by_k = {}
+        for k in sorted(set(ks)):
+            if k <= 0:
+                raise ValueError(f"k must be positive, got {k}")
+            at_k = (
+                (p.dataset, score_problem(p.correct[:k], p.answers[:k], r[:k], aggregations))
+                for p, r in zip(problems, rewards_of)
+            )
+            by_k[str(k)] = bon_scores(at_k, aggregations)[1].as_dict()
+        results["by_k"] = by_k
+    results["analyses"] = {"min_position": min_position_stats(r for rs in rewards_of for r in rs).as_dict()}
+    stats = _scoring_stats(scorer)
+    if stats is not None:
+        results["scoring"] = stats
+    rows = [
+        {
+            "id": p.id,
+            "dataset": p.dataset,
+            "n": o.n,
+            "selected": o.selected,
+            "prm_correct": o.prm_correct,
+            "majority_answer": o.majority_answer,
+            "majority_index": o.majority_index,
+            "maj_correct": o.maj_correct,
+            "pass": o.pass_correct,
+            "correct": list(p.correct),
+            "rewards": r,
+        }
+        for p, o, r in zip(problems, outcomes, rewards_of)
+    ]
+    return EvaluationOutput(results, rows)
+
+
+# ---------------------------------------------------------------------------- outputs
+
+
+def write_outputs(out_dir: str | Path, output: EvaluationOutput, *, plots: bool = True) -> list[Path]:
+    """results.json, results.md, predictions.jsonl and the task's PNG plots under ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = output.results
+    report.write_jsonl(out_dir / "predictions.jsonl", output.predictions)
+    if results["task"] == "processbench":
+        markdown = report.processbench_markdown(results)
+    else:
+        markdown = report.bon_markdown(results)
+    written = [out_dir / "predictions.jsonl", out_dir / "results.md"]
+    if plots:
+        if results["task"] == "processbench":
+            written += report.plot_processbench(results, out_dir, output.curves)
+        else:
+            written += report.plot_bon(results, out_dir)
+    report.write_text(out_dir / "results.md", markdown)
+    # results.json last: its presence means the run finished.
+    report.write_json(out_dir / "results.json", results)
+    return [out_dir / "results.json", *written]
