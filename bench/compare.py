@@ -4,7 +4,8 @@ Both paths run the same Qwen2-shaped PRM (backbone + `Linear(h,h) -> ReLU -> Lin
 same random weights, on the same global batch, sequence length and dtype:
 
 * JAX: the project's Trainer train step (jitted, sharded over all devices, donated buffers,
-  `jax.nn.dot_product_attention`: cuDNN flash attention where available), or its forward pass;
+  `jax.nn.dot_product_attention`: the XLA kernel by default in jax 0.10, cuDNN with
+  `--attention_impl=cudnn`), or its forward pass;
 * torch: transformers `Qwen2Model` + the identical head, cross-entropy at separator positions,
   bf16 autocast, gradient checkpointing on (TRL's default), SDPA attention, AdamW; optionally a
   `torch.compile`d copy as a third row.
@@ -163,7 +164,8 @@ def _time(fn: Callable[[], Any], steps: int, sync: Callable[[Any], Any]) -> floa
 
 
 def run(suite: str, size: str, *, rows: int, seq_len: int, steps: int, torch_compile: bool = False,
-        remat_policy: str = "dots_no_batch", guard_rows: int = 2, guard_seq_len: int = 128) -> dict[str, Any]:
+        remat_policy: str = "dots_no_batch", attention_impl: str = "auto", guard_rows: int = 2,
+        guard_seq_len: int = 128) -> dict[str, Any]:
     import jax
     import torch
 
@@ -183,7 +185,7 @@ def run(suite: str, size: str, *, rows: int, seq_len: int, steps: int, torch_com
     config.model.arch.update(**{k: arch.get(k, config.model.arch.get(k)) for k in config.model.arch})
     config.model.dtype = "bfloat16"
     config.model.remat_policy = remat_policy if suite == "train" else "none"
-    config.model.attention_impl = "auto"
+    config.model.attention_impl = attention_impl
     config.train.global_batch_rows = rows
     config.data.seq_len = seq_len
     config.optimizer.warmup_steps = 0
@@ -213,7 +215,9 @@ def run(suite: str, size: str, *, rows: int, seq_len: int, steps: int, torch_com
 
             def jax_step():
                 with jax.set_mesh(trainer.mesh):
-                    state["params"], state["opt"], metrics = trainer.train_step(state["params"], state["opt"], global_batch)
+                    state["params"], state["opt"], metrics = trainer.train_step(
+                        state["params"], state["opt"], global_batch, np.int32(0)
+                    )
                 return metrics
         else:
             def jax_step():
@@ -286,7 +290,7 @@ def run(suite: str, size: str, *, rows: int, seq_len: int, steps: int, torch_com
         "suite": suite, "size": size, "date": time.strftime("%Y-%m-%d"),
         "device": jax.devices()[0].device_kind, "devices": devices, "torch_device": str(device),
         "global_batch_rows": rows, "seq_len": seq_len, "dtype": "bfloat16",
-        "remat_policy": config.model.remat_policy, "parameters": model_config.num_parameters(),
+        "remat_policy": config.model.remat_policy, "attention_impl": attention_impl, "parameters": model_config.num_parameters(),
         "guard": {"jax_loss_fp32": jax_guard, "torch_loss_fp32": torch_guard, "relative_difference": relative},
         "jax_step_s": round(jax_step_s, 5), "torch_step_s": round(torch_step_s, 5),
         "jax_tokens_per_s": round(tokens / jax_step_s, 1), "torch_tokens_per_s": round(tokens / torch_step_s, 1),

@@ -68,14 +68,14 @@ def main(argv: list[str]) -> None:
         )
         with jax.set_mesh(trainer.mesh):
             start = time.perf_counter()
-            params, opt_state, metrics = trainer.train_step(params, opt_state, batch)
+            params, opt_state, metrics = trainer.train_step(params, opt_state, batch, np.int32(0))
             jax.block_until_ready(metrics)
             compile_s = time.perf_counter() - start
-            params, opt_state, metrics = trainer.train_step(params, opt_state, batch)
+            params, opt_state, metrics = trainer.train_step(params, opt_state, batch, np.int32(0))
             jax.block_until_ready(metrics)
             start = time.perf_counter()
             for _ in range(_STEPS.value):
-                params, opt_state, metrics = trainer.train_step(params, opt_state, batch)
+                params, opt_state, metrics = trainer.train_step(params, opt_state, batch, np.int32(0))
             jax.block_until_ready(metrics)
             elapsed = time.perf_counter() - start
         trainer.close()

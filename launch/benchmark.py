@@ -17,6 +17,7 @@ _ROWS = flags.DEFINE_integer("rows", 8, "Global batch rows.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Tokens per row.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per path (after two warm-up steps).")
 _REMAT = flags.DEFINE_string("remat_policy", "dots_no_batch", "JAX remat policy for the train suite.")
+_ATTENTION = flags.DEFINE_enum("attention_impl", "auto", ["auto", "xla", "cudnn"], "JAX attention kernel.")
 _COMPILE = flags.DEFINE_bool("torch_compile", False, "Add a torch.compile row.")
 _OUT = flags.DEFINE_string("out", None, "Write the figures as JSON here.")
 
@@ -25,7 +26,7 @@ def main(argv: list[str]) -> None:
     del argv
     configure_logging()
     result = run(_SUITE.value, _SIZE.value, rows=_ROWS.value, seq_len=_SEQ_LEN.value, steps=_STEPS.value,
-                 torch_compile=_COMPILE.value, remat_policy=_REMAT.value)
+                 torch_compile=_COMPILE.value, remat_policy=_REMAT.value, attention_impl=_ATTENTION.value)
     print(format_table(result))
     if _OUT.value:
         dump(result, _OUT.value)

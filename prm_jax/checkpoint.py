@@ -29,7 +29,7 @@ from jax.sharding import Mesh
 from orbax.checkpoint import type_handlers
 
 from prm_jax.models.config import ModelConfig
-from prm_jax.models.factory import abstract_model, abstract_param_state, params_to_tree, tree_to_params
+from prm_jax.models.factory import abstract_model, abstract_param_state, param_specs, params_to_tree, tree_to_params
 from prm_jax.models.transformer import Transformer
 from prm_jax.sharding import LogicalAxisRules, state_shardings
 
@@ -109,9 +109,6 @@ def _string_path(path: Iterable[Any]) -> tuple[str, ...]:
     return tuple(str(p) for p in path)
 
 
-def _model_param_paths(config: ModelConfig) -> list[tuple[ParamPath, jax.ShapeDtypeStruct]]:
-    state = abstract_param_state(config)
-    return [(tuple(p), v.get_value()) for p, v in nnx.to_flat_state(state)]
 
 
 # ---------------------------------------------------------------------------- save
@@ -121,7 +118,7 @@ def _checkpointer() -> ocp.Checkpointer:
     return ocp.Checkpointer(ocp.CompositeCheckpointHandler())
 
 
-def _metadata(config: ModelConfig, provenance: Mapping[str, Any] | None) -> dict[str, Any]:
+def checkpoint_metadata(config: ModelConfig, provenance: Mapping[str, Any] | None) -> dict[str, Any]:
     return {
         "layout_version": LAYOUT_VERSION,
         "scan_layers": False,
@@ -142,10 +139,11 @@ def save_params(
 
     The set of parameter paths and their shapes must be exactly the model's for `config`.
     Orbax writes into a temporary directory and renames it at the end, so a failed save leaves
-    nothing at `directory`.
+    nothing at `directory` (with `overwrite`, the previous checkpoint stays until the new one is
+    complete).
     """
     directory = Path(directory).absolute()
-    expected = {_string_path(p): s.shape for p, s in _model_param_paths(config)}
+    expected = {_string_path(p): s.shape for p, s in param_specs(config)}
     given = {_string_path(p): tuple(v.shape) for p, v in params.items()}
     missing = sorted(".".join(p) for p in expected.keys() - given.keys())
     extra = sorted(".".join(p) for p in given.keys() - expected.keys())
@@ -154,24 +152,32 @@ def save_params(
     for path, shape in given.items():
         if tuple(expected[path]) != shape:
             raise ValueError(f"{'.'.join(path)}: shape {shape} != expected {tuple(expected[path])}")
-    if directory.exists():
-        if not overwrite:
-            raise FileExistsError(f"{directory} exists; pass overwrite=True to replace it")
-        shutil.rmtree(directory)
+    if directory.exists() and not overwrite:
+        raise FileExistsError(f"{directory} exists; pass overwrite=True to replace it")
     directory.parent.mkdir(parents=True, exist_ok=True)
+    # With overwrite, the new checkpoint is complete before the old one goes: a failed save
+    # leaves the old checkpoint untouched.
+    target = directory.with_name(directory.name + ".new") if directory.exists() else directory
+    if target != directory and target.exists():
+        shutil.rmtree(target)
     try:
         _checkpointer().save(
-            directory,
+            target,
             args=ocp.args.Composite(
                 **{
                     PARAMS_ITEM: ocp.args.PyTreeSave(params_to_tree(params)),
-                    CONFIG_ITEM: ocp.args.JsonSave(_metadata(config, provenance)),
+                    CONFIG_ITEM: ocp.args.JsonSave(checkpoint_metadata(config, provenance)),
                 }
             ),
         )
     except BaseException:
-        _remove_partial_saves(directory)
+        _remove_partial_saves(target)
         raise
+    if target != directory:
+        old = directory.with_name(directory.name + ".old")
+        directory.rename(old)
+        target.rename(directory)
+        shutil.rmtree(old)
     return directory
 
 
@@ -228,7 +234,7 @@ def _target_tree(
 ) -> dict[str, Any]:
     abstract_state = abstract_param_state(config)
     if mesh is None:
-        mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+        mesh = Mesh(np.array(jax.local_devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
     shardings = dict(nnx.to_flat_state(state_shardings(abstract_state, mesh, rules)))
     wanted = None if paths is None else {_string_path(p) for p in paths}
     targets: dict[ParamPath, jax.ShapeDtypeStruct] = {}
@@ -284,7 +290,7 @@ def restore_params(
     )[PARAMS_ITEM]
     by_string = tree_to_params(restored)
     out: dict[ParamPath, jax.Array] = {}
-    for path, _ in _model_param_paths(config):
+    for path, _ in param_specs(config):
         key = _string_path(path)
         if key in by_string:
             out[path] = by_string[key]

@@ -3,7 +3,8 @@
 The single entry point evaluation, the HF usage example and the demo rely on. Inputs are built
 by `tokenization.build_prm_input` (chat layout, separator after each step); the model's step
 head is read at the separator positions. Batches are right-padded to a multiple of
-`pad_to_multiple` tokens so repeated calls reuse a handful of compiled shapes.
+`pad_to_multiple` tokens, with rows rounded up to a power of two, so repeated calls reuse a
+handful of compiled shapes.
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ def score_prm_inputs(
         return []
     longest = max(len(x.input_ids) for x in inputs)
     length = int(np.ceil(longest / pad_to_multiple) * pad_to_multiple)
-    ids = np.full((len(inputs), length), pad_id, dtype=np.int32)
-    segments = np.zeros((len(inputs), length), dtype=np.int32)
+    rows = 1 << (len(inputs) - 1).bit_length()  # rows bucketed to a power of two as well
+    ids = np.full((rows, length), pad_id, dtype=np.int32)
+    segments = np.zeros((rows, length), dtype=np.int32)
     for row, x in enumerate(inputs):
         ids[row, : len(x.input_ids)] = x.input_ids
         segments[row, : len(x.input_ids)] = 1

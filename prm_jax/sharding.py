@@ -122,13 +122,18 @@ def logical_to_partition_spec(
         if mesh is not None:
             axes = tuple(a for a in axes if a in mesh.shape and mesh.shape[a] > 1)
         if axes and shape is not None and mesh is not None:
-            size = math.prod(mesh.shape[a] for a in axes)
-            if shape[dim] % size:
+            # Keep the longest prefix of the mesh axes that divides the dimension.
+            kept: tuple[str, ...] = ()
+            for axis in axes:
+                if shape[dim] % (math.prod(mesh.shape[a] for a in kept + (axis,))):
+                    break
+                kept += (axis,)
+            if kept != axes:
                 _log.info(
-                    "replicating dim %d (%s, size %d): not divisible by mesh axes %s (%d)",
-                    dim, name, shape[dim], axes, size,
+                    "dim %d (%s, size %d) does not divide over mesh axes %s: sharded over %s only",
+                    dim, name, shape[dim], axes, kept or "none",
                 )
-                axes = ()
+            axes = kept
         used.update(axes)
         spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
     return PartitionSpec(*spec)

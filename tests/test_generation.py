@@ -168,3 +168,17 @@ def test_sharded_sampling_matches_single_device(setup) -> None:
     sharded = JaxSampler(sharded_model, tokenizer, mesh=mesh, config=SamplerConfig(chunk_size=8))
     params = SamplingParams(n=2, temperature=0.8, max_tokens=10, seed=3, ignore_eos=True)
     assert sharded.generate(PROMPTS, params) == sampler(setup).generate(PROMPTS, params)
+
+
+def test_stop_string_in_the_chunk_where_the_row_runs_out_of_tokens(setup) -> None:
+    """The stop string is honoured even when max_tokens ends the row in the same decode chunk."""
+    s = sampler(setup)
+    tokenizer = setup[2]
+    ids = list(s.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))[0].completions[0].token_ids)
+    full_text = tokenizer.decode(ids, skip_special_tokens=True)
+    prefix = tokenizer.decode(ids[:3], skip_special_tokens=True)
+    stop = full_text[len(prefix): len(prefix) + 2]
+    assert stop.strip()
+    # chunk_size is 8: max_tokens=7 ends the row inside the first chunk, after the stop string.
+    c = s.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=7, stop=(stop,), ignore_eos=True))[0].completions[0]
+    assert c.finish_reason == "stop" and c.text == full_text[: full_text.find(stop)]

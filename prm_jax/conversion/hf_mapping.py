@@ -131,8 +131,3 @@ def tensor_mappings(config: ModelConfig) -> list[TensorMapping]:
             _vector("score.2.bias", ("score", "out_bias"), c, is_head=True),
         ]
     return table
-
-
-def path_key(path: ParamPath) -> str:
-    """A flat, human-readable name for a parameter path (error messages, checkpoint keys)."""
-    return ".".join(str(p) for p in path)

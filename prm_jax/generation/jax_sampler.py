@@ -2,7 +2,7 @@
 
 How a `generate` call runs:
 * prompts are rendered to ids, checked against the context length, and grouped so that a group's
-  sample rows fit `max_batch_rows`;
+  sample rows fit `max_batch_rows` (a single prompt with n > max_batch_rows forms its own group);
 * each group prefills its *unique* prompts once (left-padded to a length bucket), then the cache
   rows are repeated for the prompt's n samples: a prompt with n > 1 is prefilled once;
 * decoding runs `chunk_size` steps per jitted call (a `lax.scan`), and the host checks stop
@@ -64,6 +64,12 @@ class _Row:
     params: SamplingParams
 
 
+def _as_ids(value) -> set[int]:
+    if value is None:
+        return set()
+    return {int(v) for v in value} if isinstance(value, (list, tuple)) else {int(value)}
+
+
 def _bucket_rows(rows: int, multiple: int) -> int:
     size = 1 << max(0, math.ceil(math.log2(max(rows, 1))))
     return max(size, multiple) if size % multiple == 0 else math.ceil(size / multiple) * multiple
@@ -74,23 +80,28 @@ def _round_up(value: int, multiple: int) -> int:
 
 
 def _sample_tokens(logits, temperature, top_p, top_k, seeds, step, filtering: bool):
-    """One token per row; greedy where temperature == 0."""
+    """One token per row; greedy where temperature == 0.
+
+    Filtering keeps a prefix of the tokens sorted by logit: top-k first, then top-p on the
+    renormalised top-k distribution (as vLLM and transformers do). The draw itself is always a
+    categorical over logits in vocabulary order, so a row's token does not depend on whether other
+    rows of its batch asked for filtering.
+    """
     logits = logits.astype(jnp.float32)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(seeds, step)
     scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
     if filtering:
-        order = jnp.argsort(-scaled, axis=-1)
-        sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
+        sorted_logits = -jnp.sort(-scaled, axis=-1)
         ranks = jnp.arange(scaled.shape[-1])[None, :]
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        in_top_k = (top_k[:, None] == 0) | (ranks < top_k[:, None])
+        top_k_logits = jnp.where(in_top_k, sorted_logits, -jnp.inf)
+        probs = jax.nn.softmax(top_k_logits, axis=-1)
         before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly better tokens
-        keep = ((top_k[:, None] == 0) | (ranks < top_k[:, None])) & (before < top_p[:, None])
-        masked = jnp.where(keep, sorted_logits, -jnp.inf)
-        choice = jax.vmap(jax.random.categorical)(keys, masked)
-        sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
-    else:
-        sampled = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+        keep = in_top_k & (before < top_p[:, None])
+        cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1)  # smallest kept logit
+        scaled = jnp.where(scaled >= cutoff[:, None], scaled, -jnp.inf)
+    sampled = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
     return jnp.where(temperature == 0, greedy, sampled)
 
 
@@ -140,8 +151,7 @@ class JaxSampler:
         self.context_length = model.config.max_position_embeddings
         self.graphdef, self.state = nnx.split(model)
         self.stats = SamplerStats()
-        eos = getattr(tokenizer, "eos_token_id", None)
-        self.eos_ids = tuple(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+        self.eos_ids = tuple(sorted(_as_ids(getattr(tokenizer, "eos_token_id", None)) | _as_ids(model.config.eos_token_id)))
         self._row_multiple = 1
         if mesh is not None:
             spec = logical_to_partition_spec(("activation_batch",), None, mesh)
@@ -256,8 +266,9 @@ class JaxSampler:
             positions[r] = len(prompt_ids[row.prompt])
         done = np.zeros(batch, bool)
         done[len(group):] = True
+        initial_done = done
         generated = np.zeros(batch, np.int32)
-        state = (cache, logits, jnp.int32(prompt_len), self._place(positions), self._place(done), self._place(generated))
+        state = (cache, logits, jnp.int32(prompt_len), self._place(positions), self._place(initial_done), self._place(generated))
         out_tokens = [[] for _ in group]
         stop_hits: dict[int, str] = {}
         steps = cfg.chunk_size  # fixed: one compiled decode program per shape bucket
@@ -266,12 +277,15 @@ class JaxSampler:
                 self.graphdef, self.state, *state, rows, filtering=filtering, steps=steps
             )
             chunk_tokens, chunk_emitted = np.asarray(chunk_tokens), np.asarray(chunk_emitted)
+            was_done = done.copy()
             done = np.array(carry[4])
             generated = np.asarray(carry[5])
             self.stats.decode_steps += steps
             for r, row in enumerate(group):
                 out_tokens[r].extend(int(t) for t in chunk_tokens[r][chunk_emitted[r]])
-                if not done[r] and row.params.stop:
+                # Rows that finished within this chunk (EOS, max_tokens) may still have emitted a
+                # stop string first: check every row that was running at the chunk's start.
+                if not was_done[r] and r not in stop_hits and row.params.stop:
                     hit = self._stop_string_hit(out_tokens[r], row.params.stop)
                     if hit is not None:
                         stop_hits[r] = hit

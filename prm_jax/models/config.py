@@ -19,11 +19,11 @@ import jax.numpy as jnp
 SUPPORTED_ARCHITECTURES = (
     "Qwen2ForCausalLM",
     "Qwen2ForProcessRewardModel",
-    "Qwen2Model",
     "LlamaForCausalLM",
 )
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "minimal")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+# "auto" lets jax.nn.dot_product_attention choose; in jax 0.10 that is always the XLA kernel.
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -89,10 +89,6 @@ class ModelConfig:
     @property
     def parameter_dtype(self) -> jnp.dtype:
         return _DTYPES[self.param_dtype]
-
-    @property
-    def num_query_groups(self) -> int:
-        return self.num_attention_heads // self.num_key_value_heads
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)

@@ -7,7 +7,7 @@ from typing import Any, Mapping
 
 import jax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from prm_jax.models.config import ModelConfig
 from prm_jax.models.transformer import Transformer
@@ -31,11 +31,9 @@ def abstract_param_state(config: ModelConfig) -> nnx.State:
     return nnx.state(abstract_model(config), nnx.Param)
 
 
-def param_shardings(
-    config: ModelConfig, mesh: Mesh, rules: LogicalAxisRules | None = None
-) -> nnx.State:
-    """NamedShardings for the model's parameters under `rules` on `mesh`."""
-    return state_shardings(nnx.state(abstract_model(config)), mesh, rules)
+def param_specs(config: ModelConfig) -> list[tuple[ParamPath, jax.ShapeDtypeStruct]]:
+    """(path, shape/dtype) of every parameter of a model with this config (cached state)."""
+    return [(tuple(p), v.get_value()) for p, v in nnx.to_flat_state(abstract_param_state(config))]
 
 
 def create_model(
@@ -106,10 +104,6 @@ def model_from_arrays(
         leaves.append((path, variable.replace(placed)))
     state = nnx.from_flat_state(leaves)
     return nnx.merge(graphdef, state)
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec())
 
 
 # ---------------------------------------------------------------------------- params trees

@@ -247,7 +247,6 @@ _REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 

@@ -18,7 +18,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.dtype = "bfloat16"  # compute dtype
     c.model.param_dtype = "float32"  # master weights and optimizer state
     c.model.remat_policy = "dots_no_batch"  # none | full | dots | dots_no_batch
-    c.model.attention_impl = "auto"  # auto | xla | cudnn
+    c.model.attention_impl = "auto"  # auto (= XLA in jax 0.10) | xla | cudnn
     # Architecture for a model trained from scratch (ignored with init_from).
     c.model.arch = ml_collections.ConfigDict(
         dict(

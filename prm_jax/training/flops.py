@@ -12,18 +12,20 @@ import jax
 
 from prm_jax.models.config import ModelConfig
 
-# Dense bf16 peak FLOP/s per device (no sparsity), by `device_kind` prefix.
-PEAK_BF16_FLOPS = {
-    "NVIDIA H200": 989e12,
-    "NVIDIA H100": 989e12,
-    "NVIDIA A100": 312e12,
-    "NVIDIA L4": 121e12,
-    "TPU v6": 918e12,
-    "TPU v5p": 459e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5e": 197e12,
-    "TPU v4": 275e12,
-}
+# Dense bf16 peak FLOP/s per device (no sparsity). Matched against `device_kind` in order, the
+# more specific names first: v5p reports "TPU v5", v5e "TPU v5 lite", v6e "TPU v6 lite".
+PEAK_BF16_FLOPS = (
+    ("NVIDIA H100 PCIe", 756e12),
+    ("NVIDIA H100", 989e12),
+    ("NVIDIA H200", 989e12),
+    ("NVIDIA A100", 312e12),
+    ("NVIDIA L4", 121e12),
+    ("TPU v6 lite", 918e12),
+    ("TPU v5 lite", 197e12),
+    ("TPU v5p", 459e12),
+    ("TPU v5", 459e12),
+    ("TPU v4", 275e12),
+)
 
 
 def matmul_parameters(config: ModelConfig, objective: str) -> int:
@@ -55,7 +57,7 @@ def peak_flops_per_device(device: jax.Device | None = None, override: float = 0.
         return override
     device = device or jax.devices()[0]
     kind = getattr(device, "device_kind", "")
-    for prefix, flops in PEAK_BF16_FLOPS.items():
+    for prefix, flops in PEAK_BF16_FLOPS:
         if kind.startswith(prefix):
             return flops
     return None

@@ -40,8 +40,14 @@ def learning_rate_schedule(cfg: OptimizerConfig) -> optax.Schedule:
 
 
 def _decay_mask(params):
-    # No weight decay on biases and norm scales (1-D parameters), the usual LLM recipe.
-    return jax.tree.map(lambda p: p.ndim > 1, params)
+    """No weight decay on biases and norm scales (by name: q/k/v biases are 2-D)."""
+
+    def decays(path, _leaf) -> bool:
+        name = str(getattr(path[-1], "key", path[-1]))
+        parent = str(getattr(path[-2], "key", "")) if len(path) > 1 else ""
+        return not (name.endswith("bias") or (name == "weight" and "norm" in parent))
+
+    return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def build_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:

@@ -47,11 +47,14 @@ def make_train_step(
     *,
     objective: str,
     grad_accum_steps: int = 1,
-) -> Callable[[Any, Any, Batch], tuple[Any, Any, dict[str, jax.Array]]]:
+    schedule: optax.Schedule | None = None,
+) -> Callable[..., tuple[Any, Any, dict[str, jax.Array]]]:
+    """(params, opt_state, batch, step) -> (params, opt_state, metrics); `step` (0-based update
+    count) only feeds the logged learning rate, computed here so the host never waits for it."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective={objective!r}; choose one of {OBJECTIVES}")
 
-    def train_step(params, opt_state, batch: Batch):
+    def train_step(params, opt_state, batch: Batch, step: jax.Array | None = None):
         total_weight = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
 
         def loss_fn(p, microbatch):
@@ -85,6 +88,8 @@ def make_train_step(
             "supervised": sums["weight"],
             "tokens": jnp.sum((batch["segment_ids"] > 0).astype(jnp.float32)),
         }
+        if schedule is not None and step is not None:
+            metrics["lr"] = jnp.asarray(schedule(step), jnp.float32)
         return params, opt_state, metrics
 
     return train_step

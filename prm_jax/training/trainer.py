@@ -27,14 +27,16 @@ import grain
 import jax
 import ml_collections
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from prm_jax.checkpoint import CONFIG_ITEM, PARAMS_ITEM, _metadata, params_to_tree, read_model_config, restore_params
+from prm_jax.checkpoint import CONFIG_ITEM, PARAMS_ITEM, checkpoint_metadata, params_to_tree, read_model_config, restore_params
 from prm_jax.metrics import first_error_index, step_error_scores
 from prm_jax.models.config import ModelConfig
-from prm_jax.models.factory import abstract_model, create_model, params_tree
+from prm_jax.models.factory import abstract_model, create_model, param_specs, params_tree
+from prm_jax.models.transformer import LMHead, StepHead
 from prm_jax.sharding import logical_to_partition_spec, make_mesh, state_shardings
 from prm_jax.training import flops
 from prm_jax.training.metrics_writer import MetricsWriter
@@ -125,6 +127,14 @@ class Trainer:
         accum = int(config.train.grad_accum_steps)
         if self.global_rows % accum:
             raise ValueError(f"global_batch_rows={self.global_rows} is not divisible by grad_accum_steps={accum}")
+        data_shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        if (self.global_rows // accum) % data_shards:
+            # Otherwise the batch constraint silently replicates: every device would compute the
+            # whole microbatch.
+            raise ValueError(
+                f"a microbatch of {self.global_rows // accum} rows (global_batch_rows={self.global_rows} / "
+                f"grad_accum_steps={accum}) does not divide over data x fsdp = {data_shards} devices"
+            )
         self.opt_config = OptimizerConfig(**dict(config.optimizer), total_steps=int(config.train.num_steps))
         self.optimizer = build_optimizer(self.opt_config)
         self.schedule = learning_rate_schedule(self.opt_config)
@@ -136,15 +146,21 @@ class Trainer:
             lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
             params_tree_from_state(self.abstract_state), self.param_shardings,
         )
-        with jax.set_mesh(self.mesh):
-            self.opt_shardings = (
-                jax.jit(self.optimizer.init).lower(self.abstract_params).compile().output_shardings
-            )
-        self.batch_sharding = _batch_sharding(self.mesh, self.global_rows)
         replicated = NamedSharding(self.mesh, PartitionSpec())
+        # Optimizer moments are sharded exactly like their parameters (counts replicated); left to
+        # the compiler, zeros_like would come out replicated on every device.
+        self.abstract_opt_state = jax.eval_shape(self.optimizer.init, self.abstract_params)
+        self.opt_shardings = optax.tree_map_params(
+            self.optimizer, lambda _, sharding: sharding, self.abstract_opt_state, self.param_shardings,
+            transform_non_params=lambda _: replicated,
+        )
+        self.batch_sharding = _batch_sharding(self.mesh, self.global_rows)
         self.train_step = jax.jit(
-            make_train_step(self.graphdef, self.abstract_state, self.optimizer, objective=self.objective, grad_accum_steps=accum),
-            in_shardings=(self.param_shardings, self.opt_shardings, self.batch_sharding),
+            make_train_step(
+                self.graphdef, self.abstract_state, self.optimizer, objective=self.objective,
+                grad_accum_steps=accum, schedule=self.schedule,
+            ),
+            in_shardings=(self.param_shardings, self.opt_shardings, self.batch_sharding, replicated),
             out_shardings=(self.param_shardings, self.opt_shardings, replicated),
             donate_argnums=(0, 1),
         )
@@ -172,28 +188,34 @@ class Trainer:
 
     def _fresh_params(self) -> Any:
         init_from = self.config.model.init_from
+        seed = int(self.config.seed)
         if not init_from:
-            model = create_model(self.model_config, seed=int(self.config.seed), mesh=self.mesh)
-            return params_tree(model)
-        # Import what the source has (backbone, and whichever heads it carries); initialise the rest.
+            return params_tree(create_model(self.model_config, seed=seed, mesh=self.mesh))
+        # Import what the source has (backbone, and whichever heads it carries); initialise only
+        # the missing heads, never a whole second model.
         stored = read_model_config(init_from)
-        source_paths = {tuple(map(str, p)) for p, _ in _flat_paths(stored)}
-        wanted = [p for p, _ in _flat_paths(self.model_config) if tuple(map(str, p)) in source_paths]
+        source_paths = {tuple(map(str, p)) for p, _ in param_specs(stored)}
+        wanted = [p for p, _ in param_specs(self.model_config) if tuple(map(str, p)) in source_paths]
         restored = restore_params(
             init_from, stored.replace(**{f: getattr(self.model_config, f) for f in _RUNTIME_FIELDS}),
             mesh=self.mesh, paths=wanted,
         )
-        missing = [p for p, _ in _flat_paths(self.model_config) if p not in restored]
-        if missing:
-            _log.info("initialising %d parameters absent from %s (seed %d): %s", len(missing), init_from,
-                      self.config.seed, sorted(".".join(map(str, p)) for p in missing))
-            fresh = create_model(self.model_config, seed=int(self.config.seed), mesh=self.mesh)
-            fresh_flat = {tuple(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(fresh, nnx.Param))}
-            restored.update({p: fresh_flat[p] for p in missing})
+        missing = [p for p, _ in param_specs(self.model_config) if p not in restored]
+        heads = {"score": StepHead, "lm_head": LMHead}
+        backbone_missing = sorted(".".join(map(str, p)) for p in missing if p[0] not in heads)
+        if backbone_missing:
+            raise ValueError(f"{init_from} lacks backbone parameters {backbone_missing}")
+        shardings = {tuple(p): s for p, s in _flat_tree(self.param_shardings).items()}
+        for name in sorted({p[0] for p in missing}):
+            _log.info("initialising %s (absent from %s) from seed %d", name, init_from, seed)
+            module = heads[name](self.model_config, nnx.Rngs(seed))
+            for path, variable in nnx.to_flat_state(nnx.state(module, nnx.Param)):
+                full = (name,) + tuple(path)
+                restored[full] = jax.device_put(variable.get_value(), shardings[tuple(map(str, full))])
         return params_to_tree(restored)
 
     def _save(self, step: int, params: Any, opt_state: Any, iterator: Any, extra: dict[str, Any], force: bool = False) -> bool:
-        meta = _metadata(self.model_config, {"source": "prm_jax.training", "init_from": self.config.model.init_from or None})
+        meta = checkpoint_metadata(self.model_config, {"source": "prm_jax.training", "init_from": self.config.model.init_from or None})
         saved = self.checkpoint_manager.save(
             step,
             args=ocp.args.Composite(
@@ -210,9 +232,18 @@ class Trainer:
         return bool(saved)
 
     def _restore(self, step: int, iterator: Any) -> tuple[Any, Any, dict[str, Any]]:
+        # Runtime fields (dtype, remat, attention) may change on resume, e.g. after an OOM; the
+        # architecture and heads may not. Checked before restoring anything big.
+        stored = read_model_config(self.workdir / "checkpoints" / str(step))
+        runtime = {f: getattr(self.model_config, f) for f in _RUNTIME_FIELDS}
+        if stored.replace(**runtime) != self.model_config:
+            raise TrainingError(
+                f"checkpoint {step} in {self.workdir} was written for a different model:\n"
+                f"  checkpoint: {stored}\n  this run:   {self.model_config}"
+            )
         abstract_opt = jax.tree.map(
             lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-            jax.eval_shape(self.optimizer.init, self.abstract_params), self.opt_shardings,
+            self.abstract_opt_state, self.opt_shardings,
         )
         restored = self.checkpoint_manager.restore(
             step,
@@ -227,16 +258,9 @@ class Trainer:
                     ),
                     DATA_ITER_ITEM: grain.checkpoint.CheckpointRestore(iterator),
                     TRAINER_STATE_ITEM: ocp.args.JsonRestore(),
-                    CONFIG_ITEM: ocp.args.JsonRestore(),
                 }
             ),
         )
-        stored = ModelConfig.from_json_dict(restored[CONFIG_ITEM]["config"])
-        if stored != self.model_config:
-            raise ValueError(
-                f"checkpoint {step} in {self.workdir} was written for a different model config:\n"
-                f"  checkpoint: {stored}\n  this run:   {self.model_config}"
-            )
         return restored[PARAMS_ITEM], restored[OPT_STATE_ITEM], dict(restored[TRAINER_STATE_ITEM])
 
     # ------------------------------------------------------------------ eval
@@ -246,7 +270,8 @@ class Trainer:
         rewards_by_example: dict[int, dict[int, float]] = {}
         labels_by_example: dict[int, dict[int, float]] = {}
         for batch in eval_batches:
-            sums, rewards = self.eval_step(params, _to_global(batch, self.batch_sharding))
+            with jax.set_mesh(self.mesh):
+                sums, rewards = self.eval_step(params, _to_global(batch, self.batch_sharding))
             loss_sum += float(sums["loss_sum"])
             weight += float(sums["weight"])
             correct += float(sums["correct"])
@@ -311,7 +336,7 @@ class Trainer:
         self._install_sigterm_handler()
 
         progress = _progress(self.is_primary, initial=step, total=num_steps)
-        pending: list[tuple[int, dict[str, jax.Array], float, int]] = []
+        pending: list[tuple[int, dict[str, jax.Array], int]] = []
         last_metrics: dict[str, float] = {}
         last_eval: dict[str, float] | None = None
         # (completion time, cumulative tokens) of recent steps: throughput over a sliding window is
@@ -324,7 +349,7 @@ class Trainer:
         def resolve_pending() -> None:
             nonlocal total_tokens, last_metrics
             while pending:
-                s, device_metrics, lr, fingerprint = pending.pop(0)
+                s, device_metrics, fingerprint = pending.pop(0)
                 metrics = {k: float(v) for k, v in device_metrics.items()}
                 checked = ("loss", "grad_norm", "param_norm")
                 if not all(math.isfinite(metrics[k]) for k in checked):
@@ -339,7 +364,7 @@ class Trainer:
                 if s % int(cfg.log_every) == 0 or s == num_steps:
                     (t0, n0), (t1, n1) = completions[0], completions[-1]
                     tokens_per_s = (n1 - n0) / max(t1 - t0, 1e-9)
-                    metrics.update({"lr": lr, "tokens_per_s": tokens_per_s, "batch_fingerprint": fingerprint})
+                    metrics.update({"tokens_per_s": tokens_per_s, "batch_fingerprint": fingerprint})
                     if self.peak_flops:
                         metrics["mfu"] = tokens_per_s * self.flops_per_token / (self.peak_flops * jax.device_count())
                     writer.write(s, metrics)
@@ -352,15 +377,21 @@ class Trainer:
                 fingerprint = _fingerprint(batch)
                 global_batch = _to_global(batch, self.batch_sharding)
                 with jax.set_mesh(self.mesh):
-                    params, opt_state, device_metrics = self.train_step(params, opt_state, global_batch)
-                lr = float(self.schedule(step))
+                    params, opt_state, device_metrics = self.train_step(
+                        params, opt_state, global_batch, np.int32(step)
+                    )
                 step += 1
                 progress.update(1)
                 # Resolve the previous step's metrics after dispatching this one: the host check
                 # for NaN then never stalls the device pipeline.
                 resolve_pending()
-                pending.append((step, device_metrics, lr, fingerprint))
-                stop_now = self._stop_agreed()
+                pending.append((step, device_metrics, fingerprint))
+                # Multi-host agreement is a collective: check at log boundaries, not every step.
+                stop_now = (
+                    self._stop_agreed()
+                    if jax.process_count() == 1 or step % int(cfg.log_every) == 0
+                    else False
+                )
                 if eval_batches and (step % int(cfg.eval_every) == 0 or step == num_steps):
                     resolve_pending()
                     last_eval = self.evaluate(params, eval_batches)
@@ -392,9 +423,14 @@ def params_tree_from_state(state: nnx.State) -> dict[str, Any]:
     })
 
 
-def _flat_paths(config: ModelConfig) -> list[tuple[tuple, Any]]:
-    state = nnx.state(abstract_model(config), nnx.Param)
-    return [(tuple(p), v) for p, v in nnx.to_flat_state(state)]
+def _flat_tree(tree: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    flat: dict[tuple[str, ...], Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat_tree(value, prefix + (key,)))
+        else:
+            flat[prefix + (key,)] = value
+    return flat
 
 
 def threading_is_main() -> bool:
