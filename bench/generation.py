@@ -53,7 +53,6 @@ def main(argv: list[str]) -> None:
     from prm_jax.generation.types import SamplingParams
     from prm_jax.models.config import ModelConfig
     from prm_jax.models.factory import model_from_arrays
-    from prm_jax.models.transformer import KVCache
 
     torch.manual_seed(0)
     hf_config = Qwen2Config(
@@ -84,8 +83,7 @@ def main(argv: list[str]) -> None:
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), tokens.shape)
 
     def jax_prefill():
-        cache = KVCache.empty(config, batch, length + 64)
-        jax.block_until_ready(_prefill(sampler.graphdef, sampler.state, tokens, positions, segments, cache))
+        jax.block_until_ready(_prefill(sampler.graphdef, sampler.state, tokens, positions, segments, slots=length + 64))
 
     def torch_prefill():
         with torch.no_grad():

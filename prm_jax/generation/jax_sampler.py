@@ -105,9 +105,12 @@ def _sample_tokens(logits, temperature, top_p, top_k, seeds, step, filtering: bo
     return jnp.where(temperature == 0, greedy, sampled)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _prefill(graphdef, state, tokens, positions, segments, cache: KVCache):
+@functools.partial(jax.jit, static_argnames=("graphdef", "slots"))
+def _prefill(graphdef, state, tokens, positions, segments, slots: int):
+    # The cache is created inside the jit: it is born with the (batch-sharded) layout the
+    # compiler propagates from the sharded prompt rows, never whole on one device.
     model = nnx.merge(graphdef, state)
+    cache = KVCache.empty(model.config, tokens.shape[0], slots)
     hidden, cache = model.model.call_with_cache(tokens, positions, segments, cache, jnp.int32(0))
     return model.lm_logits(hidden[:, -1:])[:, 0], cache
 
@@ -227,9 +230,8 @@ class JaxSampler:
             tokens[r, prompt_len - len(ids):] = ids
             segments[r, prompt_len - len(ids):] = 1
         positions = np.maximum(np.cumsum(segments, axis=1) - 1, 0).astype(np.int32)
-        cache = KVCache.empty(self.model.config, prefill_batch, slots)
         logits, cache = _prefill(
-            self.graphdef, self.state, self._place(tokens), self._place(positions), self._place(segments), cache
+            self.graphdef, self.state, self._place(tokens), self._place(positions), self._place(segments), slots=slots
         )
         self.stats.prefill_rows += len(prefill_prompts)
         self.stats.prefill_tokens += sum(len(ids) for ids in prefill_prompts)
