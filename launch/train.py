@@ -10,6 +10,7 @@ Multi-host: every process runs the same command. On TPU pods and SLURM clusters
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -32,6 +33,13 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     configure_logging()
+    peers = _peer_processes_from_environment()
+    if peers > 1 and not (_DISTRIBUTED.value or _COORDINATOR.value):
+        # Without initialisation every host would train alone and write the same workdir.
+        raise app.UsageError(
+            f"the environment describes {peers} processes (SLURM/TPU pod) but jax.distributed is not "
+            "initialised: pass --distributed"
+        )
     if _DISTRIBUTED.value or _COORDINATOR.value:
         jax.distributed.initialize(
             coordinator_address=_COORDINATOR.value,
@@ -54,6 +62,12 @@ def main(argv: list[str]) -> None:
         summary = {"final_step": result.final_step, "stopped_early": result.stopped_early, **(result.last_eval or {})}
         print("training done: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
     sys.exit(0)
+
+
+def _peer_processes_from_environment() -> int:
+    slurm = int(os.environ.get("SLURM_NTASKS", "1") or 1)
+    tpu_hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
+    return max(slurm, len(tpu_hosts), 1)
 
 
 if __name__ == "__main__":
