@@ -1,6 +1,10 @@
 """The embedded default's world: seeded multi-step arithmetic with an exact step checker.
 
-A problem chains 2-4 additions/subtractions of two-digit numbers ("Compute 37 + 45 - 12.").
+A problem chains additions/subtractions ("Compute 37 + 45 - 12."). The difficulty is set by
+`generate_problems`' operand range, number of operations and cap on the running total; the
+defaults draw two-digit numbers, while the embedded demo (`data_pipeline.demo`) uses 2-3
+operations on single digits with totals in [0, 9], which a 4-layer policy learns on a CPU in
+about two minutes (with two-digit numbers it learns the format but not the arithmetic).
 A solution takes one operation per step ("37 + 45 = 82", "82 - 12 = 70") and ends with
 "The answer is \\boxed{70}.". Because every step has the form `a op b = c`, the checker can say
 exactly which step is the first wrong one, so every synthesized label can be compared with the
@@ -49,15 +53,25 @@ class WorldProblem:
         return {"id": self.id, "problem": self.text, "answer": str(self.answer)}
 
 
-def generate_problems(count: int, seed: int, *, prefix: str = "world", min_ops: int = 2, max_ops: int = 3) -> list[WorldProblem]:
+def generate_problems(count: int, seed: int, *, prefix: str = "world", min_ops: int = 2, max_ops: int = 3,
+                      operand_min: int = 10, operand_max: int = 99, max_value: int | None = None) -> list[WorldProblem]:
+    """`count` seeded problems. The first number and every operand are drawn from
+    [operand_min, operand_max]; with `max_value` the running total stays within [0, max_value]
+    (the operator is forced where only one keeps it there), which sets the world's difficulty:
+    the embedded demo uses single-digit operands and totals below 20."""
     rng = random.Random(seed)
     problems = []
     for index in range(count):
-        value = rng.randint(10, 99)
+        value = rng.randint(operand_min, operand_max)
         first, operations = value, []
         for _ in range(rng.randint(min_ops, max_ops)):
-            n = rng.randint(10, 99)
-            op = "-" if value - n >= 0 and rng.random() < 0.5 else "+"
+            n = rng.randint(operand_min, operand_max)
+            can_sub = value - n >= 0
+            can_add = max_value is None or value + n <= max_value
+            if not can_add and not can_sub:
+                n = rng.randint(operand_min, min(operand_max, value)) if value >= operand_min else operand_min
+                can_sub, can_add = value - n >= 0, value + n <= max_value
+            op = "-" if can_sub and (not can_add or rng.random() < 0.5) else "+"
             value = value + n if op == "+" else value - n
             operations.append((op, n))
         problems.append(WorldProblem(f"{prefix}-{seed}-{index:05d}", first, tuple(operations)))

@@ -1,0 +1,503 @@
+"""The embedded demo: the whole PRM pipeline on a CPU in minutes, in the procedural math world.
+
+    policy SFT (objective=lm on noisy world solutions)
+      -> synthesis (sample, grade, MC rollouts, judge, consensus) with the JAX sampler
+      -> PRM training (init_from the policy checkpoint: backbone imported, PRM head from the seed)
+      -> Orbax -> Hugging Face conversion
+      -> evaluation on held-out problems: ProcessBench-format records whose labels are the exact
+         checker's first errors, and Best-of-N (prm@N against maj@N and pass@N).
+
+In this world the LLM judge's role is played by the exact step checker
+(:class:`data_pipeline.math_world.CheckerJudge`), wrong at ``judge.error_rate``; everything else
+is the production code path. ``launch/demo.py`` is the entry point; ``configs/demo.py`` the
+default sizes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import time
+from pathlib import Path
+
+import ml_collections
+
+from data_pipeline import math_world
+
+_log = logging.getLogger("demo")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The default sizes: the whole run in about ten minutes on 2 CPU cores (see configs/demo.py)."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.progress = True
+    c.world = ml_collections.ConfigDict(dict(min_ops=2, max_ops=3, operand_min=1, operand_max=9, max_value=9))
+    # The policy: a small Qwen2-architecture causal LM (vocab = the tiny tokenizer's 404 ids).
+    c.policy = ml_collections.ConfigDict()
+    c.policy.arch = ml_collections.ConfigDict(dict(
+        vocab_size=404, hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, max_position_embeddings=512))
+    c.sft = ml_collections.ConfigDict(dict(
+        num_problems=4000, error_rate=0.15, steps=2500, rows=8, seq_len=112, lr=3e-3, warmup=20, log_every=50))
+    # Responses are sampled at a high temperature (realistic slips and enough wrong steps); MC
+    # rollouts at the usual 0.7, so that a rollout from a wrong prefix rarely lands on the gold by luck.
+    c.synth = ml_collections.ConfigDict(dict(num_problems=512, n=4, k=4, temperature=1.5, max_tokens=40,
+                                             mc_temperature=0.7, mc_max_tokens=32))
+    c.judge = ml_collections.ConfigDict(dict(error_rate=0.1))
+    c.prm = ml_collections.ConfigDict(dict(steps=400, rows=8, seq_len=112, lr=1e-3, warmup=20, log_every=50))
+    c.eval = ml_collections.ConfigDict(dict(num_problems=128, n=4, temperature=1.5, max_tokens=40))
+    return c
+
+
+def world_kwargs(config: ml_collections.ConfigDict) -> dict:
+    w = config.world
+    return dict(min_ops=int(w.min_ops), max_ops=int(w.max_ops), operand_min=int(w.operand_min),
+                operand_max=int(w.operand_max), max_value=int(w.max_value) if w.max_value else None)
+
+
+def _write_jsonl(path: Path, records) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("w") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _split_of(text: str) -> str:
+    """A problem's split by a stable hash of its text: 1/8 held-out, 1/8 synthesis, the rest SFT,
+    so the splits are disjoint and each one's problems do not depend on the others' sizes."""
+    bucket = int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) % 8
+    return "eval" if bucket == 0 else "synth" if bucket == 1 else "sft"
+
+
+def make_splits(config: ml_collections.ConfigDict) -> dict[str, list[math_world.WorldProblem]]:
+    """Disjoint problem sets (by text): SFT, synthesis, held-out evaluation."""
+    seed = int(config.seed)
+    kw = world_kwargs(config)
+    splits = {}
+    for offset, name, count in ((1, "sft", config.sft.num_problems), (2, "synth", config.synth.num_problems),
+                                (3, "eval", config.eval.num_problems)):
+        count, chosen, batch = int(count), [], 0
+        while len(chosen) < count:
+            problems = math_world.generate_problems(count * 4, seed * 1000 + offset * 100 + batch, prefix=name, **kw)
+            chosen += [p for p in problems if _split_of(p.text) == name]
+            batch += 1
+            if batch > 50:
+                raise ValueError(f"could not draw {count} {name} problems from this world")
+        splits[name] = chosen[:count]
+    return splits
+
+
+def write_sft_data(path: Path, problems, *, error_rate: float, seed: int) -> Path:
+    """SFT records `{id, prompt, completion}`: world solutions with deliberate mistakes."""
+    rng = random.Random(seed)
+    return _write_jsonl(path, ({"id": p.id, "prompt": p.text,
+                                "completion": "\n\n".join(math_world.noisy_solution(p, rng, error_rate))}
+                               for p in problems))
+
+
+def sft_train_config(config: ml_collections.ConfigDict, train_file: Path, tokenizer_dir: Path) -> ml_collections.ConfigDict:
+    from prm_jax.training.config import default_config
+
+    c = default_config()
+    c.objective = "lm"
+    c.seed = int(config.seed)
+    c.model.dtype = "float32"
+    c.model.remat_policy = "none"
+    c.model.arch.update(dict(config.policy.arch))
+    c.data.train_file = str(train_file)
+    c.data.tokenizer_dir = str(tokenizer_dir)
+    c.data.seq_len = int(config.sft.seq_len)
+    c.train.num_steps = int(config.sft.steps)
+    c.train.global_batch_rows = int(config.sft.rows)
+    c.train.log_every = int(config.sft.log_every)
+    c.train.eval_every = int(config.sft.steps) * 10  # no eval file: never
+    c.optimizer.learning_rate = float(config.sft.lr)
+    c.optimizer.warmup_steps = int(config.sft.warmup)
+    c.optimizer.b2 = 0.99
+    c.optimizer.weight_decay = 0.0
+    c.checkpoint.save_every = int(config.sft.steps)
+    c.checkpoint.max_to_keep = 1
+    c.checkpoint.async_save = False
+    return c
+
+
+def policy_answer_accuracy(sampler, tokenizer, problems, *, n: int, temperature: float, max_tokens: int, seed: int) -> dict:
+    """Sample n responses per problem; accuracy of the final answers and of the process (checker)."""
+    from data_pipeline.solutions import final_answer, policy_prompt, split_steps
+    from prm_jax.generation.types import SamplingParams
+
+    prompts = [policy_prompt(tokenizer, p.text) for p in problems]
+    outs = sampler.generate(prompts, SamplingParams(n=n, temperature=temperature, top_p=1.0, max_tokens=max_tokens,
+                                                    seed=seed))
+    answer_ok = process_ok = total = 0
+    first_errors = {}
+    for p, out in zip(problems, outs):
+        for c in out.completions:
+            steps = split_steps(c.text)
+            fe = math_world.first_error(p, steps)
+            first_errors[fe] = first_errors.get(fe, 0) + 1
+            answer_ok += final_answer(c.text) == str(p.answer)
+            process_ok += fe == -1
+            total += 1
+    return {"answer_accuracy": answer_ok / total, "process_accuracy": process_ok / total,
+            "first_errors": dict(sorted(first_errors.items()))}
+
+
+# ---------------------------------------------------------------------------- synthesis figures
+
+def mc_checker_agreement(items) -> dict:
+    """How often MC's first error (from hard labels) equals the exact checker's.
+
+    ``items``: ``(problem: WorldProblem, steps, mc_first_error)`` for every MC-labelled response.
+    Returns the agreement rate and, for the erroneous responses, how MC's verdict compares.
+    """
+    total = agree = too_early = too_late = 0
+    matrix: dict[str, dict[str, int]] = {}
+    for problem, steps, mc_first in items:
+        truth = math_world.first_error(problem, steps)
+        total += 1
+        agree += mc_first == truth
+        if mc_first != truth:
+            t = len(steps) if truth == -1 else truth
+            m = len(steps) if mc_first == -1 else mc_first
+            too_early += m < t
+            too_late += m > t
+        row = matrix.setdefault(str(truth), {})
+        row[str(mc_first)] = row.get(str(mc_first), 0) + 1
+    return {"responses": total, "agreement": agree / total if total else None,
+            "mc_too_early": too_early, "mc_too_late": too_late,
+            "matrix_rows_checker_cols_mc": {k: dict(sorted(v.items())) for k, v in sorted(matrix.items())}}
+
+
+def synthesis_figures(synth_dir: Path) -> dict:
+    """MC-vs-checker agreement, judge-vs-checker agreement and the consensus keep rate."""
+    from data_pipeline.schemas import GradeRecord, JudgeRecord, MCRecord
+    from data_pipeline.shards import Layout, Shard, read_json, read_records_if_exists
+
+    layout = Layout(Path(synth_dir))
+    grades = {g.id: g for g in read_records_if_exists(layout.records("grade", Shard()), GradeRecord.from_json)}
+    mcs = read_records_if_exists(layout.records("mc", Shard()), MCRecord.from_json)
+    judges = read_records_if_exists(layout.records("judge", Shard()), JudgeRecord.from_json)
+    items = []
+    for mc in mcs:
+        if mc.status != "labelled" or mc.first_error is None:
+            continue
+        g = grades[mc.id]
+        items.append((math_world.parse_problem(g.problem, g.problem_id), list(g.steps), mc.first_error))
+    mc_figures = mc_checker_agreement(items)
+    judge_agree = judge_total = 0
+    for j in judges:
+        if j.status != "judged" or j.first_error is None:
+            continue
+        g = grades[j.id]
+        judge_total += 1
+        judge_agree += j.first_error == math_world.first_error(math_world.parse_problem(g.problem), list(g.steps))
+    summary = read_json(layout.summary)
+    return {"mc_first_error_agreement": mc_figures["agreement"], "mc_vs_checker": mc_figures,
+            "judge_first_error_agreement": judge_agree / judge_total if judge_total else None,
+            "consensus_keep_rate": summary["keep_rate"],
+            "synth_policy_accuracy": sum(g.correct for g in grades.values()) / len(grades) if grades else None,
+            "synth_summary": {k: summary[k] for k in ("keep_rate",) if k in summary}}
+
+
+# ---------------------------------------------------------------------------- the stages
+
+def synth_config(config: ml_collections.ConfigDict, problems_path: Path, policy_dir: Path, tokenizer_dir: Path):
+    from data_pipeline.config import default_config
+
+    c = default_config()
+    c.seed = int(config.seed)
+    c.problems.path = str(problems_path)
+    for section in (c.policy, c.judge):
+        section.backend = "jax"
+        section.dtype = "float32"
+        section.sampler.update(dict(max_batch_rows=64, chunk_size=8, length_bucket=64))
+    c.policy.model_path = str(policy_dir)
+    c.policy.tokenizer_path = str(tokenizer_dir)
+    c.judge.model_path = "math_world.CheckerJudge"  # recorded in run_config.json: the checker judges
+    c.judge.tokenizer_path = str(tokenizer_dir)
+    c.sample.n = int(config.synth.n)
+    c.sample.temperature = float(config.synth.temperature)
+    c.sample.max_tokens = int(config.synth.max_tokens)
+    c.sample.batch_size = 64
+    c.mc.k = int(config.synth.k)
+    c.mc.temperature = float(config.synth.mc_temperature)
+    c.mc.max_tokens = int(config.synth.mc_max_tokens)
+    c.mc.batch_responses = 64
+    c.judge.max_tokens = 32
+    c.judge.batch_size = 64
+    c.grading.workers = 1
+    c.grading.timeout_s = 10.0
+    c.io.progress = bool(config.progress)
+    return c
+
+
+def prm_train_config(config: ml_collections.ConfigDict, train_file: Path, tokenizer_dir: Path, init_from: Path):
+    from prm_jax.training.config import default_config
+
+    c = default_config()
+    c.objective = "prm"
+    c.seed = int(config.seed)
+    c.model.init_from = str(init_from)
+    c.model.dtype = "float32"
+    c.model.remat_policy = "none"
+    c.data.train_file = str(train_file)
+    c.data.tokenizer_dir = str(tokenizer_dir)
+    c.data.seq_len = int(config.prm.seq_len)
+    c.train.num_steps = int(config.prm.steps)
+    c.train.global_batch_rows = int(config.prm.rows)
+    c.train.log_every = int(config.prm.log_every)
+    c.train.eval_every = int(config.prm.steps) * 10
+    c.optimizer.learning_rate = float(config.prm.lr)
+    c.optimizer.warmup_steps = int(config.prm.warmup)
+    c.optimizer.b2 = 0.99
+    c.optimizer.weight_decay = 0.0
+    c.checkpoint.save_every = int(config.prm.steps)
+    c.checkpoint.max_to_keep = 1
+    c.checkpoint.async_save = False
+    return c
+
+
+def evaluation_records(problems, sampler, config: ml_collections.ConfigDict) -> tuple[list[dict], list[dict], dict]:
+    """Held-out responses of the policy: ProcessBench records (label = the checker's first error)
+    and Best-of-N records; plus the policy's accuracy on them."""
+    from data_pipeline.sample import sample_problems
+    from data_pipeline.schemas import Problem
+    from prm_jax.tokenization import SYSTEM_PROMPT
+
+    items = [Problem(id=p.id, problem=p.text, answer=str(p.answer), source="demo") for p in problems]
+    samples = sample_problems(sampler, items, n=int(config.eval.n), temperature=float(config.eval.temperature),
+                              top_p=1.0, max_tokens=int(config.eval.max_tokens), system_prompt=SYSTEM_PROMPT,
+                              base_seed=int(config.seed) + 7)
+    pb, bon = [], []
+    correct = total = process_ok = 0
+    for p, s in zip(problems, samples):
+        responses = []
+        for r in s.responses:
+            steps = list(r.steps) or [r.text.strip() or "(empty)"]
+            label = math_world.first_error(p, steps)
+            right = r.answer is not None and r.answer.strip() == str(p.answer)
+            pb.append({"id": f"{p.id}#{r.index}", "generator": "demo-policy", "problem": p.text, "steps": steps,
+                       "final_answer_correct": right, "label": label})
+            responses.append({"steps": steps, "correct": right, "final_answer": r.answer})
+            correct += right
+            process_ok += label == -1
+            total += 1
+        bon.append({"id": p.id, "problem": p.text, "answer": str(p.answer), "responses": responses})
+    return pb, bon, {"policy_accuracy": correct / total, "policy_process_accuracy": process_ok / total,
+                     "eval_responses": total}
+
+
+# ---------------------------------------------------------------------------- the whole run
+
+JUDGE_NOTE = ("In this world the LLM judge's role is played by the exact step checker (wrong at an error rate "
+              "of {rate:g}, naming another step at random); MC labels and PRM predictions are scored against "
+              "the same checker.")
+
+
+class _Clock:
+    def __init__(self, say):
+        self.say = say
+        self.start = time.monotonic()
+        self.timings: dict[str, float] = {}
+
+    def stage(self, name: str, what: str):
+        clock = self
+
+        class _Stage:
+            def __enter__(self):
+                self.t = time.monotonic()
+                clock.say(f"[{time.monotonic() - clock.start:6.0f}s] {name}: {what}")
+
+            def __exit__(self, *exc):
+                if exc[0] is None:
+                    clock.timings[name] = round(time.monotonic() - self.t, 1)
+                    clock.say(f"[{time.monotonic() - clock.start:6.0f}s] {name} done in {clock.timings[name]:.0f}s")
+
+        return _Stage()
+
+
+def _last_step_dir(run_dir: Path, steps: int) -> Path:
+    path = run_dir / "checkpoints" / str(steps)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} missing after training")
+    return path
+
+
+def run_demo(config: ml_collections.ConfigDict, workdir: str | Path, *, say=print) -> dict:
+    """Run every stage into ``workdir``; returns (and writes) ``results.json``'s content.
+
+    Rerunning with the same workdir and config resumes: the trainers resume from their
+    checkpoints and synthesis from its shards; the evaluation is recomputed.
+    """
+    from transformers import AutoTokenizer
+
+    from data_pipeline.pipeline import run as run_synthesis
+    from prm_jax.checkpoint import restore_model
+    from prm_jax.conversion.hf_checkpoint import orbax_to_hf
+    from prm_jax.evaluation.runner import EvaluationConfig, run_evaluation
+    from prm_jax.generation.jax_sampler import JaxSampler, SamplerConfig
+    from prm_jax.tiny_tokenizer import build_tiny_tokenizer
+    from prm_jax.training.run import train_from_config
+
+    W = Path(workdir)
+    W.mkdir(parents=True, exist_ok=True)
+    clock = _Clock(say)
+    say(JUDGE_NOTE.format(rate=float(config.judge.error_rate)))
+
+    with clock.stage("setup", "tokenizer and world problems"):
+        tokenizer_dir = W / "tokenizer"
+        if not (tokenizer_dir / "tokenizer.json").exists():
+            build_tiny_tokenizer(tokenizer_dir)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        splits = make_splits(config)
+        sft_file = write_sft_data(W / "data" / "sft.jsonl", splits["sft"], error_rate=float(config.sft.error_rate),
+                                  seed=int(config.seed))
+        synth_problems = math_world.write_problems(W / "data" / "synth_problems.jsonl", splits["synth"])
+        math_world.write_problems(W / "data" / "eval_problems.jsonl", splits["eval"])
+        say(f"  world: {len(splits['sft'])} SFT / {len(splits['synth'])} synthesis / {len(splits['eval'])} held-out "
+            f"problems, e.g. {splits['eval'][0].text!r}")
+
+    with clock.stage("policy_sft", f"causal-LM fine-tuning of the policy, {config.sft.steps} steps on noisy solutions "
+                                   f"(error rate {config.sft.error_rate:g})"):
+        train_from_config(sft_train_config(config, sft_file, tokenizer_dir), W / "policy")
+        policy_dir = _last_step_dir(W / "policy", int(config.sft.steps))
+
+    policy = restore_model(policy_dir, dtype="float32")
+    sampler = JaxSampler(policy, tokenizer, config=SamplerConfig(max_batch_rows=64, chunk_size=8, length_bucket=64))
+
+    with clock.stage("synthesis", f"sample N={config.synth.n}, grade, MC k={config.synth.k}, checker judge, consensus"):
+        judge = math_world.CheckerJudge(tokenizer, error_rate=float(config.judge.error_rate), seed=int(config.seed))
+        run_synthesis(synth_config(config, synth_problems, policy_dir, tokenizer_dir), W / "synth",
+                      policy=sampler, judge=judge)
+        figures = synthesis_figures(W / "synth")
+        say(f"  policy accuracy {_pct(figures['synth_policy_accuracy'])}, MC-vs-checker first-error agreement "
+            f"{_pct(figures['mc_first_error_agreement'])}, consensus keep rate {_pct(figures['consensus_keep_rate'])}")
+
+    with clock.stage("prm_train", f"PRM training from the policy backbone, {config.prm.steps} steps"):
+        train_from_config(prm_train_config(config, W / "synth" / "consensus" / "prm_train.jsonl", tokenizer_dir,
+                                           policy_dir), W / "prm")
+        prm_dir = _last_step_dir(W / "prm", int(config.prm.steps))
+
+    with clock.stage("convert", "Orbax -> Hugging Face (Qwen2.5-Math-PRM layout)"):
+        hf_dir = orbax_to_hf(prm_dir, W / "prm_hf", dtype="float32", tokenizer_dir=tokenizer_dir, overwrite=True)
+
+    with clock.stage("evaluate", f"held-out ProcessBench-format records and Best-of-{config.eval.n}"):
+        pb, bon, policy_figures = evaluation_records(splits["eval"], sampler, config)
+        _write_jsonl(W / "eval" / "processbench" / "world.jsonl", pb)
+        _write_jsonl(W / "eval" / "bon.jsonl", bon)
+        common = dict(model=str(hf_dir), dtype="float32", param_dtype="float32", overwrite=True,
+                      mesh_shape={"fsdp": -1}, plots=True)
+        pb_out = run_evaluation(EvaluationConfig(task="processbench", data=str(W / "eval" / "processbench"),
+                                                 out=str(W / "eval" / "processbench_results"), **common))
+        bon_out = run_evaluation(EvaluationConfig(task="bon", data=str(W / "eval" / "bon.jsonl"),
+                                                  out=str(W / "eval" / "bon_results"), **common))
+
+    pb_world = pb_out.results["subsets"]["world"]
+    n_err, n_ok = pb_world["n_err"], pb_world["n_ok"]
+    average = bon_out.results["average"]
+    results = {
+        "seed": int(config.seed),
+        "judge": JUDGE_NOTE.format(rate=float(config.judge.error_rate)),
+        "policy_accuracy": policy_figures["policy_accuracy"],
+        "policy_process_accuracy": policy_figures["policy_process_accuracy"],
+        "synth_policy_accuracy": figures["synth_policy_accuracy"],
+        "mc_first_error_agreement": figures["mc_first_error_agreement"],
+        "judge_first_error_agreement": figures["judge_first_error_agreement"],
+        "consensus_keep_rate": figures["consensus_keep_rate"],
+        "prm_f1": pb_world["f1"],
+        "prm_acc_err": pb_world["acc_err"],
+        "prm_acc_ok": pb_world["acc_ok"],
+        "baseline_f1": baseline_f1(n_err, n_ok),
+        "eval_records": {"n_err": n_err, "n_ok": n_ok},
+        "bon": {"n": int(config.eval.n), "prm": average["prm_at_n"]["product"], "prm_by_aggregation": average["prm_at_n"],
+                "maj": average["maj_at_n"], "pass": average["pass_at_n"], "problems": average["n_problems"]},
+        "mc_vs_checker": figures["mc_vs_checker"],
+        "config": config.to_dict(),
+    }
+    from prm_jax.evaluation.report import json_safe, write_json
+
+    results = json_safe(results)  # NaN (an empty class) -> null, as in the file
+    write_json(W / "results.json", results)
+    write_json(W / "timings.json", clock.timings | {"total": round(time.monotonic() - clock.start, 1)})
+    plots = plot_results(results, W)
+    say(results_table(results, clock.timings))
+    say(f"wrote {W / 'results.json'}, plots {', '.join(p.name for p in plots)}; timings in {W / 'timings.json'}")
+    return results
+
+
+def baseline_f1(n_err: int, n_ok: int) -> float:
+    """F1 of always predicting -1 ("no error"): acc_err 0, acc_ok 1, so 0 whenever both classes exist."""
+    from prm_jax.metrics import step_error_scores
+
+    return float(step_error_scores([(-1, 0)] * n_err + [(-1, -1)] * n_ok).f1)
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
+
+
+def results_table(results: dict, timings: dict | None = None) -> str:
+    bon = results["bon"]
+    rows = [
+        ("policy accuracy (held-out, answers)", f"{results['policy_accuracy']:.1%}"),
+        ("MC first error == checker", _pct(results['mc_first_error_agreement'])),
+        ("judge (checker) first error == checker", _pct(results['judge_first_error_agreement'])),
+        ("consensus keep rate", f"{results['consensus_keep_rate']:.1%}"),
+        ("PRM F1 (held-out, checker labels)", f"{results['prm_f1']:.3f}  (acc_err {_pct(results['prm_acc_err'])}, "
+                                               f"acc_ok {_pct(results['prm_acc_ok'])})"),
+        ("baseline F1 (always -1)", f"{results['baseline_f1']:.3f}"),
+        (f"prm@{bon['n']} (product)", f"{bon['prm']:.1%}"),
+        (f"maj@{bon['n']}", f"{bon['maj']:.1%}"),
+        (f"pass@{bon['n']}", f"{bon['pass']:.1%}"),
+    ]
+    if timings:
+        rows.append(("timings (s)", ", ".join(f"{k} {v:.0f}" for k, v in timings.items())))
+    width = max(len(k) for k, _ in rows)
+    lines = ["", "=" * (width + 40), "prm-jax embedded demo: results", "-" * (width + 40)]
+    lines += [f"{k.ljust(width)}  {v}" for k, v in rows]
+    lines.append("=" * (width + 40))
+    return "\n".join(lines)
+
+
+def plot_results(results: dict, workdir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = []
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    names = ["policy acc", "MC==checker", "keep rate", "PRM F1", "baseline F1"]
+    values = [results["policy_accuracy"], results["mc_first_error_agreement"], results["consensus_keep_rate"],
+              results["prm_f1"], results["baseline_f1"]]
+    values = [0.0 if v is None else v for v in values]
+    ax.bar(names, values, color=["#888", "#4c72b0", "#55a868", "#c44e52", "#bbb"])
+    ax.set_ylim(0, 1)
+    for i, v in enumerate(values):
+        ax.text(i, v + 0.02, f"{v:.2f}", ha="center")
+    ax.set_title("Embedded demo: synthesis and ProcessBench-style figures")
+    fig.tight_layout()
+    out.append(workdir / "results.png")
+    fig.savefig(out[-1], dpi=100)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    bon = results["bon"]
+    values = [bon["maj"], bon["prm"], bon["pass"]]
+    ax.bar([f"maj@{bon['n']}", f"prm@{bon['n']}", f"pass@{bon['n']}"], values, color=["#888", "#c44e52", "#55a868"])
+    ax.set_ylim(0, 1)
+    for i, v in enumerate(values):
+        ax.text(i, v + 0.02, f"{v:.2f}", ha="center")
+    ax.set_title(f"Best-of-{bon['n']} on held-out problems")
+    fig.tight_layout()
+    out.append(workdir / "bon.png")
+    fig.savefig(out[-1], dpi=100)
+    plt.close(fig)
+    return out

@@ -1,0 +1,129 @@
+"""The embedded demo: synthesis figures against the exact checker, and the whole run end to end."""
+
+import json
+
+import pytest
+
+from data_pipeline import demo, math_world
+from data_pipeline.schemas import GradeRecord, MCCost, MCRecord, StepLabel
+from data_pipeline.shards import Layout, Shard, atomic_write_json
+
+PROBLEM = math_world.WorldProblem("p", 7, (("+", 2), ("-", 5)))
+RIGHT = ["7 + 2 = 9", "9 - 5 = 4", "The answer is \\boxed{4}."]
+WRONG_AT_0 = ["7 + 2 = 8", "8 - 5 = 3", "The answer is \\boxed{3}."]
+WRONG_AT_1 = ["7 + 2 = 9", "9 - 5 = 5", "The answer is \\boxed{5}."]
+
+
+def _mc_record(rid: str, num_steps: int, first_error: int) -> MCRecord:
+    """Hard labels whose first zero is at `first_error` (-1: all positive), early-stopped there."""
+    count = num_steps if first_error == -1 else first_error + 1
+    labels = []
+    for i in range(count):
+        hard = 0 if i == first_error else 1
+        last = i == num_steps - 1
+        labels.append(StepLabel(hard, 0, float(hard), hard, False) if last else StepLabel(hard, 4, hard / 4, hard, True))
+    return MCRecord(rid, "p", "labelled", None, 4, num_steps, tuple(labels), first_error,
+                    count < num_steps, MCCost())
+
+
+def test_mc_first_error_agreement_is_scored_against_the_checker(tmp_path) -> None:
+    # (steps, MC's first error): truth is -1, 0, 1, -1, 1; MC agrees on the first three only.
+    planted = [(RIGHT, -1), (WRONG_AT_0, 0), (WRONG_AT_1, 1), (RIGHT, 1), (WRONG_AT_1, -1)]
+    figures = demo.mc_checker_agreement((PROBLEM, steps, mc) for steps, mc in planted)
+    assert figures["responses"] == 5 and figures["agreement"] == pytest.approx(3 / 5)
+    assert figures["mc_too_early"] == 1 and figures["mc_too_late"] == 1
+    assert figures["matrix_rows_checker_cols_mc"]["-1"] == {"-1": 1, "1": 1}
+
+    # The same figure from stage files, as the demo reads them (a skipped MC record is not counted).
+    layout = Layout(tmp_path)
+    shard = Shard()
+    grades, mcs = [], []
+    for i, (steps, mc) in enumerate(planted):
+        answer = steps[-1][len("The answer is \\boxed{"):-2]
+        right = answer == str(PROBLEM.answer)
+        grades.append(GradeRecord(f"p#{i}", "p", i, PROBLEM.text, str(PROBLEM.answer), tuple(steps), answer, "stop", 20,
+                                  "correct" if right else "incorrect", right))
+        mcs.append(_mc_record(f"p#{i}", len(steps), mc))
+    grades.append(GradeRecord("p#9", "p", 9, PROBLEM.text, "4", ("7 + 2 =",), None, "length", 20, "no_answer", False))
+    mcs.append(MCRecord("p#9", "p", "skipped", "truncated", 4, 1, (), None, False, MCCost()))
+    for stage, records in (("grade", grades), ("mc", mcs)):
+        path = layout.records(stage, shard)
+        path.parent.mkdir(parents=True)
+        path.write_text("".join(json.dumps(r.to_json()) + "\n" for r in records))
+    atomic_write_json(layout.summary, {"keep_rate": 0.5})
+    figures = demo.synthesis_figures(tmp_path)
+    assert figures["mc_first_error_agreement"] == pytest.approx(3 / 5)
+    assert figures["consensus_keep_rate"] == 0.5
+    assert figures["synth_policy_accuracy"] == pytest.approx(2 / 6)
+
+
+def test_baseline_f1_and_world_difficulty() -> None:
+    assert demo.baseline_f1(10, 5) == 0.0
+    config = demo.default_config()
+    splits = demo.make_splits(config)
+    texts = {name: {p.text for p in problems} for name, problems in splits.items()}
+    assert not texts["eval"] & texts["sft"] and not texts["eval"] & texts["synth"] and not texts["synth"] & texts["sft"]
+    for p in splits["sft"][:500]:
+        value = p.first
+        for op, n in p.operations:
+            value = value + n if op == "+" else value - n
+            assert 0 <= value <= config.world.max_value and 1 <= n <= 9
+
+
+def small_config(**overrides):
+    """Reduced sizes for CI (the floors below are set well under what these sizes give)."""
+    c = demo.default_config()
+    c.progress = False
+    for dotted, value in overrides.items():
+        node = c
+        *path, last = dotted.split(".")
+        for part in path:
+            node = node[part]
+        node[last] = value
+    return c
+
+
+# The default policy SFT (the arithmetic is learnt late and seed-dependently: 1000-1500 steps are not enough), less
+# synthesis and evaluation. About 4-5 minutes on 2 CPU cores.
+E2E_SIZES = {"synth.num_problems": 320, "prm.steps": 600, "eval.num_problems": 64}
+PRM_F1_FLOOR = 0.3
+MC_AGREEMENT_FLOOR = 0.5
+BON_MARGIN = 0.0
+
+
+@pytest.mark.demo_e2e
+def test_demo_end_to_end_learns(tmp_path) -> None:
+    results = demo.run_demo(small_config(**E2E_SIZES), tmp_path, say=lambda line: None)
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert written == json.loads(json.dumps(results))
+    for name in ("policy_accuracy", "mc_first_error_agreement", "consensus_keep_rate", "prm_f1", "baseline_f1"):
+        assert isinstance(written[name], float), name
+    for artifact in ("results.png", "bon.png", "prm_hf/config.json", "prm_hf/model.safetensors", "synth/summary.json",
+                     "eval/processbench/world.jsonl", "eval/bon_results/results.json", "timings.json"):
+        assert (tmp_path / artifact).exists(), artifact
+    # The policy is a real, imperfect policy; MC labels mostly match the checker.
+    assert 0.2 <= written["policy_accuracy"] <= 0.9, written
+    assert written["mc_first_error_agreement"] >= MC_AGREEMENT_FLOOR, written
+    # The PRM learned to flag wrong steps: held-out F1 clearly above always answering "no error".
+    assert written["baseline_f1"] == 0.0
+    assert written["prm_f1"] >= PRM_F1_FLOOR, written
+    # Best-of-N: the PRM's pick beats a random pick (the policy's per-response accuracy). It does
+    # NOT yet beat majority voting in this world (prm@4 ~ 0.63-0.69 vs maj@4 ~ 0.73 at the default
+    # sizes): the PRM flags implausible results (negative, two-digit) but not subtle slips.
+    assert written["bon"]["prm"] >= written["policy_accuracy"] + BON_MARGIN, written["bon"]
+
+
+MICRO = {"sft.steps": 4, "sft.num_problems": 64, "synth.num_problems": 4, "prm.steps": 4, "eval.num_problems": 4,
+         "synth.max_tokens": 24, "synth.mc_max_tokens": 16, "eval.max_tokens": 24}
+
+
+@pytest.mark.demo_e2e
+def test_demo_same_seed_same_results(tmp_path) -> None:
+    """Every stage is seeded: two fresh runs write the same results.json (tiny sizes: the
+    comparison is about determinism, not quality)."""
+    config = small_config(**MICRO)
+    demo.run_demo(config, tmp_path / "a", say=lambda line: None)
+    demo.run_demo(config, tmp_path / "b", say=lambda line: None)
+    a = (tmp_path / "a" / "results.json").read_text()
+    assert a == (tmp_path / "b" / "results.json").read_text()
+    assert {"prm", "maj", "pass"} <= json.loads(a)["bon"].keys()
