@@ -23,7 +23,7 @@ import dataclasses
 import math
 from typing import Any, ClassVar, Mapping
 
-from prm_jax.data.records import DataError
+from prm_jax.data.records import DataError, json_type_name
 
 __all__ = [
     "DataError",
@@ -57,28 +57,12 @@ JUDGE_SKIP_REASONS = ("no_steps", "prompt_too_long")
 # ---------------------------------------------------------------------------- field checks
 
 
-def _type_name(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, (int, float)):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    if isinstance(value, dict):
-        return "object"
-    return type(value).__name__
-
-
 class _Fields:
     """Typed access to a decoded JSON object; every failure is a DataError naming the field."""
 
     def __init__(self, obj: Mapping[str, Any], prefix: str = "") -> None:
         if not isinstance(obj, Mapping):
-            raise DataError(f"expected a JSON object, got {_type_name(obj)}", field=prefix or None)
+            raise DataError(f"expected a JSON object, got {json_type_name(obj)}", field=prefix or None)
         self.obj = obj
         self.prefix = prefix
 
@@ -93,7 +77,7 @@ class _Fields:
     def str(self, name: str, *, non_empty: bool = False, choices: tuple[str, ...] | None = None) -> str:
         value = self.get(name)
         if not isinstance(value, str):
-            raise DataError(f"expected a string, got {_type_name(value)}", field=self._name(name))
+            raise DataError(f"expected a string, got {json_type_name(value)}", field=self._name(name))
         if non_empty and not value:
             raise DataError("must be a non-empty string", field=self._name(name))
         if choices is not None and value not in choices:
@@ -108,7 +92,7 @@ class _Fields:
     def int(self, name: str, *, minimum: int | None = None) -> int:
         value = self.get(name)
         if isinstance(value, bool) or not isinstance(value, int):
-            raise DataError(f"expected an integer, got {_type_name(value)}", field=self._name(name))
+            raise DataError(f"expected an integer, got {json_type_name(value)}", field=self._name(name))
         if minimum is not None and value < minimum:
             raise DataError(f"{value} is below the minimum {minimum}", field=self._name(name))
         return value
@@ -127,20 +111,20 @@ class _Fields:
     def bool(self, name: str) -> bool:
         value = self.get(name)
         if not isinstance(value, bool):
-            raise DataError(f"expected true/false, got {_type_name(value)}", field=self._name(name))
+            raise DataError(f"expected true/false, got {json_type_name(value)}", field=self._name(name))
         return value
 
     def list(self, name: str) -> list[Any]:
         value = self.get(name)
         if not isinstance(value, list):
-            raise DataError(f"expected an array, got {_type_name(value)}", field=self._name(name))
+            raise DataError(f"expected an array, got {json_type_name(value)}", field=self._name(name))
         return value
 
     def str_list(self, name: str) -> tuple[str, ...]:
         items = self.list(name)
         for i, item in enumerate(items):
             if not isinstance(item, str):
-                raise DataError(f"item {i} is a {_type_name(item)}, expected a string",
+                raise DataError(f"item {i} is a {json_type_name(item)}, expected a string",
                                 field=self._name(name))
         return tuple(items)
 

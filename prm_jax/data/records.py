@@ -80,13 +80,13 @@ class DataError(ValueError):
 
 def _check_str(value: Any, name: str, *, non_empty: bool = False) -> str:
     if not isinstance(value, str):
-        raise DataError(f"expected a string, got {_json_type(value)}", field=name)
+        raise DataError(f"expected a string, got {json_type_name(value)}", field=name)
     if non_empty and not value:
         raise DataError("must be a non-empty string", field=name)
     return value
 
 
-def _json_type(value: Any) -> str:
+def json_type_name(value: Any) -> str:
     """The JSON name of a decoded value's type, for messages about the file's content."""
     if value is None:
         return "null"
@@ -106,7 +106,7 @@ def _json_type(value: Any) -> str:
 def _check_labels(labels: Any, num_steps: int) -> tuple[tuple[float, ...], bool]:
     """Validate a label list; return the labels as floats and whether all were hard (int) labels."""
     if isinstance(labels, (str, bytes)) or not isinstance(labels, (list, tuple)):
-        raise DataError(f"expected an array of numbers, got {_json_type(labels)}", field="labels")
+        raise DataError(f"expected an array of numbers, got {json_type_name(labels)}", field="labels")
     if len(labels) != num_steps:
         raise DataError(f"{len(labels)} labels for {num_steps} steps", field="labels")
     values: list[float] = []
@@ -135,7 +135,7 @@ def _check_labels(labels: Any, num_steps: int) -> tuple[tuple[float, ...], bool]
             values.append(label)
         else:
             raise DataError(
-                f"label {i} is a {_json_type(label)}; expected 0, 1 or a float in [0, 1]",
+                f"label {i} is a {json_type_name(label)}; expected 0, 1 or a float in [0, 1]",
                 field="labels",
             )
     return tuple(values), hard
@@ -144,14 +144,14 @@ def _check_labels(labels: Any, num_steps: int) -> tuple[tuple[float, ...], bool]
 def _check_steps(steps: Any) -> tuple[str, ...]:
     if isinstance(steps, (str, bytes)) or not isinstance(steps, (list, tuple)):
         raise DataError(
-            f"expected an array of step strings, got {_json_type(steps)}", field="steps"
+            f"expected an array of step strings, got {json_type_name(steps)}", field="steps"
         )
     if len(steps) == 0:
         raise DataError("the step list is empty; a PRM record needs at least one step",
                         field="steps")
     for i, step in enumerate(steps):
         if not isinstance(step, str):
-            raise DataError(f"step {i} is a {_json_type(step)}, expected a string", field="steps")
+            raise DataError(f"step {i} is a {json_type_name(step)}, expected a string", field="steps")
     return tuple(steps)
 
 
@@ -250,7 +250,7 @@ def _iter_objects(path: str | PathLike[str]) -> Iterator[tuple[int, dict[str, An
                 raise DataError(f"malformed JSON: {e.msg} (column {e.colno})", path=path,
                                 line=line_number) from e
             if not isinstance(obj, dict):
-                raise DataError(f"expected a JSON object, got {_json_type(obj)}", path=path,
+                raise DataError(f"expected a JSON object, got {json_type_name(obj)}", path=path,
                                 line=line_number)
             yield line_number, obj
 

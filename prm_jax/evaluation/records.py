@@ -40,7 +40,7 @@ from os import PathLike
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from prm_jax.data.records import DataError
+from prm_jax.data.records import DataError, json_type_name
 
 __all__ = [
     "EvaluationDataError",
@@ -68,23 +68,6 @@ class EvaluationDataError(DataError):
 # ---------------------------------------------------------------------------- field checks
 
 
-def _json_type(value: Any) -> str:
-    """The JSON name of a decoded value's type, for messages about the file's content."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, (int, float)):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    if isinstance(value, dict):
-        return "object"
-    return type(value).__name__
-
-
 def _require(obj: dict[str, Any], name: str) -> Any:
     if name not in obj:
         raise EvaluationDataError("missing", field=name)
@@ -93,7 +76,7 @@ def _require(obj: dict[str, Any], name: str) -> Any:
 
 def _string(value: Any, name: str, *, non_empty: bool = False) -> str:
     if not isinstance(value, str):
-        raise EvaluationDataError(f"expected a string, got {_json_type(value)}", field=name)
+        raise EvaluationDataError(f"expected a string, got {json_type_name(value)}", field=name)
     if non_empty and not value.strip():
         raise EvaluationDataError("must be a non-empty string", field=name)
     return value
@@ -102,24 +85,24 @@ def _string(value: Any, name: str, *, non_empty: bool = False) -> str:
 def _integer(value: Any, name: str) -> int:
     # bool is an int in Python; a producer writing `true` for an index has a bug worth naming.
     if isinstance(value, bool) or not isinstance(value, int):
-        raise EvaluationDataError(f"expected an integer, got {_json_type(value)}", field=name)
+        raise EvaluationDataError(f"expected an integer, got {json_type_name(value)}", field=name)
     return value
 
 
 def _boolean(value: Any, name: str) -> bool:
     if not isinstance(value, bool):
-        raise EvaluationDataError(f"expected true or false, got {_json_type(value)}", field=name)
+        raise EvaluationDataError(f"expected true or false, got {json_type_name(value)}", field=name)
     return value
 
 
 def _steps(value: Any, name: str = "steps") -> tuple[str, ...]:
     if isinstance(value, (str, bytes)) or not isinstance(value, list):
-        raise EvaluationDataError(f"expected an array of step strings, got {_json_type(value)}", field=name)
+        raise EvaluationDataError(f"expected an array of step strings, got {json_type_name(value)}", field=name)
     if not value:
         raise EvaluationDataError("the step list is empty; a solution needs at least one step", field=name)
     for i, step in enumerate(value):
         if not isinstance(step, str):
-            raise EvaluationDataError(f"step {i} is a {_json_type(step)}, expected a string", field=name)
+            raise EvaluationDataError(f"step {i} is a {json_type_name(step)}, expected a string", field=name)
     return tuple(value)
 
 
@@ -254,7 +237,7 @@ def iter_json_objects(path: PathLikeStr) -> Iterator[tuple[str, dict[str, Any]]]
     items = _iter_json_array(path) if first == "[" else _iter_jsonl(path)
     for location, obj in items:
         if not isinstance(obj, dict):
-            raise EvaluationDataError(f"expected a JSON object, got {_json_type(obj)}", path=location)
+            raise EvaluationDataError(f"expected a JSON object, got {json_type_name(obj)}", path=location)
         yield location, obj
 
 
@@ -383,7 +366,7 @@ class BoNRecord:
 def _parse_response(obj: Any, index: int) -> BoNResponse:
     field = f"responses[{index}]"
     if not isinstance(obj, dict):
-        raise EvaluationDataError(f"expected an object, got {_json_type(obj)}", field=field)
+        raise EvaluationDataError(f"expected an object, got {json_type_name(obj)}", field=field)
     if "steps" not in obj:
         raise EvaluationDataError("missing", field=f"{field}.steps")
     steps = _steps(obj["steps"], f"{field}.steps")
@@ -393,7 +376,7 @@ def _parse_response(obj: Any, index: int) -> BoNResponse:
     final = obj.get("final_answer")
     if final is not None:
         if isinstance(final, bool) or not isinstance(final, (str, int, float)):
-            raise EvaluationDataError(f"expected a string, number or null, got {_json_type(final)}", field=f"{field}.final_answer")
+            raise EvaluationDataError(f"expected a string, number or null, got {json_type_name(final)}", field=f"{field}.final_answer")
         final = str(final)
     return BoNResponse(steps, correct, final)
 
@@ -403,10 +386,10 @@ def _parse_bon(obj: dict[str, Any], default_dataset: str) -> BoNRecord:
     problem = _string(_require(obj, "problem"), "problem")
     answer = _require(obj, "answer")
     if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
-        raise EvaluationDataError(f"expected a string or number, got {_json_type(answer)}", field="answer")
+        raise EvaluationDataError(f"expected a string or number, got {json_type_name(answer)}", field="answer")
     responses = _require(obj, "responses")
     if not isinstance(responses, list):
-        raise EvaluationDataError(f"expected an array of responses, got {_json_type(responses)}", field="responses")
+        raise EvaluationDataError(f"expected an array of responses, got {json_type_name(responses)}", field="responses")
     if not responses:
         raise EvaluationDataError("no responses; Best-of-N needs at least one", field="responses")
     dataset = _string(obj["dataset"], "dataset", non_empty=True) if "dataset" in obj else default_dataset
