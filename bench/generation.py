@@ -12,10 +12,11 @@ Every figure is the best of --repeats timed runs after a warm-up (compilation ex
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 from absl import app, flags
+
+from bench.timing import best_time
 
 _HIDDEN = flags.DEFINE_integer("hidden", 64, "hidden size")
 _LAYERS = flags.DEFINE_integer("layers", 2, "layers")
@@ -29,16 +30,6 @@ _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 64, "generated tokens per row")
 _ROLLOUTS = flags.DEFINE_integer("rollouts", 8, "samples of one prefix")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "timed runs (best is reported)")
 _OUT = flags.DEFINE_string("out", None, "write the figures as JSON")
-
-
-def best_time(fn, repeats: int) -> float:
-    fn()  # warm-up: compilation, caches
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main(argv: list[str]) -> None:

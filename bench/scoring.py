@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 from absl import app, flags
+
+from bench.timing import best_time
 
 _HIDDEN = flags.DEFINE_integer("hidden", 64, "hidden size")
 _LAYERS = flags.DEFINE_integer("layers", 2, "layers")
@@ -58,16 +59,6 @@ def _solutions(count: int, seed: int) -> list[tuple[str, list[str]]]:
         (f"What is {text(3, 60)}?", [f"{text(2, _MAX_STEP_WORDS.value)} = {rng.integers(0, 100)}" for _ in range(int(rng.integers(1, _MAX_STEPS.value + 1)))])
         for _ in range(count)
     ]
-
-
-def best_time(fn, repeats: int) -> float:
-    fn()  # warm-up: compilation, caches
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main(argv: list[str]) -> None:
