@@ -31,7 +31,7 @@ _log = logging.getLogger("demo")
 
 
 def default_config() -> ml_collections.ConfigDict:
-    """The default sizes: the whole run in about ten minutes on 2 CPU cores (see configs/demo.py)."""
+    """The default sizes: the whole run in about five minutes on 2 CPU cores (see configs/demo.py)."""
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.progress = True
@@ -41,15 +41,19 @@ def default_config() -> ml_collections.ConfigDict:
     c.policy.arch = ml_collections.ConfigDict(dict(
         vocab_size=404, hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
         num_key_value_heads=2, head_dim=32, max_position_embeddings=512))
+    # Noisy solutions: 70% of them carry one mistake (a wrong carry, off by ten; propagated, or
+    # undone by the next step a quarter of the time: the right answer through a wrong step).
+    # "off_by_one" adds in-range slips, which a PRM this small does not learn to see (README).
     c.sft = ml_collections.ConfigDict(dict(
-        num_problems=4000, error_rate=0.15, steps=2500, rows=8, seq_len=112, lr=3e-3, warmup=20, log_every=50))
-    # Responses are sampled at a high temperature (realistic slips and enough wrong steps); MC
-    # rollouts at the usual 0.7, so that a rollout from a wrong prefix rarely lands on the gold by luck.
-    c.synth = ml_collections.ConfigDict(dict(num_problems=512, n=4, k=4, temperature=1.5, max_tokens=40,
+        num_problems=4000, error_rate=0.7, mistakes="carry", steps=2500, rows=8, seq_len=112, lr=3e-3, warmup=20,
+        log_every=50))
+    # Responses and MC rollouts are sampled at 0.7 (Qwen2.5-Math's usual setting): the policy's
+    # mistakes are then mostly the ones it learnt, plus its own arithmetic slips.
+    c.synth = ml_collections.ConfigDict(dict(num_problems=512, n=4, k=4, temperature=0.7, max_tokens=40,
                                              mc_temperature=0.7, mc_max_tokens=32))
     c.judge = ml_collections.ConfigDict(dict(error_rate=0.1))
     c.prm = ml_collections.ConfigDict(dict(steps=400, rows=8, seq_len=112, lr=1e-3, warmup=20, log_every=50))
-    c.eval = ml_collections.ConfigDict(dict(num_problems=128, n=4, temperature=1.5, max_tokens=40))
+    c.eval = ml_collections.ConfigDict(dict(num_problems=256, n=4, temperature=0.7, max_tokens=40))
     return c
 
 
@@ -94,11 +98,22 @@ def make_splits(config: ml_collections.ConfigDict) -> dict[str, list[math_world.
     return splits
 
 
-def write_sft_data(path: Path, problems, *, error_rate: float, seed: int) -> Path:
+def mistake_kinds(spec: str) -> tuple[str, ...]:
+    """`sft.mistakes` ("carry" or "carry,off_by_one", ...) as math_world mistake kinds; a kind
+    listed twice is drawn twice as often."""
+    kinds = tuple(k.strip() for k in str(spec).split(",") if k.strip())
+    unknown = [k for k in kinds if k not in math_world.MISTAKES]
+    if not kinds or unknown:
+        raise ValueError(f"sft.mistakes={spec!r}: expected a comma-separated subset of {math_world.MISTAKES}")
+    return kinds
+
+
+def write_sft_data(path: Path, problems, *, error_rate: float, seed: int,
+                   mistakes: tuple[str, ...] = math_world.MISTAKES) -> Path:
     """SFT records `{id, prompt, completion}`: world solutions with deliberate mistakes."""
     rng = random.Random(seed)
     return _write_jsonl(path, ({"id": p.id, "prompt": p.text,
-                                "completion": "\n\n".join(math_world.noisy_solution(p, rng, error_rate))}
+                                "completion": "\n\n".join(math_world.noisy_solution(p, rng, error_rate, mistakes))}
                                for p in problems))
 
 
@@ -267,7 +282,8 @@ def prm_train_config(config: ml_collections.ConfigDict, train_file: Path, tokeni
 
 def evaluation_records(problems, sampler, config: ml_collections.ConfigDict) -> tuple[list[dict], list[dict], dict]:
     """Held-out responses of the policy: ProcessBench records (label = the checker's first error)
-    and Best-of-N records; plus the policy's accuracy on them."""
+    and Best-of-N records; plus the policy's accuracy on them and each erroneous record's
+    error kind (math_world.error_kind), by record id."""
     from data_pipeline.sample import sample_problems
     from data_pipeline.schemas import Problem
     from prm_jax.tokenization import SYSTEM_PROMPT
@@ -276,14 +292,17 @@ def evaluation_records(problems, sampler, config: ml_collections.ConfigDict) -> 
     samples = sample_problems(sampler, items, n=int(config.eval.n), temperature=float(config.eval.temperature),
                               top_p=1.0, max_tokens=int(config.eval.max_tokens), system_prompt=SYSTEM_PROMPT,
                               base_seed=int(config.seed) + 7)
-    pb, bon = [], []
+    pb, bon, kinds = [], [], {}
     correct = total = process_ok = 0
+    max_value = world_kwargs(config)["max_value"]
     for p, s in zip(problems, samples):
         responses = []
         for r in s.responses:
             steps = list(r.steps) or [r.text.strip() or "(empty)"]
             label = math_world.first_error(p, steps)
             right = r.answer is not None and r.answer.strip() == str(p.answer)
+            if label != -1:
+                kinds[f"{p.id}#{r.index}"] = math_world.error_kind(p, steps, label, max_value)
             pb.append({"id": f"{p.id}#{r.index}", "generator": "demo-policy", "problem": p.text, "steps": steps,
                        "final_answer_correct": right, "label": label})
             responses.append({"steps": steps, "correct": right, "final_answer": r.answer})
@@ -292,7 +311,21 @@ def evaluation_records(problems, sampler, config: ml_collections.ConfigDict) -> 
             total += 1
         bon.append({"id": p.id, "problem": p.text, "answer": str(p.answer), "responses": responses})
     return pb, bon, {"policy_accuracy": correct / total, "policy_process_accuracy": process_ok / total,
-                     "eval_responses": total}
+                     "eval_responses": total, "error_kinds": kinds}
+
+
+def detection_by_kind(predictions, kinds: dict[str, str]) -> dict[str, dict]:
+    """For each kind of first error: how many held-out records have it and the share whose first
+    error the PRM located exactly (``predictions``: ProcessBench prediction rows with id/label/pred)."""
+    table: dict[str, dict] = {}
+    for row in predictions:
+        if row["label"] == -1:
+            continue
+        entry = table.setdefault(kinds[row["id"]], {"records": 0, "found": 0})
+        entry["records"] += 1
+        entry["found"] += row["pred"] == row["label"]
+    return {kind: {**entry, "rate": entry["found"] / entry["records"]}
+            for kind, entry in sorted(table.items(), key=lambda item: -item[1]["records"])}
 
 
 # ---------------------------------------------------------------------------- the whole run
@@ -359,7 +392,7 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str | Path, *, say=prin
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         splits = make_splits(config)
         sft_file = write_sft_data(W / "data" / "sft.jsonl", splits["sft"], error_rate=float(config.sft.error_rate),
-                                  seed=int(config.seed))
+                                  seed=int(config.seed), mistakes=mistake_kinds(config.sft.mistakes))
         synth_problems = math_world.write_problems(W / "data" / "synth_problems.jsonl", splits["synth"])
         math_world.write_problems(W / "data" / "eval_problems.jsonl", splits["eval"])
         say(f"  world: {len(splits['sft'])} SFT / {len(splits['synth'])} synthesis / {len(splits['eval'])} held-out "
@@ -400,6 +433,8 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str | Path, *, say=prin
         bon_out = run_evaluation(EvaluationConfig(task="bon", data=str(W / "eval" / "bon.jsonl"),
                                                   out=str(W / "eval" / "bon_results"), **common))
 
+    with (W / "eval" / "processbench_results" / "predictions.jsonl").open() as f:
+        by_kind = detection_by_kind((json.loads(line) for line in f), policy_figures["error_kinds"])
     pb_world = pb_out.results["subsets"]["world"]
     n_err, n_ok = pb_world["n_err"], pb_world["n_ok"]
     average = bon_out.results["average"]
@@ -416,6 +451,7 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str | Path, *, say=prin
         "prm_acc_err": pb_world["acc_err"],
         "prm_acc_ok": pb_world["acc_ok"],
         "baseline_f1": baseline_f1(n_err, n_ok),
+        "prm_detection_by_error_kind": by_kind,
         "eval_records": {"n_err": n_err, "n_ok": n_ok},
         "bon": {"n": int(config.eval.n), "prm": average["prm_at_n"]["product"], "prm_by_aggregation": average["prm_at_n"],
                 "maj": average["maj_at_n"], "pass": average["pass_at_n"], "problems": average["n_problems"]},
@@ -454,6 +490,8 @@ def results_table(results: dict, timings: dict | None = None) -> str:
         ("PRM F1 (held-out, checker labels)", f"{results['prm_f1']:.3f}  (acc_err {_pct(results['prm_acc_err'])}, "
                                                f"acc_ok {_pct(results['prm_acc_ok'])})"),
         ("baseline F1 (always -1)", f"{results['baseline_f1']:.3f}"),
+        ("PRM finds the first error, by kind", ", ".join(f"{kind} {v['found']}/{v['records']}" for kind, v in
+                                                        results.get("prm_detection_by_error_kind", {}).items())),
         (f"prm@{bon['n']} (product)", f"{bon['prm']:.1%}"),
         (f"maj@{bon['n']}", f"{bon['maj']:.1%}"),
         (f"pass@{bon['n']}", f"{bon['pass']:.1%}"),

@@ -88,20 +88,30 @@ def reference_solution(problem: WorldProblem) -> list[str]:
     return steps
 
 
-def _mistake(rng: random.Random, value: int) -> int:
-    kind = rng.choice(["carry", "carry", "off_by_one", "swap"])
+MISTAKES = ("carry", "off_by_one", "swap")
+
+
+def _mistake(rng: random.Random, value: int, kinds: Sequence[str] = MISTAKES) -> int:
+    """A wrong result for `value`: a wrong carry (off by ten), an off-by-one slip, or swapped
+    digits (a single digit has none to swap: off by ten), the kind drawn from `kinds`."""
+    kind = rng.choice(kinds)
     if kind == "carry":
         wrong = value + rng.choice([-10, 10])
     elif kind == "off_by_one":
         wrong = value + rng.choice([-1, 1])
-    else:
+    elif kind == "swap":
         digits = str(abs(value))
         wrong = int(digits[::-1]) * (1 if value >= 0 else -1) if len(digits) > 1 and digits[0] != digits[-1] else value + 10
+    else:
+        raise ValueError(f"unknown mistake kind {kind!r}; expected one of {MISTAKES}")
     return wrong if wrong != value else value + 1
 
 
-def noisy_solution(problem: WorldProblem, rng: random.Random, error_rate: float = 0.3) -> list[str]:
-    """A solution with, at probability `error_rate`, one mistake (propagated), or two that cancel."""
+def noisy_solution(problem: WorldProblem, rng: random.Random, error_rate: float = 0.3,
+                   mistakes: Sequence[str] = MISTAKES) -> list[str]:
+    """A solution with, at probability `error_rate`, one mistake of a kind in `mistakes`
+    (propagated to the answer), or, a quarter of the time when a step follows it, two that cancel
+    (the next step undoes it: the right answer through a wrong step)."""
     steps, value = [], problem.first
     ops = problem.operations
     error_at = rng.randrange(len(ops)) if rng.random() < error_rate else -1
@@ -112,7 +122,7 @@ def noisy_solution(problem: WorldProblem, rng: random.Random, error_rate: float 
     for index, (op, n) in enumerate(ops):
         result = value + n if op == "+" else value - n
         if index == error_at:
-            wrong = _mistake(rng, result)
+            wrong = _mistake(rng, result, mistakes)
             offset = wrong - result
             result = wrong
         elif index == cancel_at:
@@ -154,6 +164,34 @@ def first_error(problem: WorldProblem, steps: Sequence[str]) -> int:
     if len(steps) <= len(operations):
         return max(len(steps) - 1, 0)
     return -1
+
+
+ERROR_KINDS = ("unparsed", "operand", "out_of_range", "in_range", "stopped", "answer", "extra_step")
+
+
+def error_kind(problem: WorldProblem, steps: Sequence[str], index: int, max_value: int | None = None) -> str:
+    """What went wrong at step `index` (the first error): it does not parse ("unparsed"), uses a
+    wrong operand or operator ("operand"), computes a result outside the world's range of running
+    totals [0, max_value] ("out_of_range": an impossible value; without `max_value` only a
+    negative one) or inside it ("in_range": a plausible slip), is right but the solution stops
+    there ("stopped"), states a wrong answer ("answer"), or follows the answer ("extra_step")."""
+    operations = problem.operations
+    if index > len(operations):
+        return "extra_step"
+    if index == len(operations):
+        return "answer"
+    match = STEP_PATTERN.match(steps[index])
+    if not match:
+        return "unparsed"
+    value = problem.first
+    for step in steps[:index]:
+        value = int(STEP_PATTERN.match(step)[4])
+    a, op, b, c = int(match[1]), match[2], int(match[3]), int(match[4])
+    if a != value or (op, b) != operations[index]:
+        return "operand"
+    if c == (a + b if op == "+" else a - b):
+        return "stopped"
+    return "in_range" if 0 <= c <= (max_value if max_value is not None else c) else "out_of_range"
 
 
 def step_labels(problem: WorldProblem, steps: Sequence[str]) -> list[int]:

@@ -1,6 +1,7 @@
 """The embedded demo: synthesis figures against the exact checker, and the whole run end to end."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -70,6 +71,24 @@ def test_baseline_f1_and_world_difficulty() -> None:
             assert 0 <= value <= config.world.max_value and 1 <= n <= 9
 
 
+def test_detection_by_error_kind() -> None:
+    predictions = [{"id": "a", "label": 1, "pred": 1}, {"id": "b", "label": 0, "pred": -1},
+                   {"id": "c", "label": 2, "pred": 2}, {"id": "d", "label": -1, "pred": 0},
+                   {"id": "e", "label": 1, "pred": 0}]
+    kinds = {"a": "out_of_range", "b": "in_range", "c": "out_of_range", "e": "in_range"}
+    table = demo.detection_by_kind(predictions, kinds)
+    assert table == {"out_of_range": {"records": 2, "found": 2, "rate": 1.0},
+                     "in_range": {"records": 2, "found": 0, "rate": 0.0}}
+
+
+def test_mistake_kinds_setting() -> None:
+    assert demo.mistake_kinds("carry") == ("carry",)
+    assert demo.mistake_kinds(" carry, off_by_one ") == ("carry", "off_by_one")
+    for bad in ("", "carry,typo"):
+        with pytest.raises(ValueError, match="sft.mistakes"):
+            demo.mistake_kinds(bad)
+
+
 def small_config(**overrides):
     """Reduced sizes for CI (the floors below are set well under what these sizes give)."""
     c = demo.default_config()
@@ -83,15 +102,17 @@ def small_config(**overrides):
     return c
 
 
-# The default policy SFT (the arithmetic is learnt late and seed-dependently: 1000-1500 steps are not enough), less
-# synthesis and evaluation. About 4-5 minutes on 2 CPU cores.
-E2E_SIZES = {"synth.num_problems": 320, "prm.steps": 600, "eval.num_problems": 64}
-PRM_F1_FLOOR = 0.3
-MC_AGREEMENT_FLOOR = 0.5
-BON_MARGIN = 0.0
+# The default policy SFT (its arithmetic is learnt late: after 1500 steps the policy is 8% accurate, after
+# the default 2500 about 40%), less synthesis, PRM training and evaluation. About 4 minutes on 2 CPU cores.
+# Observed at these sizes: policy accuracy 0.379, MC agreement 0.772, PRM F1 0.912, prm@4 0.750 vs
+# maj@4 0.438 (pass@4 0.828); the floors sit well below.
+E2E_SIZES = {"synth.num_problems": 256, "prm.steps": 300, "eval.num_problems": 128}
+PRM_F1_FLOOR = 0.6
+MC_AGREEMENT_FLOOR = 0.6
+BON_MARGIN = 0.1
 
 
-@pytest.mark.demo_e2e
+@pytest.mark.slow
 def test_demo_end_to_end_learns(tmp_path) -> None:
     results = demo.run_demo(small_config(**E2E_SIZES), tmp_path, say=lambda line: None)
     written = json.loads((tmp_path / "results.json").read_text())
@@ -102,28 +123,37 @@ def test_demo_end_to_end_learns(tmp_path) -> None:
                      "eval/processbench/world.jsonl", "eval/bon_results/results.json", "timings.json"):
         assert (tmp_path / artifact).exists(), artifact
     # The policy is a real, imperfect policy; MC labels mostly match the checker.
-    assert 0.2 <= written["policy_accuracy"] <= 0.9, written
+    assert 0.2 <= written["policy_accuracy"] <= 0.7, written
     assert written["mc_first_error_agreement"] >= MC_AGREEMENT_FLOOR, written
     # The PRM learned to flag wrong steps: held-out F1 clearly above always answering "no error".
     assert written["baseline_f1"] == 0.0
     assert written["prm_f1"] >= PRM_F1_FLOOR, written
-    # Best-of-N: the PRM's pick beats a random pick (the policy's per-response accuracy). It does
-    # NOT yet beat majority voting in this world (prm@4 ~ 0.63-0.69 vs maj@4 ~ 0.73 at the default
-    # sizes): the PRM flags implausible results (negative, two-digit) but not subtle slips.
-    assert written["bon"]["prm"] >= written["policy_accuracy"] + BON_MARGIN, written["bon"]
+    # It finds impossible results (off by ten) and, at this size, not in-range slips.
+    by_kind = written["prm_detection_by_error_kind"]
+    assert by_kind["out_of_range"]["rate"] >= 0.8, by_kind
+    # Best-of-N: the PRM's pick beats majority voting over the same responses.
+    bon = written["bon"]
+    assert bon["prm"] >= bon["maj"] + BON_MARGIN and bon["prm"] <= bon["pass"], bon
 
 
-MICRO = {"sft.steps": 4, "sft.num_problems": 64, "synth.num_problems": 4, "prm.steps": 4, "eval.num_problems": 4,
-         "synth.max_tokens": 24, "synth.mc_max_tokens": 16, "eval.max_tokens": 24}
+MICRO = ["--config.sft.steps=4", "--config.sft.num_problems=64", "--config.synth.num_problems=4",
+         "--config.prm.steps=4", "--config.eval.num_problems=4", "--config.synth.max_tokens=24",
+         "--config.synth.mc_max_tokens=16", "--config.eval.max_tokens=24", "--config.progress=false"]
 
 
-@pytest.mark.demo_e2e
+@pytest.mark.slow
 def test_demo_same_seed_same_results(tmp_path) -> None:
-    """Every stage is seeded: two fresh runs write the same results.json (tiny sizes: the
-    comparison is about determinism, not quality)."""
-    config = small_config(**MICRO)
-    demo.run_demo(config, tmp_path / "a", say=lambda line: None)
-    demo.run_demo(config, tmp_path / "b", say=lambda line: None)
+    """Every stage is seeded: two fresh runs, in separate processes started side by side, write the
+    same results.json (tiny sizes: the comparison is about determinism, not quality)."""
+    import subprocess
+    import sys
+
+    runs = [subprocess.Popen([sys.executable, "-m", "launch.demo", f"--workdir={tmp_path / name}", *MICRO],
+                             cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True) for name in ("a", "b")]
+    for run in runs:
+        output, _ = run.communicate(timeout=600)
+        assert run.returncode == 0, output[-3000:]
     a = (tmp_path / "a" / "results.json").read_text()
     assert a == (tmp_path / "b" / "results.json").read_text()
     assert {"prm", "maj", "pass"} <= json.loads(a)["bon"].keys()

@@ -5,7 +5,7 @@ import random
 import pytest
 
 from data_pipeline.math_world import (
-    CheckerJudge, WorldProblem, first_error, generate_problems, noisy_solution, parse_problem,
+    CheckerJudge, WorldProblem, error_kind, first_error, generate_problems, noisy_solution, parse_problem,
     reference_solution, step_labels,
 )
 from prm_jax.critique import critique_messages, parse_first_error
@@ -59,6 +59,41 @@ def test_noisy_solutions_make_each_kind_of_mistake() -> None:
                 right_answer_wrong_process += 1
             assert error < len(p.operations)  # mistakes are in computation steps, the answer follows
     assert 150 < errors < 250 and right_answer_wrong_process > 10
+
+
+def test_noisy_solution_mistake_kinds() -> None:
+    rng = random.Random(0)
+    problems = generate_problems(300, seed=2, operand_min=1, operand_max=9, max_value=9)
+    offsets = set()
+    for p in problems:
+        steps = noisy_solution(p, rng, error_rate=1.0, mistakes=("carry",))
+        error = first_error(p, steps)
+        assert 0 <= error < len(p.operations)
+        a, op, b, _, c = steps[error].split()
+        offsets.add(int(c) - (int(a) + int(b) if op == "+" else int(a) - int(b)))
+        assert not 0 <= int(c) <= 9  # in this world a wrong carry leaves the range of running totals
+    assert offsets == {-10, 10}
+    with pytest.raises(ValueError, match="unknown mistake kind 'typo'"):
+        noisy_solution(problems[0], rng, error_rate=1.0, mistakes=("typo",))
+
+
+@pytest.mark.parametrize(
+    "steps, kind",
+    [
+        (["7 + 2 = 19", "19 - 5 = 14", "The answer is \\boxed{14}."], "out_of_range"),
+        (["7 + 2 = 9", "9 - 5 = -6", "The answer is \\boxed{-6}."], "out_of_range"),
+        (["7 + 2 = 8", "8 - 5 = 3", "The answer is \\boxed{3}."], "in_range"),
+        (["7 + 2 = 9", "9 + 5 = 14", "The answer is \\boxed{14}."], "operand"),
+        (["7 + 2 = 9", "8 - 5 = 3", "The answer is \\boxed{3}."], "operand"),
+        (["7 + 2 is 9", "9 - 5 = 4", "The answer is \\boxed{4}."], "unparsed"),
+        (["7 + 2 = 9", "9 - 5 = 4", "The answer is \\boxed{5}."], "answer"),
+        (["7 + 2 = 9", "9 - 5 = 4", "The answer is \\boxed{4}.", "Done."], "extra_step"),
+        (["7 + 2 = 9"], "stopped"),
+    ],
+)
+def test_error_kind(steps, kind) -> None:
+    problem = WorldProblem("p", 7, (("+", 2), ("-", 5)))
+    assert error_kind(problem, steps, first_error(problem, steps), max_value=9) == kind
 
 
 def test_checker_judge_answers_critique_prompts() -> None:
