@@ -117,55 +117,40 @@ def write_sft_data(path: Path, problems, *, error_rate: float, seed: int,
                                for p in problems))
 
 
-def sft_train_config(config: ml_collections.ConfigDict, train_file: Path, tokenizer_dir: Path) -> ml_collections.ConfigDict:
+def _trainer_config(config: ml_collections.ConfigDict, stage: str, train_file: Path,
+                    tokenizer_dir: Path) -> ml_collections.ConfigDict:
+    """A fp32 single-checkpoint trainer config from the demo's `stage` section ("sft" or "prm")."""
     from prm_jax.training.config import default_config
 
+    section = config[stage]
     c = default_config()
-    c.objective = "lm"
     c.seed = int(config.seed)
     c.model.dtype = "float32"
     c.model.remat_policy = "none"
-    c.model.arch.update(dict(config.policy.arch))
     c.data.train_file = str(train_file)
     c.data.tokenizer_dir = str(tokenizer_dir)
-    c.data.seq_len = int(config.sft.seq_len)
-    c.train.num_steps = int(config.sft.steps)
-    c.train.global_batch_rows = int(config.sft.rows)
-    c.train.log_every = int(config.sft.log_every)
-    c.train.eval_every = int(config.sft.steps) * 10  # no eval file: never
-    c.optimizer.learning_rate = float(config.sft.lr)
-    c.optimizer.warmup_steps = int(config.sft.warmup)
+    c.data.seq_len = int(section.seq_len)
+    c.train.num_steps = int(section.steps)
+    c.train.global_batch_rows = int(section.rows)
+    c.train.log_every = int(section.log_every)
+    c.train.eval_every = int(section.steps) * 10  # no eval file: never
+    c.optimizer.learning_rate = float(section.lr)
+    c.optimizer.warmup_steps = int(section.warmup)
     c.optimizer.b2 = 0.99
     c.optimizer.weight_decay = 0.0
-    c.checkpoint.save_every = int(config.sft.steps)
+    c.checkpoint.save_every = int(section.steps)
     c.checkpoint.max_to_keep = 1
     c.checkpoint.async_save = False
     return c
 
 
-def policy_answer_accuracy(sampler, tokenizer, problems, *, n: int, temperature: float, max_tokens: int, seed: int) -> dict:
-    """Sample n responses per problem; accuracy of the final answers and of the process (checker)."""
-    from data_pipeline.solutions import final_answer, policy_prompt, split_steps
-    from prm_jax.generation.types import SamplingParams
+def sft_train_config(config: ml_collections.ConfigDict, train_file: Path, tokenizer_dir: Path) -> ml_collections.ConfigDict:
+    """The policy's causal-LM fine-tuning from scratch, architecture from `config.policy.arch`."""
+    c = _trainer_config(config, "sft", train_file, tokenizer_dir)
+    c.objective = "lm"
+    c.model.arch.update(dict(config.policy.arch))
+    return c
 
-    prompts = [policy_prompt(tokenizer, p.text) for p in problems]
-    outs = sampler.generate(prompts, SamplingParams(n=n, temperature=temperature, top_p=1.0, max_tokens=max_tokens,
-                                                    seed=seed))
-    answer_ok = process_ok = total = 0
-    first_errors = {}
-    for p, out in zip(problems, outs):
-        for c in out.completions:
-            steps = split_steps(c.text)
-            fe = math_world.first_error(p, steps)
-            first_errors[fe] = first_errors.get(fe, 0) + 1
-            answer_ok += final_answer(c.text) == str(p.answer)
-            process_ok += fe == -1
-            total += 1
-    return {"answer_accuracy": answer_ok / total, "process_accuracy": process_ok / total,
-            "first_errors": dict(sorted(first_errors.items()))}
-
-
-# ---------------------------------------------------------------------------- synthesis figures
 
 def mc_checker_agreement(items) -> dict:
     """How often MC's first error (from hard labels) equals the exact checker's.
@@ -255,28 +240,10 @@ def synth_config(config: ml_collections.ConfigDict, problems_path: Path, policy_
 
 
 def prm_train_config(config: ml_collections.ConfigDict, train_file: Path, tokenizer_dir: Path, init_from: Path):
-    from prm_jax.training.config import default_config
-
-    c = default_config()
+    """PRM training from the policy checkpoint `init_from` (backbone imported, head initialised)."""
+    c = _trainer_config(config, "prm", train_file, tokenizer_dir)
     c.objective = "prm"
-    c.seed = int(config.seed)
     c.model.init_from = str(init_from)
-    c.model.dtype = "float32"
-    c.model.remat_policy = "none"
-    c.data.train_file = str(train_file)
-    c.data.tokenizer_dir = str(tokenizer_dir)
-    c.data.seq_len = int(config.prm.seq_len)
-    c.train.num_steps = int(config.prm.steps)
-    c.train.global_batch_rows = int(config.prm.rows)
-    c.train.log_every = int(config.prm.log_every)
-    c.train.eval_every = int(config.prm.steps) * 10
-    c.optimizer.learning_rate = float(config.prm.lr)
-    c.optimizer.warmup_steps = int(config.prm.warmup)
-    c.optimizer.b2 = 0.99
-    c.optimizer.weight_decay = 0.0
-    c.checkpoint.save_every = int(config.prm.steps)
-    c.checkpoint.max_to_keep = 1
-    c.checkpoint.async_save = False
     return c
 
 

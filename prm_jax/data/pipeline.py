@@ -237,16 +237,7 @@ def load_prm_examples(
             labels with ``soft_labels=False``), with ``file:line``.
     """
     check_separator(tokenizer, tcfg.separator)
-    stats = TokenizeStats()
-    examples: list[Example] = []
-    for line, record in iter_prm_records_with_lines(path):
-        try:
-            example = tokenize_prm(record, tokenizer, tcfg, len(examples), stats)
-        except DataError as e:
-            raise e.located(path, line) from e
-        if example is not None:
-            examples.append(example)
-    return examples, stats
+    return _load_examples(path, iter_prm_records_with_lines(path), tokenize_prm, tokenizer, tcfg)
 
 
 def load_sft_examples(
@@ -255,11 +246,16 @@ def load_sft_examples(
     tcfg: TokenizeConfig,
 ) -> tuple[list[Example], TokenizeStats]:
     """Read, validate and tokenize an SFT JSONL file (see :func:`load_prm_examples`)."""
+    return _load_examples(path, iter_sft_records_with_lines(path), tokenize_sft, tokenizer, tcfg)
+
+
+def _load_examples(path, records_with_lines, tokenize, tokenizer, tcfg) -> tuple[list[Example], TokenizeStats]:
+    """Tokenize ``(line, record)`` pairs in order; a record's DataError is located at path:line."""
     stats = TokenizeStats()
     examples: list[Example] = []
-    for line, record in iter_sft_records_with_lines(path):
+    for line, record in records_with_lines:
         try:
-            example = tokenize_sft(record, tokenizer, tcfg, len(examples), stats)
+            example = tokenize(record, tokenizer, tcfg, len(examples), stats)
         except DataError as e:
             raise e.located(path, line) from e
         if example is not None:

@@ -289,22 +289,20 @@ def iter_prm_records_with_lines(path: str | PathLike[str]) -> Iterator[tuple[int
     Callers that process records further (tokenization) use the line number to report later
     problems at the right place in the file.
     """
-    seen: dict[str, int] = {}
-    for line, obj in _iter_objects(path):
-        try:
-            record = _parse_prm(obj)
-            _check_unique(record.id, seen, line)
-        except DataError as e:
-            raise e.located(path, line) from None
-        yield line, record
+    return _iter_parsed(path, _parse_prm)
 
 
 def iter_sft_records_with_lines(path: str | PathLike[str]) -> Iterator[tuple[int, SFTRecord]]:
     """Like :func:`read_sft_records`, also yielding each record's 1-based line number."""
+    return _iter_parsed(path, _parse_sft)
+
+
+def _iter_parsed(path: str | PathLike[str], parse) -> Iterator[tuple[int, Any]]:
+    """``(line, parse(object))`` for each JSON line, ids unique; errors located at path:line."""
     seen: dict[str, int] = {}
     for line, obj in _iter_objects(path):
         try:
-            record = _parse_sft(obj)
+            record = parse(obj)
             _check_unique(record.id, seen, line)
         except DataError as e:
             raise e.located(path, line) from None
