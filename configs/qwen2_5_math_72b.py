@@ -9,8 +9,8 @@ from prm_jax.training.config import default_config
 
 def get_config():
     c = default_config()
-    c.data.seq_len = 8192
-    c.train.global_batch_rows = 256
+    c.data.seq_len = 4096  # max_position_embeddings of Qwen2.5-Math-72B-Instruct
+    c.train.global_batch_rows = 512  # 512 x 4096 packed tokens (~2M) per step
     c.train.grad_accum_steps = 8
     c.train.num_steps = 1000
     c.train.eval_every = 200

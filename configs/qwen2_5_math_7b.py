@@ -11,9 +11,11 @@ from prm_jax.training.config import default_config
 
 def get_config():
     c = default_config()
-    c.data.seq_len = 8192
-    c.train.global_batch_rows = 128  # 128 x 8192 packed tokens (~1M) per step
-    c.train.grad_accum_steps = 8  # 16 rows per microbatch: 2 per device on 8 GPUs
+    # Qwen2.5-Math-7B-Instruct has max_position_embeddings 4096: a packed row (and so a single
+    # example) may not be longer, or positions past the trained context would be trained on.
+    c.data.seq_len = 4096
+    c.train.global_batch_rows = 256  # 256 x 4096 packed tokens (~1M) per step
+    c.train.grad_accum_steps = 8  # 32 rows per microbatch: 4 per device on 8 GPUs
     c.train.num_steps = 2000
     c.train.eval_every = 250
     c.optimizer.learning_rate = 5e-6

@@ -35,6 +35,7 @@ def get_config():
     c.judge.num_samples = 1
     c.judge.temperature = 0.0
     c.judge.max_tokens = 4096
+    c.judge.prompt = "paper"  # the paper's judge prompt (App. C); "processbench" for ProcessBench's
     c.judge.batch_size = 256
     c.grading.workers = 16
     c.grading.timeout_s = 5.0

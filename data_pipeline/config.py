@@ -17,6 +17,7 @@ from typing import Any
 
 import ml_collections
 
+from prm_jax.critique import PROMPTS as CRITIQUE_PROMPTS
 from prm_jax.tokenization import SYSTEM_PROMPT
 
 ON_ERROR = ("record", "stop")
@@ -37,7 +38,7 @@ SEMANTIC_FIELDS = (
     "sample.n", "sample.temperature", "sample.top_p", "sample.max_tokens", "sample.system_prompt",
     "mc.k", "mc.temperature", "mc.top_p", "mc.max_tokens", "mc.early_stop", "mc.skip_truncated",
     "judge.num_samples", "judge.temperature", "judge.top_p", "judge.max_tokens", "judge.vote_threshold",
-    "grading.timeout_s",
+    "judge.prompt", "grading.timeout_s",
 )
 
 
@@ -95,6 +96,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.judge.vote_threshold = 0.5  # the winning index needs more than this share of all samples
     c.judge.batch_size = 64
     c.judge.keep_text = False  # store raw judge outputs (audits; large)
+    # processbench: ProcessBench's critique prompt (0-based, index in \boxed{}); paper: the paper's
+    # own judge prompt (App. C: 1-based paragraphs, an analysis and Correct/Incorrect per paragraph).
+    c.judge.prompt = "processbench"
 
     c.grading = ml_collections.ConfigDict()
     c.grading.timeout_s = 5.0  # hard wall-clock limit per item; a hung worker is killed
@@ -143,6 +147,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                         "judge.temperature > 0")
     if not 0 <= config.judge.vote_threshold < 1:
         problems.append("judge.vote_threshold must be in [0, 1)")
+    if config.judge.prompt not in CRITIQUE_PROMPTS:
+        problems.append(f"judge.prompt={config.judge.prompt!r}; choose one of {list(CRITIQUE_PROMPTS)}")
     if config.grading.timeout_s <= 0 or config.grading.workers < 0:
         problems.append("grading.timeout_s must be > 0 and grading.workers >= 0")
     if not config.problems.path:

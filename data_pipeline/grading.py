@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import json
 import logging
 import os
@@ -35,48 +34,13 @@ import sys
 import time
 from typing import Sequence
 
+from prm_jax.answers import BAD_GOLD, CORRECT, INCORRECT, grade_answer, normalized_answer  # noqa: F401 - re-exported statuses
+
 _log = logging.getLogger(__name__)
 
-CORRECT, INCORRECT, NO_ANSWER, TIMEOUT, ERROR, BAD_GOLD = (
-    "correct", "incorrect", "no_answer", "timeout", "error", "bad_gold")
-
-
-# ---------------------------------------------------------------------------- the comparison
-
-
-@functools.lru_cache(maxsize=4096)
-def _parsed_gold(gold: str) -> tuple:
-    from math_verify import parse
-
-    return tuple(parse("\\boxed{" + gold + "}", parsing_timeout=None))
-
-
-def grade_answer(gold: str, answer: str) -> str:
-    """math-verify's verdict on ``answer`` against ``gold`` (both bare answers, e.g. box contents).
-
-    No timeout here: call it through :class:`GradingPool` (or only on trusted input). Both sides
-    are wrapped in ``\\boxed{}`` so math-verify's LaTeX extraction reads exactly the answer;
-    comparison errors inside math-verify count as "not equal" (its ``raise_on_error=False``), as
-    one candidate interpretation failing is routine there.
-    """
-    from math_verify import parse, verify
-
-    gold_parsed = _parsed_gold(gold)
-    if not gold_parsed:
-        return BAD_GOLD
-    predicted = parse("\\boxed{" + answer + "}", parsing_timeout=None)
-    if not predicted:
-        return INCORRECT
-    return CORRECT if verify(list(gold_parsed), predicted, timeout_seconds=None) else INCORRECT
-
-
-_FAST_PATH_DROP = ("$", " ", "\\!", "\\,", "\\;", "\\left", "\\right")
-
-
-def _normalized(text: str) -> str:
-    for token in _FAST_PATH_DROP:
-        text = text.replace(token, "")
-    return text.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").strip()
+# The comparison itself (math-verify, string fast path) is prm_jax.answers': the same one Best-of-N
+# voting uses. Here it gets what it lacks on its own: worker processes with a hard timeout.
+NO_ANSWER, TIMEOUT, ERROR = "no_answer", "timeout", "error"
 
 
 # ---------------------------------------------------------------------------- workers
@@ -265,7 +229,7 @@ class GradingPool:
                 self._cache.move_to_end(key)
                 self.stats.cache_hits += 1
                 results[i] = cached
-            elif _normalized(gold) == _normalized(answer):
+            elif normalized_answer(gold) == normalized_answer(answer):
                 self.stats.fast_path += 1
                 results[i] = self._remember(key, CORRECT)
             else:

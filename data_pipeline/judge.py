@@ -1,11 +1,18 @@
-"""Stage 4, judge: an LLM names each response's earliest wrong step (ProcessBench-style critique).
+"""Stage 4, judge: an LLM names each response's earliest wrong step.
 
-The judge (any backend; paper: Qwen2.5-72B-Instruct) reads the critique prompt of
-:mod:`prm_jax.critique` (steps wrapped as ``<paragraph_i>``, indexed from 0) as the user turn of
-its chat template and answers with an index in ``\\boxed{}``. The last box is the verdict
-(several boxes: the last wins, as ProcessBench parses). A sample without a box, with a
-non-integer box or with an index outside ``[-1, num_steps)`` gives no verdict; the reason is
-recorded per sample and counted in the summary.
+The judge (any backend; paper: Qwen2.5-72B-Instruct) reads one of the critique prompts of
+:mod:`prm_jax.critique` as the user turn of its chat template (``judge.prompt``):
+
+* ``processbench``: steps wrapped as ``<paragraph_i>``, indexed from 0, the answer an index in
+  ``\\boxed{}``; the last box is the verdict (several boxes: the last wins, as ProcessBench
+  parses). A sample without a box, with a non-integer box or with an index outside
+  ``[-1, num_steps)`` gives no verdict.
+* ``paper``: the paper's judge prompt (App. C): 1-based ``<paragraph_k>``, an analysis and a
+  Correct/Incorrect conclusion per paragraph; the earliest Incorrect paragraph is the first
+  error, all Correct is -1; missing, conflicting or out-of-range conclusions give no verdict.
+
+The parser belongs to the prompt (:func:`prm_jax.critique.classify_verdict`); the reason for a
+missing verdict is recorded per sample and counted in the summary.
 
 Majority vote (``judge.num_samples > 1``, sampled at ``judge.temperature > 0`` as one ``n``
 request): the most common verdict wins if it has more than ``vote_threshold`` (default 0.5) of
@@ -26,28 +33,10 @@ from data_pipeline.ids import stable_seed
 from data_pipeline.schemas import GradeRecord, JudgeRecord
 from data_pipeline.shards import AppendOnlyWriter, atomic_write_json, exclusive_lock, iter_records
 from data_pipeline.solutions import render_chat
-from prm_jax.critique import critique_messages, last_boxed, parse_first_error
+from prm_jax.critique import PROMPTS, classify_verdict, critique_messages
 from prm_jax.generation.types import GenerationBackend, SamplingParams
 
 _log = logging.getLogger(__name__)
-
-
-def classify_verdict(text: str, num_steps: int) -> tuple[int | None, str]:
-    """``(index, "ok")`` or ``(None, reason)``; the index agrees with :func:`parse_first_error`."""
-    index = parse_first_error(text, num_steps)
-    if index is not None:
-        return index, "ok"
-    content = last_boxed(text)
-    if content is None:
-        return None, "no_box"
-    content = content.strip().strip("$").strip()
-    if content.startswith("\\text{") and content.endswith("}"):
-        content = content[len("\\text{"): -1].strip()
-    try:
-        int(content)
-    except ValueError:
-        return None, "not_integer"
-    return None, "out_of_range"
 
 
 def majority_vote(verdicts: Sequence[int | None], reasons: Sequence[str],
@@ -72,14 +61,19 @@ class JudgeSettings:
     vote_threshold: float = 0.5
     batch_size: int = 64
     keep_text: bool = False
+    prompt: str = "processbench"  # prm_jax.critique.PROMPTS
     base_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.prompt not in PROMPTS:
+            raise ValueError(f"judge.prompt={self.prompt!r}; choose one of {list(PROMPTS)}")
 
     @classmethod
     def from_config(cls, config) -> "JudgeSettings":
         j = config.judge
         return cls(num_samples=j.num_samples, temperature=j.temperature, top_p=j.top_p, max_tokens=j.max_tokens,
                    vote_threshold=j.vote_threshold, batch_size=j.batch_size, keep_text=j.keep_text,
-                   base_seed=config.seed)
+                   prompt=j.prompt, base_seed=config.seed)
 
 
 class Judge:
@@ -102,7 +96,7 @@ class Judge:
                 out[record.id] = self._skipped(record, "no_steps")
                 continue
             todo.append(record)
-            prompts.append(render_chat(self.backend.tokenizer, critique_messages(record.problem, record.steps)))
+            prompts.append(render_chat(self.backend.tokenizer, critique_messages(record.problem, record.steps, s.prompt)))
         if self.context_length is not None and todo:
             lengths = prompt_lengths(self.backend, prompts)
             fits = [length < self.context_length for length in lengths]
@@ -116,7 +110,7 @@ class Judge:
         outputs = self.backend.generate(prompts, params) if todo else []
         for record, output in zip(todo, outputs):
             texts = [c.text for c in output.completions]
-            parsed = [classify_verdict(t, len(record.steps)) for t in texts]
+            parsed = [classify_verdict(t, len(record.steps), prompt=s.prompt) for t in texts]
             verdicts = tuple(v for v, _ in parsed)
             reasons = tuple(r for _, r in parsed)
             first_error, why = majority_vote(verdicts, reasons, s.vote_threshold)

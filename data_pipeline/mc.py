@@ -10,7 +10,9 @@ with the assistant answer started by the prefix (layout in :mod:`data_pipeline.s
 A completion's final answer is the last ``\\boxed{}`` of ``prefix + completion`` (the solution it
 completes), graded against the gold. Per step: ``n_correct``; soft label ``n_correct / k``; hard
 label ``n_correct >= 1`` (the paper's best threshold). The last step is not rolled out: its
-prefix is the whole response, so its label is the response's own grade (free).
+prefix is the whole response, so its label is the response's own grade (free). A response whose
+grade is unknown (grading ``timeout`` or ``error``) is therefore not labelled at all: skipped as
+``grade_timeout`` / ``grade_error`` and counted, never given a last-step 0 as if it were wrong.
 
 Early stop (``mc.early_stop``, default on): steps are rolled out in order and a response stops at
 its first hard-negative step, since later steps carry no label in the paper's recipe (training
@@ -33,7 +35,7 @@ from typing import Iterable, Iterator
 
 from data_pipeline.backends import context_length, prompt_lengths
 from data_pipeline.context import StageContext
-from data_pipeline.grading import CORRECT, TIMEOUT, GradingPool
+from data_pipeline.grading import CORRECT, ERROR, TIMEOUT, GradingPool
 from data_pipeline.ids import stable_seed
 from data_pipeline.schemas import GradeRecord, MCCost, MCRecord, StepLabel
 from data_pipeline.shards import AppendOnlyWriter, atomic_write_json, exclusive_lock, iter_records
@@ -93,6 +95,9 @@ class MCLabeler:
             return "no_steps"
         if record.status == "bad_gold":
             return "bad_gold"
+        if record.status in (TIMEOUT, ERROR):
+            # The last step's label is the response's own grade; an unknown grade is not "wrong".
+            return f"grade_{record.status}"
         if self.settings.skip_truncated and record.finish_reason == "length":
             return "truncated"
         if self.context_length is not None and len(record.steps) > 1:

@@ -43,6 +43,11 @@ def _file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
+# Settings added to run_config.json after runs were already recorded, with the value those runs used:
+# a workdir started before a setting existed resumes when the setting keeps that value.
+SETTINGS_ADDED_LATER = {"judge.prompt": "processbench"}
+
+
 def check_run_config(layout: Layout, config: ml_collections.ConfigDict, num_shards: int) -> None:
     """Record the run's semantic settings on first use of a workdir; refuse a mismatch later.
 
@@ -56,6 +61,7 @@ def check_run_config(layout: Layout, config: ml_collections.ConfigDict, num_shar
         layout.workdir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(layout.run_config, current)
     stored = read_json(layout.run_config)
+    stored = {**SETTINGS_ADDED_LATER, **stored}
     diffs = [f"{key}: {stored.get(key)!r} -> {value!r}" for key, value in current.items() if stored.get(key) != value]
     if diffs:
         raise SynthesisError(f"{layout.workdir} was started with other settings ({'; '.join(diffs)}). Resuming "

@@ -23,6 +23,7 @@ import dataclasses
 import math
 from typing import Any, ClassVar, Mapping
 
+from prm_jax.critique import VERDICT_REASONS as CRITIQUE_VERDICT_REASONS
 from prm_jax.data.records import DataError, json_type_name
 
 __all__ = [
@@ -47,10 +48,10 @@ __all__ = [
 GRADE_STATUSES = ("correct", "incorrect", "no_answer", "empty", "timeout", "error", "bad_gold")
 FINISH_REASONS = ("stop", "length")
 #: Why one judge sample gave, or did not give, a verdict.
-VERDICT_REASONS = ("ok", "no_box", "not_integer", "out_of_range")
+VERDICT_REASONS = CRITIQUE_VERDICT_REASONS  # one list, owned by the parsers
 #: Why a set of judge samples has no verdict after voting.
 NO_VERDICT_REASONS = VERDICT_REASONS[1:] + ("no_majority",)
-MC_SKIP_REASONS = ("no_steps", "truncated", "bad_gold", "prompt_too_long")
+MC_SKIP_REASONS = ("no_steps", "truncated", "bad_gold", "grade_timeout", "grade_error", "prompt_too_long")
 JUDGE_SKIP_REASONS = ("no_steps", "prompt_too_long")
 
 

@@ -2,11 +2,14 @@ r"""Convert between Hugging Face checkpoints and prm-jax Orbax checkpoints.
 
   python -m launch.convert --direction=hf_to_orbax --hf_dir=SRC --orbax_dir=DST [--seed=0]
   python -m launch.convert --direction=orbax_to_hf --orbax_dir=SRC --hf_dir=DST \
-      [--tokenizer_dir=T] [--dtype=bfloat16|float32] [--max_shard_size=5GB]
+      [--tokenizer_dir=T] [--dtype=bfloat16|float32|float16] [--max_shard_size=5GB]
 
 hf_to_orbax accepts a causal LM (Qwen2/Llama layout; the PRM head is initialised from --seed) or a
-Qwen2ForProcessRewardModel checkpoint (head imported). orbax_to_hf writes the Qwen2.5-Math-PRM
-layout, loadable with AutoModel.from_pretrained(dir, trust_remote_code=True) and by vLLM.
+Qwen2ForProcessRewardModel checkpoint (head imported), and records the source weights' dtype.
+orbax_to_hf writes the Qwen2.5-Math-PRM layout, loadable with
+AutoModel.from_pretrained(dir, trust_remote_code=True) and by vLLM, in the recorded source dtype
+unless --dtype says otherwise, with the tokenizer the training run recorded (a --tokenizer_dir
+whose separator id or vocabulary disagrees with that record is refused).
 """
 
 from __future__ import annotations
@@ -14,18 +17,27 @@ from __future__ import annotations
 from absl import app, flags
 
 from launch.logs import configure_logging
-from prm_jax.conversion.hf_checkpoint import hf_to_orbax, orbax_to_hf
+from prm_jax.conversion.hf_checkpoint import DEFAULT_EXPORT_DTYPE, EXPORT_DTYPES, hf_to_orbax, orbax_to_hf
 from prm_jax.tokenization import STEP_SEPARATOR
 
 _DIRECTION = flags.DEFINE_enum("direction", None, ["hf_to_orbax", "orbax_to_hf"], "Conversion direction.")
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "Hugging Face checkpoint directory (source or destination).")
 _ORBAX_DIR = flags.DEFINE_string("orbax_dir", None, "Orbax model checkpoint directory (source or destination).")
-_TOKENIZER_DIR = flags.DEFINE_string("tokenizer_dir", None, "orbax_to_hf: tokenizer to save beside the weights.")
-_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "orbax_to_hf: weight dtype.")
+_TOKENIZER_DIR = flags.DEFINE_string(
+    "tokenizer_dir", None,
+    "orbax_to_hf: tokenizer to save beside the weights (default: the one the training run recorded; "
+    "a disagreeing one is refused).",
+)
+_DTYPE = flags.DEFINE_enum(
+    "dtype", None, list(EXPORT_DTYPES),
+    f"orbax_to_hf: weight dtype (default: the dtype the model was imported in, else {DEFAULT_EXPORT_DTYPE}).",
+)
 _PARAM_DTYPE = flags.DEFINE_enum("param_dtype", "float32", ["float32", "bfloat16"], "hf_to_orbax: stored dtype.")
 _SEED = flags.DEFINE_integer("seed", 0, "hf_to_orbax: seed of a freshly initialised PRM head.")
 _MAX_SHARD_SIZE = flags.DEFINE_string("max_shard_size", "5GB", "orbax_to_hf: safetensors shard size limit.")
-_SEPARATOR = flags.DEFINE_string("separator", STEP_SEPARATOR, "orbax_to_hf: step separator token.")
+_SEPARATOR = flags.DEFINE_string(
+    "separator", None, f"orbax_to_hf: step separator token (default: the recorded one, else {STEP_SEPARATOR})."
+)
 _ADD_SEPARATOR = flags.DEFINE_bool(
     "add_separator", True, "orbax_to_hf: add the separator as a special token if it splits (else refuse)."
 )

@@ -4,7 +4,7 @@ r"""Evaluate a PRM (or an LLM critic, or a predictions file) on ProcessBench or 
       [--tokenizer=T] [--threshold=0.5] [--tune_threshold_on=gsm8k] [--dtype=float32]
   python -m launch.evaluate --task=processbench --predictions=preds.jsonl --data=processbench/ --out=DIR
   python -m launch.evaluate --task=processbench --critic_model=LLM --data=processbench/ --out=DIR \
-      [--critic_samples=8 --critic_temperature=0.7] [--backend=vllm]
+      [--critic_samples=8 --critic_temperature=0.7] [--official_parse] [--backend=vllm]
   python -m launch.evaluate --task=bon --model=PRM --data=bon.jsonl --out=DIR [--bon_k=1,2,4,8]
 
 PRM / critic checkpoints are prm-jax Orbax directories (pass --tokenizer) or Hugging Face
@@ -35,7 +35,12 @@ _THRESHOLD = flags.DEFINE_float("threshold", 0.5, "First step with reward below 
 _TUNE_ON = flags.DEFINE_string("tune_threshold_on", None, "Also tune the threshold on this subset (e.g. gsm8k), apply to all.")
 _AGGREGATIONS = flags.DEFINE_list("aggregations", ["product", "min", "last", "mean"], "bon: step-reward aggregations.")
 _BON_K = flags.DEFINE_list("bon_k", [], "bon: also report metrics using only the first k responses, e.g. 1,2,4,8.")
-_MAX_LENGTH = flags.DEFINE_integer("max_length", None, "Longest input in tokens (default: max_position_embeddings; 0: no limit).")
+_MAX_LENGTH = flags.DEFINE_integer(
+    "max_length", None, "The model's trained context in tokens (default: max_position_embeddings; 0: no limit).")
+_OVER_LENGTH = flags.DEFINE_enum(
+    "over_length", "score", ["score", "skip"],
+    "Inputs longer than max_length: score them anyway (RoPE extrapolates, as the model card does) or skip their "
+    "record (BoN: the whole problem); counted in results.json either way.")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype (jax backend).")
 _PARAM_DTYPE = flags.DEFINE_enum("param_dtype", "bfloat16", ["bfloat16", "float32"], "Parameter dtype in memory (jax backend).")
 _MESH = flags.DEFINE_string("mesh", "fsdp=-1", "Mesh axes, e.g. 'data=2,fsdp=-1,tensor=1' (-1: remaining devices).")
@@ -45,7 +50,11 @@ _MIN_LENGTH = flags.DEFINE_integer("min_length", 64, "Smallest length bucket.")
 _SAMPLES = flags.DEFINE_integer("critic_samples", 1, "critic: samples per solution (majority vote when > 1).")
 _TEMPERATURE = flags.DEFINE_float("critic_temperature", 0.0, "critic: sampling temperature (0 = greedy).")
 _TOP_P = flags.DEFINE_float("critic_top_p", 1.0, "critic: nucleus sampling.")
-_MAX_TOKENS = flags.DEFINE_integer("critic_max_tokens", 2048, "critic: generated tokens per sample.")
+_MAX_TOKENS = flags.DEFINE_integer("critic_max_tokens", 8192, "critic: generated tokens per sample (ProcessBench: 8192).")
+_OFFICIAL_PARSE = flags.DEFINE_bool(
+    "official_parse", False,
+    "critic: parse verdicts exactly as ProcessBench's extract_answer (last \\boxed{([^}]*)}, int()) instead of the lenient parser.",
+)
 _CRITIC_BATCH = flags.DEFINE_integer("critic_batch", 64, "critic: solutions per generate call.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _TP = flags.DEFINE_integer("tensor_parallel_size", 1, "vllm: GPUs per engine.")
@@ -70,11 +79,11 @@ def main(argv: list[str]) -> None:
             task=_TASK.value, data=_DATA.value, out=_OUT.value, model=_MODEL.value, tokenizer=_TOKENIZER.value,
             predictions=_PREDICTIONS.value, missing=_MISSING.value, critic_model=_CRITIC.value, backend=_BACKEND.value,
             threshold=_THRESHOLD.value, tune_threshold_on=_TUNE_ON.value, aggregations=tuple(_AGGREGATIONS.value),
-            bon_k=tuple(int(k) for k in _BON_K.value), max_length=_MAX_LENGTH.value, dtype=_DTYPE.value,
+            bon_k=tuple(int(k) for k in _BON_K.value), max_length=_MAX_LENGTH.value, over_length=_OVER_LENGTH.value, dtype=_DTYPE.value,
             param_dtype=_PARAM_DTYPE.value, mesh_shape=parse_mesh_shape(_MESH.value),
             tokens_per_batch=_TOKENS_PER_BATCH.value, max_rows=_MAX_ROWS.value, min_length=_MIN_LENGTH.value,
             critic_samples=_SAMPLES.value, critic_temperature=_TEMPERATURE.value, critic_top_p=_TOP_P.value,
-            critic_max_tokens=_MAX_TOKENS.value, critic_batch=_CRITIC_BATCH.value, seed=_SEED.value,
+            critic_max_tokens=_MAX_TOKENS.value, official_parse=_OFFICIAL_PARSE.value, critic_batch=_CRITIC_BATCH.value, seed=_SEED.value,
             tensor_parallel_size=_TP.value, gpu_memory_utilization=_GPU_MEM.value, plots=_PLOTS.value,
             overwrite=_OVERWRITE.value,
         )

@@ -5,7 +5,11 @@ contain) holds two Orbax items:
 
 * `params`: the parameter PyTree, nested dicts keyed by the parameter path
   (`model/layers/0/self_attn/q_kernel`, ...), unscanned layers;
-* `model_config`: JSON with the `ModelConfig`, the layout version and free-form provenance.
+* `model_config`: JSON with the `ModelConfig`, the layout version, free-form provenance and two
+  facts the export needs: `source_dtype` (the dtype of the Hugging Face weights the model was
+  imported from, the default export dtype) and `tokenizer` (the step separator, its id, the
+  vocabulary fingerprint and the directory of the separator-bearing tokenizer a run trained with).
+  Both are absent or null in checkpoints written before they existed.
 
 Restores take `jax.ShapeDtypeStruct`s carrying the target shardings, so a checkpoint saved on one
 mesh restores onto any other device count or mesh. Conversion writes parameters through
@@ -118,12 +122,21 @@ def _checkpointer() -> ocp.Checkpointer:
     return ocp.Checkpointer(ocp.CompositeCheckpointHandler())
 
 
-def checkpoint_metadata(config: ModelConfig, provenance: Mapping[str, Any] | None) -> dict[str, Any]:
+def checkpoint_metadata(
+    config: ModelConfig,
+    provenance: Mapping[str, Any] | None,
+    *,
+    source_dtype: str | None = None,
+    tokenizer: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The `model_config` item. `source_dtype` and `tokenizer` are described in the module doc."""
     return {
         "layout_version": LAYOUT_VERSION,
         "scan_layers": False,
         "config": config.to_json_dict(),
         "provenance": dict(provenance or {}),
+        "source_dtype": source_dtype,
+        "tokenizer": None if tokenizer is None else dict(tokenizer),
     }
 
 
@@ -133,6 +146,7 @@ def save_params(
     config: ModelConfig,
     *,
     provenance: Mapping[str, Any] | None = None,
+    source_dtype: str | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Saves parameters (jax/numpy arrays or `LazyTensor`s) and the config as one checkpoint.
@@ -166,7 +180,9 @@ def save_params(
             args=ocp.args.Composite(
                 **{
                     PARAMS_ITEM: ocp.args.PyTreeSave(params_to_tree(params)),
-                    CONFIG_ITEM: ocp.args.JsonSave(checkpoint_metadata(config, provenance)),
+                    CONFIG_ITEM: ocp.args.JsonSave(
+                        checkpoint_metadata(config, provenance, source_dtype=source_dtype)
+                    ),
                 }
             ),
         )

@@ -8,15 +8,30 @@ to make those positions exact: the separator must be a *single* token (otherwise
 position to read), the rendered text must be encoded the same way the reference code does, and the
 number of separator tokens must equal the number of steps.
 
+Where the separator's id comes from (:func:`prepare_step_separator`, the one convention training
+and export share): ``<extra_0>`` is *not* in the Qwen2.5 vocabulary. The base and Instruct
+tokenizers split it into five tokens (``<``, ``extra``, ``_``, ``0``, ``>``), and id 151651 there is
+the added token ``<|quad_end|>``. Only the *released* Qwen2.5-Math-PRM's tokenizer maps
+``<extra_0>`` to 151651, and vLLM's native ``Qwen2ForProcessRewardModel`` pools on step_tag_id
+151651 by default. So a Qwen2.5-vocabulary tokenizer gets the separator at 151651 (replacing
+``<|quad_end|>``'s string, exactly what the released PRM did), and any other vocabulary gets it as a
+new special token; an id other than 151651 must then be passed to vLLM explicitly
+(:func:`vllm_pooler_setting`).
+
 The ``transformers`` tokenizer is only used through its public API (``encode``, ``decode``,
-``apply_chat_template``, ``add_special_tokens``) and works with transformers 4.45+ and 5.x.
+``apply_chat_template``, ``add_special_tokens``, ``save_pretrained``) and works with transformers
+4.45+ and 5.x.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:  # transformers is heavy to import; only type checkers need it here.
     from transformers import PreTrainedTokenizerBase
@@ -24,14 +39,41 @@ if TYPE_CHECKING:  # transformers is heavy to import; only type checkers need it
 __all__ = [
     "STEP_SEPARATOR",
     "SYSTEM_PROMPT",
+    "QWEN2_5_ADDED_TOKENS",
+    "QWEN2_5_FIRST_ADDED_ID",
+    "VLLM_DEFAULT_STEP_TAG_ID",
     "PRMInput",
+    "StepSeparator",
     "separator_token_id",
     "ensure_step_separator",
+    "is_qwen2_5_vocabulary",
+    "prepare_step_separator",
+    "vocabulary_fingerprint",
+    "vllm_pooler_setting",
     "build_prm_input",
 ]
 
-#: The step separator of Qwen2.5-Math-PRM (id 151651 in the Qwen2.5 vocabulary).
+#: The step separator of Qwen2.5-Math-PRM. Not a token of the Qwen2.5 base/Instruct vocabulary
+#: (it splits into 5 tokens there); the released PRM's tokenizer maps it to id 151651.
 STEP_SEPARATOR = "<extra_0>"
+
+#: The 22 added tokens of every Qwen2.5 tokenizer, at ids 151643.. in this order (151,643 BPE ranks
+#: come first). Id 151651 is ``<|quad_end|>``, the slot the released PRM gave to ``<extra_0>``.
+QWEN2_5_ADDED_TOKENS: tuple[str, ...] = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>",
+    "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+    "<|repo_name|>", "<|file_sep|>",
+)
+QWEN2_5_FIRST_ADDED_ID = 151_643
+
+#: The separator id of the released Qwen2.5-Math-PRM, and vLLM's default STEP-pooling step_tag_id.
+VLLM_DEFAULT_STEP_TAG_ID = 151_651
+_QWEN_SEPARATOR_SLOT = "<|quad_end|>"  # what id 151651 holds in the base/Instruct tokenizers
+# A BPE fact of the Qwen2/2.5 ranks: tells the real vocabulary from one that only copied the
+# added tokens' names.
+_QWEN_BPE_PROBE = ("Hello world", [9707, 1879])
 
 #: The system prompt Qwen2.5-Math-PRM was trained with (its model card uses it verbatim).
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -71,11 +113,12 @@ def ensure_step_separator(
 ) -> tuple[int, bool]:
     """Make sure ``separator`` is one token; return ``(token_id, added)``.
 
-    Qwen2.5 tokenizers already carry ``<extra_0>`` as a single special token, but a base model
-    from another family (or a custom separator) may split it. With ``add_if_missing`` the
+    The released Qwen2.5-Math-PRM tokenizer carries ``<extra_0>`` as a single special token; the
+    Qwen2.5 base/Instruct tokenizers and other families split it. With ``add_if_missing`` the
     separator is registered as an additional special token (existing additional special tokens
     are kept), which gives it a fresh id at the end of the vocabulary and guarantees it is never
-    split or merged with neighbouring text. ``added`` is ``True`` in that case and the caller
+    split or merged with neighbouring text. (For a Qwen2.5 vocabulary use
+    :func:`prepare_step_separator`, which gives it id 151651 instead, as the released PRM does.) ``added`` is ``True`` in that case and the caller
     **must** then give the model an embedding row for the new id (resize the vocabulary) before
     training or inference, and save the modified tokenizer next to the model.
 
@@ -106,6 +149,133 @@ def ensure_step_separator(
             f"splits into {_pieces(tokenizer, separator)!r}."
         )
     return token_id, True
+
+
+def is_qwen2_5_vocabulary(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether ``tokenizer`` has the Qwen2/2.5 vocabulary layout with id 151651 still ``<|quad_end|>``.
+
+    Checked on ids, not names: the 22 added tokens sit at 151643-151664 in Qwen's order, nothing
+    else was added after them, and the BPE ranks are Qwen's (a known encoding). Only then is
+    replacing 151651's string the released PRM's convention rather than an arbitrary edit.
+    """
+    first, count = QWEN2_5_FIRST_ADDED_ID, len(QWEN2_5_ADDED_TOKENS)
+    if len(tokenizer) != first + count:
+        return False
+    found = tokenizer.convert_ids_to_tokens(list(range(first, first + count)))
+    if [str(t) for t in found] != list(QWEN2_5_ADDED_TOKENS):
+        return False
+    text, ids = _QWEN_BPE_PROBE
+    return _encode_plain(tokenizer, text) == ids
+
+
+def vocabulary_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A short hash of the token -> id mapping (added tokens included), to tell vocabularies apart.
+
+    Chat templates and other settings are left out on purpose: a base and an Instruct tokenizer
+    with the same vocabulary are interchangeable for scoring.
+    """
+    vocab = sorted((str(token), int(i)) for token, i in tokenizer.get_vocab().items())
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class StepSeparator:
+    """The step separator as a model is trained and exported with it.
+
+    Attributes:
+        token: The separator string (``<extra_0>``).
+        token_id: Its single token id.
+        origin: ``"existing"`` (already one token, e.g. the released PRM's tokenizer),
+            ``"qwen2_5_slot"`` (took id 151651 of a Qwen2.5 vocabulary, replacing ``<|quad_end|>``)
+            or ``"added"`` (a new special token at the end of another vocabulary).
+        vocabulary: :func:`vocabulary_fingerprint` of the separator-bearing tokenizer.
+    """
+
+    token: str
+    token_id: int
+    origin: Literal["existing", "qwen2_5_slot", "added"]
+    vocabulary: str
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return {"separator": self.token, "separator_id": self.token_id, "origin": self.origin,
+                "vocabulary": self.vocabulary}
+
+
+def _replace_token_string(value: Any, old: str, new: str) -> Any:
+    """``value`` (parsed JSON) with every string equal to ``old`` replaced by ``new``."""
+    if isinstance(value, str):
+        return new if value == old else value
+    if isinstance(value, list):
+        return [_replace_token_string(v, old, new) for v in value]
+    if isinstance(value, dict):
+        return {k: _replace_token_string(v, old, new) for k, v in value.items()}
+    return value
+
+
+def _take_qwen_separator_slot(tokenizer: PreTrainedTokenizerBase, separator: str) -> PreTrainedTokenizerBase:
+    """A copy of a Qwen2.5 tokenizer whose id 151651 is ``separator`` instead of ``<|quad_end|>``.
+
+    A tokenizer cannot rename an added token in place, so the tokenizer is saved, the token's
+    string is replaced in the saved JSON files (``tokenizer.json``'s added tokens, and the
+    ``added_tokens_decoder`` / special-token lists transformers 4.x also writes) and reloaded.
+    """
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory(prefix="prm-jax-tokenizer-") as scratch:
+        tokenizer.save_pretrained(scratch)
+        for path in Path(scratch).glob("*.json"):
+            data = json.loads(path.read_text(encoding="utf-8"))
+            path.write_text(json.dumps(_replace_token_string(data, _QWEN_SEPARATOR_SLOT, separator),
+                                       ensure_ascii=False, indent=2), encoding="utf-8")
+        renamed = AutoTokenizer.from_pretrained(scratch)
+    token_id = separator_token_id(renamed, separator)
+    if token_id != VLLM_DEFAULT_STEP_TAG_ID or len(renamed) != len(tokenizer):
+        raise ValueError(
+            f"giving {separator!r} the Qwen2.5 slot {VLLM_DEFAULT_STEP_TAG_ID} failed: it encodes to "
+            f"{_encode_plain(renamed, separator)} and the vocabulary has {len(renamed)} tokens "
+            f"(was {len(tokenizer)})"
+        )
+    return renamed
+
+
+def prepare_step_separator(
+    tokenizer: PreTrainedTokenizerBase,
+    separator: str = STEP_SEPARATOR,
+    *,
+    add_if_missing: bool = True,
+) -> tuple[PreTrainedTokenizerBase, StepSeparator]:
+    """The separator-bearing tokenizer a PRM is trained and exported with, and its separator.
+
+    One convention for training and export: a tokenizer where ``separator`` is already one token
+    is used as is; a Qwen2.5 vocabulary (:func:`is_qwen2_5_vocabulary`) gets it at id 151651 like
+    the released Qwen2.5-Math-PRM (so vLLM, sglang and the model card's code work with their
+    defaults); any other vocabulary gets it as a new special token (:func:`ensure_step_separator`),
+    whose id may need an embedding row the model does not have yet: callers compare it with the
+    model's ``vocab_size``. The returned tokenizer may be a new object; the one passed in is
+    modified only in the ``"added"`` case.
+
+    Raises:
+        ValueError: The separator splits and ``add_if_missing`` is ``False``.
+    """
+    token_id = separator_token_id(tokenizer, separator)
+    origin: Literal["existing", "qwen2_5_slot", "added"] = "existing"
+    if token_id is None and add_if_missing and is_qwen2_5_vocabulary(tokenizer):
+        tokenizer, token_id, origin = (
+            _take_qwen_separator_slot(tokenizer, separator), VLLM_DEFAULT_STEP_TAG_ID, "qwen2_5_slot"
+        )
+    elif token_id is None:
+        token_id, _ = ensure_step_separator(tokenizer, separator, add_if_missing=add_if_missing)
+        origin = "added"
+    return tokenizer, StepSeparator(separator, token_id, origin, vocabulary_fingerprint(tokenizer))
+
+
+def vllm_pooler_setting(separator_id: int) -> dict[str, Any]:
+    """The pooler settings vLLM's native PRM needs to read steps at ``separator_id``.
+
+    Python: ``LLM(model, runner="pooling", pooler_config=PoolerConfig(**setting))``;
+    command line: ``vllm serve MODEL --runner pooling --pooler-config '<setting as JSON>'``.
+    """
+    return {"pooling_type": "STEP", "step_tag_id": int(separator_id)}
 
 
 @dataclass(frozen=True)

@@ -87,14 +87,17 @@ def test_jax_rewards_equal_transformers_remote_code(converted) -> None:
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_hf_prm_round_trip_is_exact(converted, tmp_path, dtype) -> None:
-    """HF PRM -> Orbax -> HF reproduces every tensor bit for bit (sharded output too)."""
+    """HF PRM -> Orbax -> HF with default flags reproduces every tensor bit for bit, in the
+    source's dtype (sharded output too)."""
     source = converted["hf_prm"]
     if dtype == "bfloat16":
         orbax_to_hf(converted["orbax"], tmp_path / "src", dtype="bfloat16")
         source = tmp_path / "src"
     hf_to_orbax(source, tmp_path / "orbax")
-    assert read_checkpoint_metadata(tmp_path / "orbax")["provenance"]["prm_head"] == "imported"
-    orbax_to_hf(tmp_path / "orbax", tmp_path / "back", dtype=dtype, max_shard_size=20_000)
+    meta = read_checkpoint_metadata(tmp_path / "orbax")
+    assert meta["provenance"]["prm_head"] == "imported" and meta["source_dtype"] == dtype
+    orbax_to_hf(tmp_path / "orbax", tmp_path / "back", max_shard_size=20_000)
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["torch_dtype"] == dtype
     assert (tmp_path / "back" / "model.safetensors.index.json").exists()
     with SafetensorsCheckpoint(source) as a, SafetensorsCheckpoint(tmp_path / "back") as b:
         assert a.names() == b.names()
@@ -102,6 +105,46 @@ def test_hf_prm_round_trip_is_exact(converted, tmp_path, dtype) -> None:
             x, y = a.get(name), b.get(name)
             assert x.dtype == y.dtype and x.shape == y.shape, name
             assert x.tobytes() == y.tobytes(), name
+
+
+def test_dtype_flag_overrides_the_source_dtype(converted, tmp_path) -> None:
+    assert read_checkpoint_metadata(converted["orbax"])["source_dtype"] == "float32"
+    orbax_to_hf(converted["orbax"], tmp_path / "bf16", dtype="bfloat16")
+    weights = load_file(tmp_path / "bf16" / "model.safetensors")
+    assert {str(v.dtype) for v in weights.values()} == {"bfloat16"}
+
+
+def test_checkpoint_without_new_metadata_still_restores_and_exports(converted, tmp_path, monkeypatch) -> None:
+    """Checkpoints written before source_dtype/tokenizer were recorded: bf16 default, no tokenizer."""
+    import prm_jax.checkpoint as checkpoint_module
+
+    def old_metadata(config, provenance, **_):
+        return {"layout_version": 1, "scan_layers": False, "config": config.to_json_dict(),
+                "provenance": dict(provenance or {})}
+
+    model = restore_model(converted["orbax"])
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint_module, "checkpoint_metadata", old_metadata)
+        checkpoint_module.save_model(tmp_path / "old", model)
+    assert "source_dtype" not in read_checkpoint_metadata(tmp_path / "old")
+    restore_model(tmp_path / "old")
+    orbax_to_hf(tmp_path / "old", tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["torch_dtype"] == "bfloat16" and "step_separator_id" not in config
+    orbax_to_hf(tmp_path / "old", tmp_path / "hf_tok", tokenizer_dir=converted["tokenizer"])
+    assert json.loads((tmp_path / "hf_tok" / "config.json").read_text())["step_separator_id"] == 403
+
+
+def test_separator_off_vllms_default_is_stated(converted, tmp_path, caplog) -> None:
+    """Id 403 is not vLLM's default step_tag_id 151651: config.json, README.md and the log say what to pass."""
+    setting = """--pooler-config '{"pooling_type": "STEP", "step_tag_id": 403}'"""
+    with caplog.at_level("WARNING", logger="prm_jax.conversion.hf_checkpoint"):
+        orbax_to_hf(converted["orbax"], tmp_path / "hf", tokenizer_dir=converted["tokenizer"])
+    assert any(setting in r.getMessage() for r in caplog.records)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["step_separator_id"] == 403
+    assert config["vllm_pooler_config"] == {"pooling_type": "STEP", "step_tag_id": 403}
+    assert setting in (tmp_path / "hf" / "README.md").read_text()
 
 
 def test_sharded_export_loads_in_transformers(converted, tmp_path) -> None:

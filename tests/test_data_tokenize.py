@@ -100,13 +100,27 @@ def test_soft_labels_kept_and_threshold_decides_the_first_error(tokenizer):
     labels = (0.875, 0.125, 0.0, 0.5)
     record = PRMRecord("s", PROBLEM, STEPS, labels)
     assert record.hard_labels is False
-    cfg = TokenizeConfig(max_length=512, soft_labels=True, negative_threshold=1e-6)
-    example = tokenize_prm(record, tokenizer, cfg, 0)
-    _check_prm_invariants(example, tokenizer, [0.875, 0.125, 0.0])  # first zero is step 2
+    example = tokenize_prm(record, tokenizer, TokenizeConfig(max_length=512, soft_labels=True), 0)
+    _check_prm_invariants(example, tokenizer, [0.875, 0.125, 0.0])  # the default cuts after the first 0
 
-    default_threshold = TokenizeConfig(max_length=512, soft_labels=True)
-    example = tokenize_prm(record, tokenizer, default_threshold, 0)
-    _check_prm_invariants(example, tokenizer, [0.875, 0.125])  # 0.125 < 0.5 is negative
+    half = TokenizeConfig(max_length=512, soft_labels=True, negative_threshold=0.5)
+    example = tokenize_prm(record, tokenizer, half, 0)
+    _check_prm_invariants(example, tokenizer, [0.875, 0.125])  # 0.125 <= 0.5 is negative when asked
+
+
+def test_soft_labels_default_cut_is_after_the_first_zero_as_in_the_paper(tokenizer):
+    # [1, 0.25, 0.5, 0]: the real negative step is the last one (no completion reached the answer);
+    # a 0.5 threshold would cut at 0.25 and lose it.
+    record = PRMRecord("s", PROBLEM, STEPS, (1.0, 0.25, 0.5, 0.0))
+    stats = TokenizeStats()
+    example = tokenize_prm(record, tokenizer, TokenizeConfig(max_length=512, soft_labels=True), 0, stats)
+    _check_prm_invariants(example, tokenizer, [1.0, 0.25, 0.5, 0.0])
+    assert stats.steps_dropped_after_error == 0
+    hard = PRMRecord("h", PROBLEM, STEPS, (1, 0, 1, 1))
+    _check_prm_invariants(tokenize_prm(hard, tokenizer, TokenizeConfig(max_length=512), 0), tokenizer, [1, 0])
+    from prm_jax.training.config import default_config
+
+    assert default_config().data.negative_threshold == 0.0
 
 
 def test_soft_labels_without_soft_mode_are_an_error(tokenizer):
@@ -247,7 +261,7 @@ def test_load_refuses_a_split_separator(tmp_path):
     )
     path = tmp_path / "t.jsonl"
     path.write_text(json.dumps({"id": "a", "problem": "p", "steps": ["s"], "labels": [1]}) + "\n")
-    with pytest.raises(ValueError, match="ensure_step_separator"):
+    with pytest.raises(ValueError, match="prepare_step_separator"):
         load_prm_examples(path, split, TokenizeConfig(max_length=512))
 
 
@@ -269,7 +283,7 @@ def test_config_and_example_validation():
     with pytest.raises(ValueError, match="overlong"):
         TokenizeConfig(max_length=8, overlong="split")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="negative_threshold"):
-        TokenizeConfig(max_length=8, negative_threshold=0.0)
+        TokenizeConfig(max_length=8, negative_threshold=1.0)  # every label would be negative
     ok = dict(
         input_ids=np.zeros(3, np.int32), loss_mask=np.zeros(3, np.float32),
         labels=np.zeros(3, np.float32), targets=np.zeros(3, np.int32),

@@ -12,6 +12,7 @@ import pytest
 from prm_jax.evaluation.analyses import calibration, flawed_process_detection, labelled_steps, min_position_stats
 from prm_jax.evaluation.best_of_n import (
     aggregate,
+    answer_classes,
     bon_scores,
     majority_vote,
     normalize_answer,
@@ -204,6 +205,19 @@ def test_majority_vote_with_ties_and_normalised_answers() -> None:
     assert majority_vote(["3", "4", "4"]) == 1
 
 
+def test_maj_votes_on_answers_the_grader_calls_equal() -> None:
+    from prm_jax.answers import grade_answer
+
+    # The grader calls 0.5 and \\frac12 equal; so must the vote: 3 votes for 1/2 beat 2 for 3.
+    assert grade_answer("0.5", "\\frac12") == "correct"
+    answers = ["3", "0.5", "\\frac12", "3", "\\dfrac{1}{2}"]
+    assert answer_classes(answers) == [0, 1, 1, 0, 1]
+    outcome = score_problem([False, True, True, False, True], answers, [[0.5]] * 5)
+    assert outcome.majority_index == 1 and outcome.maj_correct and not outcome.inconsistent_vote
+    assert outcome.majority_answer == "0.5"
+    assert answer_classes(["2", None, "x^{", "x^{", "3"]) == [0, None, 2, 2, 4]  # unparseable: string equality
+
+
 def test_inconsistent_vote_groups_are_counted() -> None:
     outcome = score_problem([False, True, True], ["7", "7", "8"], [[0.5]] * 3)
     assert outcome.majority_index == 0 and not outcome.maj_correct and outcome.inconsistent_vote
@@ -236,17 +250,29 @@ def test_min_position_share_and_histogram() -> None:
 
 def test_flawed_process_detection() -> None:
     items = [
-        (True, 2, 2),  # flagged, exact
-        (True, 1, 0),  # flagged, wrong step
-        (True, 1, -1),  # missed
-        (True, 0, None),  # no verdict: missed
-        (True, -1, 0),  # not flawed: ignored
-        (False, 1, 1),  # wrong answer: ignored
-        (None, 1, 1),  # unknown: ignored
+        ("a", True, 2, 2),  # flagged, exact
+        ("a", True, 1, 0),  # flagged, wrong step
+        ("a", True, 1, -1),  # missed
+        ("a", True, 0, None),  # no verdict: missed
+        ("a", True, -1, 0),  # not flawed: ignored
+        ("a", False, 1, 1),  # wrong answer: ignored
+        ("a", None, 1, 1),  # unknown: ignored
     ]
     d = flawed_process_detection(items)
     assert d.n == 4 and d.flagged == 0.5 and d.exact == 0.25
+    assert d.pooled_flagged == 0.5 and d.pooled_exact == 0.25
     assert math.isnan(flawed_process_detection([]).flagged)
+
+
+def test_flawed_process_accuracy_is_the_unweighted_mean_of_subsets() -> None:
+    # Table 5 of the paper averages subsets: a small subset weighs as much as a large one.
+    items = [("gsm8k", True, 1, 1)] * 1 + [("gsm8k", True, 1, 0)] * 1  # 1/2 exact
+    items += [("math", True, 2, 2)] * 9 + [("math", True, 2, -1)] * 1  # 9/10 exact
+    d = flawed_process_detection(items)
+    assert d.exact == pytest.approx((0.5 + 0.9) / 2)  # 0.7, not the pooled 10/12
+    assert d.pooled_exact == pytest.approx(10 / 12)
+    assert d.subsets["gsm8k"].n == 2 and d.subsets["math"].exact == pytest.approx(0.9)
+    assert d.as_dict()["subsets"]["math"]["n"] == 10
 
 
 def test_labelled_steps_and_calibration_by_hand() -> None:
@@ -260,3 +286,16 @@ def test_labelled_steps_and_calibration_by_hand() -> None:
     assert cal.ece == pytest.approx(2 / 5 * 0.4 + 3 / 5 * abs(2 / 3 - 2.8 / 3))
     empty = calibration([], bins=3)
     assert empty.n_steps == 0 and math.isnan(empty.ece) and empty.bin_accuracy == [None] * 3
+
+
+def test_docs_quote_figure_8_of_the_paper() -> None:
+    """Fig. 8: 17.5% (PRM-7B) and 18.0% (72B); 17.3% is RLHFlow-Deepseek's, and the 42-55% group
+    is Skywork-PRM-7B, Math-Shepherd-PRM-7B and the implicit EurusPRMs, not MC-trained PRMs only."""
+    from pathlib import Path
+
+    import prm_jax.evaluation.analyses as analyses
+
+    root = Path(__file__).resolve().parents[1]
+    for text in (analyses.__doc__, (root / "docs" / "design.md").read_text(encoding="utf-8")):
+        assert "17.3%" not in text and "44-55%" not in text and "44–55%" not in text
+        assert "17.5%" in text and "18.0%" in text and "42.2%" in text and "44.5%" in text

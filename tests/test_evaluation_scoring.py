@@ -111,11 +111,43 @@ def test_loading_errors(assets, tmp_path) -> None:
         checkpoint_kind(tmp_path)
 
 
-def test_overlong_and_unscorable_inputs_name_the_record(assets) -> None:
-    with pytest.raises(EvaluationDataError, match="data.jsonl:7: 1\\d\\d tokens exceed the model's context of 16"):
-        prepare_input(assets["tokenizer"], "What is 1 + 1?" * 5, ["a", "b"], source="data.jsonl:7", max_length=16)
+def test_unscorable_inputs_name_the_record(assets) -> None:
     with pytest.raises(EvaluationDataError, match="data.jsonl:3: field 'steps'.*separator"):
         prepare_input(assets["tokenizer"], "p", ["a <extra_0> b"], source="data.jsonl:3")
+
+
+def test_over_long_inputs_are_scored_or_skipped_and_always_counted(assets) -> None:
+    """An input past the trained context no longer aborts the run: scored (RoPE extrapolates) by
+    default, or its record skipped by choice; counted in results.json either way."""
+    mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
+    scorer = BatchedScorer(load_model(assets["orbax"], mesh=mesh, dtype="float32"), mesh=mesh,
+                           config=BucketConfig(min_length=256))
+    tokenizer = assets["tokenizer"]
+    sols = solutions(SHORT + MEDIUM, seed=4)  # SHORT: < 100 tokens, MEDIUM: > 200
+    records = [ProcessBenchRecord(f"g{i}", "gsm8k" if i % 2 else "math", p, tuple(s), -1, True)
+               for i, (p, s) in enumerate(sols)]
+    full = processbench_with_prm(records, scorer, tokenizer, max_length=None)
+    scored = processbench_with_prm(records, scorer, tokenizer, max_length=150)
+    assert [row["rewards"] for row in scored.predictions] == [row["rewards"] for row in full.predictions]
+    assert [row["over_length"] for row in scored.predictions] == [False] * 3 + [True] * 3
+    over = scored.results["over_length"]
+    assert (over["policy"], over["n_inputs"], over["n_skipped"], over["max_length"]) == ("score", 3, 0, 150)
+    assert over["by_group"] == {"gsm8k": 2, "math": 1} and over["longest"] > 200
+    skipped = processbench_with_prm(records, scorer, tokenizer, max_length=150, over_length="skip")
+    assert [row["id"] for row in skipped.predictions] == ["g0", "g1", "g2"]
+    assert skipped.results["over_length"]["n_skipped"] == 3
+    assert skipped.results["subsets"]["gsm8k"]["n_ok"] == 1  # g1 only: g3 and g5 were skipped
+
+    long_steps = tuple(" ".join(sols[3][1]) for _ in range(4))
+    bon = [BoNRecord("b0", "d", sols[0][0], "1", (BoNResponse(tuple(sols[0][1]), True), BoNResponse(long_steps, False))),
+           BoNRecord("b1", "d", sols[1][0], "1", (BoNResponse(tuple(sols[1][1]), True),))]
+    out = bon_with_prm(bon, scorer, tokenizer, max_length=150, over_length="skip")
+    assert [row["id"] for row in out.predictions] == ["b1"]  # b0 has an over-long response: the problem goes
+    assert out.results["over_length"]["n_skipped"] == 1 and out.results["average"]["n_problems"] == 1
+    out = bon_with_prm(bon, scorer, tokenizer, max_length=150)
+    assert out.results["over_length"]["n_inputs"] == 1 and out.results["average"]["n_problems"] == 2
+    with pytest.raises(ValueError, match="over_length"):
+        bon_with_prm(bon, scorer, tokenizer, over_length="truncate")
 
 
 def test_bon_rewards_survive_windows_that_split_records(assets) -> None:
@@ -203,4 +235,24 @@ def test_critic_majority_vote_and_unparseable_answers() -> None:
     assert (gsm8k["acc_err"], gsm8k["acc_ok"], gsm8k["f1"]) == (1.0, 0.0, 0.0)
     assert out.results["subsets"]["math"]["n_unparseable"] == 1
     assert out.results["critic"]["unparseable_samples"] == 4 and out.results["critic"]["truncated_samples"] == 1
-    assert out.results["analyses"]["flawed_process"] == {"n": 1, "flagged": 1.0, "exact": 1.0}
+    flawed = out.results["analyses"]["flawed_process"]
+    assert (flawed["n"], flawed["flagged"], flawed["exact"], flawed["pooled_exact"]) == (1, 1.0, 1.0, 1.0)
+    assert list(flawed["subsets"]) == ["gsm8k"]
+
+
+def test_critic_defaults_to_processbench_budget_and_official_parse_is_selectable() -> None:
+    from launch import evaluate as launcher
+    from prm_jax.evaluation.runner import EvaluationConfig
+
+    # ProcessBench generates up to 8192 tokens; a critique cut at 2048 would score as no verdict.
+    assert EvaluationConfig(task="processbench", data="d", out="o", critic_model="m").critic_max_tokens == 8192
+    assert launcher._MAX_TOKENS.default == 8192 and launcher._OFFICIAL_PARSE.default is False
+    records = [ProcessBenchRecord("a", "gsm8k", "P-a", ("s0", "s1", "s2"), 1, True)]
+    critic = ScriptedCritic({"P-a": ["\\boxed{\\text{1}}"]})
+    params = SamplingParams(n=1, max_tokens=8)
+    lenient = processbench_with_critic(records, critic, params)
+    official = processbench_with_critic(records, critic, params, official_parse=True)
+    assert lenient.predictions[0]["pred"] == 1 and lenient.results["critic"]["parser"] == "lenient"
+    # ProcessBench's extract_answer reads "\\text{1" from this box and int() fails: no verdict.
+    assert official.predictions[0]["pred"] is None and official.results["critic"]["parser"] == "processbench_official"
+    assert official.results["subsets"]["gsm8k"]["n_unparseable"] == 1

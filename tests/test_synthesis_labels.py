@@ -9,11 +9,12 @@ import pytest
 from data_pipeline.consensus import decide, training_record
 from data_pipeline.grading import GradingPool
 from data_pipeline.ids import stable_seed
-from data_pipeline.judge import Judge, JudgeSettings, classify_verdict, majority_vote
+from data_pipeline.judge import Judge, JudgeSettings, majority_vote
 from data_pipeline.mc import MCLabeler, MCSettings
 from data_pipeline.schemas import GradeRecord, JudgeRecord, MCCost, MCRecord
 from data_pipeline.scripted import ScriptedBackend
 from data_pipeline.solutions import continuation_prompt, policy_prompt, split_steps
+from prm_jax.critique import classify_verdict
 from prm_jax.data.records import read_prm_records
 
 K = 4
@@ -117,6 +118,9 @@ def test_completion_answer_is_read_from_prefix_plus_completion() -> None:
         (grade_record(steps=(), status="empty"), "no_steps", {}),
         (grade_record(finish_reason="length"), "truncated", {}),
         (grade_record(status="bad_gold"), "bad_gold", {}),
+        # An unknown grade is not a wrong answer: no last-step 0 label from a timeout or a crash.
+        (grade_record(status="timeout"), "grade_timeout", {}),
+        (grade_record(status="error"), "grade_error", {}),
     ],
 )
 def test_skipped_responses_say_why(record, reason, settings) -> None:
@@ -206,6 +210,32 @@ def test_judge_samples_one_request_per_response_and_votes() -> None:
     (request,) = backend.requests
     assert request.params.n == 4 and request.params.seed == stable_seed(3, "judge", "p#0")
     JudgeRecord.from_json(json.loads(json.dumps(result.to_json())))
+
+
+def test_judge_with_the_paper_prompt_parses_conclusions() -> None:
+    def script(prompt, index, params):
+        assert "<paragraph_1>\nLet x be 2.\n</paragraph_1>" in prompt and "<paragraph_0>" not in prompt
+        conclusions = ["Correct", "Correct", "Incorrect"] if index == 0 else ["Correct"]
+        return "".join(f"<conclusion_{k}>{c}</conclusion_{k}>" for k, c in enumerate(conclusions, 1))
+
+    judge = Judge(ScriptedBackend(script), JudgeSettings(num_samples=2, temperature=0.8, prompt="paper"))
+    (result,) = judge.judge_batch([grade_record()])
+    assert result.verdicts == (2, None) and result.reasons == ("ok", "incomplete")
+    JudgeRecord.from_json(json.loads(json.dumps(result.to_json())))  # the schema knows the new reasons
+    with pytest.raises(ValueError, match="judge.prompt"):
+        JudgeSettings(prompt="chatty")
+
+
+def test_synthesis_config_checks_the_judge_prompt() -> None:
+    from data_pipeline.config import default_config, validate
+
+    config = default_config()
+    config.judge.prompt = "paper"
+    config.problems.path = "problems.jsonl"
+    validate(config)
+    config.judge.prompt = "other"
+    with pytest.raises(ValueError, match="judge.prompt"):
+        validate(config)
 
 
 # ---------------------------------------------------------------------------- consensus

@@ -224,6 +224,14 @@ def test_workdir_refuses_other_settings_and_stages_run_in_order(tmp_path) -> Non
         run_scripted(make_config(problems, mc__k=8), tmp_path / "w")
     with pytest.raises(SynthesisError, match="num_shards"):
         run_scripted(make_config(problems), tmp_path / "w", shard=Shard(0, 2))
+    # A workdir recorded before judge.prompt existed resumes with the prompt it used, and only that one.
+    layout = Layout(tmp_path / "w")
+    recorded = json.loads(layout.run_config.read_text())
+    del recorded["judge.prompt"]
+    layout.run_config.write_text(json.dumps(recorded))
+    run_scripted(make_config(problems), tmp_path / "w", stage="sample")
+    with pytest.raises(SynthesisError, match=r"judge\.prompt: 'processbench' -> 'paper'"):
+        run_scripted(make_config(problems, judge__prompt="paper"), tmp_path / "w")
     problems.write_text(problems.read_text().replace("1 + 2", "1 + 3"))
     with pytest.raises(SynthesisError, match="problems.sha256"):
         run_scripted(make_config(problems), tmp_path / "w")

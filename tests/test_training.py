@@ -194,3 +194,90 @@ def test_causal_lm_objective_trains_on_the_same_loop(tiny_run, tmp_path) -> None
     assert "eval_f1" not in result.last_eval and result.last_eval["eval_loss"] < losses[0]
     params = restore_params(tmp_path / "run" / "checkpoints" / "40", as_numpy=True)
     assert ("lm_head", "kernel") in params and not any(p[0] == "score" for p in params)
+
+
+def test_mse_loss_regresses_p_correct_on_soft_labels() -> None:
+    """loss=mse is the paper's soft-label training: (softmax(logits)[1] - p)^2 at separators."""
+    from prm_jax.training.losses import prm_loss_sums
+
+    logits = jnp.array([[[0.0, 0.0], [0.0, np.log(3.0)], [5.0, -5.0]]])  # p(correct) = 0.5, 0.75, ~0
+    labels = jnp.array([[0.25, 0.5, 0.0]])
+    mask = jnp.array([[1.0, 1.0, 0.0]])  # the third position is not a separator
+    mse = prm_loss_sums(logits, labels, mask, "mse")
+    assert float(mse["loss_sum"]) == pytest.approx((0.5 - 0.25) ** 2 + (0.75 - 0.5) ** 2, rel=1e-6)
+    ce = prm_loss_sums(logits, labels, mask)  # the default stays cross-entropy
+    expected_ce = -(0.25 * np.log(0.5) + 0.75 * np.log(0.5)) - (0.5 * np.log(0.75) + 0.5 * np.log(0.25))
+    assert float(ce["loss_sum"]) == pytest.approx(expected_ce, rel=1e-6)
+    with pytest.raises(ValueError, match="loss="):
+        prm_loss_sums(logits, labels, mask, "hinge")
+
+
+def test_train_step_uses_the_configured_prm_loss() -> None:
+    from prm_jax.training.config import default_config
+    from prm_jax.training.optimizer import OptimizerConfig, build_optimizer
+
+    assert default_config().train.loss == "cross_entropy"
+    config = training_model_config(tiny_config())
+    model = create_model(config, seed=0)
+    graphdef, state = nnx.split(model)
+    params = params_tree(model)
+    optimizer = build_optimizer(OptimizerConfig(learning_rate=0.0, warmup_steps=0, total_steps=1))
+    rows, length = 2, 16
+    batch = {
+        "input_ids": jnp.arange(rows * length, dtype=jnp.int32).reshape(rows, length) % 50,
+        "segment_ids": jnp.ones((rows, length), jnp.int32),
+        "positions": jnp.tile(jnp.arange(length, dtype=jnp.int32), (rows, 1)),
+        "labels": jnp.zeros((rows, length), jnp.float32).at[:, 5].set(0.25).at[:, 11].set(1.0),
+        "loss_mask": jnp.zeros((rows, length), jnp.float32).at[:, 5].set(1.0).at[:, 11].set(1.0),
+    }
+    losses = {}
+    for loss in ("cross_entropy", "mse"):
+        step = make_train_step(graphdef, state, optimizer, objective="prm", loss=loss)
+        _, _, metrics = step(params, optimizer.init(params), batch)
+        losses[loss] = float(metrics["loss"])
+    prm = _loss_sums(graphdef, state, "prm", params, batch)[2]
+    p = jax.nn.softmax(prm.step_logits(prm(batch["input_ids"], batch["segment_ids"], batch["positions"])), -1)[..., 1]
+    expected = float(jnp.sum(jnp.square(p - batch["labels"]) * batch["loss_mask"]) / jnp.sum(batch["loss_mask"]))
+    assert losses["mse"] == pytest.approx(expected, rel=1e-4)
+    assert losses["mse"] != pytest.approx(losses["cross_entropy"], rel=1e-2)
+    with pytest.raises(ValueError, match="loss="):
+        make_train_step(graphdef, state, optimizer, objective="lm", loss="mse")
+
+
+def test_trainer_trains_with_the_configured_prm_loss(tiny_run, tmp_path) -> None:
+    """`--config.train.loss=mse` reaches the Trainer's jitted step: the first logged loss of a fresh
+    2-way head is ~(0.5 - y)^2 <= 0.25 under MSE and ~ln 2 under cross-entropy."""
+    _, base, _ = tiny_run
+    first = {}
+    for loss in ("cross_entropy", "mse"):
+        config = tiny_config(**{
+            "data.train_file": base.data.train_file, "data.eval_file": "", "data.synthetic": "",
+            "data.tokenizer_dir": base.data.tokenizer_dir, "train.num_steps": 1, "train.log_every": 1,
+            "checkpoint.save_every": 1, "train.loss": loss, "train.progress": False,
+        })
+        train_from_config(config, tmp_path / loss)
+        lines = [json.loads(line) for line in (tmp_path / loss / "metrics.jsonl").read_text().splitlines()]
+        first[loss] = next(line["loss"] for line in lines if "loss" in line)
+    assert first["mse"] < 0.3 < 0.5 < first["cross_entropy"], first
+
+
+def test_seq_len_beyond_the_models_context_is_refused(tmp_path) -> None:
+    from tiny_assets import build_tiny_tokenizer
+
+    config = tiny_config(**{"data.seq_len": 256, "model.arch.max_position_embeddings": 128, "data.synthetic": "",
+                            "data.train_file": str(tmp_path / "unused.jsonl"),
+                            "data.tokenizer_dir": str(build_tiny_tokenizer(tmp_path / "tok"))})
+    with pytest.raises(ValueError, match="seq_len=256 exceeds the model's max_position_embeddings=128"):
+        train_from_config(config, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("preset", ["qwen2_5_math_7b.py", "qwen2_5_math_72b.py", "qwen2_5_math_1_5b.py"])
+def test_presets_fit_the_qwen2_5_math_context(preset) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(preset[:-3], CONFIGS / preset)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    # Qwen2.5-Math-{1.5B,7B,72B}-Instruct: max_position_embeddings 4096 (their config.json).
+    assert module.get_config().data.seq_len <= 4096

@@ -4,7 +4,11 @@
 freshly initialised from a seed) or a `Qwen2ForProcessRewardModel` checkpoint (head included).
 `orbax_to_hf` writes the Qwen2.5-Math-PRM layout: `config.json` with `architectures`/`auto_map`/
 `num_labels`, our remote-code files, safetensors weights with the Qwen names (no `lm_head`), and
-optionally the tokenizer with the step separator as one special token.
+the tokenizer with the step separator as one token: by default the one the training run recorded
+in the checkpoint, so the export scores at the very token id the model was trained on.
+
+Export dtype defaults to the dtype the weights were imported in (recorded by `hf_to_orbax`), so
+HF -> Orbax -> HF with default settings is exact.
 
 Both directions validate everything they can from metadata alone (names, shapes, dtypes, config)
 before writing a byte, stream tensors one by one, and write into a temporary directory that is
@@ -25,17 +29,30 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from prm_jax.checkpoint import LazyTensor, read_model_config, restore_params, save_params
+from prm_jax.checkpoint import LazyTensor, read_checkpoint_metadata, restore_params, save_params
 from prm_jax.conversion.hf_mapping import TensorMapping, tensor_mappings
 from prm_jax.conversion.remote_code import ARCHITECTURE, AUTO_MAP, write_remote_code
 from prm_jax.conversion.safetensors_io import SafetensorsCheckpoint, TensorSpec, write_safetensors
 from prm_jax.models.config import ModelConfig
 from prm_jax.models.transformer import StepHead
-from prm_jax.tokenization import STEP_SEPARATOR, ensure_step_separator
+from prm_jax.tokenization import (
+    STEP_SEPARATOR,
+    VLLM_DEFAULT_STEP_TAG_ID,
+    StepSeparator,
+    prepare_step_separator,
+    vllm_pooler_setting,
+)
 
 _log = logging.getLogger(__name__)
 
-EXPORT_DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float32)}
+EXPORT_DTYPES = {
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "float32": np.dtype(np.float32),
+    "float16": np.dtype(np.float16),
+}
+#: Export dtype of checkpoints that do not record their source dtype (trained from scratch, or
+#: written before it was recorded).
+DEFAULT_EXPORT_DTYPE = "bfloat16"
 # Tensors some checkpoints carry that hold no parameters of ours.
 _IGNORABLE_SUFFIXES = (".rotary_emb.inv_freq",)
 
@@ -82,6 +99,21 @@ def _check_source_tensors(
         raise ConversionError(f"{source}: " + "; ".join(problems))
 
 
+def _source_dtype(reader: SafetensorsCheckpoint, imported: list[TensorMapping], source: Path) -> str | None:
+    """The one dtype all imported source tensors share (what an export writes back by default).
+
+    Read from the tensors, not from config.json's `torch_dtype`, which may disagree with them.
+    """
+    found = {reader.spec(m.hf_name).dtype for m in imported}
+    by_dtype = {dtype: name for name, dtype in EXPORT_DTYPES.items()}
+    if len(found) == 1 and next(iter(found)) in by_dtype:
+        return by_dtype[next(iter(found))]
+    _log.warning(
+        "%s: tensors in dtypes %s; exports will default to %s", source, sorted(map(str, found)), DEFAULT_EXPORT_DTYPE
+    )
+    return None
+
+
 def hf_to_orbax(
     hf_dir: str | Path,
     orbax_dir: str | Path,
@@ -93,7 +125,8 @@ def hf_to_orbax(
     """Converts an HF causal-LM or PRM checkpoint into an Orbax model checkpoint.
 
     Returns the stored ModelConfig. Parameters are stored in `param_dtype` (fp32 master weights
-    by default; a bf16 source converts exactly).
+    by default; a bf16 source converts exactly). The source tensors' dtype is recorded in the
+    checkpoint metadata as `source_dtype`, the default dtype of a later `orbax_to_hf`.
     """
     hf_dir, orbax_dir = Path(hf_dir), Path(orbax_dir)
     config = ModelConfig.from_hf_file(hf_dir, param_dtype=param_dtype)
@@ -103,6 +136,7 @@ def hf_to_orbax(
     dtype = np.dtype(config.parameter_dtype)
     with SafetensorsCheckpoint(hf_dir) as reader:
         _check_source_tensors(reader, imported, config, hf_dir)
+        source_dtype = _source_dtype(reader, imported, hf_dir)
         params: dict[tuple, Any] = {}
         for m in imported:
             params[m.path] = LazyTensor(
@@ -115,8 +149,10 @@ def hf_to_orbax(
             "source_format": "huggingface",
             "prm_head": "imported" if is_prm else f"fresh (seed {seed})",
         }
-        save_params(orbax_dir, params, config, provenance=provenance, overwrite=overwrite)
-    _log.info("wrote %s (%d tensors, %s)", orbax_dir, len(params), provenance["prm_head"])
+        save_params(
+            orbax_dir, params, config, provenance=provenance, source_dtype=source_dtype, overwrite=overwrite
+        )
+    _log.info("wrote %s (%d tensors, %s, source %s)", orbax_dir, len(params), provenance["prm_head"], source_dtype)
     return config
 
 
@@ -148,44 +184,119 @@ def _resized_vocab(config: ModelConfig, needed: int) -> int:
     return int(math.ceil(needed / 64) * 64)
 
 
+def _recorded_tokenizer_dir(orbax_dir: Path, recorded: dict[str, Any]) -> Path:
+    """Where the tokenizer a run recorded is now: beside the checkpoints first (the run directory
+    may have been moved or copied), then the absolute path it was saved at."""
+    saved = Path(recorded["dir"])
+    candidates = [orbax_dir.absolute().parent.parent / saved.name, saved]
+    for candidate in candidates:
+        if (candidate / "tokenizer_config.json").is_file():
+            return candidate
+    raise ConversionError(
+        f"{orbax_dir}: the checkpoint was trained with the tokenizer saved at {saved}, which is gone "
+        f"(also looked at {candidates[0]}); pass tokenizer_dir (--tokenizer_dir) with that vocabulary "
+        f"({recorded['vocabulary']}), where {recorded['separator']!r} becomes id {recorded['separator_id']}"
+    )
+
+
+def _export_tokenizer(
+    orbax_dir: Path,
+    recorded: dict[str, Any] | None,
+    tokenizer_dir: str | Path | None,
+    separator: str | None,
+    add_separator: bool,
+) -> tuple[Any, StepSeparator | None]:
+    """The separator-bearing tokenizer to save with the export, and its separator.
+
+    Without `tokenizer_dir` it is the one the run recorded (none for checkpoints that record none).
+    A given `tokenizer_dir` goes through the same `prepare_step_separator` as training and must
+    then agree with the record on the separator id and the vocabulary; otherwise the export would
+    read rewards at a token the model was never trained to score there, so it is refused.
+    """
+    if recorded is not None:
+        if separator is not None and separator != recorded["separator"]:
+            raise ConversionError(
+                f"{orbax_dir}: separator {separator!r} requested, but the checkpoint was trained with "
+                f"{recorded['separator']!r} (id {recorded['separator_id']})"
+            )
+        separator = recorded["separator"]
+    separator = separator or STEP_SEPARATOR
+    if tokenizer_dir is None:
+        if recorded is None:
+            return None, None
+        tokenizer_dir = _recorded_tokenizer_dir(orbax_dir, recorded)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tokenizer, step_separator = prepare_step_separator(tokenizer, separator, add_if_missing=add_separator)
+    if recorded is not None and (step_separator.token_id, step_separator.vocabulary) != (
+        recorded["separator_id"], recorded["vocabulary"]
+    ):
+        raise ConversionError(
+            f"tokenizer {tokenizer_dir} disagrees with {orbax_dir}: it gives {separator!r} id "
+            f"{step_separator.token_id} (vocabulary {step_separator.vocabulary}), but the model was "
+            f"trained with {separator!r} at id {recorded['separator_id']} (vocabulary "
+            f"{recorded['vocabulary']}, tokenizer {recorded['dir']}); nothing was written. Omit "
+            "--tokenizer_dir to export with the recorded tokenizer."
+        )
+    if step_separator.origin != "existing":
+        _log.info("step separator %r is id %d (%s)", separator, step_separator.token_id, step_separator.origin)
+    return tokenizer, step_separator
+
+
+def vllm_separator_note(separator: str, separator_id: int) -> str:
+    """What a user must pass to vLLM when the separator is not at its default step_tag_id 151651."""
+    setting = json.dumps(vllm_pooler_setting(separator_id))
+    return (
+        f"The step separator {separator!r} is token id {separator_id}, not {VLLM_DEFAULT_STEP_TAG_ID} "
+        f"(the released Qwen2.5-Math-PRM's id and vLLM's default step_tag_id). vLLM's native PRM must be "
+        f"told: `vllm serve MODEL --runner pooling --pooler-config '{setting}'`, or in Python "
+        f"`LLM(MODEL, runner=\"pooling\", pooler_config=PoolerConfig(**{setting}))`."
+    )
+
+
 def orbax_to_hf(
     orbax_dir: str | Path,
     hf_dir: str | Path,
     *,
-    dtype: str = "bfloat16",
+    dtype: str | None = None,
     tokenizer_dir: str | Path | None = None,
-    separator: str = STEP_SEPARATOR,
+    separator: str | None = None,
     add_separator: bool = True,
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
 ) -> Path:
     """Exports an Orbax model checkpoint in the Qwen2.5-Math-PRM Hugging Face layout.
 
-    With `tokenizer_dir`, the tokenizer is saved beside the weights; a separator that splits into
-    several tokens is added as a special token (`add_separator`) and, if its id falls outside the
-    embedding, the embedding grows by rows set to the mean embedding (transformers'
-    `resize_token_embeddings` default); without `add_separator` such a tokenizer is refused.
+    `dtype` defaults to the checkpoint's recorded `source_dtype` (the dtype it was imported in),
+    else bfloat16. The tokenizer saved beside the weights is the one the training run recorded;
+    `tokenizer_dir` may replace it only when it gives the separator the same id over the same
+    vocabulary (else `ConversionError`, nothing written). For checkpoints that record no tokenizer
+    (imports, older runs), `tokenizer_dir` is prepared like training does
+    (`prepare_step_separator`: a Qwen2.5 vocabulary gets `<extra_0>` at 151651; another vocabulary
+    gets it as a new special token, `add_separator`, and if its id falls outside the embedding the
+    embedding grows by rows set to the mean embedding, transformers' `resize_token_embeddings`
+    default); without `add_separator` a splitting separator is refused. A separator id other than
+    151651 is written to config.json (`step_separator_id`, `vllm_pooler_config`), logged and
+    explained in a README.md beside the weights: vLLM needs it passed explicitly.
     """
     orbax_dir, hf_dir = Path(orbax_dir), Path(hf_dir)
+    metadata = read_checkpoint_metadata(orbax_dir)
+    config = ModelConfig.from_json_dict(metadata["config"])
+    dtype = dtype or metadata.get("source_dtype") or DEFAULT_EXPORT_DTYPE
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"dtype={dtype!r}; choose one of {list(EXPORT_DTYPES)}")
     out_dtype = EXPORT_DTYPES[dtype]
-    config = read_model_config(orbax_dir)
     if not config.with_prm_head:
         raise ConversionError(f"{orbax_dir}: checkpoint has no PRM head; nothing to export as a PRM")
     config.to_hf_dict()  # raises early for layouts Qwen2 cannot express
 
-    tokenizer = None
+    tokenizer, step_separator = _export_tokenizer(
+        orbax_dir, metadata.get("tokenizer"), tokenizer_dir, separator, add_separator
+    )
     vocab_size = config.vocab_size
-    separator_id = None
-    if tokenizer_dir is not None:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-        separator_id, added = ensure_step_separator(tokenizer, separator, add_if_missing=add_separator)
-        vocab_size = _resized_vocab(config, max(len(tokenizer), separator_id + 1))
-        if added:
-            _log.warning("step separator %r added to the tokenizer as id %d", separator, separator_id)
+    if tokenizer is not None:
+        vocab_size = _resized_vocab(config, max(len(tokenizer), step_separator.token_id + 1))
 
     mappings = [m for m in tensor_mappings(config) if not m.is_lm_head]
     embed_name = "model.embed_tokens.weight"
@@ -214,9 +325,14 @@ def orbax_to_hf(
             **config.replace(vocab_size=vocab_size).to_hf_dict(torch_dtype=dtype),
             "transformers_version": _transformers_version(),
         }
-        if separator_id is not None:
-            hf_config["step_separator"] = separator
-            hf_config["step_separator_id"] = separator_id
+        note = None
+        if step_separator is not None:
+            hf_config["step_separator"] = step_separator.token
+            hf_config["step_separator_id"] = step_separator.token_id
+            if step_separator.token_id != VLLM_DEFAULT_STEP_TAG_ID:
+                hf_config["vllm_pooler_config"] = vllm_pooler_setting(step_separator.token_id)
+                note = vllm_separator_note(step_separator.token, step_separator.token_id)
+                (staging / "README.md").write_text(f"# Process reward model (prm-jax export)\n\n{note}\n")
         (staging / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
         write_remote_code(staging)
         if tokenizer is not None:
@@ -228,6 +344,8 @@ def orbax_to_hf(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     _log.info("wrote %s (%d tensors, %s)", hf_dir, len(specs), dtype)
+    if note is not None:
+        _log.warning("%s: %s", hf_dir, note)
     return hf_dir
 
 
@@ -245,4 +363,12 @@ def hf_tensor_names(config: ModelConfig) -> list[str]:
     return [m.hf_name for m in tensor_mappings(config) if not m.is_lm_head]
 
 
-__all__ = ["hf_to_orbax", "orbax_to_hf", "ConversionError", "hf_tensor_names", "EXPORT_DTYPES"]
+__all__ = [
+    "hf_to_orbax",
+    "orbax_to_hf",
+    "ConversionError",
+    "hf_tensor_names",
+    "vllm_separator_note",
+    "EXPORT_DTYPES",
+    "DEFAULT_EXPORT_DTYPE",
+]

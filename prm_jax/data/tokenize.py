@@ -51,16 +51,17 @@ class TokenizeConfig:
     Attributes:
         max_length: Longest example in tokens; it must not exceed the training ``seq_len`` (an
             example is never split across packed rows).
-        soft_labels: Train PRMs on the records' soft labels (cross-entropy against a
-            probability). When ``False`` the labels must already be hard 0/1; a soft value is an
+        soft_labels: Train PRMs on the records' soft labels (the target is a probability; the
+            loss is the training config's ``train.loss``, MSE in the paper). When ``False`` the labels must already be hard 0/1; a soft value is an
             error rather than silently binarised, because the right binarisation depends on how
             the labels were made (the paper's Monte Carlo rule is "at least one correct
             completion", i.e. ``> 0``, not ``>= 0.5``) and only the producer knows that.
         drop_after_first_error: Remove every step after the first negative one from the input
             (the paper's recipe), so the model never sees or scores them.
-        negative_threshold: A step is negative when its label is ``< negative_threshold``. With
-            hard labels any value in ``(0, 1]`` means "label 0". For soft Monte Carlo labels and the
-            paper's rule, use a tiny threshold (e.g. ``1e-6``: negative = no correct completion).
+        negative_threshold: A step is negative when its label is ``<= negative_threshold``. The
+            default 0.0 is the paper's rule for hard and soft labels alike: the first error is the
+            first step labelled 0 (no correct completion), so the soft ``[1, 0.25, 0.5, 0]`` keeps
+            all four steps. Raise it (below 1) only to binarise soft labels differently.
         overlong: What to do with an example longer than ``max_length``: ``"truncate"`` keeps
             the longest prefix of complete steps (PRM) or of the completion (SFT);
             ``"drop"`` skips the example.
@@ -70,7 +71,7 @@ class TokenizeConfig:
     max_length: int
     soft_labels: bool = False
     drop_after_first_error: bool = True
-    negative_threshold: float = 0.5
+    negative_threshold: float = 0.0
     overlong: Literal["truncate", "drop"] = "truncate"
     separator: str = STEP_SEPARATOR
 
@@ -78,9 +79,10 @@ class TokenizeConfig:
         """Reject settings that would silently produce no or wrong supervision."""
         if not isinstance(self.max_length, int) or self.max_length < 2:
             raise ValueError(f"max_length must be an int >= 2, got {self.max_length!r}")
-        if not 0.0 < self.negative_threshold <= 1.0:
+        if not 0.0 <= self.negative_threshold < 1.0:
             raise ValueError(
-                f"negative_threshold must be in (0, 1], got {self.negative_threshold!r}"
+                f"negative_threshold must be in [0, 1) (a step is negative when its label is <= it), "
+                f"got {self.negative_threshold!r}"
             )
         if self.overlong not in ("truncate", "drop"):
             raise ValueError(f"overlong must be 'truncate' or 'drop', got {self.overlong!r}")
@@ -198,9 +200,11 @@ def check_separator(tokenizer: PreTrainedTokenizerBase, separator: str = STEP_SE
     sep_id = separator_token_id(tokenizer, separator)
     if sep_id is None:
         raise ValueError(
-            f"The step separator {separator!r} is not a single token for this tokenizer; call "
-            "prm_jax.tokenization.ensure_step_separator(tokenizer) (and resize the model's "
-            "embeddings if it adds a token) before tokenizing PRM data."
+            f"The step separator {separator!r} is not a single token for this tokenizer (true of "
+            "the Qwen2.5 base/Instruct tokenizers); call "
+            "prm_jax.tokenization.prepare_step_separator(tokenizer) before tokenizing PRM data "
+            "(training does): it gives a Qwen2.5 vocabulary the separator at id 151651 and adds it "
+            "as a special token to any other."
         )
     return sep_id
 
@@ -277,7 +281,7 @@ def tokenize_prm(
     steps = record.steps
     if cfg.drop_after_first_error:
         first_bad = next(
-            (i for i, v in enumerate(labels) if v < cfg.negative_threshold), None
+            (i for i, v in enumerate(labels) if v <= cfg.negative_threshold), None
         )
         if first_bad is not None and first_bad + 1 < len(steps):
             stats.steps_dropped_after_error += len(steps) - (first_bad + 1)

@@ -1,17 +1,19 @@
 """The paper's bias analyses of a PRM's step rewards.
 
 * **Where the minimum falls.** A process reward model should put its lowest score on the first
-  wrong step, wherever that is; a model that drifted towards outcome scoring (the paper's finding
-  for Monte Carlo-trained PRMs: 44-55% of responses, against 17.3% for Qwen2.5-Math-PRM-7B) puts
-  it on the **final step**, where the answer is. :func:`min_position_stats` reports that share
+  wrong step, wherever that is; a model that drifted towards outcome scoring puts it on the
+  **final step**, where the answer is (the paper's Fig. 8: 17.5% of responses for
+  Qwen2.5-Math-PRM-7B and 18.0% for 72B, against Skywork-PRM-7B 42.2%, Math-Shepherd-PRM-7B 44.5%
+  and the implicit EurusPRMs 52.9% and 54.6%). :func:`min_position_stats` reports that share
   and a histogram of the minimum's relative position (0 = first step, 1 = final step).
   Responses with a single step are excluded (their minimum is trivially the final step) and
   counted; ties go to the **first** minimal step (an earlier step as low as the final one means
   the final step is not where the model singled out a problem).
 * **Correct answer, flawed process.** ProcessBench solutions whose final answer is right but whose
   process has an error (``final_answer_correct`` and ``label != -1``) are what an outcome-biased
-  model misses. :func:`flawed_process_detection` reports the share the PRM flags with any error
-  (``flagged``) and with the exact first wrong step (``exact``).
+  model misses. :func:`flawed_process_detection` reports, per subset, the share the PRM flags
+  with any error (``flagged``) and with the exact first wrong step (``exact``), and their
+  unweighted mean over subsets as the paper's Table 5 does (``pooled_*``: every solution once).
 * **Calibration.** Where steps have labels (ProcessBench: steps before the first error are correct,
   the first error is wrong, later steps are unlabelled; every step of an error-free solution is
   correct) the step reward should be the probability of correctness. :func:`calibration` bins
@@ -32,6 +34,7 @@ import numpy as np
 __all__ = [
     "MinPositionStats",
     "min_position_stats",
+    "FlawedProcessSubset",
     "FlawedProcessDetection",
     "flawed_process_detection",
     "labelled_steps",
@@ -74,7 +77,7 @@ def min_position_stats(rewards: Iterable[Sequence[float]], bins: int = 10) -> Mi
 
 
 @dataclasses.dataclass(frozen=True)
-class FlawedProcessDetection:
+class FlawedProcessSubset:
     n: int  # correct final answer, label != -1
     flagged: float  # share the critic flags with any error (nan when n == 0)
     exact: float  # share where the flagged step is the labelled first error
@@ -83,19 +86,52 @@ class FlawedProcessDetection:
         return dataclasses.asdict(self)
 
 
-def flawed_process_detection(items: Iterable[tuple[bool | None, int, int | None]]) -> FlawedProcessDetection:
-    """From ``(final_answer_correct, label, prediction)``: detection on correct-answer, flawed-process
-    solutions. Records without ``final_answer_correct`` are skipped; a ``None`` prediction (no
-    verdict) counts as not flagged."""
-    n = flagged = exact = 0
-    for final_correct, label, prediction in items:
+@dataclasses.dataclass(frozen=True)
+class FlawedProcessDetection:
+    """Per-subset detection and its unweighted mean over subsets (the paper's Table 5 averages
+    subsets, so GSM8K's 400 solutions weigh as much as OmniMath's 1000); ``pooled_*`` count every
+    solution once, a different (size-weighted) figure kept for reference."""
+
+    n: int  # correct final answer, label != -1, over all subsets
+    flagged: float  # unweighted mean over subsets with n > 0 (nan when none)
+    exact: float  # unweighted mean over subsets with n > 0: the Table 5 figure
+    pooled_flagged: float
+    pooled_exact: float
+    subsets: dict[str, FlawedProcessSubset]
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(np.mean(values)) if values else float("nan")
+
+
+def flawed_process_detection(
+    items: Iterable[tuple[str, bool | None, int, int | None]],
+) -> FlawedProcessDetection:
+    """From ``(subset, final_answer_correct, label, prediction)``: detection on correct-answer,
+    flawed-process solutions. Records without ``final_answer_correct`` are skipped; a ``None``
+    prediction (no verdict) counts as not flagged."""
+    counts: dict[str, list[int]] = {}  # subset -> [n, flagged, exact]
+    for subset, final_correct, label, prediction in items:
         if final_correct is not True or label == -1:
             continue
-        n += 1
-        flagged += prediction is not None and prediction != -1
-        exact += prediction == label
+        c = counts.setdefault(subset, [0, 0, 0])
+        c[0] += 1
+        c[1] += prediction is not None and prediction != -1
+        c[2] += prediction == label
+    subsets = {name: FlawedProcessSubset(n, flagged / n, exact / n) for name, (n, flagged, exact) in counts.items()}
+    n = sum(c[0] for c in counts.values())
     nan = float("nan")
-    return FlawedProcessDetection(n, flagged / n if n else nan, exact / n if n else nan)
+    return FlawedProcessDetection(
+        n=n,
+        flagged=_mean([s.flagged for s in subsets.values()]),
+        exact=_mean([s.exact for s in subsets.values()]),
+        pooled_flagged=sum(c[1] for c in counts.values()) / n if n else nan,
+        pooled_exact=sum(c[2] for c in counts.values()) / n if n else nan,
+        subsets=subsets,
+    )
 
 
 def labelled_steps(rewards: Sequence[float], label: int) -> Iterable[tuple[float, int]]:

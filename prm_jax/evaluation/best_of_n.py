@@ -20,13 +20,16 @@ Deterministic tie-breaking (documented because it changes numbers on small N):
 * equal vote counts: the answer whose **first occurrence has the lowest index** wins;
 * a response without an extractable answer does not vote; if none has one, maj@N counts the
   problem as wrong;
-* the voted answer's correctness is that of its first (lowest-index) response; if responses with
-  the same normalised answer disagree on ``correct`` (a grader that normalises differently), the
+* the voted answer's correctness is that of its first (lowest-index) response; if responses in
+  the same answer class disagree on ``correct`` (a grader that compares differently), the
   problem is counted in ``n_inconsistent_votes`` so such data can be spotted.
 
 Final answers for voting: a response's ``final_answer`` field when present (what the grader
-extracted), else the last ``\\boxed{}`` of its last step (``prm_jax.critique.last_boxed``);
-compared after removing all whitespace (``\\frac{1}{2}`` and ``\\frac {1} {2}`` vote together).
+extracted), else the last ``\\boxed{}`` of its last step (``prm_jax.critique.last_boxed``).
+Answers vote together when they are equal **as the grader compares them**
+(:func:`prm_jax.answers.equivalent_answers`, math-verify: ``0.5``, ``\\frac12`` and
+``\\frac {1} {2}`` are one vote): each answer joins the class of the first earlier answer it equals
+(that answer plays the gold), else opens its own class (:func:`answer_classes`).
 """
 
 from __future__ import annotations
@@ -34,11 +37,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
 
+from prm_jax.answers import equivalent_answers
 from prm_jax.critique import last_boxed
 from prm_jax.evaluation.records import BoNResponse
 
@@ -48,6 +52,7 @@ __all__ = [
     "select_best",
     "normalize_answer",
     "response_answer",
+    "answer_classes",
     "majority_vote",
     "ProblemOutcome",
     "score_problem",
@@ -101,8 +106,28 @@ def response_answer(response: BoNResponse) -> str | None:
     return normalize_answer(last_boxed(response.steps[-1]))
 
 
-def majority_vote(answers: Sequence[str | None]) -> int | None:
-    """Index of the response representing the most common answer (first occurrence on ties)."""
+def answer_classes(
+    answers: Sequence[str | None], equivalent: Callable[[str, str], bool] = equivalent_answers
+) -> list[int | None]:
+    """For each answer, the index of the first answer it is equivalent to (itself when none
+    earlier is); None for no answer. Equal indices = one vote."""
+    classes: list[int | None] = []
+    representatives: list[int] = []
+    for i, answer in enumerate(answers):
+        if answer is None:
+            classes.append(None)
+            continue
+        match = next((r for r in representatives if equivalent(answers[r], answer)), None)
+        if match is None:
+            representatives.append(i)
+            match = i
+        classes.append(match)
+    return classes
+
+
+def majority_vote(answers: Sequence[Hashable | None]) -> int | None:
+    """Index of the response representing the most common answer (first occurrence on ties);
+    ``answers`` are compared with ``==`` (pass :func:`answer_classes` to vote on equivalence)."""
     counts = Counter(a for a in answers if a is not None)
     if not counts:
         return None
@@ -129,9 +154,12 @@ def score_problem(
     answers: Sequence[str | None],
     rewards: Sequence[Sequence[float]],
     aggregations: Sequence[str] = AGGREGATIONS,
+    *,
+    equivalent: Callable[[str, str], bool] = equivalent_answers,
 ) -> ProblemOutcome:
-    """Best-of-N decisions for one problem from its responses' correctness, normalised answers
-    (:func:`response_answer`) and step rewards, all in response order."""
+    """Best-of-N decisions for one problem from its responses' correctness, answers
+    (:func:`response_answer`) and step rewards, all in response order; answers vote by
+    ``equivalent`` (see :func:`answer_classes`)."""
     if not len(correct) == len(answers) == len(rewards):
         raise ValueError(f"{len(correct)} correctness flags, {len(answers)} answers, {len(rewards)} reward lists")
     if not correct:
@@ -142,10 +170,11 @@ def score_problem(
         index = select_best([aggregate(r, how) for r in rewards])
         selected[how] = index
         prm_correct[how] = bool(correct[index])
-    majority = majority_vote(answers)
+    classes = answer_classes(answers, equivalent)
+    majority = majority_vote(classes)
     inconsistent = False
     if majority is not None:
-        group = {bool(correct[i]) for i, a in enumerate(answers) if a == answers[majority]}
+        group = {bool(correct[i]) for i, c in enumerate(classes) if c == classes[majority]}
         inconsistent = len(group) > 1
     return ProblemOutcome(
         n=len(correct),

@@ -145,9 +145,13 @@ def _analyses_lines(analyses: Mapping[str, Any]) -> list[str]:
     flawed = analyses.get("flawed_process")
     if flawed:
         lines.append(
-            f"- Correct answer, flawed process ({flawed['n']} solutions): flagged {percent(flawed['flagged'])}%, "
-            f"exact first error {percent(flawed['exact'])}%."
+            f"- Correct answer, flawed process ({flawed['n']} solutions; mean over subsets): flagged "
+            f"{percent(flawed['flagged'])}%, exact first error {percent(flawed['exact'])}% "
+            f"(pooled over solutions: {percent(flawed['pooled_exact'])}%)."
         )
+        if flawed.get("subsets"):
+            lines.append("  " + ", ".join(
+                f"{name} {percent(d['exact'])}% of {d['n']}" for name, d in flawed["subsets"].items()))
     cal = analyses.get("calibration")
     if cal:
         ece = "-" if cal["ece"] is None or not math.isfinite(cal["ece"]) else f"{cal['ece']:.4f}"

@@ -28,6 +28,7 @@ from prm_jax.evaluation.best_of_n import AGGREGATIONS
 from prm_jax.evaluation.processbench import DEFAULT_THRESHOLD
 from prm_jax.evaluation.records import read_bon, read_processbench
 from prm_jax.evaluation.tasks import (
+    OVER_LENGTH,
     EvaluationOutput,
     bon_with_prm,
     processbench_with_critic,
@@ -60,7 +61,8 @@ class EvaluationConfig:
     tune_threshold_on: str | None = None
     aggregations: tuple[str, ...] = AGGREGATIONS
     bon_k: tuple[int, ...] = ()
-    max_length: int | None = None  # None: the model's max_position_embeddings; 0: no limit
+    max_length: int | None = None  # the trained context; None: max_position_embeddings; 0: no limit
+    over_length: Literal["score", "skip"] = "score"  # inputs past max_length: score anyway, or skip the record
     # JAX model and batching
     dtype: str = "bfloat16"
     param_dtype: str | None = "bfloat16"
@@ -73,7 +75,8 @@ class EvaluationConfig:
     critic_samples: int = 1
     critic_temperature: float = 0.0
     critic_top_p: float = 1.0
-    critic_max_tokens: int = 2048
+    critic_max_tokens: int = 8192  # ProcessBench's; a critique cut short has no verdict
+    official_parse: bool = False  # critic: ProcessBench's extract_answer + int() instead of the lenient parser
     critic_batch: int = 64
     seed: int = 0
     # vLLM engine
@@ -102,6 +105,8 @@ class EvaluationConfig:
             problems.append(f"aggregations {list(self.aggregations)}: choose from {list(AGGREGATIONS)}")
         if any(k <= 0 for k in self.bon_k):
             problems.append(f"bon_k {list(self.bon_k)} must be positive")
+        if self.over_length not in OVER_LENGTH:
+            problems.append(f"over_length={self.over_length!r}; choose one of {list(OVER_LENGTH)}")
         if self.missing not in ("error", "wrong"):
             problems.append(f"missing={self.missing!r}; choose error or wrong")
         if problems:
@@ -193,18 +198,20 @@ def run_evaluation(config: EvaluationConfig) -> EvaluationOutput:
                 n=config.critic_samples, temperature=config.critic_temperature, top_p=config.critic_top_p,
                 max_tokens=config.critic_max_tokens, seed=config.seed,
             )
-            output = processbench_with_critic(records, backend, params, batch_size=config.critic_batch)
+            output = processbench_with_critic(
+                records, backend, params, batch_size=config.critic_batch, official_parse=config.official_parse
+            )
         else:
             scorer, tokenizer, max_length = _prm_scorer(config)
             output = processbench_with_prm(
                 records, scorer, tokenizer, threshold=config.threshold, tune_on=config.tune_threshold_on,
-                max_length=max_length, window=config.window,
+                max_length=max_length, over_length=config.over_length, window=config.window,
             )
     else:
         scorer, tokenizer, max_length = _prm_scorer(config)
         output = bon_with_prm(
             read_bon(config.data), scorer, tokenizer, aggregations=config.aggregations, ks=config.bon_k,
-            max_length=max_length, window=config.window,
+            max_length=max_length, over_length=config.over_length, window=config.window,
         )
     output.results["run"] = {
         "data": str(config.data),

@@ -13,11 +13,12 @@ results.json layouts (accuracies are fractions; undefined values are ``null``):
   "threshold": float | null, "subsets": {name: {"f1", "acc_err", "acc_ok", "n_err", "n_ok",
   "n_unparseable"}}, "average_f1": float, "threshold_sweep"?: {"tuned_on", "threshold",
   "subsets", "average_f1"}, "analyses": {"min_position"?, "flawed_process", "calibration"?},
-  "scoring"?: {...throughput...}, "critic"?: {...sampling...}}``
+  "scoring"?: {...throughput...}, "critic"?: {...sampling...}, "over_length"?: {"max_length",
+  "policy", "n_inputs", "n_skipped", "longest", "by_group"}}``
 * Best-of-N: ``{"task": "bon", "aggregations": [...], "datasets": {name: {"n_problems",
   "n_responses", "n", "prm_at_n": {aggregation: acc}, "maj_at_n", "pass_at_n",
   "n_inconsistent_votes"}}, "average": {same keys, unweighted over datasets}, "by_k"?: {k:
-  average}, "analyses": {"min_position"}, "scoring"?: {...}}``
+  average}, "analyses": {"min_position"}, "over_length": {...as above...}, "scoring"?: {...}}``
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ from prm_jax.tokenization import PRMInput, build_prm_input
 __all__ = [
     "EvaluationOutput",
     "prepare_input",
+    "OVER_LENGTH",
+    "OverLengthCount",
     "processbench_with_prm",
     "processbench_with_critic",
     "processbench_with_predictions",
@@ -72,21 +75,54 @@ class EvaluationOutput:
     curves: dict[str, Any] | None = None
 
 
-def prepare_input(
-    tokenizer: Any, problem: str, steps: Sequence[str], *, source: str, max_length: int | None = None
-) -> PRMInput:
+def prepare_input(tokenizer: Any, problem: str, steps: Sequence[str], *, source: str) -> PRMInput:
     """Tokenize one solution in the PRM layout; problems are reported at the record's ``path:line``."""
     try:
-        x = build_prm_input(tokenizer, problem, list(steps))
+        return build_prm_input(tokenizer, problem, list(steps))
     except (TypeError, ValueError) as e:
         raise EvaluationDataError(str(e), path=source, field="steps") from None
-    if max_length is not None and len(x.input_ids) > max_length:
-        raise EvaluationDataError(
-            f"{len(x.input_ids)} tokens exceed the model's context of {max_length} "
-            "(max_position_embeddings); pass a larger --max_length to score it past the trained context anyway",
-            path=source,
-        )
-    return x
+
+
+#: What to do with an input longer than the model's context (``max_length``): ``score`` it anyway
+#: (RoPE positions extrapolate, and the model card's own code scores any length) or ``skip`` its
+#: record. Either way the over-long inputs are counted in results.json (``over_length``).
+OVER_LENGTH = ("score", "skip")
+
+
+@dataclasses.dataclass
+class OverLengthCount:
+    """Inputs longer than ``max_length`` tokens and what was done with them."""
+
+    max_length: int | None
+    policy: str
+    n_inputs: int = 0  # over-long inputs seen (responses for Best-of-N)
+    n_skipped: int = 0  # records left out of every metric (policy "skip"; BoN: whole problems)
+    longest: int = 0  # tokens of the longest over-long input
+    by_group: dict[str, int] = dataclasses.field(default_factory=dict)  # subset/dataset -> over-long inputs
+
+    def __post_init__(self) -> None:
+        if self.policy not in OVER_LENGTH:
+            raise ValueError(f"over_length={self.policy!r}; choose one of {list(OVER_LENGTH)}")
+
+    def check(self, x: PRMInput, group: str) -> bool:
+        """Count ``x`` if it is over-long; True when it is."""
+        if self.max_length is None or len(x.input_ids) <= self.max_length:
+            return False
+        self.n_inputs += 1
+        self.longest = max(self.longest, len(x.input_ids))
+        self.by_group[group] = self.by_group.get(group, 0) + 1
+        return True
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def log(self, unit: str) -> None:
+        if self.n_inputs:
+            _log.warning(
+                "%d %s(s) longer than max_length=%d tokens (longest %d): %s",
+                self.n_inputs, unit, self.max_length, self.longest,
+                f"{self.n_skipped} record(s) skipped" if self.policy == "skip" else "scored past the trained context",
+            )
 
 
 def _scoring_stats(scorer: StepScorer) -> dict[str, Any] | None:
@@ -106,6 +142,7 @@ class _Scored:
     final_answer_correct: bool | None
     generator: str
     rewards: list[float]
+    over_length: bool = False
 
 
 def processbench_with_prm(
@@ -116,17 +153,25 @@ def processbench_with_prm(
     threshold: float = DEFAULT_THRESHOLD,
     tune_on: str | None = None,
     max_length: int | None = None,
+    over_length: str = "score",
     window: int = 4096,
 ) -> EvaluationOutput:
     """ProcessBench with a PRM: rewards per step, the first below ``threshold`` is the verdict.
 
     ``tune_on`` adds the threshold sweep (best threshold on that subset, applied to all).
+    Inputs longer than ``max_length`` tokens are scored or skipped per ``over_length`` (see
+    :data:`OVER_LENGTH`), and counted in ``results["over_length"]``.
     """
+    too_long = OverLengthCount(max_length, over_length)
 
     def inputs() -> Iterator[tuple[_Scored, PRMInput]]:
         for r in records:
-            x = prepare_input(tokenizer, r.problem, r.steps, source=r.source, max_length=max_length)
-            yield _Scored(r.id, r.subset, r.label, r.final_answer_correct, r.generator, []), x
+            x = prepare_input(tokenizer, r.problem, r.steps, source=r.source)
+            over = too_long.check(x, r.subset)
+            if over and over_length == "skip":
+                too_long.n_skipped += 1
+                continue
+            yield _Scored(r.id, r.subset, r.label, r.final_answer_correct, r.generator, [], over), x
 
     scored = [dataclasses.replace(meta, rewards=rewards) for meta, rewards in score_stream(scorer, inputs(), window)]
     if not scored:
@@ -134,6 +179,8 @@ def processbench_with_prm(
     predictions = [predict_first_error(s.rewards, threshold) for s in scored]
     scores = processbench_scores((s.subset, p, s.label) for s, p in zip(scored, predictions))
     results: dict[str, Any] = {"task": "processbench", "mode": "prm", "threshold": threshold, **scores.as_dict()}
+    results["over_length"] = too_long.as_dict()
+    too_long.log("solution")
     by_subset: dict[str, list[tuple[list[float], int]]] = {}
     for s in scored:
         by_subset.setdefault(s.subset, []).append((s.rewards, s.label))
@@ -142,7 +189,7 @@ def processbench_with_prm(
     results["analyses"] = {
         "min_position": min_position_stats(s.rewards for s in scored).as_dict(),
         "flawed_process": flawed_process_detection(
-            (s.final_answer_correct, s.label, p) for s, p in zip(scored, predictions)
+            (s.subset, s.final_answer_correct, s.label, p) for s, p in zip(scored, predictions)
         ).as_dict(),
         "calibration": calibration(step for s in scored for step in labelled_steps(s.rewards, s.label)).as_dict(),
     }
@@ -160,6 +207,7 @@ def processbench_with_prm(
             "correct": p == s.label,
             "final_answer_correct": s.final_answer_correct,
             "generator": s.generator,
+            "over_length": s.over_length,
             "rewards": s.rewards,
         }
         for s, p in zip(scored, predictions)
@@ -174,10 +222,12 @@ def processbench_with_critic(
     *,
     batch_size: int = 64,
     keep_texts: bool = True,
+    official_parse: bool = False,
 ) -> EvaluationOutput:
     """ProcessBench with an LLM critic: the critique prompt, ``params.n`` samples per solution,
     verdict = last ``\\boxed{}`` index, majority vote over samples (see
-    :func:`~prm_jax.evaluation.processbench.majority_verdict`)."""
+    :func:`~prm_jax.evaluation.processbench.majority_verdict`). ``official_parse`` reads verdicts
+    exactly as ProcessBench's ``extract_answer`` does (see :func:`prm_jax.critique.classify_verdict`)."""
     rows: list[dict[str, Any]] = []
     samples = unparseable_samples = truncated = 0
 
@@ -185,7 +235,7 @@ def processbench_with_critic(
         nonlocal samples, unparseable_samples, truncated
         outputs = backend.generate([critique_messages(r.problem, list(r.steps)) for r in batch], params)
         for r, out in zip(batch, outputs):
-            verdicts = [parse_first_error(c.text, len(r.steps)) for c in out.completions]
+            verdicts = [parse_first_error(c.text, len(r.steps), official=official_parse) for c in out.completions]
             samples += len(verdicts)
             unparseable_samples += sum(v is None for v in verdicts)
             truncated += sum(c.finish_reason == "length" for c in out.completions)
@@ -222,13 +272,14 @@ def processbench_with_critic(
         "top_p": params.top_p,
         "max_tokens": params.max_tokens,
         "seed": params.seed,
+        "parser": "processbench_official" if official_parse else "lenient",
         "samples": samples,
         "unparseable_samples": unparseable_samples,
         "truncated_samples": truncated,
     }
     results["analyses"] = {
         "flawed_process": flawed_process_detection(
-            (r["final_answer_correct"], r["label"], r["pred"]) for r in rows
+            (r["subset"], r["final_answer_correct"], r["label"], r["pred"]) for r in rows
         ).as_dict()
     }
     return EvaluationOutput(results, rows)
@@ -290,7 +341,7 @@ def processbench_with_predictions(
     results["n_missing"] = len(absent)
     results["analyses"] = {
         "flawed_process": flawed_process_detection(
-            (r["final_answer_correct"], r["label"], r["pred"]) for r in rows
+            (r["subset"], r["final_answer_correct"], r["label"], r["pred"]) for r in rows
         ).as_dict()
     }
     return EvaluationOutput(results, rows)
@@ -336,13 +387,17 @@ def bon_with_prm(
     aggregations: Sequence[str] = AGGREGATIONS,
     ks: Sequence[int] | None = None,
     max_length: int | None = None,
+    over_length: str = "score",
     window: int = 4096,
 ) -> EvaluationOutput:
     """Best-of-N with a PRM: score every response, select per aggregation, compare with maj/pass.
 
     ``ks`` also reports every metric using only each problem's first k responses (a curve over N;
-    prefixes of the sampled order, not fresh draws).
+    prefixes of the sampled order, not fresh draws). Responses longer than ``max_length`` tokens
+    are scored, or (``over_length="skip"``) their whole problem is left out, so prm@N, maj@N and
+    pass@N stay computed on the same problems; counted in ``results["over_length"]``.
     """
+    too_long = OverLengthCount(max_length, over_length)
     for how in aggregations:
         if how not in AGGREGATIONS:
             raise ValueError(f"unknown aggregation {how!r}; choose from {AGGREGATIONS}")
@@ -350,14 +405,19 @@ def bon_with_prm(
 
     def inputs() -> Iterator[tuple[tuple[int, int], PRMInput]]:
         for r in records:
+            prepared = [
+                prepare_input(tokenizer, r.problem, response.steps, source=f"{r.source} (response {j})")
+                for j, response in enumerate(r.responses)
+            ]
+            over = [too_long.check(x, r.dataset) for x in prepared]
+            if any(over) and over_length == "skip":
+                too_long.n_skipped += 1
+                continue
             problems.append(
                 _Problem(r.id, r.dataset, tuple(x.correct for x in r.responses), tuple(response_answer(x) for x in r.responses))
             )
-            for j, response in enumerate(r.responses):
-                source = f"{r.source} (response {j})"
-                yield (len(problems) - 1, j), prepare_input(
-                    tokenizer, r.problem, response.steps, source=source, max_length=max_length
-                )
+            for j, x in enumerate(prepared):
+                yield (len(problems) - 1, j), x
 
     rewards_of: list[list[list[float]]] = []
     for (i, j), rewards in score_stream(scorer, inputs(), window):
@@ -373,7 +433,9 @@ def bon_with_prm(
         "aggregations": list(aggregations),
         "datasets": {name: d.as_dict() for name, d in datasets.items()},
         "average": average.as_dict(),
+        "over_length": too_long.as_dict(),
     }
+    too_long.log("response")
     if ks:
         by_k = {}
         for k in sorted(set(ks)):

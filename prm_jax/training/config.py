@@ -37,7 +37,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.packing = True
     c.data.soft_labels = False
     c.data.drop_after_first_error = True
-    c.data.negative_threshold = 0.5
+    c.data.negative_threshold = 0.0  # negative = label <= this; 0.0: the first label 0 (the paper's rule)
     c.data.overlong = "truncate"  # truncate (at a step boundary) | drop
     c.data.separator = "<extra_0>"
     c.data.shuffle = True
@@ -48,7 +48,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.global_batch_rows = 128  # packed sequences per optimizer step, over all processes
     c.train.grad_accum_steps = 1
     c.train.log_every = 10
+    c.train.progress = True  # a progress bar on the terminal (process 0)
     c.train.eval_every = 200
+    # PRM loss at the separators: cross_entropy against [1 - p, p] (hard labels, the paper's final
+    # recipe) or mse between p(correct) and the label (how the paper trained its soft-label ablation).
+    c.train.loss = "cross_entropy"
     c.train.peak_flops_per_device = 0.0  # 0 = look up by device kind (unknown on CPU: no MFU)
 
     c.optimizer = ml_collections.ConfigDict()

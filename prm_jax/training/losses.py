@@ -8,15 +8,26 @@ import jax
 import jax.numpy as jnp
 
 
-def prm_loss_sums(step_logits: jax.Array, labels: jax.Array, loss_mask: jax.Array) -> dict[str, jax.Array]:
-    """Cross-entropy of the step head against `[1 - p, p]` at supervised positions.
+PRM_LOSSES = ("cross_entropy", "mse")
 
-    `labels` holds p = probability that the step is correct: 0/1 for hard labels (plain
-    two-class cross-entropy), anything in [0, 1] for soft labels.
+
+def prm_loss_sums(
+    step_logits: jax.Array, labels: jax.Array, loss_mask: jax.Array, loss: str = "cross_entropy"
+) -> dict[str, jax.Array]:
+    """The step head's loss at supervised positions against p = probability that the step is
+    correct (0/1 for hard labels, anything in [0, 1] for soft labels).
+
+    ``cross_entropy``: against ``[1 - p, p]`` (plain two-class cross-entropy for hard labels).
+    ``mse``: ``(softmax(logits)[1] - p)^2``, the regression the paper used for soft labels.
     """
+    if loss not in PRM_LOSSES:
+        raise ValueError(f"loss={loss!r}; choose one of {PRM_LOSSES}")
     log_probs = jax.nn.log_softmax(step_logits.astype(jnp.float32), axis=-1)
     p = labels.astype(jnp.float32)
-    token_loss = -(p * log_probs[..., 1] + (1.0 - p) * log_probs[..., 0])
+    if loss == "mse":
+        token_loss = jnp.square(jnp.exp(log_probs[..., 1]) - p)
+    else:
+        token_loss = -(p * log_probs[..., 1] + (1.0 - p) * log_probs[..., 0])
     weight = loss_mask.astype(jnp.float32)
     supervised = weight > 0
     predicted_ok = log_probs[..., 1] >= log_probs[..., 0]

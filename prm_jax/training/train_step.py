@@ -17,17 +17,20 @@ from flax import nnx
 
 from prm_jax.models.factory import model_from_params_tree
 from prm_jax.models.transformer import step_rewards
-from prm_jax.training.losses import lm_loss_sums, prm_loss_sums
+from prm_jax.training.losses import PRM_LOSSES, lm_loss_sums, prm_loss_sums
 
 Batch = dict[str, jax.Array]
 OBJECTIVES = ("prm", "lm")
 
 
-def _loss_sums(graphdef: nnx.GraphDef, abstract_state: nnx.State, objective: str, params: Any, batch: Batch):
+def _loss_sums(
+    graphdef: nnx.GraphDef, abstract_state: nnx.State, objective: str, params: Any, batch: Batch,
+    loss: str = "cross_entropy",
+):
     model = model_from_params_tree(graphdef, abstract_state, params)
     hidden = model(batch["input_ids"], batch["segment_ids"], batch["positions"])
     if objective == "prm":
-        return prm_loss_sums(model.step_logits(hidden), batch["labels"], batch["loss_mask"]), hidden, model
+        return prm_loss_sums(model.step_logits(hidden), batch["labels"], batch["loss_mask"], loss), hidden, model
     return lm_loss_sums(model.lm_logits(hidden), batch["targets"], batch["loss_mask"]), hidden, model
 
 
@@ -48,17 +51,21 @@ def make_train_step(
     objective: str,
     grad_accum_steps: int = 1,
     schedule: optax.Schedule | None = None,
+    loss: str = "cross_entropy",
 ) -> Callable[..., tuple[Any, Any, dict[str, jax.Array]]]:
     """(params, opt_state, batch, step) -> (params, opt_state, metrics); `step` (0-based update
-    count) only feeds the logged learning rate, computed here so the host never waits for it."""
+    count) only feeds the logged learning rate, computed here so the host never waits for it.
+    `loss` is the PRM objective's loss (`losses.PRM_LOSSES`)."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective={objective!r}; choose one of {OBJECTIVES}")
+    if loss not in PRM_LOSSES or (objective != "prm" and loss != "cross_entropy"):
+        raise ValueError(f"loss={loss!r} with objective={objective!r}: choose one of {PRM_LOSSES} (prm only)")
 
     def train_step(params, opt_state, batch: Batch, step: jax.Array | None = None):
         total_weight = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
 
         def loss_fn(p, microbatch):
-            sums = _loss_sums(graphdef, abstract_state, objective, p, microbatch)[0]
+            sums = _loss_sums(graphdef, abstract_state, objective, p, microbatch, loss)[0]
             return sums["loss_sum"] / total_weight, sums
 
         grad_fn = jax.grad(loss_fn, has_aux=True)
@@ -95,11 +102,11 @@ def make_train_step(
     return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef, abstract_state: nnx.State, *, objective: str):
+def make_eval_step(graphdef: nnx.GraphDef, abstract_state: nnx.State, *, objective: str, loss: str = "cross_entropy"):
     """Loss sums plus, for the PRM objective, the step reward at every position."""
 
     def eval_step(params, batch: Batch):
-        sums, hidden, model = _loss_sums(graphdef, abstract_state, objective, params, batch)
+        sums, hidden, model = _loss_sums(graphdef, abstract_state, objective, params, batch, loss)
         if objective == "prm":
             rewards = step_rewards(model.step_logits(hidden))
         else:

@@ -2,8 +2,10 @@
 
 Side effects live here (data loading, checkpoint I/O, metrics, signals); the math is in
 `train_step`. One run directory (`workdir`) holds `checkpoints/<step>/` (params, opt_state,
-data_iter, model_config, trainer_state), `metrics.jsonl` and `tensorboard/`. A checkpoint step
-directory is also a model checkpoint: `checkpoint.restore_model` and `launch.convert` read it.
+data_iter, model_config, trainer_state), `prm_tokenizer/` (the separator-bearing tokenizer a PRM run
+trains with, recorded in every checkpoint's metadata), `metrics.jsonl` and `tensorboard/`. A
+checkpoint step directory is also a model checkpoint: `checkpoint.restore_model` and
+`launch.convert` read it.
 
 Determinism: every process builds the same global batch stream (same seed, same data) and feeds
 the rows its devices own, so a run's batches do not depend on the number of processes, and a
@@ -32,7 +34,15 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from prm_jax.checkpoint import CONFIG_ITEM, PARAMS_ITEM, checkpoint_metadata, params_to_tree, read_model_config, restore_params
+from prm_jax.checkpoint import (
+    CONFIG_ITEM,
+    PARAMS_ITEM,
+    checkpoint_metadata,
+    params_to_tree,
+    read_checkpoint_metadata,
+    read_model_config,
+    restore_params,
+)
 from prm_jax.metrics import first_error_index, step_error_scores
 from prm_jax.models.config import ModelConfig
 from prm_jax.models.factory import abstract_model, create_model, param_specs, params_tree
@@ -116,9 +126,22 @@ def _fingerprint(batch: dict[str, np.ndarray]) -> int:
 
 
 class Trainer:
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path):
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        workdir: str | Path,
+        *,
+        tokenizer_record: dict[str, Any] | None = None,
+    ):
+        """`tokenizer_record`: the step separator and tokenizer directory the run trains with
+        (`StepSeparator.to_json_dict()` plus `dir`), stored in every checkpoint's metadata so an
+        export scores at the same token id."""
         self.config = config
         self.workdir = Path(workdir).absolute()
+        self.tokenizer_record = tokenizer_record
+        # The dtype the base was imported in travels with the run: the export default.
+        init_from = config.model.init_from
+        self.source_dtype = read_checkpoint_metadata(init_from).get("source_dtype") if init_from else None
         self.is_primary = jax.process_index() == 0
         self.mesh = make_mesh({k: int(v) for k, v in config.mesh.items()})
         self.model_config = training_model_config(config)
@@ -158,14 +181,14 @@ class Trainer:
         self.train_step = jax.jit(
             make_train_step(
                 self.graphdef, self.abstract_state, self.optimizer, objective=self.objective,
-                grad_accum_steps=accum, schedule=self.schedule,
+                grad_accum_steps=accum, schedule=self.schedule, loss=str(config.train.loss),
             ),
             in_shardings=(self.param_shardings, self.opt_shardings, self.batch_sharding, replicated),
             out_shardings=(self.param_shardings, self.opt_shardings, replicated),
             donate_argnums=(0, 1),
         )
         self.eval_step = jax.jit(
-            make_eval_step(self.graphdef, self.abstract_state, objective=self.objective),
+            make_eval_step(self.graphdef, self.abstract_state, objective=self.objective, loss=str(config.train.loss)),
             in_shardings=(self.param_shardings, self.batch_sharding),
             out_shardings=replicated,
         )
@@ -215,7 +238,12 @@ class Trainer:
         return params_to_tree(restored)
 
     def _save(self, step: int, params: Any, opt_state: Any, iterator: Any, extra: dict[str, Any], force: bool = False) -> bool:
-        meta = checkpoint_metadata(self.model_config, {"source": "prm_jax.training", "init_from": self.config.model.init_from or None})
+        meta = checkpoint_metadata(
+            self.model_config,
+            {"source": "prm_jax.training", "init_from": self.config.model.init_from or None},
+            source_dtype=self.source_dtype,
+            tokenizer=self.tokenizer_record,
+        )
         saved = self.checkpoint_manager.save(
             step,
             args=ocp.args.Composite(
@@ -234,13 +262,15 @@ class Trainer:
     def _restore(self, step: int, iterator: Any) -> tuple[Any, Any, dict[str, Any]]:
         # Runtime fields (dtype, remat, attention) may change on resume, e.g. after an OOM; the
         # architecture and heads may not. Checked before restoring anything big.
-        stored = read_model_config(self.workdir / "checkpoints" / str(step))
+        metadata = read_checkpoint_metadata(self.workdir / "checkpoints" / str(step))
+        stored = ModelConfig.from_json_dict(metadata["config"])
         runtime = {f: getattr(self.model_config, f) for f in _RUNTIME_FIELDS}
         if stored.replace(**runtime) != self.model_config:
             raise TrainingError(
                 f"checkpoint {step} in {self.workdir} was written for a different model:\n"
                 f"  checkpoint: {stored}\n  this run:   {self.model_config}"
             )
+        _check_same_separator(metadata.get("tokenizer"), self.tokenizer_record, step, self.workdir)
         abstract_opt = jax.tree.map(
             lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
             self.abstract_opt_state, self.opt_shardings,
@@ -335,7 +365,7 @@ class Trainer:
             writer.write(0, {f"data/{k}": v for k, v in data_stats.items() if isinstance(v, (int, float))})
         self._install_sigterm_handler()
 
-        progress = _progress(self.is_primary, initial=step, total=num_steps)
+        progress = _progress(self.is_primary and bool(self.config.train.progress), initial=step, total=num_steps)
         pending: list[tuple[int, dict[str, jax.Array], int]] = []
         last_metrics: dict[str, float] = {}
         last_eval: dict[str, float] | None = None
@@ -413,6 +443,21 @@ class Trainer:
 
     def close(self) -> None:
         self.checkpoint_manager.close()
+
+
+def _check_same_separator(
+    stored: dict[str, Any] | None, current: dict[str, Any] | None, step: int, workdir: Path
+) -> None:
+    """A resumed run must supervise the same token id over the same vocabulary as before."""
+    if stored is None or current is None:
+        return  # checkpoints from before the record existed, or a causal-LM run
+    keys = ("separator", "separator_id", "vocabulary")
+    if any(stored[k] != current[k] for k in keys):
+        raise TrainingError(
+            f"checkpoint {step} in {workdir} was trained with separator {stored['separator']!r} at id "
+            f"{stored['separator_id']} (vocabulary {stored['vocabulary']}); this run's tokenizer gives "
+            f"{current['separator']!r} id {current['separator_id']} (vocabulary {current['vocabulary']})"
+        )
 
 
 def params_tree_from_state(state: nnx.State) -> dict[str, Any]:

@@ -1,0 +1,76 @@
+"""Final-answer equivalence with math-verify: the one comparison grading and voting share.
+
+``data_pipeline.grading`` grades a response by comparing its answer with the gold here (inside
+killable worker processes), and Best-of-N's maj@N groups responses whose answers compare equal
+here, so ``0.5`` and ``\\frac12`` vote together exactly when the grader would call them equal. It
+lives in ``prm_jax`` because evaluation (``prm_jax``) must not import ``data_pipeline``.
+
+Both sides are wrapped in ``\\boxed{}`` so math-verify's LaTeX extraction reads exactly the answer.
+A cheap string normalisation (dollar signs, spacing commands, ``\\left``/``\\right``, ``\\dfrac``)
+decides the common case without sympy. Comparison errors inside math-verify count as "not equal"
+(its ``raise_on_error=False``): one candidate interpretation failing is routine there.
+
+Timeouts: sympy can hang on adversarial input (a power tower). :func:`grade_answer` runs with
+math-verify's own timeouts off, for callers that enforce a hard wall-clock limit themselves (the
+grading pool kills its worker). :func:`equivalent_answers` takes ``timeout_s`` for math-verify's
+``signal.alarm`` timeouts, which only work on the main thread; off it they are off too.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+
+__all__ = ["CORRECT", "INCORRECT", "BAD_GOLD", "normalized_answer", "grade_answer", "equivalent_answers"]
+
+CORRECT, INCORRECT, BAD_GOLD = "correct", "incorrect", "bad_gold"
+
+_FAST_PATH_DROP = ("$", " ", "\\!", "\\,", "\\;", "\\left", "\\right")
+
+
+def normalized_answer(text: str) -> str:
+    """The string fast path: equal normalised strings are equal answers without asking sympy."""
+    for token in _FAST_PATH_DROP:
+        text = text.replace(token, "")
+    return text.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").strip()
+
+
+@functools.lru_cache(maxsize=8192)
+def _parsed(answer: str, timeout_s: int | None) -> tuple:
+    from math_verify import parse
+
+    return tuple(parse("\\boxed{" + answer + "}", parsing_timeout=timeout_s))
+
+
+def _verify(gold: tuple, answer: tuple, timeout_s: int | None) -> bool:
+    from math_verify import verify
+
+    return bool(verify(list(gold), list(answer), timeout_seconds=timeout_s))
+
+
+def grade_answer(gold: str, answer: str) -> str:
+    """math-verify's verdict on ``answer`` against ``gold`` (both bare answers, e.g. box contents):
+    ``correct``, ``incorrect`` or ``bad_gold`` (the gold does not parse). No timeout here: call it
+    where a hard limit is enforced (``data_pipeline.grading.GradingPool``) or on trusted input."""
+    gold_parsed = _parsed(gold, None)
+    if not gold_parsed:
+        return BAD_GOLD
+    predicted = _parsed(answer, None)
+    if not predicted:
+        return INCORRECT
+    return CORRECT if _verify(gold_parsed, predicted, None) else INCORRECT
+
+
+def equivalent_answers(reference: str, answer: str, *, timeout_s: int | None = 5) -> bool:
+    """Whether ``answer`` equals ``reference`` as the grader compares them (``reference`` plays the
+    gold). An answer that does not parse equals only its own normalised string; a math-verify
+    timeout or error counts as not equal."""
+    if normalized_answer(reference) == normalized_answer(answer):
+        return True
+    if threading.current_thread() is not threading.main_thread():
+        timeout_s = None  # signal.alarm cannot be armed off the main thread
+    try:
+        ref, other = _parsed(reference, timeout_s), _parsed(answer, timeout_s)
+        return bool(ref and other) and _verify(ref, other, timeout_s)
+    except Exception:  # noqa: BLE001 - math-verify's TimeoutException, sympy errors
+        return False

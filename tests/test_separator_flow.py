@@ -1,0 +1,206 @@
+"""One separator convention from data to export, on the real Qwen2.5 vocabulary.
+
+A tiny Qwen2.5-shaped base (the real 151,936-row padded embedding, head_dim 64) with the real
+base tokenizer, where ``<extra_0>`` is *not* a token: hf_to_orbax -> training through launch.train's
+code path (tokenizer_dir = the base) -> orbax_to_hf. The export must score like the released
+Qwen2.5-Math-PRM: ``<extra_0>`` at id 151651, rewards computed the model card's way equal to JAX
+``score_steps`` on the checkpoint, and a tokenizer that disagrees with the run's is refused.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+
+from data_pipeline.synthetic import prepare_synthetic_run
+from hf_models import random_causal_lm, save_hf
+from prm_jax.checkpoint import read_checkpoint_metadata, read_model_config, restore_model, restore_params
+from prm_jax.conversion.hf_checkpoint import ConversionError, hf_to_orbax, orbax_to_hf
+from prm_jax.models.factory import param_specs
+from prm_jax.scoring import score_steps
+from prm_jax.tokenization import SYSTEM_PROMPT
+from prm_jax.training.config import default_config
+from prm_jax.training.run import RUN_TOKENIZER_DIR, train_from_config
+from tiny_assets import build_tiny_tokenizer
+
+QWEN2_5_PADDED_VOCAB = 151_936
+TINY_QWEN2_5 = dict(
+    vocab_size=QWEN2_5_PADDED_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    num_attention_heads=1, num_key_value_heads=1, head_dim=64, max_position_embeddings=512,
+    tie_word_embeddings=True,
+)
+NUM_STEPS = 3
+EXAMPLES = [
+    ("Compute (12 + 30) * 2.", ["12 + 30 = 42", "42 * 2 = 84", "So the answer is \\boxed{84}."]),
+    ("What is 7 - 2?", ["7 - 2 = 5", "The answer is \\boxed{5}."]),
+    ("Solve 3x = 12.", ["Divide both sides by 3.", "x = 5", "\\boxed{5}"]),
+]
+
+
+def _write_records(path: Path) -> Path:
+    with path.open("w") as f:
+        for i in range(12):
+            problem, steps = EXAMPLES[i % len(EXAMPLES)]
+            labels = [1] * len(steps) if i % 2 == 0 else [1] + [0] * (len(steps) - 1)
+            f.write(json.dumps({"id": f"r{i}", "problem": problem, "steps": steps, "labels": labels}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def flow(qwen_tokenizer_dirs, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("qwen_flow")
+    base_tokenizer = qwen_tokenizer_dirs["base"]
+    hf_base = save_hf(random_causal_lm(seed=3, **TINY_QWEN2_5), root / "hf_base")
+    hf_to_orbax(hf_base, root / "base", seed=1)
+    config = default_config()
+    config.model.init_from = str(root / "base")
+    config.model.dtype = "float32"
+    config.model.remat_policy = "none"
+    config.data.train_file = str(_write_records(root / "train.jsonl"))
+    config.data.tokenizer_dir = str(base_tokenizer)
+    config.data.seq_len = 128
+    config.train.num_steps = NUM_STEPS
+    config.train.global_batch_rows = 4
+    config.train.log_every = 1
+    config.optimizer.learning_rate = 1e-2
+    config.optimizer.warmup_steps = 1
+    config.checkpoint.save_every = NUM_STEPS
+    workdir = root / "run"
+    train_from_config(prepare_synthetic_run(config, workdir), workdir)  # what launch.train runs
+    step_dir = workdir / "checkpoints" / str(NUM_STEPS)
+    orbax_to_hf(step_dir, root / "export")
+    orbax_to_hf(step_dir, root / "export_base_tok", tokenizer_dir=base_tokenizer)
+    return {"root": root, "base": root / "base", "run": workdir, "step": step_dir, "base_tokenizer": base_tokenizer,
+            "export": root / "export", "export_base_tok": root / "export_base_tok"}
+
+
+def test_run_records_separator_tokenizer_and_dtype(flow) -> None:
+    meta = read_checkpoint_metadata(flow["step"])
+    record = meta["tokenizer"]
+    assert (record["separator"], record["separator_id"], record["origin"]) == ("<extra_0>", 151_651, "qwen2_5_slot")
+    assert Path(record["dir"]) == flow["run"] / RUN_TOKENIZER_DIR
+    assert meta["source_dtype"] == "float32" == read_checkpoint_metadata(flow["base"])["source_dtype"]
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(record["dir"]).encode("<extra_0>") == [151_651]
+    # Training changed the head: the exports below are of a trained model, not of the import.
+    head = [p for p, _ in param_specs(read_model_config(flow["step"])) if p[0] == "score"]
+    before = restore_params(flow["base"], paths=head, as_numpy=True)
+    after = restore_params(flow["step"], paths=head, as_numpy=True)
+    assert any(not np.array_equal(before[p], after[p]) for p in head)
+
+
+@pytest.mark.parametrize("export", ["export", "export_base_tok"])
+def test_export_is_scored_like_the_released_prm(flow, export) -> None:
+    out = flow[export]
+    config = json.loads((out / "config.json").read_text())
+    assert config["step_separator_id"] == 151_651 and "vllm_pooler_config" not in config
+    assert config["vocab_size"] == QWEN2_5_PADDED_VOCAB and config["torch_dtype"] == "float32"
+    assert not (out / "README.md").exists()
+
+
+def _load_hf(model_dir: Path):
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
+    model = AutoModel.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=True).eval()
+    return tokenizer, model
+
+
+def _model_card_rewards(tokenizer, model, problem: str, steps: list[str]) -> list[float]:
+    """Qwen2.5-Math-PRM-7B's model card usage, verbatim in substance."""
+    import torch.nn.functional as F
+
+    messages = [
+        {"role": "system", "content": SYSTEM_PROMPT},
+        {"role": "user", "content": problem},
+        {"role": "assistant", "content": "<extra_0>".join(steps) + "<extra_0>"},
+    ]
+    conversation_str = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+    input_ids = tokenizer.encode(conversation_str, return_tensors="pt")
+    with torch.no_grad():
+        outputs = model(input_ids=input_ids)
+    step_sep_id = tokenizer.encode("<extra_0>")[0]
+    token_masks = input_ids == step_sep_id
+    probabilities = F.softmax(outputs[0], dim=-1) * token_masks.unsqueeze(-1)
+    sample = probabilities[0]
+    return sample[sample != 0].view(-1, 2)[:, 1].tolist()
+
+
+def test_model_card_rewards_equal_jax_score_steps(flow) -> None:
+    from transformers import AutoTokenizer
+
+    model = restore_model(flow["step"], dtype="float32")
+    tokenizer = AutoTokenizer.from_pretrained(flow["run"] / RUN_TOKENIZER_DIR)
+    exports = {name: _load_hf(flow[name]) for name in ("export", "export_base_tok")}
+    for problem, steps in EXAMPLES + [("x" * 30, ["a b c"] * 5)]:
+        expected = score_steps(model, tokenizer, problem, steps)
+        assert len(expected) == len(steps)
+        for name, (hf_tokenizer, hf_model) in exports.items():
+            card = _model_card_rewards(hf_tokenizer, hf_model, problem, steps)
+            np.testing.assert_allclose(card, expected, atol=1e-4, rtol=0, err_msg=name)
+
+
+def test_both_exports_are_identical(flow) -> None:
+    a, b = load_file(flow["export"] / "model.safetensors"), load_file(flow["export_base_tok"] / "model.safetensors")
+    assert a.keys() == b.keys() and all(a[k].tobytes() == b[k].tobytes() for k in a)
+    from transformers import AutoTokenizer
+
+    ta, tb = AutoTokenizer.from_pretrained(flow["export"]), AutoTokenizer.from_pretrained(flow["export_base_tok"])
+    assert ta.get_vocab() == tb.get_vocab()
+
+
+def test_disagreeing_tokenizer_is_refused_and_nothing_written(flow, tmp_path) -> None:
+    from transformers import AutoTokenizer
+
+    # The same vocabulary plus one token: <extra_0> would become id 151666, never trained as a step end.
+    grown = AutoTokenizer.from_pretrained(flow["base_tokenizer"])
+    grown.add_tokens(["<|my_marker|>"])
+    grown.save_pretrained(tmp_path / "grown")
+    tiny = build_tiny_tokenizer(tmp_path / "tiny")  # another vocabulary: <extra_0> is id 403
+    for tokenizer_dir, wrong_id in ((tmp_path / "grown", 151_666), (tiny, 403)):
+        with pytest.raises(ConversionError, match=rf"id {wrong_id}\b.*id 151651\b"):
+            orbax_to_hf(flow["step"], tmp_path / "out", tokenizer_dir=tokenizer_dir)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["grown", "tiny"]
+
+
+def test_moved_run_still_finds_its_tokenizer(flow, tmp_path) -> None:
+    """The record's absolute path is gone after a move; the tokenizer beside the checkpoints is used."""
+    import shutil
+
+    moved = tmp_path / "moved"
+    shutil.copytree(flow["run"], moved, ignore=shutil.ignore_patterns("tensorboard"))
+    record_dir = flow["run"] / RUN_TOKENIZER_DIR
+    hidden = flow["run"] / ".hidden_tokenizer"
+    record_dir.rename(hidden)
+    try:
+        orbax_to_hf(moved / "checkpoints" / str(NUM_STEPS), tmp_path / "out")
+        with pytest.raises(ConversionError, match="pass tokenizer_dir"):
+            orbax_to_hf(flow["step"], tmp_path / "out2")
+    finally:
+        hidden.rename(record_dir)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["step_separator_id"] == 151_651
+
+
+def test_export_scores_equal_vllm_default_pooling(flow) -> None:
+    """vLLM hook: the export in vLLM's native PRM runner with *default* settings (step_tag_id
+    151651) gives the model card's rewards. Runs only where vLLM is installed."""
+    vllm = pytest.importorskip("vllm")
+    problem, steps = EXAMPLES[0]
+    expected = _model_card_rewards(*_load_hf(flow["export"]), problem, steps)
+    from transformers import AutoTokenizer
+
+    from prm_jax.tokenization import build_prm_input
+
+    x = build_prm_input(AutoTokenizer.from_pretrained(flow["export"]), problem, steps)
+    llm = vllm.LLM(model=str(flow["export"]), runner="pooling", trust_remote_code=True, dtype="float32",
+                   max_model_len=512, enforce_eager=True)
+    (output,) = llm.encode([vllm.TokensPrompt(prompt_token_ids=x.input_ids)], pooling_task="token_classify", use_tqdm=False)
+    data = output.outputs.data
+    probs = np.asarray(data.float().cpu().numpy() if hasattr(data, "float") else data)
+    np.testing.assert_allclose(probs[:, 1], expected, atol=1e-3, rtol=0)
