@@ -102,14 +102,16 @@ def small_config(**overrides):
     return c
 
 
-# The default policy SFT (its arithmetic is learnt late: after 1500 steps the policy is 8% accurate, after
-# the default 2500 about 40%), less synthesis, PRM training and evaluation. About 4 minutes on 2 CPU cores.
-# Observed at these sizes: policy accuracy 0.379, MC agreement 0.772, PRM F1 0.912, prm@4 0.750 vs
-# maj@4 0.438 (pass@4 0.828); the floors sit well below.
+# The default policy SFT (the arithmetic is learnt abruptly after 12k-16k noisy solutions; the default
+# budget is 32k), less synthesis, PRM training and evaluation: about 6 minutes on 2 CPU cores. The
+# floors sit under the band of the default run over 3 seeds x 3 CPU instruction sets (README, "The
+# embedded demo"; bench/demo_band.py), which these reduced sizes stay inside.
 E2E_SIZES = {"synth.num_problems": 256, "prm.steps": 300, "eval.num_problems": 128}
-PRM_F1_FLOOR = 0.6
-MC_AGREEMENT_FLOOR = 0.6
-BON_MARGIN = 0.1
+POLICY_ACCURACY_BAND = (0.45, 0.85)
+MC_AGREEMENT_FLOOR = 0.75
+PRM_F1_FLOOR = 0.85
+OUT_OF_RANGE_FLOOR = 0.9
+BON_MARGIN = 0.05
 
 
 @pytest.mark.slow
@@ -122,15 +124,16 @@ def test_demo_end_to_end_learns(tmp_path) -> None:
     for artifact in ("results.png", "bon.png", "prm_hf/config.json", "prm_hf/model.safetensors", "synth/summary.json",
                      "eval/processbench/world.jsonl", "eval/bon_results/results.json", "timings.json"):
         assert (tmp_path / artifact).exists(), artifact
-    # The policy is a real, imperfect policy; MC labels mostly match the checker.
-    assert 0.2 <= written["policy_accuracy"] <= 0.7, written
+    # The policy learnt the arithmetic and keeps the mistakes it was shown; MC labels mostly match the checker.
+    low, high = POLICY_ACCURACY_BAND
+    assert low <= written["policy_accuracy"] <= high, written
     assert written["mc_first_error_agreement"] >= MC_AGREEMENT_FLOOR, written
     # The PRM learned to flag wrong steps: held-out F1 clearly above always answering "no error".
     assert written["baseline_f1"] == 0.0
     assert written["prm_f1"] >= PRM_F1_FLOOR, written
-    # It finds impossible results (off by ten) and, at this size, not in-range slips.
+    # It finds the impossible results (off by ten) the policy learnt to write.
     by_kind = written["prm_detection_by_error_kind"]
-    assert by_kind["out_of_range"]["rate"] >= 0.8, by_kind
+    assert by_kind["out_of_range"]["rate"] >= OUT_OF_RANGE_FLOOR, by_kind
     # Best-of-N: the PRM's pick beats majority voting over the same responses.
     bon = written["bon"]
     assert bon["prm"] >= bon["maj"] + BON_MARGIN and bon["prm"] <= bon["pass"], bon
