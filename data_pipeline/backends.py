@@ -15,11 +15,10 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
+from data_pipeline.config import BACKENDS
 from prm_jax.generation.types import GenerationBackend
 
 _log = logging.getLogger(__name__)
-
-BACKENDS = ("jax", "vllm")
 
 
 def _mesh_from_string(spec: str):
@@ -74,6 +73,8 @@ def build_backend(section: Any, *, seed: int = 0) -> GenerationBackend:
         raise ValueError(f"backend={kind!r}; choose one of {BACKENDS}")
     if not section.model_path:
         raise ValueError("model_path is empty: set --config.policy.model_path (and judge.model_path)")
+    if not Path(section.model_path).exists() and kind == "jax":
+        raise FileNotFoundError(f"model_path {section.model_path} does not exist")
     tokenizer_path = section.tokenizer_path or section.model_path
     if kind == "vllm":
         from prm_jax.generation.vllm_backend import VLLMBackend
@@ -83,6 +84,7 @@ def build_backend(section: Any, *, seed: int = 0) -> GenerationBackend:
             tensor_parallel_size=section.vllm.tensor_parallel_size,
             gpu_memory_utilization=section.vllm.gpu_memory_utilization,
             max_model_len=section.vllm.max_model_len or None, dtype=section.vllm.dtype, seed=seed,
+            trust_remote_code=bool(section.vllm.get("trust_remote_code", False)),
         )
         backend.context_length = section.vllm.max_model_len or None
         return backend

@@ -13,6 +13,9 @@ consensus options, which are recomputed from scratch) may change between runs.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import ml_collections
@@ -54,7 +57,9 @@ def _model_section(backend: str = "jax") -> ml_collections.ConfigDict:
         "sampler": {"max_batch_rows": 64, "chunk_size": 16, "length_bucket": 64},
         # vLLM backend
         "vllm": {"tensor_parallel_size": 1, "gpu_memory_utilization": 0.9, "max_model_len": 0,
-                 "dtype": "auto"},
+                 "dtype": "auto",
+                 # Run Python code shipped in the checkpoint directory (off: Qwen2/Llama need none).
+                 "trust_remote_code": False},
     })
 
 
@@ -126,11 +131,102 @@ def semantic_values(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return values
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-    """Reject inconsistent settings before any model is loaded."""
+BACKENDS = ("jax", "vllm")
+PROBLEM_FORMATS = ("jsonl", "gsm8k", "math")
+#: Sections whose model the stages load: sample and mc use the policy, judge the judge.
+MODEL_STAGES = {"all": ("policy", "judge"), "sample": ("policy",), "mc": ("policy",), "judge": ("judge",)}
+# "org/name": a hub id, which vLLM may resolve itself (a local path is checked instead).
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _sampling_problems(config: ml_collections.ConfigDict) -> list[str]:
+    problems = []
+    for section in ("sample", "mc", "judge"):
+        temperature, top_p = config[section].temperature, config[section].top_p
+        if not temperature >= 0:
+            problems.append(f"{section}.temperature={temperature} must be >= 0")
+        if not 0 < top_p <= 1:
+            problems.append(f"{section}.top_p={top_p} must be in (0, 1]")
+    return problems
+
+
+def _problem_file_problems(config: ml_collections.ConfigDict) -> list[str]:
+    path = Path(config.problems.path) if config.problems.path else None
+    problems = []
+    if config.problems.format not in PROBLEM_FORMATS:
+        problems.append(f"problems.format={config.problems.format!r}; choose one of {PROBLEM_FORMATS}")
+    if config.problems.limit < 0:
+        problems.append(f"problems.limit={config.problems.limit} must be >= 0 (0: all)")
+    if path is None:
+        problems.append("problems.path is empty: set --config.problems.path=FILE")
+    elif not path.is_file():
+        problems.append(f"problems.path={path} does not exist (or is not a file)")
+    elif not _has_content(path):
+        problems.append(f"problems.path={path} is empty (no problem lines): nothing to synthesize")
+    return problems
+
+
+def _has_content(path: Path) -> bool:
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 16):
+            if chunk.strip():
+                return True
+    return False
+
+
+def _model_problems(config: ml_collections.ConfigDict, sections: Sequence[str]) -> list[str]:
+    problems = []
+    for name in ("policy", "judge"):
+        section = config[name]
+        if section.backend not in BACKENDS:
+            problems.append(f"{name}.backend={section.backend!r}; choose one of {BACKENDS}")
+        vllm = section.vllm
+        if vllm.tensor_parallel_size < 1 or not 0 < vllm.gpu_memory_utilization <= 1 or vllm.max_model_len < 0:
+            problems.append(f"{name}.vllm: tensor_parallel_size >= 1, gpu_memory_utilization in (0, 1] and "
+                            "max_model_len >= 0 (0: the model's) are required")
+    for name in sections:
+        section = config[name]
+        if name == "judge" and not section.model_path:
+            continue  # the policy model judges
+        problems += _model_path_problems(name, section)
+    return problems
+
+
+def _model_path_problems(name: str, section: ml_collections.ConfigDict) -> list[str]:
+    """The model (and tokenizer) a section names exist, checked before anything is loaded or written."""
+    path = section.model_path
+    if not path:
+        return [f"{name}.model_path is empty: set --config.{name}.model_path=DIR"]
+    local = Path(path)
+    if not local.exists():
+        if section.backend == "vllm" and _HUB_ID.match(path) and not path.startswith((".", "/")):
+            return []  # a hub id: vLLM resolves it
+        return [f"{name}.model_path={path} does not exist"]
+    problems = []
+    if section.tokenizer_path and not Path(section.tokenizer_path).exists():
+        problems.append(f"{name}.tokenizer_path={section.tokenizer_path} does not exist")
+    is_hf = (local / "config.json").is_file()
+    if section.backend == "vllm" and not is_hf:
+        problems.append(f"{name}.model_path={path} has no config.json: vLLM serves Hugging Face directories "
+                        "(export an Orbax checkpoint with launch.convert first)")
+    if section.backend == "jax" and not is_hf and not section.tokenizer_path:
+        problems.append(f"{name}.model_path={path} has no config.json, so it is read as an Orbax checkpoint, "
+                        f"which holds no tokenizer: set {name}.tokenizer_path as well")
+    return problems
+
+
+def validate(config: ml_collections.ConfigDict, *, model_sections: Sequence[str] = ()) -> None:
+    """Reject inconsistent settings before any model is loaded or anything is written.
+
+    ``model_sections`` ("policy", "judge") are the sections whose model paths must exist (those the
+    stages to run will load; sections with an injected backend are left out). Every problem is
+    reported in one ConfigError.
+    """
     problems = []
     if config.on_error not in ON_ERROR:
         problems.append(f"on_error={config.on_error!r}; choose one of {ON_ERROR}")
+    if config.seed < 0:
+        problems.append(f"seed={config.seed} must be >= 0")
     if config.consensus.label_type not in LABEL_TYPES:
         problems.append(f"consensus.label_type={config.consensus.label_type!r}; choose one of {LABEL_TYPES}")
     if config.consensus.mode not in CONSENSUS_MODES:
@@ -138,20 +234,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.consensus.mode == "judge" and config.consensus.label_type == "soft":
         problems.append("consensus.mode='judge' has no soft labels; use label_type='hard'")
     for name in ("sample.n", "mc.k", "judge.num_samples", "sample.batch_size", "mc.batch_responses",
-                 "judge.batch_size", "sample.max_tokens", "mc.max_tokens", "judge.max_tokens"):
+                 "judge.batch_size", "sample.max_tokens", "mc.max_tokens", "judge.max_tokens", "io.fsync_every"):
         section, field = name.split(".")
         if int(config[section][field]) < 1:
-            problems.append(f"{name} must be >= 1")
+            problems.append(f"{name}={config[section][field]} must be >= 1")
+    problems += _sampling_problems(config)
     if config.judge.num_samples > 1 and config.judge.temperature == 0:
         problems.append("judge.num_samples > 1 with temperature 0 gives identical votes; set "
                         "judge.temperature > 0")
     if not 0 <= config.judge.vote_threshold < 1:
-        problems.append("judge.vote_threshold must be in [0, 1)")
+        problems.append(f"judge.vote_threshold={config.judge.vote_threshold} must be in [0, 1)")
     if config.judge.prompt not in CRITIQUE_PROMPTS:
         problems.append(f"judge.prompt={config.judge.prompt!r}; choose one of {list(CRITIQUE_PROMPTS)}")
-    if config.grading.timeout_s <= 0 or config.grading.workers < 0:
-        problems.append("grading.timeout_s must be > 0 and grading.workers >= 0")
-    if not config.problems.path:
-        problems.append("problems.path is empty")
+    if not config.grading.timeout_s > 0 or config.grading.workers < 0 or config.grading.max_memory_mb < 1:
+        problems.append(f"grading: timeout_s={config.grading.timeout_s} must be > 0, workers={config.grading.workers} "
+                        f">= 0 and max_memory_mb={config.grading.max_memory_mb} >= 1")
+    problems += _problem_file_problems(config)
+    problems += _model_problems(config, model_sections)
     if problems:
         raise ConfigError("invalid synthesis config: " + "; ".join(problems))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import ml_collections
 
-from data_pipeline.config import semantic_values, validate
+from data_pipeline.config import MODEL_STAGES, semantic_values, validate
 from data_pipeline.consensus import run_consensus, run_merge
 from data_pipeline.context import StageContext, SynthesisError
 from data_pipeline.grade import run_grade
@@ -52,6 +52,8 @@ def check_run_config(layout: Layout, config: ml_collections.ConfigDict, num_shar
     """Record the run's semantic settings on first use of a workdir; refuse a mismatch later.
 
     The problem file's SHA-256 is part of it: resuming over an edited input would mix records.
+    Settings recorded by a run that wrote no record yet (it failed before its first one) are
+    replaced: nothing could mix.
     """
     if not Path(config.problems.path).is_file():
         raise SynthesisError(f"problem file {config.problems.path} does not exist")
@@ -63,9 +65,23 @@ def check_run_config(layout: Layout, config: ml_collections.ConfigDict, num_shar
     stored = read_json(layout.run_config)
     stored = {**SETTINGS_ADDED_LATER, **stored}
     diffs = [f"{key}: {stored.get(key)!r} -> {value!r}" for key, value in current.items() if stored.get(key) != value]
-    if diffs:
+    if diffs and not has_stage_output(layout):
+        _log.info("%s: no stage has written a record yet; replacing its recorded settings (%s)",
+                  layout.workdir, "; ".join(diffs))
+        atomic_write_json(layout.run_config, current)
+    elif diffs:
         raise SynthesisError(f"{layout.workdir} was started with other settings ({'; '.join(diffs)}). Resuming "
                              "would mix two datasets: use a new --workdir, or restore the original settings")
+
+
+def has_stage_output(layout: Layout) -> bool:
+    """Whether any stage wrote anything (a record, an error record, a done marker) into the workdir."""
+    for path in layout.workdir.rglob("*"):
+        if path == layout.run_config or path.suffix == ".lock" or not path.is_file():
+            continue
+        if path.stat().st_size > 0:
+            return True
+    return False
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path, *, stage: str = "all", shard: Shard | None = None,
@@ -76,7 +92,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, stage: str = 
     if stage not in STAGES:
         raise ValueError(f"stage={stage!r}; choose one of {STAGES}")
     shard = shard or Shard()
-    validate(config)
+    injected = {"policy": policy, "judge": judge}
+    validate(config, model_sections=[s for s in MODEL_STAGES.get(stage, ()) if injected[s] is None])
     layout = Layout(Path(workdir))
     check_run_config(layout, config, shard.count)
     if stage == "merge":

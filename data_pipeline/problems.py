@@ -24,11 +24,12 @@ import json
 from pathlib import Path
 from typing import Any, Iterator
 
+from data_pipeline.config import PROBLEM_FORMATS
 from data_pipeline.ids import content_id
 from data_pipeline.schemas import ErrorRecord, Problem
 from prm_jax.critique import last_boxed
 
-FORMATS = ("jsonl", "gsm8k", "math")
+FORMATS = PROBLEM_FORMATS
 
 
 def gold_answer(raw: str) -> str | None:
@@ -99,22 +100,42 @@ def _problem_from_object(obj: dict[str, Any], fmt: str, source: str) -> Problem:
     return Problem(id=record_id, problem=problem, answer=gold, source=source)
 
 
-def read_problems(path: str | Path, fmt: str = "jsonl") -> Iterator[Problem | ErrorRecord]:
+#: Longest problem line read (problems are a few KB): a longer one becomes a ``too_long`` error
+#: record after reading at most this many bytes of it, never parsed, prompted or tokenized.
+MAX_PROBLEM_BYTES = 1 << 20
+
+
+def _bounded_lines(f: Any, limit: int) -> Iterator[bytes | None]:
+    """The file's lines; None for a line longer than ``limit`` (its rest is skipped in chunks)."""
+    while raw := f.readline(limit + 1):
+        if len(raw) > limit and not raw.endswith(b"\n"):
+            while (rest := f.readline(limit)) and not rest.endswith(b"\n"):
+                pass
+            yield None
+        else:
+            yield raw
+
+
+def read_problems(path: str | Path, fmt: str = "jsonl", *,
+                  max_line_bytes: int = MAX_PROBLEM_BYTES) -> Iterator[Problem | ErrorRecord]:
     """Every non-blank line of a problem file as a :class:`Problem` or an :class:`ErrorRecord`.
 
     Duplicate ids: the first occurrence is the problem, later ones are ``duplicate_id`` errors.
+    A line longer than ``max_line_bytes`` is a ``too_long`` error (bounded cost).
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown problem format {fmt!r}; choose one of {FORMATS}")
     path = Path(path)
     seen: dict[str, str] = {}
     with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            if not raw.strip():
+        for number, raw in enumerate(_bounded_lines(f, max_line_bytes), start=1):
+            if raw is not None and not raw.strip():
                 continue
             source = f"{path}:{number}"
             line_id = f"{path.name}:{number}"
             try:
+                if raw is None:
+                    raise _BadLine("too_long", f"line longer than {max_line_bytes} bytes; not read further")
                 try:
                     obj = json.loads(raw.decode("utf-8-sig" if number == 1 else "utf-8"))
                 except UnicodeDecodeError as e:

@@ -292,6 +292,10 @@ def read_json(path: Path) -> Any:
         raise DataError(f"malformed JSON: {e.msg}", path=path, line=e.lineno) from None
 
 
+class ShardLockedError(RuntimeError):
+    """Another process holds a stage shard's lock (the message names the lock file)."""
+
+
 @contextlib.contextmanager
 def exclusive_lock(path: Path) -> Iterator[None]:
     """Hold an exclusive lock on ``path`` (two processes writing one shard would duplicate ids).
@@ -304,7 +308,7 @@ def exclusive_lock(path: Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RuntimeError(
+            raise ShardLockedError(
                 f"{path} is locked: another process is writing this stage and shard. Give each "
                 "process its own --shard_index, or wait for the other one to finish") from None
         yield

@@ -14,10 +14,22 @@ whose separator id or vocabulary disagrees with that record is refused).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from absl import app, flags
 
+from launch import errors
 from launch.logs import configure_logging
-from prm_jax.conversion.hf_checkpoint import DEFAULT_EXPORT_DTYPE, EXPORT_DTYPES, hf_to_orbax, orbax_to_hf
+from prm_jax.conversion.hf_checkpoint import (
+    DEFAULT_EXPORT_DTYPE,
+    EXPORT_DTYPES,
+    ConversionError,
+    hf_to_orbax,
+    orbax_to_hf,
+    parse_size,
+)
+from prm_jax.conversion.safetensors_io import SafetensorsFormatError
+from prm_jax.output_paths import overlapping_inputs
 from prm_jax.tokenization import STEP_SEPARATOR
 
 _DIRECTION = flags.DEFINE_enum("direction", None, ["hf_to_orbax", "orbax_to_hf"], "Conversion direction.")
@@ -45,10 +57,42 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing destinat
 
 flags.mark_flags_as_required(["direction", "hf_dir", "orbax_dir"])
 
+#: Library errors reported as one line (see launch.errors).
+USER_ERRORS = (ConversionError, SafetensorsFormatError)
+
+
+def _missing_dir(name: str, value: str | None) -> list[str]:
+    if value is not None and not Path(value).is_dir():
+        return [f"--{name}={value} does not exist (or is not a directory)"]
+    return []
+
+
+def config_problems() -> list[str]:
+    """Every problem with the flags, found without reading a checkpoint."""
+    if _DIRECTION.value == "hf_to_orbax":
+        source, destination, inputs = "hf_dir", "orbax_dir", {"--hf_dir": _HF_DIR.value}
+    else:
+        source, destination = "orbax_dir", "hf_dir"
+        inputs = {"--orbax_dir": _ORBAX_DIR.value, "--tokenizer_dir": _TOKENIZER_DIR.value}
+    problems = _missing_dir(source, flags.FLAGS[source].value) + _missing_dir("tokenizer_dir", _TOKENIZER_DIR.value)
+    problems += overlapping_inputs(inputs, flags.FLAGS[destination].value, f"--{destination}")
+    if _SEED.value < 0:
+        problems.append(f"--seed={_SEED.value} must be >= 0")
+    try:
+        parse_size(_MAX_SHARD_SIZE.value)
+    except ValueError as error:
+        problems.append(f"--{error}")
+    if _SEPARATOR.value is not None and not _SEPARATOR.value.strip():
+        problems.append("--separator is empty")
+    return problems
+
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    problems = config_problems()
+    if problems:
+        raise errors.UserError("invalid conversion: " + "; ".join(problems))
     configure_logging()
     if _DIRECTION.value == "hf_to_orbax":
         config = hf_to_orbax(
@@ -66,4 +110,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    errors.run(main, extra_user_errors=USER_ERRORS)

@@ -19,6 +19,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from launch import errors
 from launch.logs import configure_logging
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (every artifact goes here).")
@@ -46,8 +47,11 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
-    """Console-script entry point (prm-jax-demo)."""
-    app.run(main)
+    """Console-script entry point (prm-jax-demo): user errors exit 2 with one message."""
+    from data_pipeline.context import SynthesisError
+    from prm_jax.training.trainer import TrainingError
+
+    errors.run(main, extra_user_errors=(SynthesisError, TrainingError))
 
 
 if __name__ == "__main__":

@@ -14,13 +14,12 @@ and PNG plots; see prm_jax/evaluation/tasks.py for the results.json layout.
 
 from __future__ import annotations
 
-import logging
-import sys
-
 import jax
 from absl import app, flags
 
+from launch import errors
 from launch.logs import configure_logging
+from prm_jax.data.records import DataError
 
 _TASK = flags.DEFINE_enum("task", None, ["processbench", "bon"], "Evaluation task.")
 _DATA = flags.DEFINE_string("data", None, "Data file (JSONL or JSON array) or directory of *.jsonl/*.json files.")
@@ -41,6 +40,10 @@ _OVER_LENGTH = flags.DEFINE_enum(
     "over_length", "score", ["score", "skip"],
     "Inputs longer than max_length: score them anyway (RoPE extrapolates, as the model card does) or skip their "
     "record (BoN: the whole problem); counted in results.json either way.")
+_MAX_RECORD_BYTES = flags.DEFINE_integer(
+    "max_record_bytes", 16 * 2**20,
+    "Longest data record (a JSONL line or a JSON array element) in bytes; a longer one is refused before it is "
+    "parsed or tokenized.")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype (jax backend).")
 _PARAM_DTYPE = flags.DEFINE_enum("param_dtype", "bfloat16", ["bfloat16", "float32"], "Parameter dtype in memory (jax backend).")
 _MESH = flags.DEFINE_string("mesh", "fsdp=-1", "Mesh axes, e.g. 'data=2,fsdp=-1,tensor=1' (-1: remaining devices).")
@@ -59,42 +62,59 @@ _CRITIC_BATCH = flags.DEFINE_integer("critic_batch", 64, "critic: solutions per 
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _TP = flags.DEFINE_integer("tensor_parallel_size", 1, "vllm: GPUs per engine.")
 _GPU_MEM = flags.DEFINE_float("gpu_memory_utilization", 0.9, "vllm: fraction of GPU memory.")
+_TRUST_REMOTE_CODE = flags.DEFINE_bool(
+    "trust_remote_code", False,
+    "vllm: let the engine run Python code shipped in the checkpoint directory. Off by default: vLLM serves "
+    "Qwen2ForProcessRewardModel natively; pass it only for a checkpoint whose code you have read.")
 _PLOTS = flags.DEFINE_bool("plots", True, "Write PNG plots.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing DIR/results.json.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (TPU pods, SLURM, MPI).")
 flags.mark_flags_as_required(["task", "data", "out"])
 
+#: Library errors reported as one line (EvaluationDataError is a DataError; see launch.errors).
+USER_ERRORS = (DataError,)
+
+
+def _bon_k() -> tuple[int, ...]:
+    try:
+        return tuple(int(k) for k in _BON_K.value)
+    except ValueError:
+        raise ValueError(f"--bon_k={','.join(_BON_K.value)}: expected positive integers such as 1,2,4,8") from None
+
+
+def build_config():
+    """The run's EvaluationConfig from the flags; every invalid value in one ValueError."""
+    from prm_jax.evaluation.runner import EvaluationConfig, parse_mesh_shape
+
+    return EvaluationConfig(
+        task=_TASK.value, data=_DATA.value, out=_OUT.value, model=_MODEL.value, tokenizer=_TOKENIZER.value,
+        predictions=_PREDICTIONS.value, missing=_MISSING.value, critic_model=_CRITIC.value, backend=_BACKEND.value,
+        threshold=_THRESHOLD.value, tune_threshold_on=_TUNE_ON.value, aggregations=tuple(_AGGREGATIONS.value),
+        bon_k=_bon_k(), max_length=_MAX_LENGTH.value, over_length=_OVER_LENGTH.value, dtype=_DTYPE.value,
+        param_dtype=_PARAM_DTYPE.value, mesh_shape=parse_mesh_shape(_MESH.value),
+        tokens_per_batch=_TOKENS_PER_BATCH.value, max_rows=_MAX_ROWS.value, min_length=_MIN_LENGTH.value,
+        critic_samples=_SAMPLES.value, critic_temperature=_TEMPERATURE.value, critic_top_p=_TOP_P.value,
+        critic_max_tokens=_MAX_TOKENS.value, official_parse=_OFFICIAL_PARSE.value, critic_batch=_CRITIC_BATCH.value,
+        seed=_SEED.value, tensor_parallel_size=_TP.value, gpu_memory_utilization=_GPU_MEM.value,
+        trust_remote_code=_TRUST_REMOTE_CODE.value, max_record_bytes=_MAX_RECORD_BYTES.value, plots=_PLOTS.value, overwrite=_OVERWRITE.value,
+    )
+
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from prm_jax.evaluation.runner import check_inputs, run_evaluation, summary_line
+
+    config = build_config()
+    check_inputs(config)
     configure_logging()
     if _DISTRIBUTED.value:
         jax.distributed.initialize()
-    from prm_jax.evaluation.records import EvaluationDataError
-    from prm_jax.evaluation.runner import EvaluationConfig, parse_mesh_shape, run_evaluation, summary_line
-
-    try:
-        config = EvaluationConfig(
-            task=_TASK.value, data=_DATA.value, out=_OUT.value, model=_MODEL.value, tokenizer=_TOKENIZER.value,
-            predictions=_PREDICTIONS.value, missing=_MISSING.value, critic_model=_CRITIC.value, backend=_BACKEND.value,
-            threshold=_THRESHOLD.value, tune_threshold_on=_TUNE_ON.value, aggregations=tuple(_AGGREGATIONS.value),
-            bon_k=tuple(int(k) for k in _BON_K.value), max_length=_MAX_LENGTH.value, over_length=_OVER_LENGTH.value, dtype=_DTYPE.value,
-            param_dtype=_PARAM_DTYPE.value, mesh_shape=parse_mesh_shape(_MESH.value),
-            tokens_per_batch=_TOKENS_PER_BATCH.value, max_rows=_MAX_ROWS.value, min_length=_MIN_LENGTH.value,
-            critic_samples=_SAMPLES.value, critic_temperature=_TEMPERATURE.value, critic_top_p=_TOP_P.value,
-            critic_max_tokens=_MAX_TOKENS.value, official_parse=_OFFICIAL_PARSE.value, critic_batch=_CRITIC_BATCH.value, seed=_SEED.value,
-            tensor_parallel_size=_TP.value, gpu_memory_utilization=_GPU_MEM.value, plots=_PLOTS.value,
-            overwrite=_OVERWRITE.value,
-        )
-        output = run_evaluation(config)
-    except (EvaluationDataError, FileExistsError, FileNotFoundError, ValueError) as error:
-        logging.error("%s", error)
-        sys.exit(1)
+    output = run_evaluation(config)
     if jax.process_index() == 0:
         print(summary_line(output.results))
         print(f"wrote {_OUT.value}/results.json, results.md, predictions.jsonl")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    errors.run(main, extra_user_errors=USER_ERRORS)

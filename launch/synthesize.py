@@ -7,19 +7,22 @@ r"""Synthesize step-labelled PRM training data: sample, grade, MC estimation, LL
 Rerunning the same command resumes (finished records are skipped). With --num_shards=N, run one
 command per node with --shard_index=0..N-1 on a shared workdir; the last shard to finish merges
 (or run --stage=merge). Output: W/consensus/prm_train.jsonl and W/summary.json.
-Exit status: 0 done, 1 a condition to fix (bad input under on_error=stop, a missing stage, a
-workdir started with other settings, an invalid config), printed as one line.
+Exit status: 0 done, 2 a condition to fix (bad input under on_error=stop, a missing stage, a
+workdir started with other settings, an invalid config, a held shard lock, a full disk), printed
+as one line (--verbose_errors adds the traceback). The whole config is validated before anything
+is loaded or written.
 """
 
 from __future__ import annotations
 
-import logging
-import sys
-
 from absl import app, flags
 from ml_collections import config_flags
 
+from data_pipeline.context import SynthesisError
+from data_pipeline.shards import ShardLockedError
+from launch import errors
 from launch.logs import configure_logging
+from prm_jax.data.records import DataError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Synthesis config file (configs/synth_*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (shared by all shards).")
@@ -29,28 +32,29 @@ _NUM_SHARDS = flags.DEFINE_integer("num_shards", 1, "Number of disjoint problem 
 _SHARD_INDEX = flags.DEFINE_integer("shard_index", 0, "This process's shard, 0..num_shards-1.")
 flags.mark_flags_as_required(["config", "workdir"])
 
+#: Library errors reported as one line (ConfigError is a ValueError; see launch.errors).
+USER_ERRORS = (SynthesisError, ShardLockedError, DataError)
+
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    configure_logging()
-    from data_pipeline.config import ConfigError
-    from data_pipeline.context import SynthesisError
     from data_pipeline.pipeline import run
     from data_pipeline.shards import Shard
-    from prm_jax.data.records import DataError
 
+    index, count = _SHARD_INDEX.value, _NUM_SHARDS.value
+    if count < 1 or not 0 <= index < count:
+        raise errors.UserError(f"--shard_index={index} --num_shards={count}: need num_shards >= 1 and "
+                               "0 <= shard_index < num_shards")
+    shard = Shard(index, count)
     try:
-        shard = Shard(_SHARD_INDEX.value, _NUM_SHARDS.value)
-    except ValueError as error:
-        raise app.UsageError(str(error)) from None
-    try:
-        run(_CONFIG.value, _WORKDIR.value, stage=_STAGE.value, shard=shard)
-    except (SynthesisError, DataError, ConfigError, FileNotFoundError) as error:
-        logging.error("%s", error)
-        sys.exit(1)
-    sys.exit(0)
+        config = _CONFIG.value
+        config.keys()  # ml_collections defers a config file that failed to load to first use
+    except OSError as error:
+        raise errors.UserError(f"--config: {' '.join(str(error).split())}") from None
+    configure_logging()
+    run(config, _WORKDIR.value, stage=_STAGE.value, shard=shard)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    errors.run(main, extra_user_errors=USER_ERRORS)

@@ -9,7 +9,6 @@ Multi-host: every process runs the same command. On TPU pods and SLURM clusters
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
+from launch import errors
 from launch.logs import configure_logging
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).")
@@ -48,16 +48,15 @@ def main(argv: list[str]) -> None:
         )
     # Imported after distributed init: these modules touch devices.
     from data_pipeline.synthetic import prepare_synthetic_run
-    from prm_jax.data.records import DataError
+    from prm_jax.training.config import check as check_config
     from prm_jax.training.run import train_from_config
-    from prm_jax.training.trainer import TrainingError
 
     workdir = Path(_WORKDIR.value)
-    try:
-        result = train_from_config(prepare_synthetic_run(_CONFIG.value, workdir), workdir)
-    except (TrainingError, DataError) as error:
-        logging.error("%s", error)
-        sys.exit(1)
+    if workdir.exists() and not workdir.is_dir():
+        raise errors.UserError(f"--workdir={workdir} is a file, not a directory")
+    # The whole config, before the synthetic generator or anything else writes into the workdir.
+    check_config(_CONFIG.value, device_count=jax.device_count())
+    result = train_from_config(prepare_synthetic_run(_CONFIG.value, workdir), workdir)
     if jax.process_index() == 0:
         summary = {"final_step": result.final_step, "stopped_early": result.stopped_early, **(result.last_eval or {})}
         print("training done: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
@@ -70,5 +69,12 @@ def _peer_processes_from_environment() -> int:
     return max(slurm, len(tpu_hosts), 1)
 
 
+def run() -> None:
+    """Entry point: user errors (bad config, data, paths, a failed save) exit 2 with one message."""
+    from prm_jax.training.trainer import TrainingError
+
+    errors.run(main, extra_user_errors=(TrainingError,))
+
+
 if __name__ == "__main__":
-    app.run(main)
+    run()

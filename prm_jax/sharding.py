@@ -139,7 +139,8 @@ def logical_to_partition_spec(
     return PartitionSpec(*spec)
 
 
-def _logical_axes_of(variable: nnx.Variable) -> tuple[str | None, ...] | None:
+def logical_axes_of(variable: nnx.Variable) -> tuple[str | None, ...] | None:
+    """The logical axis names a parameter was declared with (None when it has none)."""
     return variable.get_metadata().get("out_sharding")
 
 
@@ -147,7 +148,7 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules: LogicalAxisRules | None
     """NamedShardings for every Variable of an (abstract or concrete) NNX state."""
 
     def one(variable: nnx.Variable) -> NamedSharding:
-        axes = _logical_axes_of(variable)
+        axes = logical_axes_of(variable)
         shape = variable.get_value().shape
         if axes is None:
             return NamedSharding(mesh, PartitionSpec())

@@ -27,3 +27,18 @@ def qwen_tokenizer_dirs(tmp_path_factory) -> dict[str, Path]:
         "base": build_qwen2_5_tokenizer(root / "base"),
         "prm": build_qwen2_5_tokenizer(root / "prm", prm=True),
     }
+
+
+@pytest.fixture(scope="session")
+def qwen_prm_checkpoint(qwen_tokenizer_dirs, tmp_path_factory) -> dict[str, Path]:
+    """A tiny Qwen2.5-shaped base (``hf_models.TINY_QWEN2_5``) imported to Orbax (``orbax``, fresh
+    head) and exported as a PRM in fp32 with the real base tokenizer (``hf_prm``): what converting
+    Qwen2.5-Math-Instruct gives, ``<extra_0>`` at 151651. Built once per session (a few seconds)."""
+    from hf_models import TINY_QWEN2_5, random_causal_lm, save_hf
+    from prm_jax.conversion.hf_checkpoint import hf_to_orbax, orbax_to_hf
+
+    root = tmp_path_factory.mktemp("qwen2_5_prm")
+    hf_lm = save_hf(random_causal_lm(seed=21, **TINY_QWEN2_5), root / "hf_lm")
+    hf_to_orbax(hf_lm, root / "orbax", seed=5)
+    orbax_to_hf(root / "orbax", root / "hf_prm", tokenizer_dir=qwen_tokenizer_dirs["base"])
+    return {"hf_lm": hf_lm, "orbax": root / "orbax", "hf_prm": root / "hf_prm"}

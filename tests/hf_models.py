@@ -24,6 +24,15 @@ TINY_QWEN2: dict[str, Any] = dict(
     tie_word_embeddings=False,
 )
 
+#: A Qwen2.5-shaped tiny model for tests that stand for a real Qwen checkpoint: the real 151,936-row
+#: padded embedding (tokenized with the real vocabulary, ``qwen_tokenizer_dirs``), head_dim 64 as
+#: attention kernels need, everything else tiny.
+TINY_QWEN2_5: dict[str, Any] = dict(
+    vocab_size=151_936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    num_attention_heads=1, num_key_value_heads=1, head_dim=64, max_position_embeddings=512,
+    tie_word_embeddings=True,
+)
+
 
 def random_causal_lm(model_type: str = "qwen2", seed: int = 0, **overrides: Any) -> torch.nn.Module:
     """A random-init transformers causal LM (fp32, eval mode) with non-trivial norms and biases."""

@@ -66,13 +66,27 @@ def test_exported_layout_is_qwen_prm(converted) -> None:
     assert separator_token_id(tokenizer) == config["step_separator_id"]
 
 
-def test_jax_rewards_equal_transformers_remote_code(converted) -> None:
-    """JAX PRM -> HF dir -> AutoModel(trust_remote_code) gives the same step rewards."""
+def test_qwen_base_export_takes_the_released_prms_separator(qwen_prm_checkpoint, qwen_tokenizer_dirs) -> None:
+    """A Qwen2.5 base exported with its own (real-vocabulary) tokenizer: <extra_0> takes id 151651
+    as in the released PRM's tokenizer (the same vocabulary), inside the unresized embedding."""
+    from transformers import AutoTokenizer
+
+    out = qwen_prm_checkpoint["hf_prm"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["step_separator_id"] == 151_651 and "vllm_pooler_config" not in config
+    assert config["vocab_size"] == 151_936 and not (out / "README.md").exists()
+    exported, released = AutoTokenizer.from_pretrained(out), AutoTokenizer.from_pretrained(qwen_tokenizer_dirs["prm"])
+    assert exported.encode("<extra_0>") == [151_651] and exported.get_vocab() == released.get_vocab()
+
+
+def test_jax_rewards_equal_transformers_remote_code(qwen_prm_checkpoint) -> None:
+    """JAX PRM -> HF dir -> AutoModel(trust_remote_code) gives the same step rewards, on the real
+    Qwen2.5 vocabulary (ids up to 151,664, separator 151651)."""
     from transformers import AutoModel, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(converted["hf_prm"])
-    jax_model = restore_model(converted["orbax"])
-    hf_model = AutoModel.from_pretrained(converted["hf_prm"], trust_remote_code=True, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(qwen_prm_checkpoint["hf_prm"])
+    jax_model = restore_model(qwen_prm_checkpoint["orbax"], dtype="float32")
+    hf_model = AutoModel.from_pretrained(qwen_prm_checkpoint["hf_prm"], trust_remote_code=True, dtype=torch.float32).eval()
     problems = [(PROBLEM, STEPS), ("What is 7 - 2?", ["7 - 2 = 5", "\\boxed{5}"]), ("x" * 40, ["a b c"] * 6)]
     inputs = [build_prm_input(tokenizer, p, s) for p, s in problems]
     # Batched with padding to a 16-token bucket (crossing bucket sizes) and one at a time.
@@ -83,6 +97,18 @@ def test_jax_rewards_equal_transformers_remote_code(converted) -> None:
         expected = torch.softmax(logits, dim=-1)[:, 1].numpy()[x.separator_positions]
         np.testing.assert_allclose(batched, expected, atol=1e-4, rtol=0)
         np.testing.assert_allclose(score_steps(jax_model, tokenizer, problem, steps), expected, atol=1e-4, rtol=0)
+
+
+def test_qwen_prm_round_trip_is_exact_and_keeps_the_separator(qwen_prm_checkpoint, tmp_path) -> None:
+    """A released-PRM-like HF dir (real vocabulary, <extra_0> = 151651) -> Orbax -> HF, exported
+    with its own tokenizer: every tensor bit for bit, and the separator stays at 151651."""
+    source = qwen_prm_checkpoint["hf_prm"]
+    hf_to_orbax(source, tmp_path / "orbax")
+    orbax_to_hf(tmp_path / "orbax", tmp_path / "back", tokenizer_dir=source)
+    config = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert (config["step_separator_id"], config["vocab_size"], config["torch_dtype"]) == (151_651, 151_936, "float32")
+    a, b = load_file(source / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
+    assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and a[k].tobytes() == b[k].tobytes() for k in a)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -276,4 +302,5 @@ def test_convert_cli_both_directions(converted, tmp_path) -> None:
     a, b = load_file(converted["hf_prm"] / "model.safetensors"), load_file(tmp_path / "h" / "model.safetensors")
     assert all(np.array_equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
     failed = run("--direction=hf_to_orbax", f"--hf_dir={tmp_path / 'missing'}", f"--orbax_dir={tmp_path / 'x'}")
-    assert failed.returncode != 0 and "config.json" in failed.stderr
+    assert failed.returncode == 2 and "--hf_dir=" in failed.stderr and "does not exist" in failed.stderr
+    assert "Traceback" not in failed.stderr and not (tmp_path / "x").exists()

@@ -156,8 +156,8 @@ def test_predictions_cli_and_unknown_ids(setup) -> None:
     bad = setup["root"] / "bad_preds.jsonl"
     bad.write_text(setup["predictions"].read_text() + json.dumps({"id": "aime-3", "pred": 0}) + "\n")
     run = evaluate("--task=processbench", f"--predictions={bad}", f"--data={setup['data']}", f"--out={out}_bad")
-    assert run.returncode == 1
-    assert "ids not in the data: 'aime-3'" in run.stderr
+    assert run.returncode == 2
+    assert "ids not in the data: 'aime-3'" in run.stderr and "Traceback" not in run.stderr
     assert not (setup["root"] / "out_preds_bad" / "results.json").exists()
 
 

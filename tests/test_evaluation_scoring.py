@@ -91,6 +91,27 @@ def test_batched_scores_equal_transformers_across_buckets_and_padding(assets, hf
     np.testing.assert_allclose(np.concatenate(again[::-1]), np.concatenate(scores), atol=1e-6)
 
 
+def test_scoring_a_qwen_hf_dir_equals_transformers(qwen_prm_checkpoint) -> None:
+    """Evaluation's path from an HF PRM dir on the real Qwen2.5 vocabulary: the tokenizer found
+    beside the weights puts the separator at 151651, and bucketed, padded, sharded scores equal an
+    unpadded transformers forward of the same ids."""
+    from transformers import AutoModel
+
+    hf_dir = qwen_prm_checkpoint["hf_prm"]
+    tokenizer = load_tokenizer(hf_dir)
+    inputs = [build_prm_input(tokenizer, p, s) for p, s in solutions(SHORT + MEDIUM, seed=1)]
+    assert all(x.input_ids[i] == 151_651 for x in inputs for i in x.separator_positions)
+    mesh = make_mesh({"fsdp": 2, "tensor": 2})
+    scorer = BatchedScorer(load_model(hf_dir, mesh=mesh), mesh=mesh,
+                           config=BucketConfig(min_length=64, tokens_per_batch=512, max_rows=4, min_steps=8))
+    hf_model = AutoModel.from_pretrained(hf_dir, trust_remote_code=True, dtype=torch.float32).eval()
+    for x, got in zip(inputs, scorer.score(inputs)):
+        with torch.no_grad():
+            logits = hf_model(input_ids=torch.tensor([x.input_ids])).logits[0]
+        np.testing.assert_allclose(got, torch.softmax(logits, -1)[:, 1].numpy()[x.separator_positions], atol=1e-4, rtol=0)
+    assert len(scorer.stats.shapes) >= 2  # more than one length bucket, with padded rows
+
+
 def test_length_buckets_are_a_bounded_ladder() -> None:
     assert [length_bucket(n, 64) for n in (1, 64, 65, 96, 97, 129, 200, 1000)] == [64, 64, 96, 96, 128, 192, 256, 1024]
     ladder = {length_bucket(n, 64) for n in range(1, 8193)}

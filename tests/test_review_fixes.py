@@ -89,6 +89,7 @@ def test_weight_decay_skips_all_biases_and_norms() -> None:
 def test_resume_accepts_runtime_changes_but_not_architecture(tmp_path) -> None:
     from data_pipeline.synthetic import prepare_synthetic_run
     from prm_jax.training.run import train_from_config
+    from prm_jax.training.run_record import ConfigChangeError
     from prm_jax.training.trainer import TrainingError
 
     base = {"train.num_steps": 2, "checkpoint.save_every": 2, "train.eval_every": 1000, "data.eval_file": ""}
@@ -97,10 +98,15 @@ def test_resume_accepts_runtime_changes_but_not_architecture(tmp_path) -> None:
     train_from_config(config, tmp_path)
     resumed = config.copy_and_resolve_references()
     resumed.train.num_steps = 3
+    resumed.train.allow_config_change = True  # a longer schedule is a recorded change
     resumed.model.remat_policy = "full"  # the usual fix after an OOM
     assert train_from_config(resumed, tmp_path).final_step == 3
     wider = resumed.copy_and_resolve_references()
     wider.train.num_steps = 4
     wider.model.arch.intermediate_size = 256
+    with pytest.raises(ConfigChangeError, match="model cannot change on resume"):
+        train_from_config(wider, tmp_path)
+    # Past the config record (e.g. a checkpoint from before it existed), the Trainer still refuses.
+    (tmp_path / "config.json").unlink()
     with pytest.raises(TrainingError, match="written for a different model"):
         train_from_config(wider, tmp_path)

@@ -18,7 +18,7 @@ import torch
 from safetensors.numpy import load_file
 
 from data_pipeline.synthetic import prepare_synthetic_run
-from hf_models import random_causal_lm, save_hf
+from hf_models import TINY_QWEN2_5, random_causal_lm, save_hf
 from prm_jax.checkpoint import read_checkpoint_metadata, read_model_config, restore_model, restore_params
 from prm_jax.conversion.hf_checkpoint import ConversionError, hf_to_orbax, orbax_to_hf
 from prm_jax.models.factory import param_specs
@@ -28,12 +28,7 @@ from prm_jax.training.config import default_config
 from prm_jax.training.run import RUN_TOKENIZER_DIR, train_from_config
 from tiny_assets import build_tiny_tokenizer
 
-QWEN2_5_PADDED_VOCAB = 151_936
-TINY_QWEN2_5 = dict(
-    vocab_size=QWEN2_5_PADDED_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-    num_attention_heads=1, num_key_value_heads=1, head_dim=64, max_position_embeddings=512,
-    tie_word_embeddings=True,
-)
+QWEN2_5_PADDED_VOCAB = TINY_QWEN2_5["vocab_size"]
 NUM_STEPS = 3
 EXAMPLES = [
     ("Compute (12 + 30) * 2.", ["12 + 30 = 42", "42 * 2 = 84", "So the answer is \\boxed{84}."]),
@@ -204,3 +199,118 @@ def test_export_scores_equal_vllm_default_pooling(flow) -> None:
     data = output.outputs.data
     probs = np.asarray(data.float().cpu().numpy() if hasattr(data, "float") else data)
     np.testing.assert_allclose(probs[:, 1], expected, atol=1e-3, rtol=0)
+
+
+# ---------------------------------------------------------------------------- another vocabulary, no spare row
+
+ADDED_BASE_VOCAB = 403  # the tiny tokenizer without <extra_0>: its vocabulary fills the embedding exactly
+ADDED_GROWN_VOCAB = 448  # 404 rows needed, rounded up to a multiple of 64
+
+
+def _added_config(root: Path, tokenizer_dir: Path):
+    config = default_config()
+    config.model.init_from = str(root / "base")
+    config.model.dtype = "float32"
+    config.model.remat_policy = "none"
+    config.data.train_file = str(_write_records(root / "train.jsonl"))
+    config.data.tokenizer_dir = str(tokenizer_dir)
+    config.data.seq_len = 128
+    config.train.num_steps = NUM_STEPS
+    config.train.global_batch_rows = 4
+    config.train.progress = False
+    config.optimizer.learning_rate = 1e-2
+    config.optimizer.warmup_steps = 1
+    config.checkpoint.save_every = NUM_STEPS
+    return config
+
+
+@pytest.fixture(scope="module")
+def added_flow(tmp_path_factory) -> dict[str, Path]:
+    """A Llama-3-like case: the base's embedding has no row for the separator the run adds."""
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("added_flow")
+    tokenizer_dir = build_tiny_tokenizer(root / "tokenizer", separator_special=False)
+    assert len(AutoTokenizer.from_pretrained(tokenizer_dir)) == ADDED_BASE_VOCAB
+    # Untied: the base carries an LM head too, which a PRM run leaves behind.
+    hf_base = save_hf(random_causal_lm(seed=4, vocab_size=ADDED_BASE_VOCAB), root / "hf_base")
+    hf_to_orbax(hf_base, root / "base", seed=1)
+    workdir = root / "run"
+    train_from_config(_added_config(root, tokenizer_dir), workdir)
+    step_dir = workdir / "checkpoints" / str(NUM_STEPS)
+    orbax_to_hf(step_dir, root / "export")
+    return {"root": root, "base": root / "base", "run": workdir, "step": step_dir, "tokenizer": tokenizer_dir,
+            "export": root / "export"}
+
+
+def test_added_separator_grows_the_embedding(added_flow) -> None:
+    from transformers import AutoTokenizer
+
+    meta = read_checkpoint_metadata(added_flow["step"])
+    record = meta["tokenizer"]
+    run_tokenizer = AutoTokenizer.from_pretrained(record["dir"])
+    assert (record["origin"], record["separator_id"]) == ("added", len(run_tokenizer) - 1)
+    assert record["separator_id"] == ADDED_BASE_VOCAB
+    assert read_model_config(added_flow["base"]).vocab_size == ADDED_BASE_VOCAB
+    assert meta["config"]["vocab_size"] == ADDED_GROWN_VOCAB  # what export and resume read back
+    embedding = [p for p, _ in param_specs(read_model_config(added_flow["step"])) if p[0] == "model" and "embed_tokens" in p]
+    assert restore_params(added_flow["step"], paths=embedding, as_numpy=True)[embedding[0]].shape[0] == ADDED_GROWN_VOCAB
+
+
+def test_grown_params_start_from_the_base(added_flow, tmp_path) -> None:
+    """What the run starts from: the base's rows unchanged, the new rows at the base's mean row,
+    every other parameter the base's, and arrays sharded as the model expects."""
+    from prm_jax.models.factory import tree_to_params
+    from prm_jax.training.run import prepare_run_tokenizer
+    from prm_jax.training.trainer import Trainer
+    from transformers import AutoTokenizer
+
+    config = _added_config(added_flow["root"], added_flow["tokenizer"])
+    _, record = prepare_run_tokenizer(AutoTokenizer.from_pretrained(added_flow["tokenizer"]), "<extra_0>", tmp_path)
+    trainer = Trainer(config, tmp_path / "run", tokenizer_record=record)
+    try:
+        tree = trainer._fresh_params()
+        shardings = tree_to_params(trainer.param_shardings)
+    finally:
+        trainer.close()
+    params = tree_to_params(tree)
+    base = {tuple(map(str, p)): v for p, v in restore_params(added_flow["base"], as_numpy=True).items()}
+    embed = next(p for p in params if "embed_tokens" in p)
+    grown = np.asarray(params[embed])
+    assert grown.shape == (ADDED_GROWN_VOCAB, base[embed].shape[1])
+    np.testing.assert_array_equal(grown[:ADDED_BASE_VOCAB], base[embed])
+    np.testing.assert_allclose(grown[ADDED_BASE_VOCAB:], np.broadcast_to(base[embed].mean(0), grown[ADDED_BASE_VOCAB:].shape),
+                               rtol=0, atol=1e-6)
+    assert params[embed].sharding.is_equivalent_to(shardings[embed], 2)
+    for path, value in params.items():
+        if path != embed and path[0] != "score":
+            np.testing.assert_array_equal(np.asarray(value), base[path], err_msg=".".join(path))
+
+
+def test_vocab_axes_cover_an_untied_lm_head() -> None:
+    """Growth is driven by the logical axis name, so an LM head grows along its vocab axis too."""
+    from prm_jax.models.config import ModelConfig
+    from prm_jax.models.vocab import grow_vocab_axis, padded_vocab_size, vocab_axes
+
+    config = ModelConfig(vocab_size=403, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, with_lm_head=True)
+    axes = {".".join(map(str, p)): a for p, a in vocab_axes(config).items()}
+    assert set(axes.values()) == {0, 1} and axes["lm_head.kernel"] == 1 and len(axes) == 2
+    assert [padded_vocab_size(403, n) for n in (1, 403, 404, 449)] == [403, 403, 448, 512]
+    head = np.arange(6, dtype=np.float32).reshape(2, 3)
+    np.testing.assert_array_equal(grow_vocab_axis(head, 5, axis=1), [[0, 1, 2, 1, 1], [3, 4, 5, 4, 4]])
+
+
+def test_added_separator_export_scores_like_jax(added_flow) -> None:
+    out = added_flow["export"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["vocab_size"] == ADDED_GROWN_VOCAB and config["step_separator_id"] == ADDED_BASE_VOCAB
+    assert config["vllm_pooler_config"] == {"pooling_type": "STEP", "step_tag_id": ADDED_BASE_VOCAB}
+    from transformers import AutoTokenizer
+
+    model = restore_model(added_flow["step"], dtype="float32")
+    tokenizer = AutoTokenizer.from_pretrained(added_flow["run"] / RUN_TOKENIZER_DIR)
+    hf_tokenizer, hf_model = _load_hf(out)
+    for problem, steps in EXAMPLES:
+        expected = score_steps(model, tokenizer, problem, steps)
+        np.testing.assert_allclose(_model_card_rewards(hf_tokenizer, hf_model, problem, steps), expected, atol=1e-4, rtol=0)

@@ -226,12 +226,13 @@ def test_judge_with_the_paper_prompt_parses_conclusions() -> None:
         JudgeSettings(prompt="chatty")
 
 
-def test_synthesis_config_checks_the_judge_prompt() -> None:
+def test_synthesis_config_checks_the_judge_prompt(tmp_path) -> None:
     from data_pipeline.config import default_config, validate
 
     config = default_config()
     config.judge.prompt = "paper"
-    config.problems.path = "problems.jsonl"
+    config.problems.path = str(tmp_path / "problems.jsonl")
+    (tmp_path / "problems.jsonl").write_text('{"id": "p", "problem": "1 + 1?", "answer": "2"}\n')
     validate(config)
     config.judge.prompt = "other"
     with pytest.raises(ValueError, match="judge.prompt"):

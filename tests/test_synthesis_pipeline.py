@@ -299,10 +299,13 @@ def test_launcher_stops_cleanly_on_bad_input(tmp_path) -> None:
 
     repo = Path(__file__).resolve().parents[1]
     problems = write_problems(tmp_path / "problems.jsonl", [GOOD[0], {"id": "x", "problem": "What is 1 + 1?"}])
+    model = tmp_path / "model"  # exists (validated up front); never loaded: the bad line stops the run first
+    model.mkdir()
+    (model / "config.json").write_text("{}")
     result = subprocess.run(
         [sys.executable, "-m", "launch.synthesize", f"--config={repo / 'configs' / 'synth_tiny.py'}",
          f"--workdir={tmp_path / 'w'}", f"--config.problems.path={problems}", "--config.on_error=stop",
-         "--config.policy.model_path=/nonexistent"],
+         f"--config.policy.model_path={model}"],
         cwd=repo, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "problems.jsonl:2: missing_answer" in result.stderr and "Traceback" not in result.stderr

@@ -175,9 +175,15 @@ def test_build_prm_input_chat_layout(chat_dir: Path) -> None:
     assert prm.separator_positions[-1] == len(prm.input_ids) - 3
 
 
-def test_build_prm_input_matches_model_card_reference(chat_dir: Path) -> None:
-    """The Qwen2.5-Math-PRM model card renders with tokenize=False then calls tokenizer.encode."""
-    tok = _load(chat_dir)
+@pytest.mark.parametrize("tokenizer", ["tiny", "qwen2_5_prm"])
+def test_build_prm_input_matches_model_card_reference(tokenizer: str, request: pytest.FixtureRequest) -> None:
+    """The Qwen2.5-Math-PRM model card renders with tokenize=False then calls tokenizer.encode;
+    also on the released PRM's real vocabulary (separator 151651, digits one token each)."""
+    if tokenizer == "tiny":
+        tok = _load(request.getfixturevalue("chat_dir"))
+    else:
+        tok = _load(request.getfixturevalue("qwen_tokenizer_dirs")["prm"])
+        assert tok.encode("<extra_0>") == [151_651]
     messages = [
         {"role": "system", "content": SYSTEM_PROMPT},
         {"role": "user", "content": PROBLEM},

@@ -135,7 +135,8 @@ def test_non_finite_update_stops_and_keeps_last_good_checkpoint(tiny_run, tmp_pa
     good = restore_params(tmp_path / "checkpoints" / "2", as_numpy=True)
     # Same run, resumed with an absurd learning rate: the update overflows to inf at step 3.
     with pytest.raises(TrainingError, match=r"non-finite training state at step 3 .*last good checkpoint is step 2"):
-        train_from_config(tiny_config(**{**overrides, "train.num_steps": 4, "optimizer.learning_rate": 1e39}), tmp_path)
+        train_from_config(tiny_config(**{**overrides, "train.num_steps": 4, "optimizer.learning_rate": 1e39,
+                                         "train.allow_config_change": True}), tmp_path)
     steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [2]
     after = restore_params(tmp_path / "checkpoints" / "2", as_numpy=True)

@@ -2,7 +2,7 @@
 
     PRM_TEST_STEP_DELAY_S=0.5 python tests/train_worker.py --config=configs/tiny.py --workdir=W ...
 
-Takes exactly the flags of `launch.train` and runs its `main`. The only difference: the host
+Takes exactly the flags of `launch.train` and runs it (`launch.train.run`). The only difference: the host
 sleeps PRM_TEST_STEP_DELAY_S before each training step (wrapped around the batch fingerprint,
 which the loop computes once per step before dispatch), so a test can reliably signal the run
 between two checkpoints. The sleep touches no array: the math, the batches and the checkpoints are
@@ -32,12 +32,29 @@ def _install_step_delay(seconds: float) -> None:
     trainer._fingerprint = slow_fingerprint
 
 
+def _install_failing_save(step: int) -> None:
+    """The background (async) write of checkpoint `step` fails as on a full disk."""
+    import errno
+
+    from orbax.checkpoint._src.handlers import json_checkpoint_handler
+
+    handler = json_checkpoint_handler.JsonCheckpointHandler
+    save_fn = handler._save_fn
+
+    async def failing_save_fn(self, x, directory):
+        if isinstance(x, dict) and x.get("step") == step:
+            raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+        return await save_fn(self, x, directory)
+
+    handler._save_fn = failing_save_fn
+
+
 if __name__ == "__main__":
     delay = float(os.environ.get("PRM_TEST_STEP_DELAY_S", "0"))
     if delay > 0:
         _install_step_delay(delay)
-    from absl import app
-
+    if os.environ.get("PRM_TEST_FAIL_SAVE_STEP"):
+        _install_failing_save(int(os.environ["PRM_TEST_FAIL_SAVE_STEP"]))
     from launch import train
 
-    app.run(train.main)
+    train.run()

@@ -67,9 +67,11 @@ class Run:
 
 
 def start(
-    flags: list[str], log_path: Path, *, cpu_devices: int, step_delay_s: float = 0.0
+    flags: list[str], log_path: Path, *, cpu_devices: int, step_delay_s: float = 0.0,
+    fail_save_step: int | None = None,
 ) -> Run:
-    """`python -m launch.train FLAGS` (or tests/train_worker.py when a step delay is asked for)."""
+    """`python -m launch.train FLAGS` (or tests/train_worker.py when a step delay or a failing
+    checkpoint save is asked for)."""
     env = dict(os.environ)
     env.update({
         "JAX_PLATFORMS": "cpu",
@@ -79,8 +81,11 @@ def start(
         "TF_CPP_MIN_LOG_LEVEL": "2",
     })
     env.pop("XLA_FLAGS", None)  # no stray --xla_force_host_platform_device_count
+    if fail_save_step is not None:
+        env["PRM_TEST_FAIL_SAVE_STEP"] = str(fail_save_step)
     if step_delay_s > 0:
         env["PRM_TEST_STEP_DELAY_S"] = str(step_delay_s)
+    if step_delay_s > 0 or fail_save_step is not None:
         cmd = [sys.executable, str(WORKER), *flags]
     else:
         cmd = [sys.executable, "-m", "launch.train", *flags]

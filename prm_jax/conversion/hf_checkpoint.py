@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 import tempfile
 from pathlib import Path
@@ -35,6 +34,8 @@ from prm_jax.conversion.remote_code import ARCHITECTURE, AUTO_MAP, write_remote_
 from prm_jax.conversion.safetensors_io import SafetensorsCheckpoint, TensorSpec, write_safetensors
 from prm_jax.models.config import ModelConfig
 from prm_jax.models.transformer import StepHead
+from prm_jax.models.vocab import grow_vocab_axis, padded_vocab_size
+from prm_jax.output_paths import refuse_output_over_input
 from prm_jax.tokenization import (
     STEP_SEPARATOR,
     VLLM_DEFAULT_STEP_TAG_ID,
@@ -53,6 +54,8 @@ EXPORT_DTYPES = {
 #: Export dtype of checkpoints that do not record their source dtype (trained from scratch, or
 #: written before it was recorded).
 DEFAULT_EXPORT_DTYPE = "bfloat16"
+#: Source tensor dtypes that import as weights (anything else, e.g. int32 or fp8, is refused, not cast).
+_WEIGHT_DTYPES = frozenset({*EXPORT_DTYPES.values(), np.dtype(np.float64)})
 # Tensors some checkpoints carry that hold no parameters of ours.
 _IGNORABLE_SUFFIXES = (".rotary_emb.inv_freq",)
 
@@ -91,10 +94,17 @@ def _check_source_tensors(
     if extra:
         problems.append(f"unexpected tensor(s) {extra}")
     for m in expected:
-        if m.hf_name in available:
-            shape = tuple(reader.spec(m.hf_name).shape)
-            if shape != m.hf_shape:
-                problems.append(f"tensor {m.hf_name}: shape {shape} in checkpoint, expected {m.hf_shape}")
+        if m.hf_name not in available:
+            continue
+        spec = reader.spec(m.hf_name)
+        if tuple(spec.shape) != m.hf_shape:
+            problems.append(f"tensor {m.hf_name}: shape {tuple(spec.shape)} in checkpoint, expected {m.hf_shape}")
+        if spec.dtype not in _WEIGHT_DTYPES:
+            problems.append(
+                f"tensor {m.hf_name} ({reader.file_of(m.hf_name).name}): dtype {spec.dtype} is not a floating-point "
+                f"weight dtype ({', '.join(sorted(map(str, _WEIGHT_DTYPES)))}); integer or quantized weights are "
+                "not imported (they would be cast silently)"
+            )
     if problems:
         raise ConversionError(f"{source}: " + "; ".join(problems))
 
@@ -129,6 +139,9 @@ def hf_to_orbax(
     checkpoint metadata as `source_dtype`, the default dtype of a later `orbax_to_hf`.
     """
     hf_dir, orbax_dir = Path(hf_dir), Path(orbax_dir)
+    refuse_output_over_input({"hf_dir": hf_dir}, orbax_dir, "orbax_dir")
+    if not hf_dir.is_dir():
+        raise FileNotFoundError(f"hf_dir {hf_dir} does not exist (or is not a directory)")
     config = ModelConfig.from_hf_file(hf_dir, param_dtype=param_dtype)
     is_prm = config.with_prm_head and not config.with_lm_head
     mappings = tensor_mappings(config)
@@ -159,15 +172,25 @@ def hf_to_orbax(
 # ---------------------------------------------------------------------------- Orbax -> HF
 
 
-def _parse_size(size: int | str) -> int:
-    if isinstance(size, int):
-        return size
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
-    text = size.strip().upper()
-    for unit in sorted(units, key=len, reverse=True):
-        if text.endswith(unit):
-            return int(float(text[: -len(unit)]) * units[unit])
-    return int(text)
+def parse_size(size: int | str) -> int:
+    """``"5GB"``, ``"500MiB"``, ``1000`` -> bytes (> 0); ValueError naming the value otherwise."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    else:
+        units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+        text = str(size).strip().upper()
+        number, factor = text, 1
+        for unit in sorted(units, key=len, reverse=True):
+            if text.endswith(unit):
+                number, factor = text[: -len(unit)], units[unit]
+                break
+        try:
+            value = int(float(number) * factor)
+        except ValueError:
+            value = None
+    if value is None or value <= 0:
+        raise ValueError(f"max_shard_size={size!r}: expected a positive size such as 5GB, 500MB or 2GiB")
+    return value
 
 
 def _prepare_destination(hf_dir: Path, overwrite: bool) -> Path:
@@ -175,13 +198,6 @@ def _prepare_destination(hf_dir: Path, overwrite: bool) -> Path:
         raise FileExistsError(f"{hf_dir} exists and is not empty; pass overwrite to replace it")
     hf_dir.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{hf_dir.name}.tmp-", dir=hf_dir.parent))
-
-
-def _resized_vocab(config: ModelConfig, needed: int) -> int:
-    """Embedding rows after making room for `needed` token ids (rounded up to 64 rows)."""
-    if needed <= config.vocab_size:
-        return config.vocab_size
-    return int(math.ceil(needed / 64) * 64)
 
 
 def _recorded_tokenizer_dir(orbax_dir: Path, recorded: dict[str, Any]) -> Path:
@@ -281,6 +297,12 @@ def orbax_to_hf(
     explained in a README.md beside the weights: vLLM needs it passed explicitly.
     """
     orbax_dir, hf_dir = Path(orbax_dir), Path(hf_dir)
+    refuse_output_over_input({"orbax_dir": orbax_dir, "tokenizer_dir": tokenizer_dir}, hf_dir, "hf_dir")
+    max_shard_bytes = parse_size(max_shard_size)
+    if not orbax_dir.is_dir():
+        raise FileNotFoundError(f"orbax_dir {orbax_dir} does not exist (or is not a directory)")
+    if tokenizer_dir is not None and not Path(tokenizer_dir).is_dir():
+        raise FileNotFoundError(f"tokenizer_dir {tokenizer_dir} does not exist (or is not a directory)")
     metadata = read_checkpoint_metadata(orbax_dir)
     config = ModelConfig.from_json_dict(metadata["config"])
     dtype = dtype or metadata.get("source_dtype") or DEFAULT_EXPORT_DTYPE
@@ -296,7 +318,7 @@ def orbax_to_hf(
     )
     vocab_size = config.vocab_size
     if tokenizer is not None:
-        vocab_size = _resized_vocab(config, max(len(tokenizer), step_separator.token_id + 1))
+        vocab_size = padded_vocab_size(config.vocab_size, max(len(tokenizer), step_separator.token_id + 1))
 
     mappings = [m for m in tensor_mappings(config) if not m.is_lm_head]
     embed_name = "model.embed_tokens.weight"
@@ -312,13 +334,12 @@ def orbax_to_hf(
         value = restore_params(orbax_dir, config, paths=[m.path], as_numpy=True)[m.path]
         value = m.to_hf(np.asarray(value))
         if name == embed_name and vocab_size > config.vocab_size:
-            new_rows = np.broadcast_to(value.mean(axis=0), (vocab_size - config.vocab_size, value.shape[1]))
-            value = np.concatenate([value, new_rows], axis=0)
+            value = grow_vocab_axis(value, vocab_size, axis=0)
         return value.astype(out_dtype, copy=False)
 
     staging = _prepare_destination(hf_dir, overwrite)
     try:
-        write_safetensors(staging, specs, get_tensor, max_shard_bytes=_parse_size(max_shard_size))
+        write_safetensors(staging, specs, get_tensor, max_shard_bytes=max_shard_bytes)
         hf_config = {
             "architectures": [ARCHITECTURE],
             "auto_map": dict(AUTO_MAP),
@@ -367,6 +388,7 @@ __all__ = [
     "hf_to_orbax",
     "orbax_to_hf",
     "ConversionError",
+    "parse_size",
     "hf_tensor_names",
     "vllm_separator_note",
     "EXPORT_DTYPES",

@@ -1,9 +1,9 @@
 """Streaming safetensors I/O: read and write Hugging Face checkpoints one tensor at a time.
 
 Converting a 7B/72B model between Hugging Face and Orbax must never hold the whole model in host
-memory. Reading is easy: ``safetensors.safe_open`` memory-maps a file and reads its header without
-touching the data, so :class:`SafetensorsCheckpoint` returns shapes/dtypes for free and loads exactly
-one tensor per :meth:`SafetensorsCheckpoint.get`.
+memory. Reading is easy: a file's header gives every tensor's shape, dtype and byte range, so
+:class:`SafetensorsCheckpoint` parses (and validates against the file size) only the headers on open,
+returns shapes/dtypes for free and reads exactly one tensor per :meth:`SafetensorsCheckpoint.get`.
 
 Writing is where the ``safetensors`` library does not help: its ``save_file``/``save`` take a whole
 ``{name: array}`` dict, which would hold an entire shard (5 GiB by default, or a whole model when
@@ -37,12 +37,12 @@ from typing import Any, Final
 
 import ml_dtypes
 import numpy as np
-from safetensors import safe_open
 
 __all__ = [
     "INDEX_NAME",
     "SINGLE_FILE_NAME",
     "SafetensorsCheckpoint",
+    "SafetensorsFormatError",
     "TensorSpec",
     "numpy_dtype",
     "safetensors_dtype",
@@ -145,17 +145,71 @@ def _c_contiguous(array: np.ndarray) -> np.ndarray:
     return array if array.flags.c_contiguous else np.array(array, order="C")
 
 
+#: Largest header we parse (the safetensors library's own limit): a corrupt size field must not
+#: make us read gigabytes of "header".
+_MAX_HEADER_BYTES: Final[int] = 100_000_000
+
+
+class SafetensorsFormatError(ValueError):
+    """A safetensors file is corrupt or truncated; the message names the file (and tensor)."""
+
+
+def _check_entry(path: Path, name: str, entry: Any, data_size: int) -> None:
+    """One tensor's header entry: a known dtype, a shape, offsets that match it and fit the file."""
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(entry, dict):
+        raise SafetensorsFormatError(f"{where}: header entry is not an object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in _ST_TO_NP:
+        raise SafetensorsFormatError(f"{where}: unsupported or missing dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise SafetensorsFormatError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+        raise SafetensorsFormatError(f"{where}: data_offsets {offsets!r} is not a [begin, end] pair of integers")
+    begin, end = offsets
+    expected = math.prod(shape) * _ST_TO_NP[dtype].itemsize
+    if not 0 <= begin <= end or end - begin != expected:
+        raise SafetensorsFormatError(
+            f"{where}: data_offsets {offsets} span {end - begin} bytes, but {dtype} {shape} needs {expected}")
+    if end > data_size:
+        raise SafetensorsFormatError(
+            f"{where}: data ends at byte {end} of the data section, which holds only {data_size} bytes "
+            "(truncated or corrupt file: download it again)")
+
+
 def _read_header(path: Path) -> tuple[dict[str, Any], int]:
-    """Parse a safetensors header; returns (header, byte offset of the data section)."""
+    """Parse and validate a safetensors header against the file's size.
+
+    Returns (header, byte offset of the data section). Every tensor entry is checked (dtype,
+    shape, offsets consistent with both and inside the file), so a truncated or corrupt file
+    fails on open with a message naming the file and the tensor, never midway through a read.
+    """
+    file_size = path.stat().st_size
     with open(path, "rb") as f:
         prefix = f.read(8)
         if len(prefix) != 8:
-            raise ValueError(f"{path} is not a safetensors file (shorter than 8 bytes)")
+            raise SafetensorsFormatError(f"{path} is not a safetensors file (shorter than 8 bytes)")
         (header_size,) = struct.unpack("<Q", prefix)
+        if header_size > min(_MAX_HEADER_BYTES, file_size - 8):
+            raise SafetensorsFormatError(
+                f"{path}: header size field says {header_size} bytes, but the file has {file_size} bytes "
+                "(truncated, or not a safetensors file)")
         raw = f.read(header_size)
-        if len(raw) != header_size:
-            raise ValueError(f"{path}: truncated safetensors header")
-    return json.loads(raw), 8 + header_size
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SafetensorsFormatError(f"{path}: header is not valid UTF-8 JSON ({e}); the file is corrupt") from None
+    if not isinstance(header, dict):
+        raise SafetensorsFormatError(f"{path}: header is not a JSON object; the file is corrupt")
+    metadata = header.get(_METADATA_KEY, {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise SafetensorsFormatError(f"{path}: {_METADATA_KEY} is not a str -> str object")
+    data_start = 8 + header_size
+    for name, entry in header.items():
+        if name != _METADATA_KEY:
+            _check_entry(path, name, entry, file_size - data_start)
+    return header, data_start
 
 
 class SafetensorsCheckpoint:
@@ -172,7 +226,6 @@ class SafetensorsCheckpoint:
         self.directory = Path(directory)
         if not self.directory.is_dir():
             raise FileNotFoundError(f"checkpoint directory {self.directory} does not exist")
-        self._handles: dict[Path, Any] = {}
         self._headers: dict[Path, tuple[dict[str, Any], int]] = {}
         self._weight_map: dict[str, Path] = {}
         try:
@@ -187,16 +240,17 @@ class SafetensorsCheckpoint:
         single = self.directory / SINGLE_FILE_NAME
         index = self.directory / INDEX_NAME
         if single.is_file():
-            handle = self._handle(single)
-            self._weight_map = {name: single for name in handle.keys()}
+            self._weight_map = {name: single for name in self._tensor_names(single)}
         elif index.is_file():
             self._open_index(index)
         else:
             raise FileNotFoundError(self._missing_weights_message())
 
     def _open_index(self, index: Path) -> None:
-        with open(index, encoding="utf-8") as f:
-            weight_map = json.load(f).get("weight_map")
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+            raise SafetensorsFormatError(f"{index}: not a JSON object ({e}); the index is corrupt") from None
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError(f"{index} has no 'weight_map' (or it is empty)")
         by_shard: dict[str, list[str]] = {}
@@ -208,7 +262,7 @@ class SafetensorsCheckpoint:
                 raise FileNotFoundError(
                     f"{index} references shard {shard!r}, which is missing from {self.directory}"
                 )
-            present = set(self._handle(path).keys())
+            present = set(self._tensor_names(path))
             for name in names:
                 if name not in present:
                     raise ValueError(
@@ -231,12 +285,8 @@ class SafetensorsCheckpoint:
             )
         return message
 
-    def _handle(self, path: Path) -> Any:
-        handle = self._handles.get(path)
-        if handle is None:
-            handle = safe_open(str(path), framework="numpy")
-            self._handles[path] = handle
-        return handle
+    def _tensor_names(self, path: Path) -> list[str]:
+        return [name for name in self._header(path)[0] if name != _METADATA_KEY]
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -262,8 +312,8 @@ class SafetensorsCheckpoint:
 
     def spec(self, name: str) -> TensorSpec:
         """Shape and dtype of ``name`` from the file header; no tensor data is read."""
-        view = self._handle(self.file_of(name)).get_slice(name)
-        return TensorSpec(name, tuple(view.get_shape()), numpy_dtype(view.get_dtype()))
+        entry = self._header(self.file_of(name))[0][name]
+        return TensorSpec(name, tuple(entry["shape"]), numpy_dtype(entry["dtype"]))
 
     def get(self, name: str) -> np.ndarray:
         """Load exactly one tensor into host memory as a C-contiguous numpy array.
@@ -286,7 +336,7 @@ class SafetensorsCheckpoint:
             while filled < len(buffer):
                 count = f.readinto(buffer[filled:])
                 if not count:
-                    raise ValueError(f"{path}: truncated file while reading tensor {name!r}")
+                    raise SafetensorsFormatError(f"{path}: truncated file while reading tensor {name!r}")
                 filled += count
         return array
 
@@ -301,15 +351,13 @@ class SafetensorsCheckpoint:
         if not self._weight_map:
             return {}
         first = self._weight_map[self.names()[0]]
-        return dict(self._handle(first).metadata() or {})
+        return dict(self._header(first)[0].get(_METADATA_KEY) or {})
 
     # -- lifetime --------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Release the memory maps of all opened files; the object is unusable afterwards."""
-        handles, self._handles = self._handles, {}
-        for handle in handles.values():
-            handle.__exit__(None, None, None)
+        """Forget the parsed headers (no file stays open between reads)."""
+        self._headers = {}
 
     def __enter__(self) -> SafetensorsCheckpoint:
         return self

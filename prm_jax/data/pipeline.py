@@ -24,6 +24,7 @@ forever (``num_epochs=None``, the default) and stop after a fixed number of step
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ from prm_jax.data.tokenize import (
     Example,
     TokenizeConfig,
     TokenizeStats,
+    char_cap,
     check_separator,
     tokenize_prm,
     tokenize_sft,
@@ -253,6 +255,8 @@ def _load_examples(path, records_with_lines, tokenize, tokenizer, tcfg) -> tuple
     """Tokenize ``(line, record)`` pairs in order; a record's DataError is located at path:line."""
     stats = TokenizeStats()
     examples: list[Example] = []
+    if tcfg.max_chars is None:
+        tcfg = dataclasses.replace(tcfg, max_chars=char_cap(tokenizer, tcfg.max_length))
     for line, record in records_with_lines:
         try:
             example = tokenize(record, tokenizer, tcfg, len(examples), stats)

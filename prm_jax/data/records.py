@@ -27,7 +27,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from os import PathLike
-from typing import Any
+from typing import Any, BinaryIO
 
 __all__ = [
     "DataError",
@@ -235,7 +235,7 @@ def _iter_objects(path: str | PathLike[str]) -> Iterator[tuple[int, dict[str, An
     # Binary mode, decoded line by line: a text-mode reader decodes ahead in chunks and would
     # blame an invalid byte on the wrong line.
     with open(path, "rb") as f:
-        for line_number, raw in enumerate(f, start=1):
+        for line_number, raw in enumerate(_bounded_lines(f, path), start=1):
             try:
                 # utf-8-sig on the first line tolerates a byte-order mark written by some editors.
                 line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
@@ -253,6 +253,28 @@ def _iter_objects(path: str | PathLike[str]) -> Iterator[tuple[int, dict[str, An
                 raise DataError(f"expected a JSON object, got {json_type_name(obj)}", path=path,
                                 line=line_number)
             yield line_number, obj
+
+
+#: Longest JSONL line read (bytes). Far above any real record (a long solution is ~100 KB), low
+#: enough that a corrupt or concatenated file fails fast instead of filling host memory.
+MAX_LINE_BYTES = 64 * 1024 * 1024
+
+
+def _bounded_lines(f: BinaryIO, path: str | PathLike[str]) -> Iterator[bytes]:
+    """The file's lines; one longer than :data:`MAX_LINE_BYTES` is refused without reading it whole."""
+    line_number = 0
+    while True:
+        raw = f.readline(MAX_LINE_BYTES + 1)
+        if not raw:
+            return
+        line_number += 1
+        if len(raw) > MAX_LINE_BYTES:
+            raise DataError(
+                f"line longer than {MAX_LINE_BYTES // (1024 * 1024)} MiB; no record is that long "
+                "(is the file JSONL, one record per line?)",
+                path=path, line=line_number,
+            )
+        yield raw
 
 
 def _require(obj: dict[str, Any], name: str) -> Any:

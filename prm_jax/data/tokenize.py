@@ -41,6 +41,7 @@ __all__ = [
     "tokenize_sft",
     "render_sft_prompt",
     "check_separator",
+    "char_cap",
 ]
 
 
@@ -66,6 +67,10 @@ class TokenizeConfig:
             the longest prefix of complete steps (PRM) or of the completion (SFT);
             ``"drop"`` skips the example.
         separator: The step separator; must be a single token of the tokenizer.
+        max_chars: Text longer than this many characters cannot fit ``max_length`` tokens (see
+            :func:`char_cap`); such text is cut (steps, completion) or dropped *before* it is
+            tokenized, so refusing a huge record costs no more than a normal one. ``None``: no
+            pre-check (the file loaders fill it in from the tokenizer).
     """
 
     max_length: int
@@ -74,6 +79,7 @@ class TokenizeConfig:
     negative_threshold: float = 0.0
     overlong: Literal["truncate", "drop"] = "truncate"
     separator: str = STEP_SEPARATOR
+    max_chars: int | None = None
 
     def __post_init__(self) -> None:
         """Reject settings that would silently produce no or wrong supervision."""
@@ -209,6 +215,31 @@ def check_separator(tokenizer: PreTrainedTokenizerBase, separator: str = STEP_SE
     return sep_id
 
 
+#: Safety factor on the longest-token bound: normalizers (NFKC, lower-casing) may shorten text.
+_CHAR_CAP_SAFETY = 2
+
+
+def char_cap(tokenizer: PreTrainedTokenizerBase, max_length: int) -> int:
+    """Characters beyond which a text is certainly longer than ``max_length`` tokens.
+
+    No token of the vocabulary (added tokens included) spells more than ``L`` characters, so a
+    text of ``n`` characters needs at least ``n / L`` tokens; with a safety factor for
+    normalizers the cap is ``max_length * L * 2``: generous, and still microseconds to apply.
+    """
+    longest = max((len(token) for token in tokenizer.get_vocab()), default=1)
+    return max_length * max(longest, 1) * _CHAR_CAP_SAFETY
+
+
+def _steps_within_chars(problem: str, steps: tuple[str, ...], cap: int) -> int:
+    """How many leading steps fit ``cap`` characters together with the problem."""
+    used = len(problem)
+    for i, step in enumerate(steps):
+        used += len(step) + 1  # the separator counts at least one character
+        if used > cap:
+            return i
+    return len(steps)
+
+
 def _prm_arrays(
     input_ids: list[int],
     positions: list[int],
@@ -286,6 +317,16 @@ def tokenize_prm(
         if first_bad is not None and first_bad + 1 < len(steps):
             stats.steps_dropped_after_error += len(steps) - (first_bad + 1)
             steps = steps[: first_bad + 1]
+    original_steps = len(steps)
+    if cfg.max_chars is not None:
+        fitting_chars = _steps_within_chars(record.problem, steps, cfg.max_chars)
+        if fitting_chars < len(steps):
+            # Steps past the cap cannot fit: cut or drop before tokenizing the whole record.
+            if cfg.overlong == "drop" or fitting_chars == 0:
+                stats.dropped_overlong += 1
+                stats.steps_dropped_overlong += len(steps)
+                return None
+            steps = steps[:fitting_chars]
     try:
         built = build_prm_input(tokenizer, record.problem, steps, separator=cfg.separator)
     except (TypeError, ValueError) as e:
@@ -293,13 +334,16 @@ def tokenize_prm(
     input_ids, positions = built.input_ids, built.separator_positions
 
     fitting = sum(1 for p in positions if p < cfg.max_length)
+    if fitting == len(positions) and len(steps) < original_steps:
+        stats.truncated += 1
+        stats.steps_dropped_overlong += original_steps - len(steps)
     if fitting < len(positions):
         if cfg.overlong == "drop" or fitting == 0:
             stats.dropped_overlong += 1
-            stats.steps_dropped_overlong += len(steps)
+            stats.steps_dropped_overlong += original_steps
             return None
         stats.truncated += 1
-        stats.steps_dropped_overlong += len(steps) - fitting
+        stats.steps_dropped_overlong += original_steps - fitting
         steps = steps[:fitting]
         rebuilt = build_prm_input(tokenizer, record.problem, steps, separator=cfg.separator)
         # The prefix up to the last kept separator is the same text, and the separator is a
@@ -378,10 +422,18 @@ def tokenize_sft(
         raise DataError(
             "the tokenizer has no eos_token; SFT needs one to teach the model to stop"
         )
+    completion = record.completion
+    if cfg.max_chars is not None:
+        # Text past the cap cannot fit: drop or cut it before tokenizing it all.
+        too_long = len(record.prompt) + len(completion) > cfg.max_chars
+        if len(record.prompt) >= cfg.max_chars or (too_long and cfg.overlong == "drop"):
+            stats.dropped_overlong += 1
+            return None
+        completion = completion[: cfg.max_chars - len(record.prompt)]
     prompt_ids = list(
         tokenizer.encode(render_sft_prompt(tokenizer, record.prompt), add_special_tokens=False)
     )
-    completion_ids = list(tokenizer.encode(record.completion, add_special_tokens=False))
+    completion_ids = list(tokenizer.encode(completion, add_special_tokens=False))
     completion_ids.append(int(eos_id))
     input_ids = prompt_ids + completion_ids
     if len(input_ids) > cfg.max_length:

@@ -61,6 +61,12 @@ T = TypeVar("T")
 _READ_CHUNK = 1 << 20  # bytes per read when streaming a JSON array
 
 
+#: Longest record (one JSONL line, one JSON array element) read by default: a ProcessBench record
+#: is a few KB and a Best-of-N record of 64 long responses a few MB; a larger one is refused
+#: before it is parsed or tokenized, so its cost stays bounded.
+MAX_RECORD_BYTES = 16 * 2**20
+
+
 class EvaluationDataError(DataError):
     """An evaluation input is invalid; the message says where (``file:line``) and which field."""
 
@@ -127,11 +133,22 @@ def _first_char(path: Path) -> str | None:
     return None
 
 
-def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+def _too_long(path: PathLikeStr, line: int, limit: int) -> EvaluationDataError:
+    return EvaluationDataError(
+        f"record is longer than the limit of {limit} bytes (--max_record_bytes); it is refused before it is "
+        "parsed or tokenized. Raise the limit if such records are intended", path=path, line=line)
+
+
+def _iter_jsonl(path: Path, max_record_bytes: int) -> Iterator[tuple[str, Any]]:
     # Binary mode, decoded line by line: a text-mode reader decodes ahead in chunks and would
-    # blame an invalid byte on the wrong line.
+    # blame an invalid byte on the wrong line. A line longer than the limit is refused after
+    # reading at most the limit (never held, parsed or tokenized whole).
     with open(path, "rb") as f:
-        for line_number, raw in enumerate(f, start=1):
+        line_number = 0
+        while raw := f.readline(max_record_bytes + 1):
+            line_number += 1
+            if len(raw) > max_record_bytes and not raw.endswith(b"\n"):
+                raise _too_long(path, line_number, max_record_bytes)
             line = _decode_line(raw, path, line_number)
             if not line.strip():
                 continue
@@ -142,7 +159,7 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
             yield f"{path}:{line_number}", obj
 
 
-def _iter_json_array(path: Path) -> Iterator[tuple[str, Any]]:
+def _iter_json_array(path: Path, max_record_bytes: int) -> Iterator[tuple[str, Any]]:
     """Decode a top-level JSON array element by element from a bounded read buffer.
 
     Only the element being decoded (plus at most one read chunk) is held in memory; consumed
@@ -210,9 +227,13 @@ def _iter_json_array(path: Path) -> Iterator[tuple[str, Any]]:
                     # An element cut by the chunk boundary fails like a malformed one; read on
                     # until the element is complete or the file ends.
                     into_element = e.pos - position  # fill() may shift the buffer
+                    if len(buffer) - position > max_record_bytes:
+                        raise _too_long(path, line, max_record_bytes) from None
                     if not fill():
                         where = line + buffer.count("\n", position, position + into_element)
                         raise EvaluationDataError(f"malformed JSON: {e.msg} (element {index})", path=path, line=where) from e
+            if end - position > max_record_bytes:
+                raise _too_long(path, line, max_record_bytes)
             yield f"{path}:{line}", obj
             line += buffer.count("\n", position, end)
             position = end
@@ -222,7 +243,9 @@ def _iter_json_array(path: Path) -> Iterator[tuple[str, Any]]:
             raise EvaluationDataError("unexpected content after the closing ']'", path=path, line=line)
 
 
-def iter_json_objects(path: PathLikeStr) -> Iterator[tuple[str, dict[str, Any]]]:
+def iter_json_objects(
+    path: PathLikeStr, max_record_bytes: int = MAX_RECORD_BYTES
+) -> Iterator[tuple[str, dict[str, Any]]]:
     """``(location, object)`` for each record of a JSON Lines file or a JSON array file.
 
     ``location`` is ``"path:line"`` (plus the element index for arrays), used in every later
@@ -234,7 +257,7 @@ def iter_json_objects(path: PathLikeStr) -> Iterator[tuple[str, dict[str, Any]]]
     first = _first_char(path)
     if first is None:
         return
-    items = _iter_json_array(path) if first == "[" else _iter_jsonl(path)
+    items = _iter_json_array(path, max_record_bytes) if first == "[" else _iter_jsonl(path, max_record_bytes)
     for location, obj in items:
         if not isinstance(obj, dict):
             raise EvaluationDataError(f"expected a JSON object, got {json_type_name(obj)}", path=location)
@@ -263,12 +286,13 @@ def _subset_name(path: Path) -> str:
 
 
 def _validated(
-    files: Iterable[Path], parse: Callable[[dict[str, Any], str], T], id_of: Callable[[T], str]
+    files: Iterable[Path], parse: Callable[[dict[str, Any], str], T], id_of: Callable[[T], str],
+    max_record_bytes: int = MAX_RECORD_BYTES,
 ) -> Iterator[T]:
     """Parse every object of every file; field errors get the location; ids must be unique."""
     seen: dict[str, str] = {}
     for path in files:
-        for location, obj in iter_json_objects(path):
+        for location, obj in iter_json_objects(path, max_record_bytes):
             try:
                 record = parse(obj, _subset_name(path))
             except EvaluationDataError as e:
@@ -333,9 +357,9 @@ def _parse_processbench(obj: dict[str, Any], default_subset: str) -> ProcessBenc
     return ProcessBenchRecord(record_id, subset, problem, steps, label, final, generator)
 
 
-def read_processbench(path: PathLikeStr) -> Iterator[ProcessBenchRecord]:
+def read_processbench(path: PathLikeStr, *, max_record_bytes: int = MAX_RECORD_BYTES) -> Iterator[ProcessBenchRecord]:
     """Stream ProcessBench records from a file or a directory of subset files, validated."""
-    yield from _validated(input_files(path), _parse_processbench, lambda r: r.id)
+    yield from _validated(input_files(path), _parse_processbench, lambda r: r.id, max_record_bytes)
 
 
 # ---------------------------------------------------------------------------- Best-of-N
@@ -397,9 +421,9 @@ def _parse_bon(obj: dict[str, Any], default_dataset: str) -> BoNRecord:
     return BoNRecord(record_id, dataset, problem, str(answer), parsed)
 
 
-def read_bon(path: PathLikeStr) -> Iterator[BoNRecord]:
+def read_bon(path: PathLikeStr, *, max_record_bytes: int = MAX_RECORD_BYTES) -> Iterator[BoNRecord]:
     """Stream Best-of-N records from a file or a directory of per-dataset files, validated."""
-    yield from _validated(input_files(path), _parse_bon, lambda r: r.id)
+    yield from _validated(input_files(path), _parse_bon, lambda r: r.id, max_record_bytes)
 
 
 # ---------------------------------------------------------------------------- predictions

@@ -26,7 +26,7 @@ import jax
 
 from prm_jax.evaluation.best_of_n import AGGREGATIONS
 from prm_jax.evaluation.processbench import DEFAULT_THRESHOLD
-from prm_jax.evaluation.records import read_bon, read_processbench
+from prm_jax.evaluation.records import MAX_RECORD_BYTES, read_bon, read_processbench
 from prm_jax.evaluation.tasks import (
     OVER_LENGTH,
     EvaluationOutput,
@@ -37,8 +37,9 @@ from prm_jax.evaluation.tasks import (
     write_outputs,
 )
 from prm_jax.generation.types import SamplingParams
+from prm_jax.output_paths import overlapping_inputs
 
-__all__ = ["EvaluationConfig", "parse_mesh_shape", "run_evaluation"]
+__all__ = ["EvaluationConfig", "check_inputs", "parse_mesh_shape", "run_evaluation"]
 
 _log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class EvaluationConfig:
     max_rows: int = 64
     min_length: int = 64
     window: int = 4096
+    max_record_bytes: int = MAX_RECORD_BYTES  # longer records are refused at read, before tokenizing
     # critic sampling
     critic_samples: int = 1
     critic_temperature: float = 0.0
@@ -82,11 +84,12 @@ class EvaluationConfig:
     # vLLM engine
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.9
+    trust_remote_code: bool = False  # vllm: run a checkpoint's own Python code (off: vLLM serves the PRM natively)
     plots: bool = True
     overwrite: bool = False
 
     def __post_init__(self) -> None:
-        problems = []
+        problems = self._range_problems()
         if self.task not in ("processbench", "bon"):
             problems.append(f"task={self.task!r}; choose processbench or bon")
         sources = [n for n in ("model", "critic_model", "predictions") if getattr(self, n)]
@@ -111,6 +114,51 @@ class EvaluationConfig:
             problems.append(f"missing={self.missing!r}; choose error or wrong")
         if problems:
             raise ValueError("invalid evaluation config: " + "; ".join(problems))
+
+    def _range_problems(self) -> list[str]:
+        """Numeric settings outside their range (each names the flag)."""
+        problems = []
+        if self.max_length is not None and self.max_length < 0:
+            problems.append(f"max_length={self.max_length} must be >= 0 (0: no limit)")
+        positive = ("tokens_per_batch", "max_rows", "min_length", "critic_samples", "critic_max_tokens", "critic_batch",
+                    "tensor_parallel_size", "window", "max_record_bytes")
+        problems += [f"{name}={getattr(self, name)} must be >= 1" for name in positive if getattr(self, name) < 1]
+        if self.critic_temperature < 0:
+            problems.append(f"critic_temperature={self.critic_temperature} must be >= 0")
+        if not 0 < self.critic_top_p <= 1:
+            problems.append(f"critic_top_p={self.critic_top_p} must be in (0, 1]")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            problems.append(f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]")
+        if self.seed < 0:
+            problems.append(f"seed={self.seed} must be >= 0")
+        bad_axes = {k: v for k, v in self.mesh_shape.items() if v == 0 or v < -1}
+        if bad_axes:
+            problems.append(f"mesh {bad_axes}: axis sizes must be positive or -1 (the remaining devices)")
+        return problems
+
+    def input_paths(self) -> dict[str, str | None]:
+        """The paths this run reads, by flag name."""
+        return {"data": self.data, "model": self.model, "tokenizer": self.tokenizer, "predictions": self.predictions,
+                "critic_model": self.critic_model}
+
+
+def check_inputs(config: EvaluationConfig) -> None:
+    """Every input exists and the output folder neither is, holds nor lies inside one of them."""
+    problems = [f"{name}={value} does not exist" for name, value in config.input_paths().items()
+                if value and not Path(value).exists()]
+    problems += overlapping_inputs(config.input_paths(), config.out, "out")
+    if problems:
+        raise ValueError("invalid evaluation config: " + "; ".join(problems)
+                         + ("; choose an --out of its own" if any(" the input " in p for p in problems) else ""))
+
+
+def check_tune_subset(records: list[Any], tune_on: str | None) -> None:
+    """``tune_threshold_on`` names a subset present in the data (checked before any scoring)."""
+    if tune_on is None:
+        return
+    subsets = sorted({r.subset for r in records})
+    if tune_on not in subsets:
+        raise ValueError(f"tune_threshold_on={tune_on!r} is not a subset of the data; subsets present: {subsets}")
 
 
 def parse_mesh_shape(text: str) -> dict[str, int]:
@@ -151,7 +199,8 @@ def _prm_scorer(config: EvaluationConfig) -> tuple[Any, Any, int | None]:
 
         scorer = VLLMStepScorer(
             config.model, tokenizer=config.tokenizer, tensor_parallel_size=config.tensor_parallel_size,
-            gpu_memory_utilization=config.gpu_memory_utilization, seed=config.seed, trust_remote_code=True,
+            gpu_memory_utilization=config.gpu_memory_utilization, seed=config.seed,
+            trust_remote_code=config.trust_remote_code,
         )
         return scorer, tokenizer, _max_length(config, None)
     from prm_jax.evaluation.scorer import BatchedScorer, BucketConfig
@@ -174,6 +223,7 @@ def _critic_backend(config: EvaluationConfig) -> Any:
         return VLLMBackend(
             config.critic_model, tokenizer=config.tokenizer, tensor_parallel_size=config.tensor_parallel_size,
             gpu_memory_utilization=config.gpu_memory_utilization, seed=config.seed,
+            trust_remote_code=config.trust_remote_code,
         )
     from prm_jax.generation.jax_sampler import JaxSampler, SamplerConfig
 
@@ -185,11 +235,14 @@ def _critic_backend(config: EvaluationConfig) -> Any:
 
 def run_evaluation(config: EvaluationConfig) -> EvaluationOutput:
     """Run one evaluation and write its outputs (process 0 only); returns what was written."""
+    check_inputs(config)
     out = Path(config.out)
     if (out / "results.json").exists() and not config.overwrite:
         raise FileExistsError(f"{out}/results.json exists; pass overwrite to replace it")
     if config.task == "processbench":
-        records = read_processbench(config.data)
+        records = list(read_processbench(config.data, max_record_bytes=config.max_record_bytes))
+        if config.model:
+            check_tune_subset(records, config.tune_threshold_on)
         if config.predictions:
             output = processbench_with_predictions(records, config.predictions, missing=config.missing)
         elif config.critic_model:
@@ -210,7 +263,7 @@ def run_evaluation(config: EvaluationConfig) -> EvaluationOutput:
     else:
         scorer, tokenizer, max_length = _prm_scorer(config)
         output = bon_with_prm(
-            read_bon(config.data), scorer, tokenizer, aggregations=config.aggregations, ks=config.bon_k,
+            read_bon(config.data, max_record_bytes=config.max_record_bytes), scorer, tokenizer, aggregations=config.aggregations, ks=config.bon_k,
             max_length=max_length, over_length=config.over_length, window=config.window,
         )
     output.results["run"] = {

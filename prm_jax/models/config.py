@@ -32,6 +32,62 @@ class UnsupportedCheckpointError(ValueError):
     """A checkpoint's architecture or config is outside what this decoder implements."""
 
 
+# config.json fields we read, by the JSON type they must have (bool is never an int here).
+_POSITIVE_INT_FIELDS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "max_position_embeddings", "num_labels",
+)
+_POSITIVE_FLOAT_FIELDS = ("rope_theta", "rms_norm_eps")
+_BOOL_FIELDS = ("attention_bias", "tie_word_embeddings", "use_sliding_window", "mlp_bias")
+_OPTIONAL_INT_FIELDS = ("bos_token_id",)
+# Fields whose null means "the default" (head_dim: hidden_size // heads; kv heads: all heads).
+_NULLABLE_FIELDS = ("num_key_value_heads", "head_dim", "bos_token_id", "eos_token_id", "attention_bias",
+                    "use_sliding_window", "mlp_bias")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _field_problem(name: str, value: Any) -> str | None:
+    """What is wrong with one config.json field's value (None: fine or absent)."""
+    if value is None and name in _NULLABLE_FIELDS:
+        return None
+    if name in _POSITIVE_INT_FIELDS:
+        if not _is_int(value) or value <= 0:
+            return f"{name}={value!r} must be a positive integer"
+    elif name in _POSITIVE_FLOAT_FIELDS:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            return f"{name}={value!r} must be a positive number"
+    elif name in _BOOL_FIELDS:
+        if not isinstance(value, bool):
+            return f"{name}={value!r} must be true or false"
+    elif name in _OPTIONAL_INT_FIELDS:
+        if not _is_int(value) or value < 0:
+            return f"{name}={value!r} must be a non-negative integer or null"
+    elif name == "eos_token_id":
+        values = value if isinstance(value, list) else [value]
+        if not values or not all(_is_int(v) and v >= 0 for v in values):
+            return f"eos_token_id={value!r} must be a non-negative integer, a list of them, or null"
+    return None
+
+
+def check_hf_field_types(hf: Mapping[str, Any], source: str) -> None:
+    """Every wrongly typed or out-of-range field of a config.json, in one message naming the file."""
+    names = (*_POSITIVE_INT_FIELDS, *_POSITIVE_FLOAT_FIELDS, *_BOOL_FIELDS, *_OPTIONAL_INT_FIELDS, "eos_token_id")
+    problems = [p for name in names if name in hf and (p := _field_problem(name, hf[name])) is not None]
+    rope = hf.get("rope_parameters")
+    if rope is not None and not isinstance(rope, dict):
+        problems.append(f"rope_parameters={rope!r} must be an object")
+    elif rope and "rope_theta" in rope and (p := _field_problem("rope_theta", rope["rope_theta"])):
+        problems.append("rope_parameters." + p)
+    scaling = hf.get("rope_scaling")
+    if scaling is not None and not isinstance(scaling, dict):
+        problems.append(f"rope_scaling={scaling!r} must be an object or null")
+    if problems:
+        raise ValueError(f"{source}: " + "; ".join(problems))
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     # Architecture (Hugging Face names where they exist).
@@ -144,6 +200,12 @@ class ModelConfig:
         missing = [k for k in required if k not in hf]
         if missing:
             raise ValueError(f"{source}: missing required field(s) {missing}")
+        check_hf_field_types(hf, source)
+        if "head_dim" not in hf and hf["hidden_size"] % hf["num_attention_heads"]:
+            raise ValueError(
+                f"{source}: hidden_size={hf['hidden_size']} is not a multiple of "
+                f"num_attention_heads={hf['num_attention_heads']} (and no head_dim is given)"
+            )
 
         # transformers 5 moved rope_theta/rope_scaling into rope_parameters.
         rope = dict(hf.get("rope_parameters") or {})
@@ -205,6 +267,10 @@ class ModelConfig:
             raise FileNotFoundError(f"{path}: no config.json") from None
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text ({e.reason})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
         return cls.from_hf_dict(data, source=str(path), **overrides)
 
     def to_hf_dict(self, *, torch_dtype: str = "bfloat16") -> dict[str, Any]:

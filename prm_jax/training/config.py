@@ -5,6 +5,10 @@ Every field is overridable on the command line: `--config.optimizer.learning_rat
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+from typing import Any
+
 import ml_collections
 
 
@@ -54,6 +58,9 @@ def default_config() -> ml_collections.ConfigDict:
     # recipe) or mse between p(correct) and the label (how the paper trained its soft-label ablation).
     c.train.loss = "cross_entropy"
     c.train.peak_flops_per_device = 0.0  # 0 = look up by device kind (unknown on CPU: no MFU)
+    # A resume must train on the data and hyper-parameters the workdir recorded (config.json);
+    # true accepts different ones and records the change in config_changes.jsonl.
+    c.train.allow_config_change = False
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.learning_rate = 5e-6
@@ -73,3 +80,311 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))  # -1 = remaining devices
     return c
+
+
+# ---------------------------------------------------------------------------- validation
+#
+# `validate` checks a whole config before any data is read, any array compiled or anything
+# written into the workdir, and returns every problem (one line each, naming the field and the
+# fix); `check` raises them as one ConfigError. Launchers print that as one block.
+
+OBJECTIVES = ("prm", "lm")
+SCHEDULES = ("cosine", "linear", "constant")
+OVERLONG = ("truncate", "drop")
+SYNTHETIC = ("", "arithmetic")
+MESH_AXES = ("data", "fsdp", "tensor")
+_ARCH_POSITIVE_INTS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "max_position_embeddings",
+)
+
+
+class ConfigError(ValueError):
+    """A training config has invalid values; ``problems`` lists them, one line each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        if len(problems) == 1:
+            super().__init__(f"invalid training config: {problems[0]}")
+        else:
+            super().__init__(f"invalid training config ({len(problems)} problems):\n  " + "\n  ".join(problems))
+
+
+def seq_len_problem(seq_len: int, max_position_embeddings: int) -> str | None:
+    """Packed rows longer than the model's context: one example may fill a row, and positions past
+    ``max_position_embeddings`` were never trained (the released model does not support them)."""
+    if seq_len <= max_position_embeddings:
+        return None
+    return (
+        f"data.seq_len={seq_len} exceeds the model's max_position_embeddings={max_position_embeddings}: "
+        f"a single example could reach position {seq_len - 1}; set --config.data.seq_len<={max_position_embeddings} "
+        "(and raise train.global_batch_rows to keep the tokens per step)"
+    )
+
+
+class _Checker:
+    """Collects problems; each check reads one field and names it in its message."""
+
+    def __init__(self, config: ml_collections.ConfigDict) -> None:
+        self.config = config
+        self.problems: list[str] = []
+
+    def get(self, dotted: str) -> Any:
+        node: Any = self.config
+        for name in dotted.split("."):
+            if name not in node:
+                return _MISSING
+            node = node[name]
+        return node
+
+    def add(self, dotted: str, value: Any, requirement: str) -> None:
+        self.problems.append(f"--config.{dotted}={_show(value)}: {requirement}")
+
+    def integer(self, dotted: str, minimum: int | None = None) -> int | None:
+        value = self.get(dotted)
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.add(dotted, value, "must be an integer" + (f" >= {minimum}" if minimum is not None else ""))
+            return None
+        if minimum is not None and value < minimum:
+            self.add(dotted, value, f"must be >= {minimum}")
+            return None
+        return value
+
+    def number(self, dotted: str, low: float | None = None, high: float | None = None, *,
+               low_open: bool = False, high_open: bool = False) -> float | None:
+        value = self.get(dotted)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            self.add(dotted, value, "must be a finite number")
+            return None
+        too_low = low is not None and (value <= low if low_open else value < low)
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if too_low or too_high:
+            lo = "" if low is None else f"{'(' if low_open else '['}{low}"
+            hi = "" if high is None else f"{high}{')' if high_open else ']'}"
+            self.add(dotted, value, f"must be in {lo or '(-inf'}, {hi or 'inf)'}")
+            return None
+        return float(value)
+
+    def choice(self, dotted: str, choices: tuple[str, ...]) -> str | None:
+        value = self.get(dotted)
+        if value not in choices:
+            self.add(dotted, value, f"choose one of {', '.join(repr(c) for c in choices)}")
+            return None
+        return value
+
+    def boolean(self, dotted: str) -> None:
+        value = self.get(dotted)
+        if not isinstance(value, bool):
+            self.add(dotted, value, "must be true or false")
+
+    def path(self, dotted: str, kind: str, *, required: bool, hint: str = "") -> None:
+        value = self.get(dotted)
+        if value in ("", None, _MISSING):
+            if required:
+                self.add(dotted, "", f"is required{': ' + hint if hint else ''}")
+            return
+        if not isinstance(value, str):
+            self.add(dotted, value, "must be a path string")
+            return
+        path = Path(value)
+        if kind == "file":
+            if not path.exists():
+                self.add(dotted, value, "no such file")
+            elif not path.is_file():
+                self.add(dotted, value, "is not a file")
+            elif path.stat().st_size == 0:
+                self.add(dotted, value, "the file is empty: it holds no training records")
+        elif not path.is_dir():
+            self.add(dotted, value, "no such directory" if not path.exists() else "is not a directory")
+        elif kind == "tokenizer" and not any((path / name).is_file() for name in _TOKENIZER_FILES):
+            self.add(dotted, value, f"holds no Hugging Face tokenizer (none of {', '.join(_TOKENIZER_FILES)})")
+
+
+#: A Hugging Face tokenizer directory has at least one of these (save_pretrained writes the first).
+_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.json", "tokenizer.model")
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "<missing>"
+
+
+_MISSING = _Missing()
+
+
+def _show(value: Any) -> str:
+    return value if isinstance(value, str) else repr(value)
+
+
+def validate(config: ml_collections.ConfigDict, *, device_count: int | None = None) -> list[str]:
+    """Every problem of a training config, one line each; [] when it is valid.
+
+    Cheap and side-effect free: no data is read (paths are only stat-ed), nothing is written.
+    ``device_count`` (``jax.device_count()``) enables the mesh checks. With ``data.synthetic``
+    set, an empty train file and tokenizer directory are allowed (the generator fills them in).
+    """
+    c = _Checker(config)
+    objective = c.choice("objective", OBJECTIVES)
+    c.integer("seed", 0)
+    _validate_model(c)
+    _validate_data(c)
+    _validate_train(c, objective)
+    _validate_optimizer(c)
+    _validate_checkpoint(c)
+    _validate_mesh(c, device_count)
+    return c.problems
+
+
+def warnings(config: ml_collections.ConfigDict) -> list[str]:
+    """Legal but probably unintended settings, logged at the start of a run."""
+    warmup, num_steps = config.optimizer.warmup_steps, config.train.num_steps
+    if isinstance(warmup, int) and isinstance(num_steps, int) and warmup > num_steps > 0:
+        return [f"optimizer.warmup_steps={warmup} > train.num_steps={num_steps}: the learning rate never reaches "
+                f"its peak {config.optimizer.learning_rate}"]
+    return []
+
+
+def check(config: ml_collections.ConfigDict, *, device_count: int | None = None) -> None:
+    """Raise :class:`ConfigError` listing every problem of ``config``."""
+    problems = validate(config, device_count=device_count)
+    if problems:
+        raise ConfigError(problems)
+
+
+def _validate_model(c: _Checker) -> None:
+    from prm_jax.models.config import _DTYPES, ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
+
+    for field in ("model.dtype", "model.param_dtype"):
+        c.choice(field, tuple(_DTYPES))
+    c.choice("model.remat_policy", REMAT_POLICIES)
+    c.choice("model.attention_impl", ATTENTION_IMPLEMENTATIONS)
+    c.path("model.init_from", "dir", required=False)
+    if c.get("model.init_from"):
+        return
+    arch = {name: c.integer(f"model.arch.{name}", 1) for name in _ARCH_POSITIVE_INTS}
+    heads, kv_heads, head_dim = arch["num_attention_heads"], arch["num_key_value_heads"], arch["head_dim"]
+    if heads and kv_heads and heads % kv_heads:
+        c.add("model.arch.num_key_value_heads", kv_heads, f"must divide num_attention_heads={heads}")
+    if head_dim and head_dim % 2:
+        c.add("model.arch.head_dim", head_dim, "must be even (rotary embeddings)")
+    c.number("model.arch.rope_theta", 0.0, low_open=True)
+    c.number("model.arch.rms_norm_eps", 0.0, low_open=True)
+
+
+def _max_position_embeddings(c: _Checker) -> int | None:
+    init_from = c.get("model.init_from")
+    if not init_from:
+        value = c.get("model.arch.max_position_embeddings")
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+    if not Path(init_from).is_dir():
+        return None  # reported by the path check
+    from prm_jax.checkpoint import read_model_config
+
+    try:
+        return read_model_config(init_from).max_position_embeddings
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        c.add("model.init_from", init_from, f"not a readable model checkpoint ({error})")
+        return None
+
+
+def _validate_data(c: _Checker) -> None:
+    c.choice("data.synthetic", SYNTHETIC)
+    synthetic = bool(c.get("data.synthetic"))  # even a misspelt generator: one problem, not three
+    c.path("data.train_file", "file", required=not synthetic, hint="a JSONL file of training records")
+    c.path("data.eval_file", "file", required=False)
+    c.path("data.tokenizer_dir", "tokenizer", required=not synthetic, hint="a Hugging Face tokenizer directory")
+    seq_len = c.integer("data.seq_len", 2)
+    max_positions = _max_position_embeddings(c)
+    if seq_len is not None and max_positions is not None:
+        problem = seq_len_problem(seq_len, max_positions)
+        if problem:
+            c.problems.append(problem)
+    for field in ("data.packing", "data.soft_labels", "data.drop_after_first_error", "data.shuffle"):
+        c.boolean(field)
+    c.number("data.negative_threshold", 0.0, 1.0, high_open=True)
+    c.choice("data.overlong", OVERLONG)
+    separator = c.get("data.separator")
+    if not isinstance(separator, str) or not separator:
+        c.add("data.separator", separator, "must be a non-empty string (the step separator token)")
+
+
+def _validate_train(c: _Checker, objective: str | None) -> None:
+    from prm_jax.training.losses import PRM_LOSSES
+
+    num_steps = c.integer("train.num_steps", 1)
+    rows = c.integer("train.global_batch_rows", 1)
+    accum = c.integer("train.grad_accum_steps", 1)
+    if rows and accum and rows % accum:
+        c.add("train.grad_accum_steps", accum, f"must divide train.global_batch_rows={rows}")
+    for field in ("train.log_every", "train.eval_every"):
+        c.integer(field, 1)
+    c.boolean("train.progress")
+    c.boolean("train.allow_config_change")
+    loss = c.choice("train.loss", PRM_LOSSES)
+    if loss and objective == "lm" and loss != "cross_entropy":
+        c.add("train.loss", loss, "objective='lm' trains with 'cross_entropy' only")
+    c.number("train.peak_flops_per_device", 0.0)
+    # warmup_steps > num_steps is allowed (short smoke runs of real configs; the demo's micro
+    # band): the learning rate then never reaches its peak, which `warnings` reports.
+    c.integer("optimizer.warmup_steps", 0)
+
+
+def _validate_optimizer(c: _Checker) -> None:
+    c.number("optimizer.learning_rate", 0.0, low_open=True)
+    c.number("optimizer.end_learning_rate_ratio", 0.0, 1.0)
+    c.choice("optimizer.schedule", SCHEDULES)
+    c.number("optimizer.b1", 0.0, 1.0, high_open=True)
+    c.number("optimizer.b2", 0.0, 1.0, high_open=True)
+    c.number("optimizer.eps", 0.0, low_open=True)
+    c.number("optimizer.weight_decay", 0.0)
+    c.number("optimizer.grad_clip_norm")
+
+
+def _validate_checkpoint(c: _Checker) -> None:
+    c.integer("checkpoint.save_every", 1)
+    keep = c.get("checkpoint.max_to_keep")
+    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+        c.add("checkpoint.max_to_keep", keep, "must be >= 1 (0 would delete every checkpoint, the final model included)")
+    c.boolean("checkpoint.async_save")
+
+
+def _validate_mesh(c: _Checker, device_count: int | None) -> None:
+    mesh = c.get("mesh")
+    if mesh is _MISSING or not hasattr(mesh, "items"):
+        c.add("mesh", mesh, f"must map {MESH_AXES} to sizes")
+        return
+    unknown = sorted(set(mesh.keys()) - set(MESH_AXES))
+    if unknown:
+        c.add("mesh", dict(mesh), f"unknown axes {unknown}; use {MESH_AXES}")
+        return
+    sizes: dict[str, int] = {}
+    for axis in MESH_AXES:
+        value = mesh.get(axis, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or (value < 1 and value != -1):
+            c.add(f"mesh.{axis}", value, "must be a positive integer, or -1 for the remaining devices")
+            return
+        sizes[axis] = value
+    free = [a for a, s in sizes.items() if s == -1]
+    if len(free) > 1:
+        c.add("mesh", sizes, f"at most one axis may be -1, got {free}")
+        return
+    if device_count is None:
+        return
+    fixed = math.prod(s for s in sizes.values() if s != -1)
+    if free and device_count % fixed:
+        c.add("mesh", sizes, f"{device_count} devices do not divide by the fixed axes (product {fixed})")
+        return
+    if free:
+        sizes[free[0]] = device_count // fixed
+    elif fixed != device_count:
+        c.add("mesh", sizes, f"needs {fixed} devices, {device_count} available")
+        return
+    rows, accum = c.get("train.global_batch_rows"), c.get("train.grad_accum_steps")
+    if isinstance(rows, int) and isinstance(accum, int) and rows > 0 and accum > 0 and rows % accum == 0:
+        shards = sizes["data"] * sizes["fsdp"]
+        if (rows // accum) % shards:
+            c.add(
+                "train.global_batch_rows", rows,
+                f"a microbatch of {rows // accum} rows (/ grad_accum_steps={accum}) must divide over "
+                f"mesh data x fsdp = {shards} devices",
+            )

@@ -20,18 +20,14 @@ from prm_jax.data.pipeline import (
     load_sft_examples,
 )
 from prm_jax.data.tokenize import TokenizeConfig
-from prm_jax.models.config import ModelConfig
 from prm_jax.tokenization import prepare_step_separator
-from prm_jax.training.losses import PRM_LOSSES
-from prm_jax.training.trainer import Trainer, TrainResult, training_model_config, write_run_config
+from prm_jax.training.config import check as check_config
+from prm_jax.training.config import seq_len_problem
+from prm_jax.training.config import warnings as config_warnings
+from prm_jax.training.run_record import check_and_record as check_resume_config
+from prm_jax.training.trainer import Trainer, TrainResult, training_model_config
 
 _log = logging.getLogger(__name__)
-
-
-def _require(value: str, field: str, hint: str = "") -> str:
-    if not value:
-        raise ValueError(f"config field {field} is required{': ' + hint if hint else ''}")
-    return value
 
 
 #: Where a run keeps the tokenizer it trains with (beside `checkpoints/`); exports default to it.
@@ -51,24 +47,19 @@ def _save_tokenizer(tokenizer: Any, target: Path) -> None:
 
 
 def prepare_run_tokenizer(
-    tokenizer: Any, separator: str, model_config: ModelConfig, workdir: Path, source: str
+    tokenizer: Any, separator: str, workdir: Path, *, save: bool = True
 ) -> tuple[Any, dict[str, Any]]:
     """The separator-bearing tokenizer a PRM run trains with, saved in the run, and its record.
 
     The separator follows `prepare_step_separator` (the same convention the export applies): as
-    is when it is already one token, id 151651 on a Qwen2.5 vocabulary, else a new special token,
-    which must fall inside the model's (padded) embedding.
+    is when it is already one token, id 151651 on a Qwen2.5 vocabulary, else a new special token
+    ("added"), for which `training_model_config(config, record)` grows the model's vocabulary when
+    the id falls outside its (padded) embedding.
     """
     tokenizer, step_separator = prepare_step_separator(tokenizer, separator)
-    if step_separator.token_id >= model_config.vocab_size:
-        raise ValueError(
-            f"tokenizer {source}: the step separator {separator!r} was added as id "
-            f"{step_separator.token_id}, outside the model's {model_config.vocab_size} embedding rows; "
-            "train from a base whose embedding has spare (padded) rows, or add the separator to the "
-            "tokenizer and resize the base's embeddings before converting it"
-        )
     target = Path(workdir).absolute() / RUN_TOKENIZER_DIR
-    _save_tokenizer(tokenizer, target)
+    if save:  # else the caller saves it (`_save_tokenizer`) once the data has been read
+        _save_tokenizer(tokenizer, target)
     _log.info(
         "step separator %r is token id %d (%s); tokenizer saved to %s",
         separator, step_separator.token_id, step_separator.origin, target,
@@ -77,35 +68,40 @@ def prepare_run_tokenizer(
 
 
 def check_seq_len(seq_len: int, max_position_embeddings: int) -> None:
-    """Refuse packed rows longer than the model's context: one example may fill a row, and its
-    positions past ``max_position_embeddings`` were never trained (the released model does not
-    support them either)."""
-    if seq_len > max_position_embeddings:
+    """Refuse packed rows longer than the model's context (see `config.seq_len_problem`)."""
+    problem = seq_len_problem(seq_len, max_position_embeddings)
+    if problem:
+        raise ValueError(problem)
+
+
+def _load_tokenizer(tokenizer_dir: str) -> Any:
+    """The Hugging Face tokenizer in ``tokenizer_dir``; a directory without one is a config error."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(tokenizer_dir)
+    except (OSError, ValueError, TypeError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(
-            f"data.seq_len={seq_len} exceeds the model's max_position_embeddings={max_position_embeddings}: "
-            f"a single example could reach position {seq_len - 1}; set --config.data.seq_len<={max_position_embeddings} "
-            "(and raise train.global_batch_rows to keep the tokens per step)"
-        )
+            f"--config.data.tokenizer_dir={tokenizer_dir}: not a loadable Hugging Face tokenizer ({first_line})"
+        ) from error
 
 
 def train_from_config(config: ml_collections.ConfigDict, workdir: Path) -> TrainResult:
-    from transformers import AutoTokenizer
-
     workdir = Path(workdir)
-    train_file = _require(config.data.train_file, "data.train_file")
-    tokenizer_dir = _require(config.data.tokenizer_dir, "data.tokenizer_dir", "a Hugging Face tokenizer directory")
-    write_run_config(config, workdir)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    # Everything is checked before anything is read in bulk, compiled or written into the workdir.
+    check_config(config, device_count=jax.device_count())
+    for warning in config_warnings(config):
+        _log.warning("%s", warning)
+    train_file, tokenizer_dir = config.data.train_file, config.data.tokenizer_dir
+    tokenizer = _load_tokenizer(tokenizer_dir)
     model_config = training_model_config(config)
     check_seq_len(int(config.data.seq_len), model_config.max_position_embeddings)
-    loss = str(config.train.get("loss", "cross_entropy"))
-    if loss not in PRM_LOSSES or (config.objective != "prm" and loss != "cross_entropy"):
-        raise ValueError(f"train.loss={loss!r} with objective={config.objective!r}: choose one of {PRM_LOSSES} (prm only)")
+    check_resume_config(config, workdir, write=False)  # refuse a changed resume before reading data
     tokenizer_record = None
     if config.objective == "prm":
-        tokenizer, tokenizer_record = prepare_run_tokenizer(
-            tokenizer, config.data.separator, model_config, workdir, tokenizer_dir
-        )
+        tokenizer, tokenizer_record = prepare_run_tokenizer(tokenizer, config.data.separator, workdir, save=False)
+        model_config = training_model_config(config, tokenizer_record)  # room for an added separator
     if len(tokenizer) > model_config.vocab_size:
         raise ValueError(
             f"tokenizer {tokenizer_dir} has {len(tokenizer)} tokens but the model's embedding has "
@@ -135,6 +131,10 @@ def train_from_config(config: ml_collections.ConfigDict, workdir: Path) -> Train
     if config.data.eval_file:
         eval_examples, _ = load(config.data.eval_file, tokenizer, tokenize_config)
         eval_batches = build_eval_batches(eval_examples, dataclasses.replace(pipeline_config, shuffle=False, num_epochs=1))
+    # Inputs are valid: only now does the workdir get its record and tokenizer.
+    check_resume_config(config, workdir, write=jax.process_index() == 0)
+    if tokenizer_record is not None:
+        _save_tokenizer(tokenizer, Path(tokenizer_record["dir"]))
     stats = {f"train_{k}": v for k, v in dataclasses.asdict(train_stats).items()}
     _log.info("training data: %s", stats)
     trainer = Trainer(config, workdir, tokenizer_record=tokenizer_record)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
+import functools
 import logging
 import math
 import signal
@@ -47,6 +47,7 @@ from prm_jax.metrics import first_error_index, step_error_scores
 from prm_jax.models.config import ModelConfig
 from prm_jax.models.factory import abstract_model, create_model, param_specs, params_tree
 from prm_jax.models.transformer import LMHead, StepHead
+from prm_jax.models.vocab import grow_vocab_axis, padded_vocab_size, vocab_axes
 from prm_jax.sharding import logical_to_partition_spec, make_mesh, state_shardings
 from prm_jax.training import flops
 from prm_jax.training.metrics_writer import MetricsWriter
@@ -79,13 +80,25 @@ class TrainResult:
 _RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "attention_impl")
 
 
-def training_model_config(config: ml_collections.ConfigDict) -> ModelConfig:
-    """The ModelConfig to train: from `model.init_from`'s metadata or `model.arch`, heads per objective."""
+def training_model_config(
+    config: ml_collections.ConfigDict, tokenizer_record: dict[str, Any] | None = None
+) -> ModelConfig:
+    """The ModelConfig to train: from `model.init_from`'s metadata or `model.arch`, heads per objective.
+
+    With the run's `tokenizer_record`, a separator the run added to the tokenizer (origin "added")
+    gets an embedding row: the vocabulary grows (`padded_vocab_size`) only when the id falls outside
+    it, and `Trainer._fresh_params` grows the base's arrays to match.
+    """
     runtime = {f: config.model[f] for f in _RUNTIME_FIELDS}
     heads = {"with_prm_head": config.objective == "prm", "with_lm_head": config.objective == "lm"}
     if config.model.init_from:
-        return read_model_config(config.model.init_from).replace(**runtime, **heads)
-    return ModelConfig(**dict(config.model.arch), **runtime, **heads)
+        model_config = read_model_config(config.model.init_from).replace(**runtime, **heads)
+    else:
+        model_config = ModelConfig(**dict(config.model.arch), **runtime, **heads)
+    if tokenizer_record is None or tokenizer_record.get("origin") != "added":
+        return model_config
+    needed = int(tokenizer_record["separator_id"]) + 1
+    return model_config.replace(vocab_size=padded_vocab_size(model_config.vocab_size, needed))
 
 
 # ---------------------------------------------------------------------------- sharding helpers
@@ -144,7 +157,7 @@ class Trainer:
         self.source_dtype = read_checkpoint_metadata(init_from).get("source_dtype") if init_from else None
         self.is_primary = jax.process_index() == 0
         self.mesh = make_mesh({k: int(v) for k, v in config.mesh.items()})
-        self.model_config = training_model_config(config)
+        self.model_config = training_model_config(config, tokenizer_record)
         self.objective = config.objective
         self.global_rows = int(config.train.global_batch_rows)
         accum = int(config.train.grad_accum_steps)
@@ -206,6 +219,8 @@ class Trainer:
             ),
         )
         self._stop_requested = False
+        self._last_good_step: int | None = None  # the newest checkpoint known to be committed
+        self._saving_step: int | None = None  # a save started and not yet confirmed
 
     # ------------------------------------------------------------------ state
 
@@ -223,12 +238,14 @@ class Trainer:
             init_from, stored.replace(**{f: getattr(self.model_config, f) for f in _RUNTIME_FIELDS}),
             mesh=self.mesh, paths=wanted,
         )
+        shardings = {tuple(p): s for p, s in _flat_tree(self.param_shardings).items()}
+        if stored.vocab_size != self.model_config.vocab_size:
+            restored = self._grow_vocab(restored, stored.vocab_size, shardings)
         missing = [p for p, _ in param_specs(self.model_config) if p not in restored]
         heads = {"score": StepHead, "lm_head": LMHead}
         backbone_missing = sorted(".".join(map(str, p)) for p in missing if p[0] not in heads)
         if backbone_missing:
             raise ValueError(f"{init_from} lacks backbone parameters {backbone_missing}")
-        shardings = {tuple(p): s for p, s in _flat_tree(self.param_shardings).items()}
         for name in sorted({p[0] for p in missing}):
             _log.info("initialising %s (absent from %s) from seed %d", name, init_from, seed)
             module = heads[name](self.model_config, nnx.Rngs(seed))
@@ -237,7 +254,62 @@ class Trainer:
                 restored[full] = jax.device_put(variable.get_value(), shardings[tuple(map(str, full))])
         return params_to_tree(restored)
 
+    def _grow_vocab(
+        self, restored: dict[Any, jax.Array], base_rows: int, shardings: dict[tuple[str, ...], Any]
+    ) -> dict[Any, jax.Array]:
+        """The base's vocab-indexed arrays grown to this run's vocabulary (an added separator),
+        new entries at the mean of the base's rows, laid out with the shardings the model expects."""
+        rows = self.model_config.vocab_size
+        _log.info(
+            "growing the vocabulary of %s from %d to %d rows for the step separator (new rows: the mean row)",
+            self.config.model.init_from, base_rows, rows,
+        )
+        for path, axis in vocab_axes(self.model_config).items():
+            if path in restored:
+                grow = functools.partial(grow_vocab_axis, vocab_size=rows, axis=axis)
+                restored[path] = jax.jit(grow, out_shardings=shardings[tuple(map(str, path))])(restored[path])
+        return restored
+
     def _save(self, step: int, params: Any, opt_state: Any, iterator: Any, extra: dict[str, Any], force: bool = False) -> bool:
+        self._confirm_save(block=True)  # Orbax would wait for the previous save anyway
+        try:
+            saved = self._start_save(step, params, opt_state, iterator, extra, force)
+        except Exception as error:  # noqa: BLE001 - any failure to write loses this step's state
+            raise self._save_failed(step, error) from error
+        self._saving_step = step if saved else None
+        if not self.config.checkpoint.async_save:
+            self._confirm_save(block=True)
+        return saved
+
+    def _confirm_save(self, *, block: bool) -> None:
+        """Raise TrainingError when the save in flight failed; ``block=False`` only looks when it
+        has finished (cheap enough for every step, so a failed async save stops the run at once)."""
+        step = self._saving_step
+        if step is None or (not block and self.checkpoint_manager.is_saving_in_progress()):
+            return
+        self._saving_step = None
+        try:
+            self.checkpoint_manager.wait_until_finished()
+            self.checkpoint_manager.check_for_errors()
+        except Exception as error:  # noqa: BLE001 - Orbax re-raises the writer's own error
+            raise self._save_failed(step, error) from error
+        if not ocp.step.is_checkpoint_finalized(self.workdir / "checkpoints" / str(step)):
+            raise self._save_failed(step, RuntimeError("the checkpoint was not committed (see the Orbax log above)"))
+        self._last_good_step = step
+
+    def _save_failed(self, step: int, error: BaseException) -> TrainingError:
+        return TrainingError(
+            f"saving checkpoint {step} failed ({type(error).__name__}: {error}); training stopped. "
+            f"{self.last_good_checkpoint()}"
+        )
+
+    def last_good_checkpoint(self) -> str:
+        """A sentence naming the newest committed checkpoint, for messages that stop the run."""
+        if self._last_good_step is None:
+            return f"No checkpoint is committed yet in {self.workdir / 'checkpoints'}."
+        return f"The last good checkpoint is step {self._last_good_step} in {self.workdir / 'checkpoints'}."
+
+    def _start_save(self, step: int, params: Any, opt_state: Any, iterator: Any, extra: dict[str, Any], force: bool) -> bool:
         meta = checkpoint_metadata(
             self.model_config,
             {"source": "prm_jax.training", "init_from": self.config.model.init_from or None},
@@ -349,6 +421,7 @@ class Trainer:
         cfg = self.config.train
         num_steps = int(cfg.num_steps)
         latest = self.checkpoint_manager.latest_step()
+        self._last_good_step = latest
         if latest is not None:
             params, opt_state, trainer_state = self._restore(latest, train_iterator)
             step = int(trainer_state["step"])
@@ -386,8 +459,7 @@ class Trainer:
                     values = ", ".join(f"{k}={metrics[k]}" for k in checked)
                     raise TrainingError(
                         f"non-finite training state at step {s} ({values}); "
-                        f"stopping. The last good checkpoint is step {self.checkpoint_manager.latest_step()} "
-                        f"in {self.workdir / 'checkpoints'}"
+                        f"stopping. {self.last_good_checkpoint()}"
                     )
                 total_tokens += metrics["tokens"]
                 completions.append((time.perf_counter(), total_tokens))
@@ -412,6 +484,7 @@ class Trainer:
                     )
                 step += 1
                 progress.update(1)
+                self._confirm_save(block=False)
                 # Resolve the previous step's metrics after dispatching this one: the host check
                 # for NaN then never stalls the device pipeline.
                 resolve_pending()
@@ -434,15 +507,35 @@ class Trainer:
                     _log.warning("stopped at step %d on request; checkpoint saved", step)
                     break
             resolve_pending()
+            self._confirm_save(block=True)
+            self._require_final_checkpoint(step)
         finally:
             progress.close()
-            self.checkpoint_manager.wait_until_finished()
+            self._wait_quietly()
             writer.flush()
             writer.close()
         return TrainResult(step, stopped, last_metrics, last_eval)
 
+    def _require_final_checkpoint(self, step: int) -> None:
+        """No run ends without the checkpoint of its last step (it is the trained model)."""
+        if step > 0 and not ocp.step.is_checkpoint_finalized(self.workdir / "checkpoints" / str(step)):
+            raise TrainingError(
+                f"training reached step {step} but its checkpoint is missing from "
+                f"{self.workdir / 'checkpoints'}; {self.last_good_checkpoint()}"
+            )
+
+    def _wait_quietly(self) -> None:
+        """On the way out of a failing run: finish writes in flight without masking its error."""
+        try:
+            self.checkpoint_manager.wait_until_finished()
+        except Exception:  # noqa: BLE001 - already reported by _confirm_save, or the run is failing
+            _log.exception("a checkpoint save failed while the run was stopping")
+
     def close(self) -> None:
-        self.checkpoint_manager.close()
+        try:
+            self.checkpoint_manager.close()
+        except Exception:  # noqa: BLE001 - a failed save was reported by run(); never mask it
+            _log.exception("closing the checkpoint manager failed")
 
 
 def _check_same_separator(
@@ -498,10 +591,4 @@ def _progress(enabled: bool, initial: int, total: int):
     return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
 
 
-def write_run_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
-    if jax.process_index() == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str) + "\n")
-
-
-__all__ = ["Trainer", "TrainResult", "TrainingError", "training_model_config", "write_run_config"]
+__all__ = ["Trainer", "TrainResult", "TrainingError", "training_model_config"]

@@ -1,0 +1,106 @@
+"""User errors at the launchers' front door: one message, a non-zero exit, no traceback.
+
+Every launcher runs its ``main`` through :func:`run`. The library raises ordinary exceptions with
+messages that name the file, line, field or value at fault (``ValueError`` and its subclasses,
+``FileNotFoundError``, ``FileExistsError``, the stage errors); :func:`run` prints such an error as
+one short block on stderr and exits with :data:`USER_ERROR_EXIT`. Anything else is a bug and keeps
+its traceback. ``--verbose_errors`` shows the traceback of user errors too.
+
+Flag parsing errors (an unknown flag, a bad enum or integer value, a missing required flag) and
+``app.UsageError`` are user errors as well: one ``error: ...`` line and the same exit status,
+instead of absl's multi-line usage dump and exit 1. A full disk, a quota, a read-only file system
+and a held lock are reported as one line naming the path.
+"""
+
+from __future__ import annotations
+
+import errno
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+
+from absl import app, flags
+
+#: Exit status of a run refused or stopped for a reason the user fixes.
+USER_ERROR_EXIT = 2
+
+_VERBOSE = flags.DEFINE_bool("verbose_errors", False, "Show the traceback of user errors too (for bug reports).")
+
+
+class UserError(Exception):
+    """A problem the user fixes (configuration, paths, input data); the message says what and where."""
+
+
+#: Exception types that carry a user-facing message. Library errors meant for users subclass one
+#: of these or are registered by the launchers that raise them (``extra_user_errors``).
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError, ValueError, FileNotFoundError, FileExistsError,
+                                                NotADirectoryError, IsADirectoryError, PermissionError)
+
+#: OSErrors that are the environment's state, not a bug: what the user frees, fixes or waits for.
+_ENVIRONMENT_ERRNOS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+}
+
+
+def environment_message(error: OSError) -> str | None:
+    """One line for a full disk / quota / read-only FS (naming the path), else None."""
+    reason = _ENVIRONMENT_ERRNOS.get(error.errno)
+    if reason is None:
+        return None
+    where = error.filename or "(path unknown)"
+    return f"{reason} writing {where}: free space or choose another output directory, then rerun (it resumes)"
+
+
+def user_message(error: BaseException, extra_user_errors: Sequence[type[BaseException]] = ()) -> str | None:
+    """The one-line message of a user error, or None for a bug (which keeps its traceback)."""
+    if isinstance(error, OSError):
+        message = environment_message(error)
+        if message is not None:
+            return message
+    if isinstance(error, USER_ERRORS + tuple(extra_user_errors)):
+        return str(error)
+    return None
+
+
+def _fail(message: str) -> None:
+    text = " ".join(message.split()) if "\n" not in message.strip() else message.strip()
+    print(f"error: {text}", file=sys.stderr, flush=True)
+    sys.exit(USER_ERROR_EXIT)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing with one ``error:`` line and exit 2 on a bad flag (absl: a usage dump, exit 1)."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as error:
+        _fail(f"{error} (see --helpfull)")
+    except OSError as error:  # a --flagfile or an ml_collections --config file that cannot be read
+        _fail(" ".join(str(error).split()))
+    except (AttributeError, KeyError) as error:  # ml_collections: --config.<field> the config lacks
+        _fail(f"no such config field: {str(error).strip(chr(34) + chr(39))} (a typo in a --config.* flag? "
+              "the config file lists the fields)")
+    raise AssertionError("unreachable")
+
+
+def call(main: Callable[[list[str]], None], argv: list[str],
+         extra_user_errors: Sequence[type[BaseException]] = ()) -> None:
+    """Run ``main(argv)`` (flags already parsed); a user error exits 2 with one ``error:`` line."""
+    try:
+        main(argv)
+    except app.UsageError as error:
+        _fail(str(error))
+    except Exception as error:  # noqa: BLE001 - classified below; bugs are re-raised untouched
+        message = user_message(error, extra_user_errors)
+        if message is None:
+            raise
+        if flags.FLAGS.is_parsed() and _VERBOSE.value:
+            traceback.print_exc()
+        _fail(message)
+
+
+def run(main: Callable[[list[str]], None], extra_user_errors: Sequence[type[BaseException]] = ()) -> None:
+    """``absl.app.run(main)``, with user errors printed as one line and exit status 2."""
+    app.run(lambda argv: call(main, argv, extra_user_errors), flags_parser=parse_flags)

@@ -1,0 +1,131 @@
+"""The workdir's record of what a run trains on: `config.json`, written once, checked on resume.
+
+A run's checkpoints only make sense with the data and hyper-parameters that produced them, so a
+resume (a workdir with a committed checkpoint) must use the recorded ones. Fields that change how
+the run executes but not what it learns (dtypes, remat, attention kernel, mesh, logging and
+checkpoint cadence, progress bar, eval file) may change freely. Any other difference is refused
+unless `train.allow_config_change` is true; the accepted change is appended to
+`config_changes.jsonl` (with the step it applies from) and `config.json` becomes the new settings.
+
+While no checkpoint exists nothing has been trained, and the record is simply replaced. Only
+process 0 writes; files are written to a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+RECORD_FILE = "config.json"
+CHANGES_FILE = "config_changes.jsonl"
+
+#: Dotted fields (or prefixes ending in ".") that may differ on resume.
+RUNTIME_FIELDS = (
+    "model.dtype", "model.param_dtype", "model.remat_policy", "model.attention_impl",
+    "train.log_every", "train.eval_every", "train.progress", "train.peak_flops_per_device",
+    "train.grad_accum_steps", "train.allow_config_change",
+    "checkpoint.",
+    "mesh.",
+    "data.eval_file",
+)
+
+
+#: Fields a resume can never change, flag or not: the checkpoints hold this model.
+FIXED_FIELDS = ("objective", "model.arch.")
+
+
+class ConfigChangeError(ValueError):
+    """A resume with different data or hyper-parameters than the workdir recorded."""
+
+
+def committed_steps(workdir: Path) -> list[int]:
+    """Checkpoint steps Orbax has committed (uncommitted ones carry a tmp suffix)."""
+    root = Path(workdir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit())
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _as_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    return json.loads(json.dumps(config.to_dict(), sort_keys=True, default=str))
+
+
+def _matches(field: str, patterns: tuple[str, ...]) -> bool:
+    return any(field == p or (p.endswith(".") and field.startswith(p)) for p in patterns)
+
+
+def config_changes(recorded: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Fields whose value differs, runtime fields excepted. Fields absent from the record (added
+    to the schema since) are not changes."""
+    old, new = _flatten(recorded), _flatten(current)
+    return {
+        field: (old[field], new.get(field))
+        for field in sorted(old)
+        if not _matches(field, RUNTIME_FIELDS) and field in new and old[field] != new[field]
+    }
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def check_and_record(config: ml_collections.ConfigDict, workdir: Path, *, write: bool = True) -> None:
+    """Refuse a resume whose data or hyper-parameters differ from the record (see module doc),
+    then write the record. ``write=False`` (processes other than 0) only checks."""
+    workdir = Path(workdir)
+    record = workdir / RECORD_FILE
+    current = _as_json(config)
+    steps = committed_steps(workdir)
+    changes: dict[str, tuple[Any, Any]] = {}
+    if steps and record.is_file():
+        try:
+            recorded = json.loads(record.read_text())
+        except json.JSONDecodeError as error:
+            raise ConfigChangeError(f"{record}: unreadable run record ({error}); restore it or use a new workdir") from None
+        changes = config_changes(recorded, current)
+        fixed = {f: v for f, v in changes.items() if _matches(f, FIXED_FIELDS)}
+        if fixed:
+            raise ConfigChangeError(
+                f"{workdir} holds checkpoints (latest step {steps[-1]}) of another model ({_listed(fixed)}); "
+                "the model cannot change on resume: use the recorded settings or a new --workdir"
+            )
+        if changes and not config.train.get("allow_config_change", False):
+            raise ConfigChangeError(
+                f"{workdir} holds checkpoints (latest step {steps[-1]}) trained with other settings "
+                f"({_listed(changes)}); resume with the recorded ones, use a new --workdir, or pass "
+                "--config.train.allow_config_change=true to record the change"
+            )
+    if not write:
+        return
+    workdir.mkdir(parents=True, exist_ok=True)
+    if changes:
+        entry = {"from_step": steps[-1], "changed": {f: {"old": a, "new": b} for f, (a, b) in changes.items()}}
+        with (workdir / CHANGES_FILE).open("a") as f:
+            f.write(json.dumps(entry, sort_keys=True) + "\n")
+    if changes or not steps or not record.is_file():
+        _write_atomic(record, json.dumps(current, indent=2, sort_keys=True) + "\n")
+
+
+def _listed(changes: dict[str, tuple[Any, Any]]) -> str:
+    return "; ".join(f"{field}: {_short(old)} -> {_short(new)}" for field, (old, new) in changes.items())
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
