@@ -12,8 +12,11 @@ last node to finish does it; the merge is deterministic, so a race between two i
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import logging
+import os
 from pathlib import Path
 
 import ml_collections
@@ -66,12 +69,52 @@ def check_run_config(layout: Layout, config: ml_collections.ConfigDict, num_shar
     stored = {**SETTINGS_ADDED_LATER, **stored}
     diffs = [f"{key}: {stored.get(key)!r} -> {value!r}" for key, value in current.items() if stored.get(key) != value]
     if diffs and not has_stage_output(layout):
+        if not _alone_on(layout):
+            raise SynthesisError(
+                f"{layout.workdir} is in use by another synthesis process started with other settings "
+                f"({'; '.join(diffs)}): give every shard the same settings, or use a new --workdir")
         _log.info("%s: no stage has written a record yet; replacing its recorded settings (%s)",
                   layout.workdir, "; ".join(diffs))
         atomic_write_json(layout.run_config, current)
     elif diffs:
         raise SynthesisError(f"{layout.workdir} was started with other settings ({'; '.join(diffs)}). Resuming "
                              "would mix two datasets: use a new --workdir, or restore the original settings")
+
+
+# Every synthesis process holds this lock shared while it runs, so a process that would replace the
+# recorded settings can tell whether another one (another shard, possibly still loading its model
+# and not yet writing) already runs with them. flock dies with its process: never stale.
+_WORKDIR_LOCK = ".run.lock"
+_held_workdir_locks: dict[Path, int] = {}
+
+
+@contextlib.contextmanager
+def _using_workdir(layout: Layout):
+    layout.workdir.mkdir(parents=True, exist_ok=True)
+    path = layout.workdir / _WORKDIR_LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        _held_workdir_locks[path] = fd
+        yield
+    finally:
+        _held_workdir_locks.pop(path, None)
+        os.close(fd)
+
+
+def _alone_on(layout: Layout) -> bool:
+    """Whether no other process holds the workdir's lock (this process's shared hold becomes
+    exclusive; a failed attempt leaves it shared)."""
+    fd = _held_workdir_locks.get(layout.workdir / _WORKDIR_LOCK)
+    if fd is None:
+        return True  # called outside `run` (tests of the record alone)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        return False
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return True
 
 
 def has_stage_output(layout: Layout) -> bool:
@@ -95,6 +138,13 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, stage: str = 
     injected = {"policy": policy, "judge": judge}
     validate(config, model_sections=[s for s in MODEL_STAGES.get(stage, ()) if injected[s] is None])
     layout = Layout(Path(workdir))
+    with _using_workdir(layout):
+        _run_stages(config, layout, stage, shard, policy, judge, grader)
+
+
+def _run_stages(config: ml_collections.ConfigDict, layout: Layout, stage: str, shard: Shard,
+                policy: GenerationBackend | None, judge: GenerationBackend | None,
+                grader: GradingPool | None) -> None:
     check_run_config(layout, config, shard.count)
     if stage == "merge":
         run_merge(layout, shard.count)

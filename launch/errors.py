@@ -1,10 +1,11 @@
 """User errors at the launchers' front door: one message, a non-zero exit, no traceback.
 
-Every launcher runs its ``main`` through :func:`run`. The library raises ordinary exceptions with
-messages that name the file, line, field or value at fault (``ValueError`` and its subclasses,
-``FileNotFoundError``, ``FileExistsError``, the stage errors); :func:`run` prints such an error as
-one short block on stderr and exits with :data:`USER_ERROR_EXIT`. Anything else is a bug and keeps
-its traceback. ``--verbose_errors`` shows the traceback of user errors too.
+Every launcher runs its ``main`` through :func:`run`. The project raises errors with messages that
+name the file, line, field or value at fault: its own error types (registered per launcher),
+``ValueError`` raised by its own validators, and path errors (``FileNotFoundError``, ...);
+:func:`run` prints such an error as one short block on stderr and exits with
+:data:`USER_ERROR_EXIT`. Anything else, including a ``ValueError`` raised inside jax, numpy or
+orbax, is a bug and keeps its traceback. ``--verbose_errors`` shows the traceback of user errors too.
 
 Flag parsing errors (an unknown flag, a bad enum or integer value, a missing required flag) and
 ``app.UsageError`` are user errors as well: one ``error: ...`` line and the same exit status,
@@ -15,9 +16,11 @@ and a held lock are reported as one line naming the path.
 from __future__ import annotations
 
 import errno
+import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from absl import app, flags
 
@@ -31,17 +34,35 @@ class UserError(Exception):
     """A problem the user fixes (configuration, paths, input data); the message says what and where."""
 
 
-#: Exception types that carry a user-facing message. Library errors meant for users subclass one
-#: of these or are registered by the launchers that raise them (``extra_user_errors``).
-USER_ERRORS: tuple[type[BaseException], ...] = (UserError, ValueError, FileNotFoundError, FileExistsError,
-                                                NotADirectoryError, IsADirectoryError, PermissionError)
+#: Always user errors: raised on purpose with a message that names what to fix. Library error types
+#: meant for users are registered by the launchers that raise them (``extra_user_errors``).
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError,)
+#: A missing or unreadable path: the message names it, wherever it was raised.
+PATH_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, FileExistsError, NotADirectoryError,
+                                                IsADirectoryError, PermissionError)
+#: User errors only when raised by this project's own code (its validators raise ValueError with a
+#: message naming the field or file); the same type raised inside jax, numpy or orbax is a bug and
+#: keeps its traceback.
+OWN_CODE_ERRORS: tuple[type[BaseException], ...] = (ValueError,)
+_OWN_PACKAGES = tuple(str(Path(__file__).resolve().parents[1] / name) + os.sep
+                      for name in ("prm_jax", "data_pipeline", "launch", "configs"))
+
+
+def _raised_by_own_code(error: BaseException) -> bool:
+    """Whether the innermost frame of ``error``'s traceback is in this project's source."""
+    tb = error.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_OWN_PACKAGES)
+
 
 #: OSErrors that are the environment's state, not a bug: what the user frees, fixes or waits for.
 _ENVIRONMENT_ERRNOS = {
     errno.ENOSPC: "no space left on the device",
     errno.EDQUOT: "disk quota exceeded",
     errno.EROFS: "read-only file system",
-    errno.EACCES: "permission denied",
 }
 
 
@@ -60,7 +81,9 @@ def user_message(error: BaseException, extra_user_errors: Sequence[type[BaseExce
         message = environment_message(error)
         if message is not None:
             return message
-    if isinstance(error, USER_ERRORS + tuple(extra_user_errors)):
+    if isinstance(error, USER_ERRORS + PATH_ERRORS + tuple(extra_user_errors)):
+        return str(error)
+    if isinstance(error, OWN_CODE_ERRORS) and _raised_by_own_code(error):
         return str(error)
     return None
 

@@ -130,7 +130,22 @@ def test_synthesis_validates_before_writing_and_a_corrected_rerun_proceeds(tmp_p
     (workdir / "sample" / "shard-00000-of-00001.lock").write_text("")
     from data_pipeline.pipeline import check_run_config
 
-    check_run_config(layout, config, 1)
+    # ... but not while another process (another shard, maybe still loading its model) runs with them.
+    import fcntl
+    import os
+
+    from data_pipeline.pipeline import _using_workdir
+
+    other = os.open(workdir / ".run.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(other, fcntl.LOCK_SH)
+    try:
+        with _using_workdir(layout), pytest.raises(Exception, match="in use by another synthesis process"):
+            check_run_config(layout, config, 1)
+    finally:
+        os.close(other)
+    assert json.loads(layout.run_config.read_text())["policy.model_path"] == "/old/typo"
+    with _using_workdir(layout):
+        check_run_config(layout, config, 1)
     assert json.loads(layout.run_config.read_text())["policy.model_path"] == config.policy.model_path
     # Once a stage has written a record, other settings are refused as before.
     (workdir / "sample" / "shard-00000-of-00001.jsonl").write_text('{"id": "p0"}\n')

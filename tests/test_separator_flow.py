@@ -164,6 +164,18 @@ def test_disagreeing_tokenizer_is_refused_and_nothing_written(flow, tmp_path) ->
         assert sorted(p.name for p in tmp_path.iterdir()) == ["grown", "tiny"]
 
 
+def test_evaluating_a_training_checkpoint_uses_its_recorded_tokenizer(flow, tmp_path) -> None:
+    """launch.evaluate on W/checkpoints/N: no --tokenizer needed; the Qwen base tokenizer is accepted
+    (prepared the same way), another vocabulary is refused before any scoring."""
+    from prm_jax.evaluation.model_loading import load_tokenizer
+
+    for given in (None, flow["base_tokenizer"]):
+        tokenizer = load_tokenizer(flow["step"], given)
+        assert tokenizer.encode("<extra_0>", add_special_tokens=False) == [151_651]
+    with pytest.raises(ConversionError, match=r"id 403\b.*id 151651\b"):
+        load_tokenizer(flow["step"], build_tiny_tokenizer(tmp_path / "tiny"))
+
+
 def test_moved_run_still_finds_its_tokenizer(flow, tmp_path) -> None:
     """The record's absolute path is gone after a move; the tokenizer beside the checkpoints is used."""
     import shutil

@@ -193,6 +193,28 @@ def test_a_resume_with_other_data_or_hyper_parameters_is_refused_unless_recorded
     assert json.loads((workdir / "config.json").read_text())["train"]["num_steps"] == 3
 
 
+def test_a_resume_with_another_vocabulary_is_refused_before_the_run_tokenizer_is_replaced(data, tmp_path) -> None:
+    from transformers import AutoTokenizer
+
+    from prm_jax.training.trainer import TrainingError
+
+    workdir = tmp_path / "run"
+    base = {**data, "train.num_steps": 2, "checkpoint.save_every": 2}
+    train_from_config(tiny_config(**base), workdir)
+    saved = {p.name: p.read_bytes() for p in (workdir / "prm_tokenizer").iterdir()}
+    record = (workdir / "config.json").read_text()
+    other = AutoTokenizer.from_pretrained(data["data.tokenizer_dir"])
+    other.add_tokens(["<an_extra_token>"])
+    other.save_pretrained(tmp_path / "other_tokenizer")
+    changed = {**base, "data.tokenizer_dir": str(tmp_path / "other_tokenizer"), "train.num_steps": 3,
+               "train.allow_config_change": True}
+    with pytest.raises(TrainingError, match="vocabulary"):
+        train_from_config(tiny_config(**changed), workdir)
+    # The checkpoints still have the tokenizer they were trained with, and the record is untouched.
+    assert {p.name: p.read_bytes() for p in (workdir / "prm_tokenizer").iterdir()} == saved
+    assert (workdir / "config.json").read_text() == record and not (workdir / CHANGES_FILE).exists()
+
+
 # ---------------------------------------------------------------------------- a failed async save
 
 
@@ -278,3 +300,21 @@ def test_jsonl_lines_have_a_hard_length_cap(tmp_path, monkeypatch) -> None:
     path.write_text(_prm_line("a", ["2"]) + _prm_line("b", ["x" * 2000]))
     with pytest.raises(DataError, match=r"train.jsonl:2: line longer than"):
         list(records_module.read_prm_records(path))
+
+
+def test_records_of_earlier_runs_and_equivalent_paths_are_not_changes(tmp_path, monkeypatch) -> None:
+    from prm_jax.training.run_record import config_changes
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text("{}\n")
+    recorded = {"data": {"train_file": "data/train.jsonl", "negative_threshold": 0.5, "soft_labels": False},
+                "optimizer": {"learning_rate": 1e-5}}
+    current = {"data": {"train_file": str(tmp_path / "data" / "train.jsonl"), "negative_threshold": 0.0,
+                        "soft_labels": False}, "optimizer": {"learning_rate": 1e-5}, "train": {"loss": "mse"}}
+    # A relative and an absolute path to one file; the old default cut on hard labels; a new field.
+    assert config_changes(recorded, current) == {}
+    # With soft labels the cut selects other steps: a real change.
+    soft = lambda tree: {**tree, "data": {**tree["data"], "soft_labels": True}}  # noqa: E731
+    assert config_changes(soft(recorded), soft(current)) == {"data.negative_threshold": (0.5, 0.0)}
+    assert "data.train_file" in config_changes(recorded, {**current, "data": {**current["data"], "train_file": "x"}})

@@ -215,14 +215,14 @@ def _recorded_tokenizer_dir(orbax_dir: Path, recorded: dict[str, Any]) -> Path:
     )
 
 
-def _export_tokenizer(
+def checkpoint_tokenizer(
     orbax_dir: Path,
     recorded: dict[str, Any] | None,
     tokenizer_dir: str | Path | None,
     separator: str | None,
     add_separator: bool,
 ) -> tuple[Any, StepSeparator | None]:
-    """The separator-bearing tokenizer to save with the export, and its separator.
+    """The separator-bearing tokenizer a checkpoint scores with (saved with its export), and its separator.
 
     Without `tokenizer_dir` it is the one the run recorded (none for checkpoints that record none).
     A given `tokenizer_dir` goes through the same `prepare_step_separator` as training and must
@@ -313,7 +313,7 @@ def orbax_to_hf(
         raise ConversionError(f"{orbax_dir}: checkpoint has no PRM head; nothing to export as a PRM")
     config.to_hf_dict()  # raises early for layouts Qwen2 cannot express
 
-    tokenizer, step_separator = _export_tokenizer(
+    tokenizer, step_separator = checkpoint_tokenizer(
         orbax_dir, metadata.get("tokenizer"), tokenizer_dir, separator, add_separator
     )
     vocab_size = config.vocab_size

@@ -21,8 +21,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from prm_jax.checkpoint import CONFIG_ITEM, PARAMS_ITEM, read_model_config, restore_model
-from prm_jax.conversion.hf_checkpoint import ConversionError
+from prm_jax.checkpoint import CONFIG_ITEM, PARAMS_ITEM, read_checkpoint_metadata, read_model_config, restore_model
+from prm_jax.conversion.hf_checkpoint import ConversionError, checkpoint_tokenizer
 from prm_jax.conversion.hf_mapping import tensor_mappings
 from prm_jax.conversion.safetensors_io import SafetensorsCheckpoint
 from prm_jax.models.config import ModelConfig
@@ -138,15 +138,22 @@ def load_model(
 
 
 def load_tokenizer(model_path: str | Path, tokenizer_path: str | Path | None = None) -> Any:
-    """The tokenizer to evaluate with: ``tokenizer_path`` if given, else the one saved in a Hugging
-    Face model directory. Orbax checkpoints carry no tokenizer, so they need ``tokenizer_path``."""
+    """The tokenizer to evaluate with.
+
+    A training checkpoint records the tokenizer it was trained with: by default that one, and a
+    ``tokenizer_path`` must give the separator the same id over the same vocabulary (the rule of
+    the export, :func:`checkpoint_tokenizer`). Otherwise ``tokenizer_path`` if given, else the one
+    saved in a Hugging Face model directory; an Orbax checkpoint that records none needs
+    ``tokenizer_path``."""
     from transformers import AutoTokenizer
 
-    if tokenizer_path is None:
-        if checkpoint_kind(model_path) == "orbax":
+    if checkpoint_kind(model_path) == "orbax":
+        recorded = read_checkpoint_metadata(model_path).get("tokenizer")
+        if recorded is not None:
+            return checkpoint_tokenizer(Path(model_path), recorded, tokenizer_path, None, add_separator=True)[0]
+        if tokenizer_path is None:
             raise ValueError(
-                f"{model_path} is an Orbax checkpoint, which stores no tokenizer; pass the tokenizer directory "
+                f"{model_path} is an Orbax checkpoint that records no tokenizer; pass the tokenizer directory "
                 "(e.g. the base model's or the exported HF directory) with --tokenizer"
             )
-        tokenizer_path = model_path
-    return AutoTokenizer.from_pretrained(str(tokenizer_path))
+    return AutoTokenizer.from_pretrained(str(tokenizer_path or model_path))

@@ -269,6 +269,8 @@ def _validate_model(c: _Checker) -> None:
         c.add("model.arch.head_dim", head_dim, "must be even (rotary embeddings)")
     c.number("model.arch.rope_theta", 0.0, low_open=True)
     c.number("model.arch.rms_norm_eps", 0.0, low_open=True)
+    c.boolean("model.arch.attention_bias")
+    c.boolean("model.arch.tie_word_embeddings")
 
 
 def _max_position_embeddings(c: _Checker) -> int | None:
@@ -337,7 +339,7 @@ def _validate_optimizer(c: _Checker) -> None:
     c.number("optimizer.b2", 0.0, 1.0, high_open=True)
     c.number("optimizer.eps", 0.0, low_open=True)
     c.number("optimizer.weight_decay", 0.0)
-    c.number("optimizer.grad_clip_norm")
+    c.number("optimizer.grad_clip_norm")  # <= 0 disables clipping
 
 
 def _validate_checkpoint(c: _Checker) -> None:

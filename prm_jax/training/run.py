@@ -24,8 +24,10 @@ from prm_jax.tokenization import prepare_step_separator
 from prm_jax.training.config import check as check_config
 from prm_jax.training.config import seq_len_problem
 from prm_jax.training.config import warnings as config_warnings
+from prm_jax.checkpoint import read_checkpoint_metadata
 from prm_jax.training.run_record import check_and_record as check_resume_config
-from prm_jax.training.trainer import Trainer, TrainResult, training_model_config
+from prm_jax.training.run_record import committed_steps
+from prm_jax.training.trainer import Trainer, TrainResult, check_same_separator, training_model_config
 
 _log = logging.getLogger(__name__)
 
@@ -87,6 +89,16 @@ def _load_tokenizer(tokenizer_dir: str) -> Any:
         ) from error
 
 
+def _check_resumed_separator(workdir: Path, tokenizer_record: dict[str, Any]) -> None:
+    """Refuse a resume whose tokenizer gives the separator another id or vocabulary than the latest
+    checkpoint was trained with, before anything in the workdir (its saved tokenizer) is replaced."""
+    steps = committed_steps(Path(workdir))
+    if steps:
+        step = steps[-1]
+        stored = read_checkpoint_metadata(Path(workdir) / "checkpoints" / str(step)).get("tokenizer")
+        check_same_separator(stored, tokenizer_record, step, Path(workdir))
+
+
 def train_from_config(config: ml_collections.ConfigDict, workdir: Path) -> TrainResult:
     workdir = Path(workdir)
     # Everything is checked before anything is read in bulk, compiled or written into the workdir.
@@ -102,6 +114,7 @@ def train_from_config(config: ml_collections.ConfigDict, workdir: Path) -> Train
     if config.objective == "prm":
         tokenizer, tokenizer_record = prepare_run_tokenizer(tokenizer, config.data.separator, workdir, save=False)
         model_config = training_model_config(config, tokenizer_record)  # room for an added separator
+        _check_resumed_separator(workdir, tokenizer_record)  # before the run's tokenizer is replaced
     if len(tokenizer) > model_config.vocab_size:
         raise ValueError(
             f"tokenizer {tokenizer_dir} has {len(tokenizer)} tokens but the model's embedding has "

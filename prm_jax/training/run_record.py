@@ -68,14 +68,30 @@ def _matches(field: str, patterns: tuple[str, ...]) -> bool:
     return any(field == p or (p.endswith(".") and field.startswith(p)) for p in patterns)
 
 
+#: Fields holding paths: `data/x.jsonl` and `./data/x.jsonl` (or a symlink to it) are the same file.
+PATH_FIELDS = ("data.train_file", "data.eval_file", "data.tokenizer_dir", "model.init_from")
+
+
+def _same(field: str, old: Any, new: Any, old_all: dict[str, Any], new_all: dict[str, Any]) -> bool:
+    if old == new:
+        return True
+    if field in PATH_FIELDS and isinstance(old, str) and isinstance(new, str) and old and new:
+        return os.path.realpath(old) == os.path.realpath(new)
+    if field == "data.negative_threshold":
+        # Runs recorded before the paper's cut (0.0: the first label 0) carry the old default 0.5;
+        # with hard labels (0/1) both select the same steps, so such a run resumes unchanged.
+        return not old_all.get("data.soft_labels", False) and not new_all.get("data.soft_labels", False)
+    return False
+
+
 def config_changes(recorded: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """Fields whose value differs, runtime fields excepted. Fields absent from the record (added
-    to the schema since) are not changes."""
+    to the schema since) are not changes; paths compare as the files they name."""
     old, new = _flatten(recorded), _flatten(current)
     return {
         field: (old[field], new.get(field))
         for field in sorted(old)
-        if not _matches(field, RUNTIME_FIELDS) and field in new and old[field] != new[field]
+        if not _matches(field, RUNTIME_FIELDS) and field in new and not _same(field, old[field], new[field], old, new)
     }
 
 

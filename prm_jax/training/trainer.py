@@ -342,7 +342,7 @@ class Trainer:
                 f"checkpoint {step} in {self.workdir} was written for a different model:\n"
                 f"  checkpoint: {stored}\n  this run:   {self.model_config}"
             )
-        _check_same_separator(metadata.get("tokenizer"), self.tokenizer_record, step, self.workdir)
+        check_same_separator(metadata.get("tokenizer"), self.tokenizer_record, step, self.workdir)
         abstract_opt = jax.tree.map(
             lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
             self.abstract_opt_state, self.opt_shardings,
@@ -538,7 +538,7 @@ class Trainer:
             _log.exception("closing the checkpoint manager failed")
 
 
-def _check_same_separator(
+def check_same_separator(
     stored: dict[str, Any] | None, current: dict[str, Any] | None, step: int, workdir: Path
 ) -> None:
     """A resumed run must supervise the same token id over the same vocabulary as before."""
