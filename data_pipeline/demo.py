@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import random
+import re
 import time
 from pathlib import Path
 
@@ -59,6 +60,66 @@ def default_config() -> ml_collections.ConfigDict:
     c.prm = ml_collections.ConfigDict(dict(steps=400, rows=8, seq_len=112, lr=1e-3, warmup=20, log_every=50))
     c.eval = ml_collections.ConfigDict(dict(num_problems=256, n=4, temperature=0.7, max_tokens=40))
     return c
+
+
+_POSITIVE_INTS = ("sft.num_problems", "sft.steps", "sft.rows", "sft.seq_len", "sft.log_every", "sft.warmup",
+                  "synth.num_problems", "synth.n", "synth.k", "synth.max_tokens", "synth.mc_max_tokens",
+                  "prm.steps", "prm.rows", "prm.seq_len", "prm.log_every", "prm.warmup",
+                  "eval.num_problems", "eval.n", "eval.max_tokens",
+                  "world.min_ops", "world.max_ops", "world.operand_min", "world.operand_max")
+_RATES = ("sft.error_rate", "judge.error_rate")
+_TEMPERATURES = ("synth.temperature", "synth.mc_temperature", "eval.temperature")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> list[str]:
+    """Every problem of a demo config, one line each ([] when valid); nothing is read or written.
+    The two trainer configs the demo builds are checked too, their data paths aside (the run
+    writes those files)."""
+    def value(dotted: str):
+        node = config
+        for part in dotted.split("."):
+            node = node[part]
+        return node
+
+    problems = []
+    for dotted in ("seed",) + _POSITIVE_INTS:
+        v, low = value(dotted), 0 if dotted == "seed" else 1
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            problems.append(f"--config.{dotted}={v!r}: must be an integer >= {low}")
+    for dotted in _RATES:
+        if not 0.0 <= float(value(dotted)) <= 1.0:
+            problems.append(f"--config.{dotted}={value(dotted)!r}: must be in [0, 1]")
+    for dotted in _TEMPERATURES:
+        if not float(value(dotted)) >= 0.0:
+            problems.append(f"--config.{dotted}={value(dotted)!r}: must be >= 0")
+    w = config.world
+    if not problems and (w.min_ops > w.max_ops or w.operand_min > w.operand_max):
+        problems.append(f"--config.world: need min_ops <= max_ops and operand_min <= operand_max, got {w.to_dict()}")
+    if w.max_value is not None and int(w.max_value) < 0:
+        problems.append(f"--config.world.max_value={w.max_value!r}: must be >= 0 (or None: no cap)")
+    try:
+        mistake_kinds(config.sft.mistakes)
+    except ValueError as error:
+        problems.append(f"--config.{error}")
+    if problems:  # the trainer configs below are built from these fields
+        return problems
+    from prm_jax.training.config import validate as validate_training
+
+    paths = ("--config.data.train_file", "--config.data.tokenizer_dir", "--config.model.init_from")
+    for stage, build in (("sft", sft_train_config), ("prm", lambda c, f, t: prm_train_config(c, f, t, Path("")))):
+        for problem in validate_training(build(config, Path(""), Path(""))):
+            if problem.startswith(paths):
+                continue
+            for trainer_field, demo_field in _TRAINER_FIELDS.items():  # name the flag the user set
+                problem = re.sub(rf"(?<![\w.])(--config\.)?{re.escape(trainer_field)}(?=[=<])",
+                                 f"--config.{stage}.{demo_field}", problem)
+            problems.append(f"{stage} stage: {problem}")
+    return problems
+
+
+# The demo's stage fields as the trainer config names them (see _trainer_config).
+_TRAINER_FIELDS = {"optimizer.learning_rate": "lr", "optimizer.warmup_steps": "warmup", "train.num_steps": "steps",
+                   "train.global_batch_rows": "rows", "data.seq_len": "seq_len", "train.log_every": "log_every"}
 
 
 def world_kwargs(config: ml_collections.ConfigDict) -> dict:
@@ -352,6 +413,9 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str | Path, *, say=prin
     from prm_jax.tiny_tokenizer import build_tiny_tokenizer
     from prm_jax.training.run import train_from_config
 
+    problems = validate_config(config)
+    if problems:
+        raise ValueError(f"invalid demo config ({len(problems)} problem(s)):\n  " + "\n  ".join(problems))
     W = Path(workdir)
     W.mkdir(parents=True, exist_ok=True)
     clock = _Clock(say)

@@ -97,6 +97,7 @@ def build_config():
         critic_max_tokens=_MAX_TOKENS.value, official_parse=_OFFICIAL_PARSE.value, critic_batch=_CRITIC_BATCH.value,
         seed=_SEED.value, tensor_parallel_size=_TP.value, gpu_memory_utilization=_GPU_MEM.value,
         trust_remote_code=_TRUST_REMOTE_CODE.value, max_record_bytes=_MAX_RECORD_BYTES.value, plots=_PLOTS.value, overwrite=_OVERWRITE.value,
+        check_paths=True,
     )
 
 

@@ -1,6 +1,7 @@
 """The embedded demo: synthesis figures against the exact checker, and the whole run end to end."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,31 @@ def test_mistake_kinds_setting() -> None:
     for bad in ("", "carry,typo"):
         with pytest.raises(ValueError, match="sft.mistakes"):
             demo.mistake_kinds(bad)
+
+
+@pytest.mark.parametrize("overrides, field", [
+    ({"sft.steps": 0}, "sft.steps"), ({"synth.k": -1}, "synth.k"), ({"judge.error_rate": 1.5}, "judge.error_rate"),
+    ({"sft.mistakes": "carry,typo"}, "sft.mistakes"), ({"eval.temperature": -0.1}, "eval.temperature"),
+    ({"sft.lr": -1.0}, "sft.lr"), ({"world.min_ops": 4, "world.max_ops": 2}, "world"),
+    ({"sft.seq_len": 4096}, "sft.seq_len"),
+])
+def test_a_bad_demo_config_is_refused_before_anything_is_written(overrides, field, tmp_path) -> None:
+    with pytest.raises(ValueError, match=rf"--config\.{re.escape(field)}"):
+        demo.run_demo(small_config(**overrides), tmp_path / "w", say=lambda line: None)
+    assert not (tmp_path / "w").exists()
+
+
+def test_launch_demo_reports_every_bad_value_in_one_block(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "launch.demo", f"--workdir={tmp_path / 'w'}", "--config.sft.steps=0",
+                             "--config.judge.error_rate=2"], cwd=Path(__file__).resolve().parents[1],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.startswith("error: invalid demo config (2 problem(s))") and "Traceback" not in result.stderr
+    assert "--config.sft.steps=0" in result.stderr and "--config.judge.error_rate=2.0" in result.stderr
+    assert not (tmp_path / "w").exists()
 
 
 def small_config(**overrides):

@@ -87,6 +87,9 @@ class EvaluationConfig:
     trust_remote_code: bool = False  # vllm: run a checkpoint's own Python code (off: vLLM serves the PRM natively)
     plots: bool = True
     overwrite: bool = False
+    # Check the input and output paths at construction too, so a launcher reports bad values and
+    # bad paths in one message (run_evaluation checks paths in any case).
+    check_paths: bool = False
 
     def __post_init__(self) -> None:
         problems = self._range_problems()
@@ -112,6 +115,8 @@ class EvaluationConfig:
             problems.append(f"over_length={self.over_length!r}; choose one of {list(OVER_LENGTH)}")
         if self.missing not in ("error", "wrong"):
             problems.append(f"missing={self.missing!r}; choose error or wrong")
+        if self.check_paths:
+            problems += input_problems(self)
         if problems:
             raise ValueError("invalid evaluation config: " + "; ".join(problems))
 
@@ -142,14 +147,19 @@ class EvaluationConfig:
                 "critic_model": self.critic_model}
 
 
-def check_inputs(config: EvaluationConfig) -> None:
-    """Every input exists and the output folder neither is, holds nor lies inside one of them."""
+def input_problems(config: EvaluationConfig) -> list[str]:
+    """Inputs that do not exist, and an output folder that is, holds or lies inside an input."""
     problems = [f"{name}={value} does not exist" for name, value in config.input_paths().items()
                 if value and not Path(value).exists()]
-    problems += overlapping_inputs(config.input_paths(), config.out, "out")
+    overlaps = overlapping_inputs(config.input_paths(), config.out, "out")
+    return problems + [f"{p}; choose an --out of its own" for p in overlaps]
+
+
+def check_inputs(config: EvaluationConfig) -> None:
+    """Every input exists and the output folder neither is, holds nor lies inside one of them."""
+    problems = input_problems(config)
     if problems:
-        raise ValueError("invalid evaluation config: " + "; ".join(problems)
-                         + ("; choose an --out of its own" if any(" the input " in p for p in problems) else ""))
+        raise ValueError("invalid evaluation config: " + "; ".join(problems))
 
 
 def check_tune_subset(records: list[Any], tune_on: str | None) -> None:
