@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import logging
 import os
 from pathlib import Path
@@ -30,20 +29,13 @@ from data_pipeline.judge import run_judge
 from data_pipeline.mc import run_mc
 from data_pipeline.sample import run_sample
 from data_pipeline.shards import Layout, Shard, atomic_write_json, read_json
+from prm_jax.data.records import file_sha256
 from prm_jax.generation.types import GenerationBackend
 
 _log = logging.getLogger("data_pipeline")
 
 STAGES = ("all", "sample", "grade", "mc", "judge", "consensus", "merge")
 _RUNNERS = {"sample": run_sample, "grade": run_grade, "mc": run_mc, "judge": run_judge, "consensus": run_consensus}
-
-
-def _file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # Settings added to run_config.json after runs were already recorded, with the value those runs used:
@@ -61,7 +53,7 @@ def check_run_config(layout: Layout, config: ml_collections.ConfigDict, num_shar
     if not Path(config.problems.path).is_file():
         raise SynthesisError(f"problem file {config.problems.path} does not exist")
     current = {**semantic_values(config), "num_shards": num_shards,
-               "problems.sha256": _file_sha256(config.problems.path)}
+               "problems.sha256": file_sha256(config.problems.path)}
     if not layout.run_config.exists():
         layout.workdir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(layout.run_config, current)

@@ -169,15 +169,23 @@ def test_a_failed_start_writes_nothing_and_a_finished_run_keeps_its_metrics(data
 
 def test_a_resume_with_other_data_or_hyper_parameters_is_refused_unless_recorded(data, tmp_path) -> None:
     workdir = tmp_path / "run"
-    base = {**data, "train.num_steps": 2, "checkpoint.save_every": 2}
+    mine = tmp_path / "train.jsonl"
+    mine.write_text(Path(data["data.train_file"]).read_text())
+    base = {**data, "data.train_file": str(mine), "train.num_steps": 2, "checkpoint.save_every": 2}
     train_from_config(tiny_config(**base), workdir)
     record = (workdir / "config.json").read_text()
     other_data = tmp_path / "other.jsonl"
-    other_data.write_text(Path(data["data.train_file"]).read_text())
+    other_data.write_text(mine.read_text())
     for change in ({"optimizer.learning_rate": 1e-2}, {"data.train_file": str(other_data)}, {"train.num_steps": 3}):
         with pytest.raises(ConfigChangeError, match=list(change)[0].replace(".", r"\.")):
             train_from_config(tiny_config(**{**base, **change}), workdir)
         assert (workdir / "config.json").read_text() == record and committed_steps(workdir) == [2]
+    # The same path holding other records (edited in place) is other data too.
+    lines = mine.read_text().splitlines(keepends=True)
+    mine.write_text("".join(lines[:-1]))
+    with pytest.raises(ConfigChangeError, match=r"data\.train_file\.sha256"):
+        train_from_config(tiny_config(**base), workdir)
+    mine.write_text("".join(lines))
     # Runtime-only fields may change.
     runtime = {"model.remat_policy": "full", "train.log_every": 1, "checkpoint.save_every": 1}
     assert train_from_config(tiny_config(**{**base, **runtime}), workdir).final_step == 2

@@ -22,6 +22,7 @@ back to a record, so a duplicate means the file was assembled wrongly.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ from os import PathLike
 from typing import Any, BinaryIO
 
 __all__ = [
+    "file_sha256",
     "DataError",
     "PRMRecord",
     "SFTRecord",
@@ -253,6 +255,16 @@ def _iter_objects(path: str | PathLike[str]) -> Iterator[tuple[int, dict[str, An
                 raise DataError(f"expected a JSON object, got {json_type_name(obj)}", path=path,
                                 line=line_number)
             yield line_number, obj
+
+
+def file_sha256(path: str | PathLike[str]) -> str:
+    """SHA-256 of a data file's bytes, streamed: what a run records so that resuming over an edited
+    input (which would mix two datasets) is refused."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 #: Longest JSONL line read (bytes). Far above any real record (a long solution is ~100 KB), low

@@ -3,7 +3,8 @@
 A run's checkpoints only make sense with the data and hyper-parameters that produced them, so a
 resume (a workdir with a committed checkpoint) must use the recorded ones. Fields that change how
 the run executes but not what it learns (dtypes, remat, attention kernel, mesh, logging and
-checkpoint cadence, progress bar, eval file) may change freely. Any other difference is refused
+checkpoint cadence, progress bar, eval file) may change freely. The record also holds the training
+file's SHA-256, so the same path holding other records is other data. Any other difference is refused
 unless `train.allow_config_change` is true; the accepted change is appended to
 `config_changes.jsonl` (with the step it applies from) and `config.json` becomes the new settings.
 
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import ml_collections
+
+from prm_jax.data.records import file_sha256
 
 RECORD_FILE = "config.json"
 CHANGES_FILE = "config_changes.jsonl"
@@ -61,7 +64,13 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _as_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    return json.loads(json.dumps(config.to_dict(), sort_keys=True, default=str))
+    """The record: the config, plus the content hash of the training file (a path that now holds
+    other records is other data)."""
+    record = json.loads(json.dumps(config.to_dict(), sort_keys=True, default=str))
+    train_file = config.data.train_file
+    if train_file and Path(train_file).is_file():
+        record["fingerprints"] = {"data.train_file.sha256": file_sha256(train_file)}
+    return record
 
 
 def _matches(field: str, patterns: tuple[str, ...]) -> bool:
