@@ -179,12 +179,20 @@ def build_tiny_tokenizer(
         padding_side="right",
         chat_template=TINY_CHAT_TEMPLATE if chat_template else None,
     )
+    return save_as_qwen2_tokenizer(hf_tok, out_dir)
+
+
+def save_as_qwen2_tokenizer(hf_tok, out_dir: str | Path) -> Path:
+    """Save a fast tokenizer built from Qwen-style BPE as a "Qwen2Tokenizer" directory.
+
+    Released Qwen2.5 checkpoints name their class "Qwen2Tokenizer"; saying the same makes
+    AutoTokenizer take the Qwen2 code path (transformers 5 rebuilds the pipeline from the vocab
+    and merges with Qwen's own pre-tokenizer, which _QWEN2_SPLIT_PATTERN reproduces), so such a
+    directory loads exactly as a real Qwen tokenizer does.
+    """
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     hf_tok.save_pretrained(str(out_dir))
-    # Released Qwen2.5 checkpoints name their class "Qwen2Tokenizer"; saying the same makes
-    # AutoTokenizer take the Qwen2 code path (transformers 5 rebuilds the pipeline from the vocab
-    # and merges with Qwen's own pre-tokenizer, which _QWEN2_SPLIT_PATTERN reproduces), so tests
-    # load this directory exactly as they would load a real Qwen tokenizer.
     config_path = out_dir / "tokenizer_config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
     config["tokenizer_class"] = "Qwen2Tokenizer"

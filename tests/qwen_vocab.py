@@ -20,10 +20,9 @@ five tokens) and the released Qwen2.5-Math-PRM's (id 151651 is ``<extra_0>``).
 from __future__ import annotations
 
 import base64
-import json
 from pathlib import Path
 
-from prm_jax.tiny_tokenizer import _QWEN2_SPLIT_PATTERN
+from prm_jax.tiny_tokenizer import _QWEN2_SPLIT_PATTERN, save_as_qwen2_tokenizer
 
 __all__ = [
     "QWEN2_5_SPECIAL_TOKENS",
@@ -166,12 +165,4 @@ def build_qwen2_5_tokenizer(out_dir: Path, *, prm: bool = False) -> Path:
         model_max_length=131072,
         chat_template=QWEN_CHAT_TEMPLATE,
     )
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    hf_tok.save_pretrained(str(out_dir))
-    # Released checkpoints name "Qwen2Tokenizer"; saying the same takes the loading path real ones do.
-    config_path = out_dir / "tokenizer_config.json"
-    config = json.loads(config_path.read_text(encoding="utf-8"))
-    config["tokenizer_class"] = "Qwen2Tokenizer"
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    return out_dir
+    return save_as_qwen2_tokenizer(hf_tok, out_dir)

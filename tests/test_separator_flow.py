@@ -52,19 +52,8 @@ def flow(qwen_tokenizer_dirs, tmp_path_factory) -> dict[str, Path]:
     base_tokenizer = qwen_tokenizer_dirs["base"]
     hf_base = save_hf(random_causal_lm(seed=3, **TINY_QWEN2_5), root / "hf_base")
     hf_to_orbax(hf_base, root / "base", seed=1)
-    config = default_config()
-    config.model.init_from = str(root / "base")
-    config.model.dtype = "float32"
-    config.model.remat_policy = "none"
-    config.data.train_file = str(_write_records(root / "train.jsonl"))
-    config.data.tokenizer_dir = str(base_tokenizer)
-    config.data.seq_len = 128
-    config.train.num_steps = NUM_STEPS
-    config.train.global_batch_rows = 4
+    config = _train_config(root, base_tokenizer)
     config.train.log_every = 1
-    config.optimizer.learning_rate = 1e-2
-    config.optimizer.warmup_steps = 1
-    config.checkpoint.save_every = NUM_STEPS
     workdir = root / "run"
     train_from_config(prepare_synthetic_run(config, workdir), workdir)  # what launch.train runs
     step_dir = workdir / "checkpoints" / str(NUM_STEPS)
@@ -219,7 +208,8 @@ ADDED_BASE_VOCAB = 403  # the tiny tokenizer without <extra_0>: its vocabulary f
 ADDED_GROWN_VOCAB = 448  # 404 rows needed, rounded up to a multiple of 64
 
 
-def _added_config(root: Path, tokenizer_dir: Path):
+def _train_config(root: Path, tokenizer_dir: Path):
+    """A few fp32 steps from the converted base in `root/base` (both flows train like this)."""
     config = default_config()
     config.model.init_from = str(root / "base")
     config.model.dtype = "float32"
@@ -248,7 +238,7 @@ def added_flow(tmp_path_factory) -> dict[str, Path]:
     hf_base = save_hf(random_causal_lm(seed=4, vocab_size=ADDED_BASE_VOCAB), root / "hf_base")
     hf_to_orbax(hf_base, root / "base", seed=1)
     workdir = root / "run"
-    train_from_config(_added_config(root, tokenizer_dir), workdir)
+    train_from_config(_train_config(root, tokenizer_dir), workdir)
     step_dir = workdir / "checkpoints" / str(NUM_STEPS)
     orbax_to_hf(step_dir, root / "export")
     return {"root": root, "base": root / "base", "run": workdir, "step": step_dir, "tokenizer": tokenizer_dir,
@@ -277,7 +267,7 @@ def test_grown_params_start_from_the_base(added_flow, tmp_path) -> None:
     from prm_jax.training.trainer import Trainer
     from transformers import AutoTokenizer
 
-    config = _added_config(added_flow["root"], added_flow["tokenizer"])
+    config = _train_config(added_flow["root"], added_flow["tokenizer"])
     _, record = prepare_run_tokenizer(AutoTokenizer.from_pretrained(added_flow["tokenizer"]), "<extra_0>", tmp_path)
     trainer = Trainer(config, tmp_path / "run", tokenizer_record=record)
     try:

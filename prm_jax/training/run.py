@@ -109,7 +109,7 @@ def train_from_config(config: ml_collections.ConfigDict, workdir: Path) -> Train
     tokenizer = _load_tokenizer(tokenizer_dir)
     model_config = training_model_config(config)
     check_seq_len(int(config.data.seq_len), model_config.max_position_embeddings)
-    check_resume_config(config, workdir, write=False)  # refuse a changed resume before reading data
+    run_record = check_resume_config(config, workdir, write=False)  # refuse a changed resume before reading data
     tokenizer_record = None
     if config.objective == "prm":
         tokenizer, tokenizer_record = prepare_run_tokenizer(tokenizer, config.data.separator, workdir, save=False)
@@ -145,7 +145,7 @@ def train_from_config(config: ml_collections.ConfigDict, workdir: Path) -> Train
         eval_examples, _ = load(config.data.eval_file, tokenizer, tokenize_config)
         eval_batches = build_eval_batches(eval_examples, dataclasses.replace(pipeline_config, shuffle=False, num_epochs=1))
     # Inputs are valid: only now does the workdir get its record and tokenizer.
-    check_resume_config(config, workdir, write=jax.process_index() == 0)
+    check_resume_config(config, workdir, write=jax.process_index() == 0, current=run_record)
     if tokenizer_record is not None:
         _save_tokenizer(tokenizer, Path(tokenizer_record["dir"]))
     stats = {f"train_{k}": v for k, v in dataclasses.asdict(train_stats).items()}

@@ -110,12 +110,14 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def check_and_record(config: ml_collections.ConfigDict, workdir: Path, *, write: bool = True) -> None:
+def check_and_record(config: ml_collections.ConfigDict, workdir: Path, *, write: bool = True,
+                     current: dict[str, Any] | None = None) -> dict[str, Any]:
     """Refuse a resume whose data or hyper-parameters differ from the record (see module doc),
-    then write the record. ``write=False`` (processes other than 0) only checks."""
+    then write the record. ``write=False`` (processes other than 0) only checks. Returns the record
+    of ``config``; pass it back as ``current`` to check again without hashing the data again."""
     workdir = Path(workdir)
     record = workdir / RECORD_FILE
-    current = _as_json(config)
+    current = _as_json(config) if current is None else current
     steps = committed_steps(workdir)
     changes: dict[str, tuple[Any, Any]] = {}
     if steps and record.is_file():
@@ -137,7 +139,7 @@ def check_and_record(config: ml_collections.ConfigDict, workdir: Path, *, write:
                 "--config.train.allow_config_change=true to record the change"
             )
     if not write:
-        return
+        return current
     workdir.mkdir(parents=True, exist_ok=True)
     if changes:
         entry = {"from_step": steps[-1], "changed": {f: {"old": a, "new": b} for f, (a, b) in changes.items()}}
@@ -145,6 +147,7 @@ def check_and_record(config: ml_collections.ConfigDict, workdir: Path, *, write:
             f.write(json.dumps(entry, sort_keys=True) + "\n")
     if changes or not steps or not record.is_file():
         _write_atomic(record, json.dumps(current, indent=2, sort_keys=True) + "\n")
+    return current
 
 
 def _listed(changes: dict[str, tuple[Any, Any]]) -> str:
