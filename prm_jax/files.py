@@ -1,0 +1,73 @@
+"""Whole-file writes that a reader never sees half done: write beside the target, fsync, rename.
+
+Every file prm-jax writes in one piece (JSON summaries, run records, JSONL splits, safetensors
+shards, plots, remote code) goes through :func:`atomic_file`; a killed or failed writer leaves the
+previous file (or none) in place, never a truncated one. Appending record by record is
+`prm_jax.jsonl.AppendOnlyWriter`'s job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
+    """A file open for writing under a temporary name beside `path`, renamed over it on success.
+
+    On a clean exit the file is flushed, fsynced and renamed onto `path` (atomic on POSIX); on an
+    exception the temporary file is removed and `path` is left as it was. Parent directories are
+    created. `mode` is "w" (UTF-8 text) or "wb".
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"mode={mode!r}; atomic_file writes with 'w' or 'wb'")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Unique per process and thread; opened normally so the file gets the usual umask permissions.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+    try:
+        with open(tmp, mode, **({"encoding": "utf-8"} if mode == "w" else {})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write(path: str | Path, data: str | bytes) -> Path:
+    """Writes `data` (text as UTF-8) as the whole of `path`, atomically."""
+    with atomic_file(path, "wb" if isinstance(data, bytes) else "w") as f:
+        f.write(data)
+    return Path(path)
+
+
+def atomic_write_json(path: str | Path, payload: Any, *, indent: int | None = 2) -> Path:
+    """`payload` as sorted-key JSON plus a newline, atomically."""
+    return atomic_write(path, json.dumps(payload, indent=indent, sort_keys=True) + "\n")
+
+
+def atomic_write_lines(
+    path: str | Path, lines: Iterable[str], *, validate: Callable[[Path], None] | None = None
+) -> int:
+    """Writes one line per item (a newline added where missing) atomically; returns the count.
+
+    `validate`, when given, reads the finished temporary file before it replaces `path`; raising
+    there leaves `path` untouched.
+    """
+    path = Path(path)
+    count = 0
+    with atomic_file(path, "w") as f:
+        for line in lines:
+            f.write(line if line.endswith("\n") else line + "\n")
+            count += 1
+        if validate is not None:
+            f.flush()
+            validate(Path(f.name))
+    return count
