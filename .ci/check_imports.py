@@ -1,11 +1,12 @@
 """Run in a virtual environment that has only `pip install -e .` (no extras): every run-time import of
 the library and the launchers must resolve there, so the test extra cannot hide a missing dependency.
 
-Checks two things and exits non-zero naming every failure:
+Checks three things and exits non-zero naming every failure:
 1. every third-party module that `prm_jax`, `data_pipeline`, `launch` or `configs` import anywhere
    (top level or inside a function: lazy imports are run-time imports too) can be found, except the
    ones that belong to an optional extra (OPTIONAL below);
-2. every module of those packages imports.
+2. imports flow one way, launch -> data_pipeline -> prm_jax (LAYERS below), lazy ones included;
+3. every module of those packages imports.
 Indirect needs (transformers' chat templates need jinja2) are caught by the main job's smoke run that
 `.ci/run` does in the same environment.
 """
@@ -27,6 +28,9 @@ OPTIONAL = {
     "vllm": "the vllm extra (prm_jax.generation.vllm_backend imports it lazily)",
     "torch": "the HF remote code run by transformers, and the torch side of the benchmarks",
 }
+# First-party packages each package must not import: the library never reaches up to synthesis or
+# to the application layer (the demo, the launchers).
+LAYERS = {"prm_jax": {"data_pipeline", "launch", "configs"}, "data_pipeline": {"launch", "configs"}}
 # Files that are not part of the installed library's import graph.
 NOT_IMPORTED = {ROOT / "prm_jax" / "conversion" / "hf_files" / "modeling_qwen2_prm.py"}
 
@@ -56,8 +60,9 @@ def _import_problem(path: Path) -> str | None:
             spec = importlib.util.spec_from_file_location(f"_config_{path.stem}", path)
             spec.loader.exec_module(importlib.util.module_from_spec(spec))
         elif relative.parts[0] == "launch":
-            result = subprocess.run([sys.executable, "-c", f"import {module}"], cwd=ROOT, capture_output=True,
-                                    text=True, check=False)
+            result = subprocess.run(
+                [sys.executable, "-c", f"import {module}"], cwd=ROOT, capture_output=True, text=True, check=False
+            )
             if result.returncode:
                 return f"import {module}: {result.stderr.strip().splitlines()[-1]}"
         else:
@@ -71,14 +76,19 @@ def main() -> int:
     problems = []
     third_party: dict[str, list[str]] = {}
     for path in _sources():
-        for name in _imported_names(path) - FIRST_PARTY - set(sys.stdlib_module_names):
-            third_party.setdefault(name, []).append(str(path.relative_to(ROOT)))
+        imported, relative = _imported_names(path), path.relative_to(ROOT)
+        for name in imported - FIRST_PARTY - set(sys.stdlib_module_names):
+            third_party.setdefault(name, []).append(str(relative))
+        for name in sorted(imported & LAYERS.get(relative.parts[0], set())):
+            problems.append(f"{relative} imports {name}: imports flow launch -> data_pipeline -> prm_jax")
     for name, users in sorted(third_party.items()):
         if name in OPTIONAL:
             continue
         if importlib.util.find_spec(name) is None:
-            problems.append(f"module {name!r} (imported by {', '.join(users[:3])}) is not installed by "
-                            f"`pip install -e .`: add its distribution to [project.dependencies]")
+            problems.append(
+                f"module {name!r} (imported by {', '.join(users[:3])}) is not installed by "
+                f"`pip install -e .`: add its distribution to [project.dependencies]"
+            )
     for path in _sources():
         if path in NOT_IMPORTED:
             continue
@@ -88,8 +98,10 @@ def main() -> int:
     if problems:
         print(f"{len(problems)} run-time import problem(s) without the test extra:", *problems, sep="\n  ")
         return 1
-    print(f"run-time imports: {len(third_party)} third-party modules resolved "
-          f"({', '.join(sorted(set(third_party) - set(OPTIONAL)))}); optional: {', '.join(sorted(OPTIONAL))}")
+    print(
+        f"run-time imports: {len(third_party)} third-party modules resolved "
+        f"({', '.join(sorted(set(third_party) - set(OPTIONAL)))}); optional: {', '.join(sorted(OPTIONAL))}"
+    )
     return 0
 
 

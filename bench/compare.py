@@ -22,20 +22,53 @@ import json
 import math
 import tempfile
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
+from prm_jax.tiny_tokenizer import TINY_VOCAB_SIZE
+
 # Qwen2.5 shapes (the PRM drops the LM head; embeddings are still there).
 SIZES: dict[str, dict[str, Any]] = {
-    "tiny": dict(vocab_size=404, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, head_dim=16),
-    "0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                 num_attention_heads=14, num_key_value_heads=2, head_dim=64, tie_word_embeddings=True),
-    "1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                 num_attention_heads=12, num_key_value_heads=2, head_dim=128, tie_word_embeddings=True),
-    "7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-               num_attention_heads=28, num_key_value_heads=4, head_dim=128),
+    "tiny": dict(
+        vocab_size=TINY_VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+    ),
+    "0.5b": dict(
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        head_dim=64,
+        tie_word_embeddings=True,
+    ),
+    "1.5b": dict(
+        vocab_size=151936,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        head_dim=128,
+        tie_word_embeddings=True,
+    ),
+    "7b": dict(
+        vocab_size=152064,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        head_dim=128,
+    ),
 }
 
 
@@ -65,12 +98,14 @@ def make_batch(rows: int, seq_len: int, vocab: int, seed: int, label_every: int 
     rng = np.random.default_rng(seed)
     attention = np.ones((rows, seq_len), np.int32)
     if pad_last:
-        attention[:, seq_len - pad_last:] = 0
+        attention[:, seq_len - pad_last :] = 0
     loss_mask = np.zeros((rows, seq_len), np.float32)
-    loss_mask[:, label_every - 1:: label_every] = 1.0
+    loss_mask[:, label_every - 1 :: label_every] = 1.0
     loss_mask *= attention
     return Batch(
-        rng.integers(0, vocab, (rows, seq_len)).astype(np.int32), attention, loss_mask,
+        rng.integers(0, vocab, (rows, seq_len)).astype(np.int32),
+        attention,
+        loss_mask,
         (rng.random((rows, seq_len)) < 0.7).astype(np.float32),
     )
 
@@ -108,44 +143,58 @@ def torch_loss(logits, labels, loss_mask):
 
 
 def jax_arrays_from_torch_prm(module, config) -> dict:
+    """Our parameter tree (numpy) of a TorchPRM."""
+    from flax import nnx
+
     from prm_jax.conversion.hf_mapping import tensor_mappings
 
     # TorchPRM's names are exactly the Qwen2ForProcessRewardModel layout (model.*, score.0/2.*).
     state = {k: v.detach().float().cpu().numpy() for k, v in module.state_dict().items()}
-    return {m.path: m.to_jax(state[m.hf_name]) for m in tensor_mappings(config)}
+    return nnx.traversals.unflatten_mapping({m.path: m.to_jax(state[m.hf_name]) for m in tensor_mappings(config)})
 
 
 # ---------------------------------------------------------------------------- guard
 
 
-def guard_losses(torch_model, model_config, arrays, jax_batch: Batch, torch_batch: Batch, device) -> tuple[float, float]:
+def guard_losses(
+    torch_model, model_config, arrays, jax_batch: Batch, torch_batch: Batch, device
+) -> tuple[float, float]:
     """fp32 loss of `jax_batch` on the JAX path and of `torch_batch` on the torch path."""
     import jax
     import jax.numpy as jnp
     import torch
     from flax import nnx
 
-    from prm_jax.models.factory import abstract_model, model_from_arrays, params_tree
+    from prm_jax.models.factory import abstract_model
     from prm_jax.training.train_step import _loss_sums
 
     fp32 = model_config.replace(dtype="float32")
-    model = model_from_arrays(fp32, arrays)
-    graphdef, abstract = nnx.split(abstract_model(fp32))
+    params = jax.tree.map(lambda v: jnp.asarray(v, fp32.parameter_dtype), arrays)
+    graphdef = nnx.graphdef(abstract_model(fp32))
     inputs = {
-        "input_ids": jnp.asarray(jax_batch.input_ids), "segment_ids": jnp.asarray(jax_batch.attention_mask),
+        "input_ids": jnp.asarray(jax_batch.input_ids),
+        "segment_ids": jnp.asarray(jax_batch.attention_mask),
         "positions": jnp.asarray(np.maximum(np.cumsum(jax_batch.attention_mask, 1) - 1, 0).astype(np.int32)),
-        "loss_mask": jnp.asarray(jax_batch.loss_mask), "labels": jnp.asarray(jax_batch.labels),
+        "loss_mask": jnp.asarray(jax_batch.loss_mask),
+        "labels": jnp.asarray(jax_batch.labels),
         "targets": jnp.zeros(jax_batch.input_ids.shape, jnp.int32),
     }
     with jax.default_matmul_precision("highest"):
-        sums = _loss_sums(graphdef, abstract, "prm", params_tree(model), inputs)[0]
+        sums = _loss_sums(graphdef, "prm", params, inputs)[0]
     jax_value = float(sums["loss_sum"] / sums["weight"])
     torch_model = torch_model.float()
     with torch.no_grad():
-        logits = torch_model(torch.tensor(torch_batch.input_ids, device=device).long(),
-                             torch.tensor(torch_batch.attention_mask, device=device))
-        torch_value = float(torch_loss(logits, torch.tensor(torch_batch.labels, device=device),
-                                       torch.tensor(torch_batch.loss_mask, device=device)))
+        logits = torch_model(
+            torch.tensor(torch_batch.input_ids, device=device).long(),
+            torch.tensor(torch_batch.attention_mask, device=device),
+        )
+        torch_value = float(
+            torch_loss(
+                logits,
+                torch.tensor(torch_batch.labels, device=device),
+                torch.tensor(torch_batch.loss_mask, device=device),
+            )
+        )
     return jax_value, torch_value
 
 
@@ -163,13 +212,22 @@ def _time(fn: Callable[[], Any], steps: int, sync: Callable[[Any], Any]) -> floa
     return (time.perf_counter() - start) / steps
 
 
-def run(suite: str, size: str, *, rows: int, seq_len: int, steps: int, torch_compile: bool = False,
-        remat_policy: str = "dots_no_batch", attention_impl: str = "auto", guard_rows: int = 2,
-        guard_seq_len: int = 128) -> dict[str, Any]:
+def run(
+    suite: str,
+    size: str,
+    *,
+    rows: int,
+    seq_len: int,
+    steps: int,
+    torch_compile: bool = False,
+    remat_policy: str = "dots_no_batch",
+    attention_impl: str = "auto",
+    guard_rows: int = 2,
+    guard_seq_len: int = 128,
+) -> dict[str, Any]:
     import jax
     import torch
 
-    from prm_jax.checkpoint import params_to_tree
     from prm_jax.training import flops
     from prm_jax.training.config import default_config
     from prm_jax.training.trainer import Trainer, _to_global
@@ -192,7 +250,9 @@ def run(suite: str, size: str, *, rows: int, seq_len: int, steps: int, torch_com
     config.train.num_steps = 10**6
 
     # ---- correctness guard: same weights, same batch, fp32 on both sides.
-    guard_batch = make_batch(guard_rows, guard_seq_len, arch["vocab_size"], seed=1, label_every=16, pad_last=guard_seq_len // 8)
+    guard_batch = make_batch(
+        guard_rows, guard_seq_len, arch["vocab_size"], seed=1, label_every=16, pad_last=guard_seq_len // 8
+    )
     with tempfile.TemporaryDirectory() as workdir:
         trainer = Trainer(config, workdir)
         model_config = trainer.model_config
@@ -203,11 +263,16 @@ def run(suite: str, size: str, *, rows: int, seq_len: int, steps: int, torch_com
         # ---- timing batch: one sequence per row, no padding.
         batch = make_batch(rows, seq_len, arch["vocab_size"], seed=2)
         ones = np.ones_like(batch.input_ids)
-        host = {"input_ids": batch.input_ids, "segment_ids": ones,
-                "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), batch.input_ids.shape).copy(),
-                "loss_mask": batch.loss_mask, "labels": batch.labels, "targets": np.zeros_like(batch.input_ids)}
+        host = {
+            "input_ids": batch.input_ids,
+            "segment_ids": ones,
+            "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), batch.input_ids.shape).copy(),
+            "loss_mask": batch.loss_mask,
+            "labels": batch.labels,
+            "targets": np.zeros_like(batch.input_ids),
+        }
         global_batch = _to_global(host, trainer.batch_sharding)
-        params = jax.device_put(params_to_tree(arrays), trainer.param_shardings)
+        params = jax.device_put(arrays, trainer.param_shardings)
         if suite == "train":
             with jax.set_mesh(trainer.mesh):
                 opt_state = jax.jit(trainer.optimizer.init, out_shardings=trainer.opt_shardings)(params)
@@ -220,6 +285,7 @@ def run(suite: str, size: str, *, rows: int, seq_len: int, steps: int, torch_com
                     )
                 return metrics
         else:
+
             def jax_step():
                 with jax.set_mesh(trainer.mesh):
                     return trainer.eval_step(params, global_batch)
@@ -259,6 +325,7 @@ def run(suite: str, size: str, *, rows: int, seq_len: int, steps: int, torch_com
             def step():
                 with torch.no_grad(), autocast:
                     return torch.softmax(module(ids, mask).float(), -1)[..., 1]
+
         return step
 
     def torch_sync(x):
@@ -287,21 +354,37 @@ def run(suite: str, size: str, *, rows: int, seq_len: int, steps: int, torch_com
         return None if peak is None else round(tokens * per_token / step_s / (peak * devices), 4)
 
     result = {
-        "suite": suite, "size": size, "date": time.strftime("%Y-%m-%d"),
-        "device": jax.devices()[0].device_kind, "devices": devices, "torch_device": str(device),
-        "global_batch_rows": rows, "seq_len": seq_len, "dtype": "bfloat16",
-        "remat_policy": config.model.remat_policy, "attention_impl": attention_impl, "parameters": model_config.num_parameters(),
+        "suite": suite,
+        "size": size,
+        "date": time.strftime("%Y-%m-%d"),
+        "device": jax.devices()[0].device_kind,
+        "devices": devices,
+        "torch_device": str(device),
+        "global_batch_rows": rows,
+        "seq_len": seq_len,
+        "dtype": "bfloat16",
+        "remat_policy": config.model.remat_policy,
+        "attention_impl": attention_impl,
+        "parameters": model_config.num_parameters(),
         "guard": {"jax_loss_fp32": jax_guard, "torch_loss_fp32": torch_guard, "relative_difference": relative},
-        "jax_step_s": round(jax_step_s, 5), "torch_step_s": round(torch_step_s, 5),
-        "jax_tokens_per_s": round(tokens / jax_step_s, 1), "torch_tokens_per_s": round(tokens / torch_step_s, 1),
+        "jax_step_s": round(jax_step_s, 5),
+        "torch_step_s": round(torch_step_s, 5),
+        "jax_tokens_per_s": round(tokens / jax_step_s, 1),
+        "torch_tokens_per_s": round(tokens / torch_step_s, 1),
         "ratio": round(torch_step_s / jax_step_s, 3),
-        "jax_mfu": mfu(jax_step_s), "torch_mfu": mfu(torch_step_s),
-        "jax_peak_memory_bytes": jax_peak, "torch_peak_memory_bytes": torch_peak,
+        "jax_mfu": mfu(jax_step_s),
+        "torch_mfu": mfu(torch_step_s),
+        "jax_peak_memory_bytes": jax_peak,
+        "torch_peak_memory_bytes": torch_peak,
     }
     if compiled_step_s is not None:
-        result.update({"torch_compile_step_s": round(compiled_step_s, 5),
-                       "torch_compile_tokens_per_s": round(tokens / compiled_step_s, 1),
-                       "torch_compile_mfu": mfu(compiled_step_s)})
+        result.update(
+            {
+                "torch_compile_step_s": round(compiled_step_s, 5),
+                "torch_compile_tokens_per_s": round(tokens / compiled_step_s, 1),
+                "torch_compile_mfu": mfu(compiled_step_s),
+            }
+        )
     return result
 
 
@@ -314,12 +397,32 @@ def _jax_peak_memory() -> int | None:
 
 def format_table(result: dict[str, Any]) -> str:
     rows = [("path", "step s", "tokens/s", "MFU", "peak memory")]
-    rows.append(("jax", result["jax_step_s"], result["jax_tokens_per_s"], result["jax_mfu"], result["jax_peak_memory_bytes"]))
-    rows.append(("torch", result["torch_step_s"], result["torch_tokens_per_s"], result["torch_mfu"], result["torch_peak_memory_bytes"]))
+    rows.append(
+        ("jax", result["jax_step_s"], result["jax_tokens_per_s"], result["jax_mfu"], result["jax_peak_memory_bytes"])
+    )
+    rows.append(
+        (
+            "torch",
+            result["torch_step_s"],
+            result["torch_tokens_per_s"],
+            result["torch_mfu"],
+            result["torch_peak_memory_bytes"],
+        )
+    )
     if "torch_compile_step_s" in result:
-        rows.append(("torch.compile", result["torch_compile_step_s"], result["torch_compile_tokens_per_s"], result["torch_compile_mfu"], None))
-    lines = [f"{result['suite']} {result['size']}: {result['global_batch_rows']} x {result['seq_len']} tokens, "
-             f"{result['device']} x{result['devices']}, guard rel. diff {result['guard']['relative_difference']:.2e}"]
+        rows.append(
+            (
+                "torch.compile",
+                result["torch_compile_step_s"],
+                result["torch_compile_tokens_per_s"],
+                result["torch_compile_mfu"],
+                None,
+            )
+        )
+    lines = [
+        f"{result['suite']} {result['size']}: {result['global_batch_rows']} x {result['seq_len']} tokens, "
+        f"{result['device']} x{result['devices']}, guard rel. diff {result['guard']['relative_difference']:.2e}"
+    ]
     for row in rows:
         lines.append("  ".join(f"{str(v if v is not None else '-'):>14}" for v in row))
     lines.append(f"ratio (torch step / jax step): {result['ratio']}")

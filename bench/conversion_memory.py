@@ -106,6 +106,7 @@ def _file_backed(status: dict[str, int]) -> int:
 def _naive_hf_to_orbax(hf_dir: str, orbax_dir: str) -> None:
     """Whole-model import: every shard in one dict, then one ordinary Orbax save."""
     import safetensors.numpy
+    from flax import nnx
 
     from prm_jax.checkpoint import save_params
     from prm_jax.conversion.hf_mapping import tensor_mappings
@@ -118,26 +119,27 @@ def _naive_hf_to_orbax(hf_dir: str, orbax_dir: str) -> None:
     rng = np.random.default_rng(0)
     params: dict[tuple[str | int, ...], np.ndarray] = {}
     for m in tensor_mappings(config):
-        if m.is_head:  # causal-LM source: the PRM head is fresh
+        if m.head == "score":  # causal-LM source: the PRM head is fresh
             params[m.path] = (rng.standard_normal(m.jax_shape) * 0.02).astype(np.float32)
         else:  # pop so that source and converted copies do not both stay alive
             params[m.path] = m.to_jax(state.pop(m.hf_name))
-    save_params(orbax_dir, params, config)
+    save_params(orbax_dir, nnx.traversals.unflatten_mapping(params), config)
 
 
 def _naive_orbax_to_hf(orbax_dir: str, hf_dir: str) -> None:
     """Whole-model export: restore every parameter, then one `safetensors.numpy.save_file`."""
     import safetensors.numpy
+    from flax import nnx
 
     from prm_jax.checkpoint import read_model_config, restore_params
     from prm_jax.conversion.hf_mapping import tensor_mappings
 
     config = read_model_config(orbax_dir)
-    params = restore_params(orbax_dir, config, as_numpy=True)
+    params = nnx.traversals.flatten_mapping(restore_params(orbax_dir, config, as_numpy=True))
     tensors = {
         m.hf_name: m.to_hf(np.asarray(params.pop(m.path), dtype=np.float32))
         for m in tensor_mappings(config)
-        if not m.is_lm_head
+        if m.head != "lm_head"
     }
     Path(hf_dir).mkdir(parents=True, exist_ok=True)
     out = Path(hf_dir) / "model.safetensors"
@@ -201,9 +203,7 @@ class Measurement:
     total_s: float  # child wall time including interpreter start and imports
 
 
-def run_child(
-    name: str, mode: str, args: Sequence[str], *, sample_s: float, log_dir: Path
-) -> Measurement:
+def run_child(name: str, mode: str, args: Sequence[str], *, sample_s: float, log_dir: Path) -> Measurement:
     """Runs one child task and measures it (see the module docstring)."""
     cmd = [sys.executable, "-m", "bench.conversion_memory", _CHILD_MODE, mode, *args]
     env = dict(os.environ)
@@ -317,9 +317,7 @@ def format_table(rows: Sequence[Measurement], baseline: Measurement, largest: in
 
 
 def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     shape = parser.add_argument_group("model shape (Qwen2; defaults give ~530 MB fp32)")
     shape.add_argument("--vocab", type=int, default=32000)
     shape.add_argument("--hidden", type=int, default=1024)
@@ -367,9 +365,7 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
         logs = work / "logs"
         logs.mkdir()
         t0 = time.perf_counter()
-        specs = build_source_checkpoint(
-            hf_src, config, max_shard_bytes=int(args.shard_mb * 1e6), seed=args.seed
-        )
+        specs = build_source_checkpoint(hf_src, config, max_shard_bytes=int(args.shard_mb * 1e6), seed=args.seed)
         build_s = time.perf_counter() - t0
         source_bytes = sum(s.nbytes for s in specs)
         largest = max(specs, key=lambda s: s.nbytes)
@@ -386,15 +382,25 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
             return run_child(name, mode, [str(a) for a in child_args], sample_s=sample_s, log_dir=logs)
 
         rows = [measure("baseline (imports+backend)", "baseline")]
-        rows.append(measure(
-            "hf_to_orbax streaming", "convert",
-            "--direction=hf_to_orbax", f"--hf_dir={hf_src}", f"--orbax_dir={orbax_dir}",
-        ))
-        rows.append(measure(
-            "orbax_to_hf streaming fp32", "convert",
-            "--direction=orbax_to_hf", f"--orbax_dir={orbax_dir}", f"--hf_dir={hf_out}",
-            "--dtype=float32",
-        ))
+        rows.append(
+            measure(
+                "hf_to_orbax streaming",
+                "convert",
+                "--direction=hf_to_orbax",
+                f"--hf_dir={hf_src}",
+                f"--orbax_dir={orbax_dir}",
+            )
+        )
+        rows.append(
+            measure(
+                "orbax_to_hf streaming fp32",
+                "convert",
+                "--direction=orbax_to_hf",
+                f"--orbax_dir={orbax_dir}",
+                f"--hf_dir={hf_out}",
+                "--dtype=float32",
+            )
+        )
         orbax_bytes, export_bytes = _tree_bytes(orbax_dir), _tree_bytes(hf_out)
         check = [largest.name, specs[1].name, "model.norm.weight"]
         _check_round_trip(hf_src, hf_out, check)
@@ -415,9 +421,13 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
     print(format_table(rows, baseline, largest.nbytes))
     result = {
         "model": {
-            "vocab_size": args.vocab, "hidden_size": args.hidden, "intermediate_size": args.intermediate,
-            "num_hidden_layers": args.layers, "num_attention_heads": args.heads,
-            "num_key_value_heads": args.kv_heads, "head_dim": args.head_dim,
+            "vocab_size": args.vocab,
+            "hidden_size": args.hidden,
+            "intermediate_size": args.intermediate,
+            "num_hidden_layers": args.layers,
+            "num_attention_heads": args.heads,
+            "num_key_value_heads": args.kv_heads,
+            "head_dim": args.head_dim,
         },
         "source_parameters": source_params,
         "source_bytes": source_bytes,

@@ -53,9 +53,21 @@ def run_one(out: Path, seed: int, isa: str, extra: list[str]) -> dict:
         env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_cpu_max_isa={isa}".strip()
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "launch.demo", f"--workdir={workdir}", f"--config.seed={seed}",
-         "--config.progress=false", *extra],
-        env=env, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, check=False)
+        [
+            sys.executable,
+            "-m",
+            "launch.demo",
+            f"--workdir={workdir}",
+            f"--config.seed={seed}",
+            "--config.progress=false",
+            *extra,
+        ],
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     (out / f"isa_{isa}_seed_{seed}.log").write_text(result.stdout + result.stderr)
     if result.returncode:
         raise SystemExit(f"seed {seed}, isa {isa}: launch.demo exited {result.returncode}; see its log in {out}")
@@ -81,8 +93,11 @@ def table(summary: dict, runs: list[str]) -> str:
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     lines = ["| figure | mean | range | " + " | ".join(runs) + " |", "|---|---|---|" + "---|" * len(runs)]
     for label, row in summary.items():
-        lines.append(f"| {label} | {fmt(row['mean'])} | {fmt(row['min'])} - {fmt(row['max'])} | "
-                     + " | ".join(fmt(row["runs"][name]) for name in runs) + " |")
+        lines.append(
+            f"| {label} | {fmt(row['mean'])} | {fmt(row['min'])} - {fmt(row['max'])} | "
+            + " | ".join(fmt(row["runs"][name]) for name in runs)
+            + " |"
+        )
     return "\n".join(lines)
 
 

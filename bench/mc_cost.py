@@ -3,12 +3,12 @@ r"""Cost of the mc stage per labelled response, with and without the early stop.
   python -m bench.mc_cost [--responses=2000 --k=8 --min_steps=3 --max_steps=16 --step_tokens=60 \
       --p_correct=0.6 --seed=0 --out=figures.json]
 
-Runs :class:`data_pipeline.mc.MCLabeler` (the real labeller: continuous batching, prefix prompts,
+Runs `data_pipeline.mc.MCLabeler` (the real labeller: continuous batching, prefix prompts,
 grading through math-verify) on a scripted policy with realistic shapes, so the figures are
 counts, not model speed:
 
-* responses of ``min_steps..max_steps`` steps of ~``step_tokens`` tokens (Qwen2.5-Math-7B-Instruct
-  writes ~8-10 blank-line steps of ~40-80 tokens on MATH), a fraction ``p_correct`` of them right;
+* responses of `min_steps..max_steps` steps of ~`step_tokens` tokens (Qwen2.5-Math-7B-Instruct
+  writes ~8-10 blank-line steps of ~40-80 tokens on MATH), a fraction `p_correct` of them right;
   a wrong response has its first error at a uniformly drawn step;
 * a rollout from a prefix before the first error reaches the gold answer with a per-response
   probability in [0.3, 0.95]; after it, with probability 0.03 (a lucky recovery);
@@ -52,10 +52,21 @@ def make_world(count: int, seed: int):
         truth[problem] = {"tokens": tokens, "first_error": first_error, "p": rng.uniform(0.3, 0.95)}
         text = [f"Step {i}: {'x' * 4 * t}" for i, t in enumerate(tokens)]
         text[-1] += f" \\boxed{{{42 if correct else 41}}}"
-        records.append(GradeRecord(
-            id=f"r{r:06d}#0", problem_id=f"r{r:06d}", index=0, problem=problem, gold="42", steps=tuple(text),
-            answer="42" if correct else "41", finish_reason="stop", num_tokens=sum(tokens),
-            status="correct" if correct else "incorrect", correct=correct))
+        records.append(
+            GradeRecord(
+                id=f"r{r:06d}#0",
+                problem_id=f"r{r:06d}",
+                index=0,
+                problem=problem,
+                gold="42",
+                steps=tuple(text),
+                answer="42" if correct else "41",
+                finish_reason="stop",
+                num_tokens=sum(tokens),
+                status="correct" if correct else "incorrect",
+                correct=correct,
+            )
+        )
     return records, truth
 
 
@@ -79,8 +90,11 @@ def run_mode(records, truth, early_stop: bool):
     from data_pipeline.mc import MCLabeler, MCSettings
     from data_pipeline.scripted import ScriptedBackend
 
-    labeler = MCLabeler(ScriptedBackend(make_script(truth)), GradingPool(workers=0),
-                        MCSettings(k=_K.value, early_stop=early_stop, batch_responses=256))
+    labeler = MCLabeler(
+        ScriptedBackend(make_script(truth)),
+        GradingPool(workers=0),
+        MCSettings(k=_K.value, early_stop=early_stop, batch_responses=256),
+    )
     start = time.perf_counter()
     out = {r.id: r for r in labeler.label(records)}
     return out, time.perf_counter() - start
@@ -107,26 +121,42 @@ def main(argv: list[str]) -> None:
         }
     same_first_error = sum(full[i].first_error == early[i].first_error for i in full)
     cut = sum(r.early_stopped for r in early.values())
-    saved = {key: 1 - figures["early_stop"][key] / figures["full_expansion"][key]
-             for key in ("prefixes", "completions", "generated_tokens")}
-    figures.update({
-        "responses": n, "k": _K.value, "mean_steps": sum(len(r.steps) for r in records) / n,
-        "correct_responses": sum(r.correct for r in records) / n, "saved": saved,
-        "first_error_identical": same_first_error, "responses_cut_early": cut,
-        "prefixes_full_counted_by_early_stop": per_response(early, "prefixes_full"),
-    })
-    print(f"MC cost per labelled response: {n} responses, k={_K.value}, {figures['mean_steps']:.1f} steps of "
-          f"~{_STEP_TOKENS.value} tokens on average, {100 * figures['correct_responses']:.0f}% correct")
+    saved = {
+        key: 1 - figures["early_stop"][key] / figures["full_expansion"][key]
+        for key in ("prefixes", "completions", "generated_tokens")
+    }
+    figures.update(
+        {
+            "responses": n,
+            "k": _K.value,
+            "mean_steps": sum(len(r.steps) for r in records) / n,
+            "correct_responses": sum(r.correct for r in records) / n,
+            "saved": saved,
+            "first_error_identical": same_first_error,
+            "responses_cut_early": cut,
+            "prefixes_full_counted_by_early_stop": per_response(early, "prefixes_full"),
+        }
+    )
+    print(
+        f"MC cost per labelled response: {n} responses, k={_K.value}, {figures['mean_steps']:.1f} steps of "
+        f"~{_STEP_TOKENS.value} tokens on average, {100 * figures['correct_responses']:.0f}% correct"
+    )
     print(f"{'':18s}{'prefixes':>10s}{'completions':>13s}{'gen. tokens':>13s}{'labelled steps':>16s}")
     for name in ("full_expansion", "early_stop"):
         f = figures[name]
-        print(f"{name:18s}{f['prefixes']:10.2f}{f['completions']:13.1f}{f['generated_tokens']:13.0f}"
-              f"{f['labelled_steps']:16.2f}")
-    print(f"{'saved':18s}{100 * saved['prefixes']:9.1f}%{100 * saved['completions']:12.1f}%"
-          f"{100 * saved['generated_tokens']:12.1f}%")
-    print(f"first error identical in both modes: {same_first_error}/{n}; responses cut early: {cut}/{n} "
-          f"({100 * cut / n:.1f}%); early-stop records count {figures['prefixes_full_counted_by_early_stop']:.2f} "
-          f"full-expansion prefixes per response (summary's prefixes_full)")
+        print(
+            f"{name:18s}{f['prefixes']:10.2f}{f['completions']:13.1f}{f['generated_tokens']:13.0f}"
+            f"{f['labelled_steps']:16.2f}"
+        )
+    print(
+        f"{'saved':18s}{100 * saved['prefixes']:9.1f}%{100 * saved['completions']:12.1f}%"
+        f"{100 * saved['generated_tokens']:12.1f}%"
+    )
+    print(
+        f"first error identical in both modes: {same_first_error}/{n}; responses cut early: {cut}/{n} "
+        f"({100 * cut / n:.1f}%); early-stop records count {figures['prefixes_full_counted_by_early_stop']:.2f} "
+        f"full-expansion prefixes per response (summary's prefixes_full)"
+    )
     print(f"labeller wall time (scripted policy, inline grading): full {full_s:.1f}s, early stop {early_s:.1f}s")
     if same_first_error != n:
         raise SystemExit("early stop changed a first error: the labels are not comparable")

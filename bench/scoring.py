@@ -6,13 +6,13 @@ Builds one random Qwen2-shaped causal LM, exports it as a PRM (hf_to_orbax -> or
 tiny tokenizer beside it), and scores the same synthetic ProcessBench-like solutions (problems and
 step counts of very different lengths) with
 
-* ``BatchedScorer``: the model loaded straight from the HF directory, length-bucketed, jitted,
-  sharded over every device on the ``--mesh``;
-* transformers: ``AutoModel.from_pretrained(dir, trust_remote_code=True)``, the same rows sorted
-  by length and right-padded per batch of ``--hf_batch`` (a fair, not naive, baseline).
+* `BatchedScorer`: the model loaded straight from the HF directory, length-bucketed, jitted,
+  sharded over every device on the `--mesh`;
+* transformers: `AutoModel.from_pretrained(dir, trust_remote_code=True)`, the same rows sorted
+  by length and right-padded per batch of `--hf_batch` (a fair, not naive, baseline).
 
 Prints sequences/s and tokens/s (real tokens; compilation excluded: every figure is the best of
-``--repeats`` timed runs after a warm-up) and the largest reward difference between the two.
+`--repeats` timed runs after a warm-up) and the largest reward difference between the two.
 """
 
 from __future__ import annotations
@@ -56,7 +56,13 @@ def _solutions(count: int, seed: int) -> list[tuple[str, list[str]]]:
         return " ".join(rng.choice(_WORDS, size=int(rng.integers(low, high + 1))))
 
     return [
-        (f"What is {text(3, 60)}?", [f"{text(2, _MAX_STEP_WORDS.value)} = {rng.integers(0, 100)}" for _ in range(int(rng.integers(1, _MAX_STEPS.value + 1)))])
+        (
+            f"What is {text(3, 60)}?",
+            [
+                f"{text(2, _MAX_STEP_WORDS.value)} = {rng.integers(0, 100)}"
+                for _ in range(int(rng.integers(1, _MAX_STEPS.value + 1)))
+            ],
+        )
         for _ in range(count)
     ]
 
@@ -68,12 +74,12 @@ def main(argv: list[str]) -> None:
     from transformers import AutoModel, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
     from prm_jax.conversion.hf_checkpoint import hf_to_orbax, orbax_to_hf
-    from prm_jax.evaluation.model_loading import load_model
     from prm_jax.evaluation.runner import parse_mesh_shape
     from prm_jax.evaluation.scorer import BatchedScorer, BucketConfig
     from prm_jax.sharding import make_mesh
     from prm_jax.tiny_tokenizer import build_tiny_tokenizer
     from prm_jax.tokenization import build_prm_input
+    from prm_jax.weights import load_model
 
     dtype = _DTYPE.value
     with tempfile.TemporaryDirectory() as tmp:
@@ -82,8 +88,12 @@ def main(argv: list[str]) -> None:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         torch.manual_seed(_SEED.value)
         hf_config = Qwen2Config(
-            vocab_size=len(tokenizer), hidden_size=_HIDDEN.value, intermediate_size=_INTERMEDIATE.value,
-            num_hidden_layers=_LAYERS.value, num_attention_heads=_HEADS.value, num_key_value_heads=_KV_HEADS.value,
+            vocab_size=len(tokenizer),
+            hidden_size=_HIDDEN.value,
+            intermediate_size=_INTERMEDIATE.value,
+            num_hidden_layers=_LAYERS.value,
+            num_attention_heads=_HEADS.value,
+            num_key_value_heads=_KV_HEADS.value,
             max_position_embeddings=8192,
         )
         Qwen2ForCausalLM(hf_config).save_pretrained(root / "lm", safe_serialization=True)

@@ -1,7 +1,8 @@
 """Timing helper shared by the benchmark scripts."""
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 def best_time(fn: Callable[[], Any], repeats: int) -> float:

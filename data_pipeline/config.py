@@ -1,10 +1,10 @@
 """Synthesis configuration (ml_collections), defaults following the paper.
 
-``configs/synth_*.py`` start from :func:`default_config` and override; every field can be
-overridden on the command line (``--config.mc.k=16``).
+`configs/synth_*.py` start from `default_config` and override; every field can be
+overridden on the command line (`--config.mc.k=16`).
 
-Which fields matter for resuming: :data:`SEMANTIC_FIELDS` change what a stage *produces* (the
-input, models, sampling settings, seeds); they are written to ``W/run_config.json`` on the
+Which fields matter for resuming: `SEMANTIC_FIELDS` change what a stage *produces* (the
+input, models, sampling settings, seeds); they are written to `W/run_config.json` on the
 first run (with the problem file's SHA-256, so the file may sit at another path on another node)
 and a rerun with different values is refused, since mixing them in one workdir would silently mix
 two datasets. Everything else (batch sizes, worker counts, progress bars, the
@@ -20,6 +20,7 @@ from typing import Any
 
 import ml_collections
 
+from prm_jax.config_checks import ConfigChecker
 from prm_jax.critique import PROMPTS as CRITIQUE_PROMPTS
 from prm_jax.tokenization import SYSTEM_PROMPT
 
@@ -35,32 +36,54 @@ CONSENSUS_MODES = ("agree", "mc", "judge")
 
 SEMANTIC_FIELDS = (
     "seed",
-    "problems.format", "problems.limit",  # the file itself is identified by its SHA-256
-    "policy.backend", "policy.model_path",
-    "judge.backend", "judge.model_path",
-    "sample.n", "sample.temperature", "sample.top_p", "sample.max_tokens", "sample.system_prompt",
-    "mc.k", "mc.temperature", "mc.top_p", "mc.max_tokens", "mc.early_stop", "mc.skip_truncated",
-    "judge.num_samples", "judge.temperature", "judge.top_p", "judge.max_tokens", "judge.vote_threshold",
-    "judge.prompt", "grading.timeout_s",
+    "problems.format",
+    "problems.limit",  # the file itself is identified by its SHA-256
+    "policy.backend",
+    "policy.model_path",
+    "judge.backend",
+    "judge.model_path",
+    "sample.n",
+    "sample.temperature",
+    "sample.top_p",
+    "sample.max_tokens",
+    "sample.system_prompt",
+    "mc.k",
+    "mc.temperature",
+    "mc.top_p",
+    "mc.max_tokens",
+    "mc.early_stop",
+    "mc.skip_truncated",
+    "judge.num_samples",
+    "judge.temperature",
+    "judge.top_p",
+    "judge.max_tokens",
+    "judge.prompt",
+    "grading.timeout_s",
 )
 
 
 def _model_section(backend: str = "jax") -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict({
-        "backend": backend,  # "jax" | "vllm"
-        "model_path": "",  # Orbax model checkpoint or Hugging Face directory
-        "tokenizer_path": "",  # defaults to model_path (required for Orbax checkpoints)
-        # JAX backend
-        "dtype": "bfloat16",  # compute dtype
-        "param_dtype": "float32",  # HF checkpoints only: storage dtype after loading
-        "mesh": "",  # e.g. "fsdp=4,tensor=2"; empty = one device
-        "sampler": {"max_batch_rows": 64, "chunk_size": 16, "length_bucket": 64},
-        # vLLM backend
-        "vllm": {"tensor_parallel_size": 1, "gpu_memory_utilization": 0.9, "max_model_len": 0,
-                 "dtype": "auto",
-                 # Run Python code shipped in the checkpoint directory (off: Qwen2/Llama need none).
-                 "trust_remote_code": False},
-    })
+    return ml_collections.ConfigDict(
+        {
+            "backend": backend,  # "jax" | "vllm"
+            "model_path": "",  # Orbax model checkpoint or Hugging Face directory
+            "tokenizer_path": "",  # defaults to model_path (required for Orbax checkpoints)
+            # JAX backend
+            "dtype": "bfloat16",  # compute dtype
+            "param_dtype": "float32",  # HF checkpoints only: storage dtype after loading
+            "mesh": "",  # e.g. "fsdp=4,tensor=2"; empty = one device
+            "sampler": {"max_batch_rows": 64, "chunk_size": 16, "length_bucket": 64},
+            # vLLM backend
+            "vllm": {
+                "tensor_parallel_size": 1,
+                "gpu_memory_utilization": 0.9,
+                "max_model_len": 0,
+                "dtype": "auto",
+                # Run Python code shipped in the checkpoint directory (off: Qwen2/Llama need none).
+                "trust_remote_code": False,
+            },
+        }
+    )
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -94,11 +117,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.mc.skip_truncated = True  # responses cut by max_tokens have no final answer: not labelled
     c.mc.batch_responses = 64  # responses rolled out together (continuous batching)
 
-    c.judge.num_samples = 1  # > 1: majority vote (use temperature > 0)
+    c.judge.num_samples = 1  # > 1: prm_jax.critique.critic_vote (plurality; use temperature > 0)
     c.judge.temperature = 0.0
     c.judge.top_p = 1.0
     c.judge.max_tokens = 4096
-    c.judge.vote_threshold = 0.5  # the winning index needs more than this share of all samples
     c.judge.batch_size = 64
     c.judge.keep_text = False  # store raw judge outputs (audits; large)
     # processbench: ProcessBench's critique prompt (0-based, index in \boxed{}); paper: the paper's
@@ -139,24 +161,9 @@ MODEL_STAGES = {"all": ("policy", "judge"), "sample": ("policy",), "mc": ("polic
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def _sampling_problems(config: ml_collections.ConfigDict) -> list[str]:
-    problems = []
-    for section in ("sample", "mc", "judge"):
-        temperature, top_p = config[section].temperature, config[section].top_p
-        if not temperature >= 0:
-            problems.append(f"{section}.temperature={temperature} must be >= 0")
-        if not 0 < top_p <= 1:
-            problems.append(f"{section}.top_p={top_p} must be in (0, 1]")
-    return problems
-
-
 def _problem_file_problems(config: ml_collections.ConfigDict) -> list[str]:
     path = Path(config.problems.path) if config.problems.path else None
     problems = []
-    if config.problems.format not in PROBLEM_FORMATS:
-        problems.append(f"problems.format={config.problems.format!r}; choose one of {PROBLEM_FORMATS}")
-    if config.problems.limit < 0:
-        problems.append(f"problems.limit={config.problems.limit} must be >= 0 (0: all)")
     if path is None:
         problems.append("problems.path is empty: set --config.problems.path=FILE")
     elif not path.is_file():
@@ -176,14 +183,6 @@ def _has_content(path: Path) -> bool:
 
 def _model_problems(config: ml_collections.ConfigDict, sections: Sequence[str]) -> list[str]:
     problems = []
-    for name in ("policy", "judge"):
-        section = config[name]
-        if section.backend not in BACKENDS:
-            problems.append(f"{name}.backend={section.backend!r}; choose one of {BACKENDS}")
-        vllm = section.vllm
-        if vllm.tensor_parallel_size < 1 or not 0 < vllm.gpu_memory_utilization <= 1 or vllm.max_model_len < 0:
-            problems.append(f"{name}.vllm: tensor_parallel_size >= 1, gpu_memory_utilization in (0, 1] and "
-                            "max_model_len >= 0 (0: the model's) are required")
     for name in sections:
         section = config[name]
         if name == "judge" and not section.model_path:
@@ -207,49 +206,59 @@ def _model_path_problems(name: str, section: ml_collections.ConfigDict) -> list[
         problems.append(f"{name}.tokenizer_path={section.tokenizer_path} does not exist")
     is_hf = (local / "config.json").is_file()
     if section.backend == "vllm" and not is_hf:
-        problems.append(f"{name}.model_path={path} has no config.json: vLLM serves Hugging Face directories "
-                        "(export an Orbax checkpoint with launch.convert first)")
+        problems.append(
+            f"{name}.model_path={path} has no config.json: vLLM serves Hugging Face directories "
+            "(export an Orbax checkpoint with launch.convert first)"
+        )
     if section.backend == "jax" and not is_hf and not section.tokenizer_path:
-        problems.append(f"{name}.model_path={path} has no config.json, so it is read as an Orbax checkpoint, "
-                        f"which holds no tokenizer: set {name}.tokenizer_path as well")
+        problems.append(
+            f"{name}.model_path={path} has no config.json, so it is read as an Orbax checkpoint, "
+            f"which holds no tokenizer: set {name}.tokenizer_path as well"
+        )
     return problems
 
 
 def validate(config: ml_collections.ConfigDict, *, model_sections: Sequence[str] = ()) -> None:
     """Reject inconsistent settings before any model is loaded or anything is written.
 
-    ``model_sections`` ("policy", "judge") are the sections whose model paths must exist (those the
+    `model_sections` ("policy", "judge") are the sections whose model paths must exist (those the
     stages to run will load; sections with an injected backend are left out). Every problem is
     reported in one ConfigError.
     """
-    problems = []
-    if config.on_error not in ON_ERROR:
-        problems.append(f"on_error={config.on_error!r}; choose one of {ON_ERROR}")
-    if config.seed < 0:
-        problems.append(f"seed={config.seed} must be >= 0")
-    if config.consensus.label_type not in LABEL_TYPES:
-        problems.append(f"consensus.label_type={config.consensus.label_type!r}; choose one of {LABEL_TYPES}")
-    if config.consensus.mode not in CONSENSUS_MODES:
-        problems.append(f"consensus.mode={config.consensus.mode!r}; choose one of {CONSENSUS_MODES}")
-    if config.consensus.mode == "judge" and config.consensus.label_type == "soft":
-        problems.append("consensus.mode='judge' has no soft labels; use label_type='hard'")
-    for name in ("sample.n", "mc.k", "judge.num_samples", "sample.batch_size", "mc.batch_responses",
-                 "judge.batch_size", "sample.max_tokens", "mc.max_tokens", "judge.max_tokens", "io.fsync_every"):
-        section, field = name.split(".")
-        if int(config[section][field]) < 1:
-            problems.append(f"{name}={config[section][field]} must be >= 1")
-    problems += _sampling_problems(config)
-    if config.judge.num_samples > 1 and config.judge.temperature == 0:
-        problems.append("judge.num_samples > 1 with temperature 0 gives identical votes; set "
-                        "judge.temperature > 0")
-    if not 0 <= config.judge.vote_threshold < 1:
-        problems.append(f"judge.vote_threshold={config.judge.vote_threshold} must be in [0, 1)")
-    if config.judge.prompt not in CRITIQUE_PROMPTS:
-        problems.append(f"judge.prompt={config.judge.prompt!r}; choose one of {list(CRITIQUE_PROMPTS)}")
-    if not config.grading.timeout_s > 0 or config.grading.workers < 0 or config.grading.max_memory_mb < 1:
-        problems.append(f"grading: timeout_s={config.grading.timeout_s} must be > 0, workers={config.grading.workers} "
-                        f">= 0 and max_memory_mb={config.grading.max_memory_mb} >= 1")
-    problems += _problem_file_problems(config)
-    problems += _model_problems(config, model_sections)
+    c = ConfigChecker(config)
+    c.choice("on_error", ON_ERROR)
+    c.integer("seed", 0)
+    c.choice("problems.format", PROBLEM_FORMATS)
+    c.integer("problems.limit", 0)  # 0: all
+    for name in ("policy", "judge"):
+        c.choice(f"{name}.backend", BACKENDS)
+        c.integer(f"{name}.vllm.tensor_parallel_size", 1)
+        c.number(f"{name}.vllm.gpu_memory_utilization", 0.0, 1.0, low_open=True)
+        c.integer(f"{name}.vllm.max_model_len", 0)  # 0: the model's
+    for name in (
+        "sample.n",
+        "mc.k",
+        "sample.batch_size",
+        "mc.batch_responses",
+        "judge.batch_size",
+        "sample.max_tokens",
+        "mc.max_tokens",
+        "judge.max_tokens",
+        "io.fsync_every",
+    ):
+        c.integer(name, 1)
+    temperature = {section: c.number(f"{section}.temperature", 0.0) for section in ("sample", "mc", "judge")}
+    for section in ("sample", "mc", "judge"):
+        c.number(f"{section}.top_p", 0.0, 1.0, low_open=True)
+    if (c.integer("judge.num_samples", 1) or 0) > 1 and temperature["judge"] == 0:
+        c.problems.append("judge.num_samples > 1 with temperature 0 gives identical votes; set judge.temperature > 0")
+    c.choice("judge.prompt", tuple(CRITIQUE_PROMPTS))
+    c.number("grading.timeout_s", 0.0, low_open=True)
+    c.integer("grading.workers", 0)
+    c.integer("grading.max_memory_mb", 1)
+    label_type, mode = c.choice("consensus.label_type", LABEL_TYPES), c.choice("consensus.mode", CONSENSUS_MODES)
+    if mode == "judge" and label_type == "soft":
+        c.problems.append("consensus.mode='judge' has no soft labels; use label_type='hard'")
+    problems = c.problems + _problem_file_problems(config) + _model_problems(config, model_sections)
     if problems:
         raise ConfigError("invalid synthesis config: " + "; ".join(problems))

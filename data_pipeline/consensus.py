@@ -1,23 +1,23 @@
 """Stage 5, consensus: keep responses whose MC and judge first errors agree; training records; summary.
 
-A response is kept (``consensus.mode = "agree"``, the paper's filter) when its MC first error
+A response is kept (`consensus.mode = "agree"`, the paper's filter) when its MC first error
 equals the judge's (both -1 counts as agreement). Its training record is
-``{id, problem, steps, labels}`` (the ``prm_jax.data.records`` PRM format) ending at the first
-error: all steps when it is -1, else ``steps[: first_error + 1]`` whose last label is 0. Labels
+`{id, problem, steps, labels}` (the `prm_jax.data.records` PRM format) ending at the first
+error: all steps when it is -1, else `steps[: first_error + 1]` whose last label is 0. Labels
 are the MC hard labels (default; the paper's final recipe) or the soft ones
-(``label_type = "soft"``: ``n_correct / k`` as JSON floats). Extra keys (``problem_id``,
-``first_error``, ``final_answer_correct``, ``label_source``) ride along; readers ignore them.
-Ablations: ``mode = "mc"`` keeps every MC-labelled response, ``mode = "judge"`` labels with the
+(`label_type = "soft"`: `n_correct / k` as JSON floats). Extra keys (`problem_id`,
+`first_error`, `final_answer_correct`, `label_source`) ride along; readers ignore them.
+Ablations: `mode = "mc"` keeps every MC-labelled response, `mode = "judge"` labels with the
 judge alone (1 before its first error, 0 at it).
 
 Every response is accounted for: kept, or dropped with a reason (MC skipped and why, judge
 skipped, no verdict, disagreement), and the counts of every stage go into the summary, computed
 from the stage files themselves so that resumed and multi-node runs count exactly once.
 
-Per shard: ``W/consensus/shards/<shard>.jsonl`` (sorted by id) and ``<shard>.counts.json``.
-Merge (``--stage=merge``, or the end of ``--stage=all`` once every shard has its counts):
-``W/consensus/prm_train.jsonl`` (all shards, sorted by id, validated with
-``read_prm_records`` before it is renamed into place) and ``W/summary.json``. Both are pure
+Per shard: `W/consensus/shards/<shard>.jsonl` (sorted by id) and `<shard>.counts.json`.
+Merge (`--stage=merge`, or the end of `--stage=all` once every shard has its counts):
+`W/consensus/prm_train.jsonl` (all shards, sorted by id, validated with
+`read_prm_records` before it is renamed into place) and `W/summary.json`. Both are pure
 functions of the stage files, rewritten in full on every run, so rerunning them is harmless.
 """
 
@@ -27,21 +27,16 @@ import collections
 import heapq
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from data_pipeline.context import StageContext, SynthesisError
 from data_pipeline.schemas import ErrorRecord, GradeRecord, JudgeRecord, MCRecord, SampleRecord
-from data_pipeline.shards import (
-    Layout,
-    Shard,
-    atomic_write_json,
-    atomic_write_lines,
-    iter_records,
-    read_json,
-    read_records_if_exists,
-)
+from data_pipeline.shards import Layout, Shard, read_json, read_records_if_exists
 from prm_jax.data.records import PRMRecord, read_prm_records
+from prm_jax.files import atomic_write_json, atomic_write_lines
+from prm_jax.jsonl import iter_objects, iter_records
 
 _log = logging.getLogger(__name__)
 
@@ -56,7 +51,7 @@ def _bucket(first_error: int | None) -> str:
 
 
 def decide(mc: MCRecord | None, judge: JudgeRecord | None, mode: str) -> tuple[int | None, str]:
-    """``(first_error, "kept")`` for a kept response, else ``(None, drop reason)``."""
+    """`(first_error, "kept")` for a kept response, else `(None, drop reason)`."""
     if mode != "judge":
         if mc is None:
             return None, "mc_missing"
@@ -77,8 +72,9 @@ def decide(mc: MCRecord | None, judge: JudgeRecord | None, mode: str) -> tuple[i
     return mc.first_error, "kept"
 
 
-def training_record(grade: GradeRecord, mc: MCRecord | None, first_error: int, *, mode: str,
-                    label_type: str) -> dict[str, Any]:
+def training_record(
+    grade: GradeRecord, mc: MCRecord | None, first_error: int, *, mode: str, label_type: str
+) -> dict[str, Any]:
     """The PRM training record of a kept response, ending at its first error."""
     length = len(grade.steps) if first_error == -1 else first_error + 1
     if mode == "judge":
@@ -90,9 +86,16 @@ def training_record(grade: GradeRecord, mc: MCRecord | None, first_error: int, *
         if len(chosen) != length:
             raise ValueError(f"{grade.id}: {len(chosen)} MC labels for {length} steps")
         labels = [x.hard for x in chosen] if label_type == "hard" else [float(x.soft) for x in chosen]
-    record = {"id": grade.id, "problem": grade.problem, "steps": list(grade.steps[:length]), "labels": labels,
-              "problem_id": grade.problem_id, "first_error": first_error,
-              "final_answer_correct": grade.correct, "label_source": mode}
+    record = {
+        "id": grade.id,
+        "problem": grade.problem,
+        "steps": list(grade.steps[:length]),
+        "labels": labels,
+        "problem_id": grade.problem_id,
+        "first_error": first_error,
+        "final_answer_correct": grade.correct,
+        "label_source": mode,
+    }
     PRMRecord(id=record["id"], problem=record["problem"], steps=record["steps"], labels=labels)  # validate
     return record
 
@@ -113,26 +116,51 @@ def _plain(value: Any) -> Any:
 def shard_consensus(layout: Layout, shard: Shard, mode: str, label_type: str) -> tuple[list[dict], dict]:
     """This shard's kept training records (sorted by id) and its counts (ints only, summable)."""
     sample_errors = read_records_if_exists(layout.errors("sample", shard), ErrorRecord.from_json)
-    mcs = {r.id: r for _, r in iter_records(layout.records("mc", shard), MCRecord.from_json)} \
-        if mode != "judge" else {}
+    mcs = {r.id: r for _, r in iter_records(layout.records("mc", shard), MCRecord.from_json)} if mode != "judge" else {}
     judge_path = layout.records("judge", shard)
     judges = {r.id: r for _, r in iter_records(judge_path, JudgeRecord.from_json)} if judge_path.exists() else {}
 
     c: dict[str, Any] = {
         "input": {"errors": _nested()},
-        "sample": {"problems": 0, "responses": 0, "empty_responses": 0, "truncated_responses": 0,
-                   "steps": 0, "errors": _nested()},
+        "sample": {
+            "problems": 0,
+            "responses": 0,
+            "empty_responses": 0,
+            "truncated_responses": 0,
+            "steps": 0,
+            "errors": _nested(),
+        },
         "grade": {"responses": 0, "status": _nested()},
-        "mc": {"responses": len(mcs), "labelled": 0, "skipped": _nested(), "early_stopped": 0, "steps_labelled": 0,
-               "prefixes_run": 0, "prefixes_full": 0, "completions_run": 0, "completions_full": 0,
-               "generated_tokens": 0, "grading_timeouts": 0,
-               "labels": {"positive": 0, "negative": 0}},
-        "judge": {"responses": len(judges), "judged": 0, "skipped": _nested(), "verdicts": 0,
-                  "no_verdict": _nested(), "samples": 0, "sample_reasons": _nested()},
-        "consensus": {"candidates": 0, "kept": 0, "dropped": _nested(),
-                      "agreement": collections.defaultdict(_nested),
-                      "labels": {"steps": 0, "positive": 0, "negative": 0, "records_all_correct": 0,
-                                 "records_with_error": 0}},
+        "mc": {
+            "responses": len(mcs),
+            "labelled": 0,
+            "skipped": _nested(),
+            "early_stopped": 0,
+            "steps_labelled": 0,
+            "prefixes_run": 0,
+            "prefixes_full": 0,
+            "completions_run": 0,
+            "completions_full": 0,
+            "generated_tokens": 0,
+            "grading_timeouts": 0,
+            "labels": {"positive": 0, "negative": 0},
+        },
+        "judge": {
+            "responses": len(judges),
+            "judged": 0,
+            "skipped": _nested(),
+            "verdicts": 0,
+            "no_verdict": _nested(),
+            "samples": 0,
+            "sample_reasons": _nested(),
+        },
+        "consensus": {
+            "candidates": 0,
+            "kept": 0,
+            "dropped": _nested(),
+            "agreement": collections.defaultdict(_nested),
+            "labels": {"steps": 0, "positive": 0, "negative": 0, "records_all_correct": 0, "records_with_error": 0},
+        },
     }
     for error in sample_errors:
         bucket = c["input"]["errors"] if error.stage == "input" else c["sample"]["errors"]
@@ -207,13 +235,23 @@ def run_consensus(ctx: StageContext) -> None:
     for stage in needed:
         ctx.require_done(stage)
     kept, counts = shard_consensus(layout, shard, mode, cfg.consensus.label_type)
-    lines = (json.dumps(r, ensure_ascii=False, sort_keys=True) for r in kept)
-    atomic_write_lines(layout.records("consensus", shard), lines)
-    atomic_write_json(layout.done("consensus", shard),
-                      {"shard": shard.index, "num_shards": shard.count, "mode": mode,
-                       "label_type": cfg.consensus.label_type, "counts": counts})
-    _log.info("consensus: %s: kept %d of %d responses", shard.name, counts["consensus"]["kept"],
-              counts["consensus"]["candidates"])
+    atomic_write_lines(layout.records("consensus", shard), (_line(r) for r in kept))
+    atomic_write_json(
+        layout.done("consensus", shard),
+        {
+            "shard": shard.index,
+            "num_shards": shard.count,
+            "mode": mode,
+            "label_type": cfg.consensus.label_type,
+            "counts": counts,
+        },
+    )
+    _log.info(
+        "consensus: %s: kept %d of %d responses",
+        shard.name,
+        counts["consensus"]["kept"],
+        counts["consensus"]["candidates"],
+    )
 
 
 # ---------------------------------------------------------------------------- merge and summary
@@ -244,15 +282,19 @@ def summarize(counts: dict, *, num_shards: int, mode: str, label_type: str) -> d
             "timeouts": g.get("timeout", 0) + m["grading_timeouts"],
             "response_timeouts": g.get("timeout", 0),
             "mc_completion_timeouts": m["grading_timeouts"],
-            "failures": g.get("error", 0), "bad_gold": g.get("bad_gold", 0),
+            "failures": g.get("error", 0),
+            "bad_gold": g.get("bad_gold", 0),
             "accuracy": _ratio(g.get("correct", 0), counts["grade"]["responses"]),
         },
         "mc_compute": {
-            "prefixes_run": m["prefixes_run"], "prefixes_full": m["prefixes_full"],
-            "completions_run": m["completions_run"], "completions_full": m["completions_full"],
+            "prefixes_run": m["prefixes_run"],
+            "prefixes_full": m["prefixes_full"],
+            "completions_run": m["completions_run"],
+            "completions_full": m["completions_full"],
             "generated_tokens_run": m["generated_tokens"],
-            "generated_tokens_full_estimate": (round(tokens_per_completion * m["completions_full"])
-                                               if tokens_per_completion is not None else None),
+            "generated_tokens_full_estimate": (
+                round(tokens_per_completion * m["completions_full"]) if tokens_per_completion is not None else None
+            ),
             "prefix_savings": _ratio(m["prefixes_full"] - m["prefixes_run"], m["prefixes_full"]),
             "completions_per_labelled_response": _ratio(m["completions_run"], m["labelled"]),
             "generated_tokens_per_labelled_response": _ratio(m["generated_tokens"], m["labelled"]),
@@ -261,38 +303,45 @@ def summarize(counts: dict, *, num_shards: int, mode: str, label_type: str) -> d
         "label_balance": {
             **k["labels"],
             "positive_rate": _ratio(k["labels"]["positive"], k["labels"]["steps"]),
-            "mc_positive_rate_before_filter": _ratio(m["labels"]["positive"],
-                                                     m["labels"]["positive"] + m["labels"]["negative"]),
+            "mc_positive_rate_before_filter": _ratio(
+                m["labels"]["positive"], m["labels"]["positive"] + m["labels"]["negative"]
+            ),
         },
         "mc_judge_agreement": {
-            "rate": _ratio(agreeing, with_verdict), "both_labelled_with_verdict": with_verdict,
+            "rate": _ratio(agreeing, with_verdict),
+            "both_labelled_with_verdict": with_verdict,
             "matrix_rows_mc_cols_judge": agreement,
         },
-        "errors": {"input": counts["input"]["errors"], "sample": counts["sample"]["errors"],
-                   "total": sum(counts["input"]["errors"].values()) + sum(counts["sample"]["errors"].values())},
+        "errors": {
+            "input": counts["input"]["errors"],
+            "sample": counts["sample"]["errors"],
+            "total": sum(counts["input"]["errors"].values()) + sum(counts["sample"]["errors"].values()),
+        },
     }
-    return {"num_shards": num_shards, "consensus_mode": mode, "label_type": label_type, **derived,
-            "counts": counts}
+    return {"num_shards": num_shards, "consensus_mode": mode, "label_type": label_type, **derived, "counts": counts}
+
+
+def _line(record: dict[str, Any]) -> str:
+    return json.dumps(record, ensure_ascii=False, sort_keys=True)
 
 
 def _merged_lines(paths: list[Path]) -> Iterator[str]:
     def keyed(path: Path) -> Iterator[tuple[str, str]]:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    yield json.loads(line)["id"], line
+        for _, record in iter_objects(path):  # written by `_line`, so re-serializing gives the same line
+            yield record["id"], _line(record)
 
     previous = None
     for record_id, line in heapq.merge(*(keyed(p) for p in paths)):
         if record_id == previous:
-            raise SynthesisError(f"id {record_id!r} appears in two shards: were shards run with different "
-                                 "--num_shards in one workdir?")
+            raise SynthesisError(
+                f"id {record_id!r} appears in two shards: were shards run with different --num_shards in one workdir?"
+            )
         previous = record_id
         yield line
 
 
 def run_merge(layout: Layout, num_shards: int) -> Path:
-    """Merge every shard's consensus records and counts; needs all ``num_shards`` shards done."""
+    """Merge every shard's consensus records and counts; needs all `num_shards` shards done."""
     shards = [Shard(i, num_shards) for i in range(num_shards)]
     missing = [s.name for s in shards if not layout.done("consensus", s).exists()]
     if missing:
@@ -300,21 +349,29 @@ def run_merge(layout: Layout, num_shards: int) -> Path:
     markers = [read_json(layout.done("consensus", s)) for s in shards]
     settings = {(m["mode"], m["label_type"]) for m in markers}
     if len(settings) != 1:
-        raise SynthesisError(f"shards were filtered with different consensus settings {sorted(settings)}; "
-                             "rerun --stage=consensus on every shard with one setting")
+        raise SynthesisError(
+            f"shards were filtered with different consensus settings {sorted(settings)}; "
+            "rerun --stage=consensus on every shard with one setting"
+        )
     mode, label_type = settings.pop()
 
     def validate(path: Path) -> None:
         for _ in read_prm_records(path):  # schema and unique ids, with file:line on failure
             pass
 
-    count = atomic_write_lines(layout.final_records, _merged_lines([layout.records("consensus", s) for s in shards]),
-                               validate=validate)
+    count = atomic_write_lines(
+        layout.final_records, _merged_lines([layout.records("consensus", s) for s in shards]), validate=validate
+    )
     total: dict = {}
     for marker in markers:
         _add(total, marker["counts"])
     summary = summarize(total, num_shards=num_shards, mode=mode, label_type=label_type)
     atomic_write_json(layout.summary, summary)
-    _log.info("merge: %d training records in %s (keep rate %s); summary in %s", count, layout.final_records,
-              summary["keep_rate"], layout.summary)
+    _log.info(
+        "merge: %d training records in %s (keep rate %s); summary in %s",
+        count,
+        layout.final_records,
+        summary["keep_rate"],
+        layout.summary,
+    )
     return layout.final_records

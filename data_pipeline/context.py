@@ -11,7 +11,8 @@ import contextlib
 import dataclasses
 import logging
 import sys
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import ml_collections
 
@@ -48,7 +49,9 @@ class StageContext:
         if self.judge is None:
             judge_cfg = self.config.judge
             same = not judge_cfg.model_path or (
-                judge_cfg.model_path == self.config.policy.model_path and judge_cfg.backend == self.config.policy.backend)
+                judge_cfg.model_path == self.config.policy.model_path
+                and judge_cfg.backend == self.config.policy.backend
+            )
             if same:
                 self.judge = self.policy_backend()
             else:
@@ -70,18 +73,22 @@ class StageContext:
     # ------------------------------------------------------------------ helpers
 
     def error(self, writer: Any, record: ErrorRecord) -> None:
-        """Record an error, or stop the run with it under ``on_error="stop"``."""
+        """Record an error, or stop the run with it under `on_error="stop"`."""
         if self.config.on_error == "stop":
             where = f"{record.source}: " if record.source else ""
-            raise SynthesisError(f"{where}{record.error}: {record.message} (stage {record.stage}; set "
-                                 "--config.on_error=record to write error records and continue)")
+            raise SynthesisError(
+                f"{where}{record.error}: {record.message} (stage {record.stage}; set "
+                "--config.on_error=record to write error records and continue)"
+            )
         writer.write(record)
 
     def require_done(self, stage: str) -> dict[str, Any]:
         marker = self.layout.done(stage, self.shard)
         if not marker.exists():
-            raise SynthesisError(f"stage {stage!r} has not finished shard {self.shard.name} (no {marker}); "
-                                 f"run --stage={stage} for this shard first")
+            raise SynthesisError(
+                f"stage {stage!r} has not finished shard {self.shard.name} (no {marker}); "
+                f"run --stage={stage} for this shard first"
+            )
         return read_json(marker)
 
     def is_done(self, stage: str) -> bool:
@@ -92,8 +99,15 @@ class StageContext:
         """A tqdm bar with rate and ETA (disabled by io.progress=False)."""
         from tqdm import tqdm
 
-        bar = tqdm(total=total, desc=f"{desc} [{self.shard.name}]", unit=unit, dynamic_ncols=True,
-                   disable=not self.config.io.progress, file=sys.stderr, mininterval=1.0)
+        bar = tqdm(
+            total=total,
+            desc=f"{desc} [{self.shard.name}]",
+            unit=unit,
+            dynamic_ncols=True,
+            disable=not self.config.io.progress,
+            file=sys.stderr,
+            mininterval=1.0,
+        )
         try:
             yield bar
         finally:

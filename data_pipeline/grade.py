@@ -1,21 +1,23 @@
 """Stage 2, grade: each response's final answer against the gold, with math-verify.
 
-Output: one :class:`GradeRecord` per response (``W/grade/<shard>.jsonl``) carrying the problem,
+Output: one `GradeRecord` per response (`W/grade/<shard>.jsonl`) carrying the problem,
 gold, steps and grade, which is everything the MC, judge and consensus stages read, so they
-depend on one upstream file. Grading runs in the :class:`~data_pipeline.grading.GradingPool`
-(hard per-item timeout); a timeout is graded ``"timeout"`` (incorrect, counted).
+depend on one upstream file. Grading runs in the `data_pipeline.grading.GradingPool`
+(hard per-item timeout); a timeout is graded `"timeout"` (incorrect, counted).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Iterable
+from collections.abc import Iterable
 
 from data_pipeline.context import StageContext
 from data_pipeline.grading import GradingPool
 from data_pipeline.ids import response_id
 from data_pipeline.schemas import GradeRecord, SampleRecord
-from data_pipeline.shards import AppendOnlyWriter, atomic_write_json, exclusive_lock, iter_records
+from data_pipeline.shards import exclusive_lock
+from prm_jax.files import atomic_write_json
+from prm_jax.jsonl import AppendOnlyWriter, iter_records
 
 _log = logging.getLogger(__name__)
 
@@ -23,21 +25,36 @@ _log = logging.getLogger(__name__)
 _BATCH = 512
 
 
-def grade_samples(samples: Iterable[SampleRecord], grader: GradingPool, *,
-                  skip: set[str] | frozenset[str] = frozenset()) -> list[GradeRecord]:
-    """Grade records for every response of ``samples`` whose id is not in ``skip``."""
-    todo = [(sample, response) for sample in samples for response in sample.responses
-            if response_id(sample.id, response.index) not in skip]
+def grade_samples(
+    samples: Iterable[SampleRecord], grader: GradingPool, *, skip: set[str] | frozenset[str] = frozenset()
+) -> list[GradeRecord]:
+    """Grade records for every response of `samples` whose id is not in `skip`."""
+    todo = [
+        (sample, response)
+        for sample in samples
+        for response in sample.responses
+        if response_id(sample.id, response.index) not in skip
+    ]
     pairs = [(sample.gold, response.answer) for sample, response in todo if response.steps]
     statuses = iter(grader.grade_many(pairs))
     records = []
     for sample, response in todo:
         status = next(statuses) if response.steps else "empty"
-        records.append(GradeRecord(
-            id=response_id(sample.id, response.index), problem_id=sample.id, index=response.index,
-            problem=sample.problem, gold=sample.gold, steps=response.steps, answer=response.answer,
-            finish_reason=response.finish_reason, num_tokens=response.num_tokens, status=status,
-            correct=status == "correct"))
+        records.append(
+            GradeRecord(
+                id=response_id(sample.id, response.index),
+                problem_id=sample.id,
+                index=response.index,
+                problem=sample.problem,
+                gold=sample.gold,
+                steps=response.steps,
+                answer=response.answer,
+                finish_reason=response.finish_reason,
+                num_tokens=response.num_tokens,
+                status=status,
+                correct=status == "correct",
+            )
+        )
     return records
 
 
@@ -48,9 +65,12 @@ def run_grade(ctx: StageContext) -> None:
         return
     ctx.require_done("sample")
     samples_path = layout.records("sample", shard)
-    with exclusive_lock(layout.lock("grade", shard)), \
-            AppendOnlyWriter(layout.records("grade", shard), GradeRecord.from_json,
-                             fsync_every=cfg.io.fsync_every) as writer:
+    with (
+        exclusive_lock(layout.lock("grade", shard)),
+        AppendOnlyWriter(
+            layout.records("grade", shard), GradeRecord.from_json, fsync_every=cfg.io.fsync_every
+        ) as writer,
+    ):
         total = sum(len(s.responses) for _, s in iter_records(samples_path, SampleRecord.from_json))
         with ctx.progress(total, "grade", "response") as bar:
             bar.update(len(writer.ids))

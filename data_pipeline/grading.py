@@ -1,24 +1,24 @@
 """Answer grading with math-verify, in worker processes with a hard per-item timeout.
 
 Why a process pool of our own: math-verify turns answers into sympy objects, and sympy can run
-for hours (or exhaust memory) on adversarial input such as a power tower ``9^{9^{9^{9^9}}}``,
-which sampled completions do produce. math-verify's own timeouts use ``signal.alarm``, which only
+for hours (or exhaust memory) on adversarial input such as a power tower `9^{9^{9^{9^9}}}`,
+which sampled completions do produce. math-verify's own timeouts use `signal.alarm`, which only
 works in a main thread and cannot interrupt long C-level work, so here they are switched off
-(``parse(..., parsing_timeout=None)``, ``verify(..., timeout_seconds=None)``; math-verify 0.9
+(`parse(..., parsing_timeout=None)`, `verify(..., timeout_seconds=None)`; math-verify 0.9
 API) and each item runs in a worker process with a wall-clock deadline: a worker that misses it
-is SIGKILLed and replaced, and the item is graded ``"timeout"`` (counted, and incorrect). A
-worker that dies (e.g. hitting ``max_memory_mb``) grades its item ``"error"``; the run goes on.
+is SIGKILLed and replaced, and the item is graded `"timeout"` (counted, and incorrect). A
+worker that dies (e.g. hitting `max_memory_mb`) grades its item `"error"`; the run goes on.
 
-Workers are fresh interpreters (``python -m data_pipeline.grading --worker``) talking JSON lines
+Workers are fresh interpreters (`python -m data_pipeline.grading --worker`) talking JSON lines
 over pipes: never forks of the main process, which holds JAX and its threads (unsafe to fork).
 A replacement starts in about a second and takes items once it reports ready.
 
-Throughput: a result cache keyed by ``(gold, answer)`` (MC completions of one problem repeat the
+Throughput: a result cache keyed by `(gold, answer)` (MC completions of one problem repeat the
 same few answers; a cached timeout also stops one adversarial answer from costing its timeout
-again), a string-equality fast path, and ``None`` answers graded ``"no_answer"`` without a worker.
+again), a string-equality fast path, and `None` answers graded `"no_answer"` without a worker.
 
-Statuses: ``correct``, ``incorrect``, ``no_answer``, ``timeout``, ``error``, ``bad_gold`` (the
-gold itself does not parse); only ``correct`` counts as correct.
+Statuses: `correct`, `incorrect`, `no_answer`, `timeout`, `error`, `bad_gold` (the
+gold itself does not parse); only `correct` counts as correct.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import selectors
 import subprocess
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from prm_jax.answers import BAD_GOLD, CORRECT, INCORRECT, grade_answer, normalized_answer  # noqa: F401 - re-exported statuses
 
@@ -61,9 +61,9 @@ def _die_with_parent() -> None:
 
 
 def _worker_loop(max_memory_mb: int) -> None:
-    """A grading worker: JSON ``[gold, answer]`` lines on stdin, one JSON status line each on stdout.
+    """A grading worker: JSON `[gold, answer]` lines on stdin, one JSON status line each on stdout.
 
-    It announces itself with ``"ready"`` once math-verify is imported, so start-up time never
+    It announces itself with `"ready"` once math-verify is imported, so start-up time never
     counts against an item's deadline.
     """
     if max_memory_mb > 0:
@@ -108,7 +108,10 @@ class _Worker:
         # math-verify.
         self.process = subprocess.Popen(
             [sys.executable, "-m", "data_pipeline.grading", "--worker", str(max_memory_mb)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, close_fds=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            bufsize=0,
+            close_fds=True,
         )
         self.fd = self.process.stdout.fileno()
         os.set_blocking(self.fd, False)
@@ -120,7 +123,7 @@ class _Worker:
     def send(self, key: tuple[str, str]) -> None:
         data = memoryview((json.dumps(list(key)) + "\n").encode("utf-8"))
         while data:  # an unbuffered pipe write may be partial for long answers
-            data = data[self.process.stdin.write(data):]
+            data = data[self.process.stdin.write(data) :]
 
     def read_lines(self) -> list[str] | None:
         """Complete lines available now (call when the pipe is readable); None at EOF (exited)."""
@@ -161,11 +164,12 @@ class GradingPool:
         timeout_s: Wall-clock limit per item; a worker past it is killed and replaced.
         max_memory_mb: Address-space limit per worker (0 = none); an item that exceeds it is
             graded "error" instead of taking the machine down.
-        cache_size: Results remembered per ``(gold, answer)`` (LRU).
+        cache_size: Results remembered per `(gold, answer)` (LRU).
     """
 
-    def __init__(self, workers: int = 4, timeout_s: float = 5.0, *, max_memory_mb: int = 4096,
-                 cache_size: int = 200_000) -> None:
+    def __init__(
+        self, workers: int = 4, timeout_s: float = 5.0, *, max_memory_mb: int = 4096, cache_size: int = 200_000
+    ) -> None:
         if workers < 0 or timeout_s <= 0:
             raise ValueError(f"need workers >= 0 and timeout_s > 0, got {workers}, {timeout_s}")
         self.num_workers = workers
@@ -197,7 +201,7 @@ class GradingPool:
             worker.stop()
         self._workers = []
 
-    def __enter__(self) -> "GradingPool":
+    def __enter__(self) -> GradingPool:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -235,7 +239,9 @@ class GradingPool:
             else:
                 pending.setdefault(key, []).append(i)
         if pending:
-            graded = self._grade_inline(list(pending)) if self.num_workers == 0 else self._grade_in_workers(list(pending))
+            graded = (
+                self._grade_inline(list(pending)) if self.num_workers == 0 else self._grade_in_workers(list(pending))
+            )
             for key, status in graded.items():
                 self._remember(key, status)
                 for i in pending[key]:
@@ -292,8 +298,10 @@ class GradingPool:
                     if worker.key is not None:
                         out[worker.key] = ERROR
                     elif not worker.ready:
-                        raise RuntimeError("a grading worker exited during start-up "
-                                           f"(exit code {worker.process.returncode}); is math-verify installed?")
+                        raise RuntimeError(
+                            "a grading worker exited during start-up "
+                            f"(exit code {worker.process.returncode}); is math-verify installed?"
+                        )
                     worker.key = None
                     self._replace(worker)
                     continue
@@ -305,8 +313,11 @@ class GradingPool:
                         worker.key = None
                 if worker.key is not None and now >= worker.deadline:
                     out[worker.key] = TIMEOUT
-                    _log.warning("grading timed out after %.1fs (worker killed and replaced): answer %.80r",
-                                 self.timeout_s, worker.key[1])
+                    _log.warning(
+                        "grading timed out after %.1fs (worker killed and replaced): answer %.80r",
+                        self.timeout_s,
+                        worker.key[1],
+                    )
                     worker.key = None
                     self._replace(worker)
             if starting and now >= startup_deadline and not any(w.ready for w in self._workers):

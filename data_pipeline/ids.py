@@ -4,7 +4,7 @@ Everything the pipeline decides per record (which node labels it, which random s
 completions) is a pure function of the record's id. That is what makes a run resumable and
 distributable: a node that restarts, or a different node count on the same input, recomputes the
 same decisions, so a resumed run's output equals an uninterrupted one and shards never overlap.
-Python's built-in ``hash`` is salted per process, so everything here goes through SHA-256.
+Python's built-in `hash` is salted per process, so everything here goes through SHA-256.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def stable_hash(*parts: object) -> int:
 
 
 def stable_seed(base_seed: int, stage: str, *parts: object) -> int:
-    """The sampling seed of one request, e.g. ``stable_seed(0, "mc", response_id, step)``."""
+    """The sampling seed of one request, e.g. `stable_seed(0, "mc", response_id, step)`."""
     return stable_hash(base_seed, stage, *parts) % _SEED_RANGE
 
 
@@ -40,7 +40,7 @@ def shard_of(record_id: str, num_shards: int) -> int:
 
 
 def response_id(problem_id: str, index: int) -> str:
-    """The id of response ``index`` of a problem; responses inherit their problem's shard."""
+    """The id of response `index` of a problem; responses inherit their problem's shard."""
     return f"{problem_id}#{index}"
 
 

@@ -1,23 +1,23 @@
 """Stage 4, judge: an LLM names each response's earliest wrong step.
 
 The judge (any backend; paper: Qwen2.5-72B-Instruct) reads one of the critique prompts of
-:mod:`prm_jax.critique` as the user turn of its chat template (``judge.prompt``):
+`prm_jax.critique` as the user turn of its chat template (`judge.prompt`):
 
-* ``processbench``: steps wrapped as ``<paragraph_i>``, indexed from 0, the answer an index in
-  ``\\boxed{}``; the last box is the verdict (several boxes: the last wins, as ProcessBench
+* `processbench`: steps wrapped as `<paragraph_i>`, indexed from 0, the answer an index in
+  `\\boxed{}`; the last box is the verdict (several boxes: the last wins, as ProcessBench
   parses). A sample without a box, with a non-integer box or with an index outside
-  ``[-1, num_steps)`` gives no verdict.
-* ``paper``: the paper's judge prompt (App. C): 1-based ``<paragraph_k>``, an analysis and a
+  `[-1, num_steps)` gives no verdict.
+* `paper`: the paper's judge prompt (App. C): 1-based `<paragraph_k>`, an analysis and a
   Correct/Incorrect conclusion per paragraph; the earliest Incorrect paragraph is the first
   error, all Correct is -1; missing, conflicting or out-of-range conclusions give no verdict.
 
-The parser belongs to the prompt (:func:`prm_jax.critique.classify_verdict`); the reason for a
+The parser belongs to the prompt (`prm_jax.critique.classify_verdict`); the reason for a
 missing verdict is recorded per sample and counted in the summary.
 
-Majority vote (``judge.num_samples > 1``, sampled at ``judge.temperature > 0`` as one ``n``
-request): the most common verdict wins if it has more than ``vote_threshold`` (default 0.5) of
-*all* samples, unparseable ones included, so a judge that mostly fails to answer never gets a
-verdict from a single lucky sample. Otherwise: no verdict (``no_majority``).
+Several samples (`judge.num_samples > 1`, sampled at `judge.temperature > 0` as one `n` request)
+give one verdict by `prm_jax.critique.critic_vote`, the vote ProcessBench evaluation uses too: a
+plurality of the parsed verdicts, ties to the first sampled. Without any parsed verdict the
+record's reason is the most common failure among its samples.
 """
 
 from __future__ import annotations
@@ -25,31 +25,28 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-from typing import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 from data_pipeline.backends import context_length, prompt_lengths
 from data_pipeline.context import StageContext
 from data_pipeline.ids import stable_seed
 from data_pipeline.schemas import GradeRecord, JudgeRecord
-from data_pipeline.shards import AppendOnlyWriter, atomic_write_json, exclusive_lock, iter_records
-from data_pipeline.solutions import render_chat
-from prm_jax.critique import PROMPTS, classify_verdict, critique_messages
+from data_pipeline.shards import exclusive_lock
+from prm_jax.critique import PROMPTS, classify_verdict, critic_vote, critique_messages
+from prm_jax.files import atomic_write_json
 from prm_jax.generation.types import GenerationBackend, SamplingParams
+from prm_jax.jsonl import AppendOnlyWriter, iter_records
+from prm_jax.tokenization import render_chat
 
 _log = logging.getLogger(__name__)
 
 
-def majority_vote(verdicts: Sequence[int | None], reasons: Sequence[str],
-                  threshold: float = 0.5) -> tuple[int | None, str | None]:
-    """``(first_error, None)`` or ``(None, why)`` over per-sample verdicts (see the module doc)."""
-    counts = collections.Counter(v for v in verdicts if v is not None)
-    if not counts:
-        # Every sample failed: report the most common failure.
-        return None, collections.Counter(reasons).most_common(1)[0][0] if reasons else "no_box"
-    (best, votes), *rest = counts.most_common()
-    if votes > threshold * len(verdicts) and not (rest and rest[0][1] == votes):
-        return best, None
-    return None, "no_majority"
+def judge_verdict(verdicts: Sequence[int | None], reasons: Sequence[str]) -> tuple[int | None, str | None]:
+    """`(first_error, None)` by `critic_vote`, or `(None, why)`: the most common failure reason."""
+    first_error = critic_vote(verdicts)
+    if first_error is not None:
+        return first_error, None
+    return None, collections.Counter(reasons).most_common(1)[0][0] if reasons else "no_box"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +55,6 @@ class JudgeSettings:
     temperature: float = 0.0
     top_p: float = 1.0
     max_tokens: int = 4096
-    vote_threshold: float = 0.5
     batch_size: int = 64
     keep_text: bool = False
     prompt: str = "processbench"  # prm_jax.critique.PROMPTS
@@ -69,11 +65,18 @@ class JudgeSettings:
             raise ValueError(f"judge.prompt={self.prompt!r}; choose one of {list(PROMPTS)}")
 
     @classmethod
-    def from_config(cls, config) -> "JudgeSettings":
+    def from_config(cls, config) -> JudgeSettings:
         j = config.judge
-        return cls(num_samples=j.num_samples, temperature=j.temperature, top_p=j.top_p, max_tokens=j.max_tokens,
-                   vote_threshold=j.vote_threshold, batch_size=j.batch_size, keep_text=j.keep_text,
-                   prompt=j.prompt, base_seed=config.seed)
+        return cls(
+            num_samples=j.num_samples,
+            temperature=j.temperature,
+            top_p=j.top_p,
+            max_tokens=j.max_tokens,
+            batch_size=j.batch_size,
+            keep_text=j.keep_text,
+            prompt=j.prompt,
+            base_seed=config.seed,
+        )
 
 
 class Judge:
@@ -83,9 +86,17 @@ class Judge:
         self.context_length = context_length(backend)
 
     def _skipped(self, record: GradeRecord, reason: str) -> JudgeRecord:
-        return JudgeRecord(id=record.id, problem_id=record.problem_id, status="skipped", skip_reason=reason,
-                           num_steps=len(record.steps), verdicts=(), reasons=(), first_error=None,
-                           no_verdict_reason=None)
+        return JudgeRecord(
+            id=record.id,
+            problem_id=record.problem_id,
+            status="skipped",
+            skip_reason=reason,
+            num_steps=len(record.steps),
+            verdicts=(),
+            reasons=(),
+            first_error=None,
+            no_verdict_reason=None,
+        )
 
     def judge_batch(self, records: Sequence[GradeRecord]) -> list[JudgeRecord]:
         s = self.settings
@@ -96,7 +107,9 @@ class Judge:
                 out[record.id] = self._skipped(record, "no_steps")
                 continue
             todo.append(record)
-            prompts.append(render_chat(self.backend.tokenizer, critique_messages(record.problem, record.steps, s.prompt)))
+            prompts.append(
+                render_chat(self.backend.tokenizer, critique_messages(record.problem, record.steps, s.prompt))
+            )
         if self.context_length is not None and todo:
             lengths = prompt_lengths(self.backend, prompts)
             fits = [length < self.context_length for length in lengths]
@@ -105,19 +118,35 @@ class Judge:
                     out[record.id] = self._skipped(record, "prompt_too_long")
             todo = [r for r, ok in zip(todo, fits) if ok]
             prompts = [p for p, ok in zip(prompts, fits) if ok]
-        params = [SamplingParams(n=s.num_samples, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens,
-                                 seed=stable_seed(s.base_seed, "judge", r.id)) for r in todo]
+        params = [
+            SamplingParams(
+                n=s.num_samples,
+                temperature=s.temperature,
+                top_p=s.top_p,
+                max_tokens=s.max_tokens,
+                seed=stable_seed(s.base_seed, "judge", r.id),
+            )
+            for r in todo
+        ]
         outputs = self.backend.generate(prompts, params) if todo else []
         for record, output in zip(todo, outputs):
             texts = [c.text for c in output.completions]
             parsed = [classify_verdict(t, len(record.steps), prompt=s.prompt) for t in texts]
             verdicts = tuple(v for v, _ in parsed)
             reasons = tuple(r for _, r in parsed)
-            first_error, why = majority_vote(verdicts, reasons, s.vote_threshold)
+            first_error, why = judge_verdict(verdicts, reasons)
             out[record.id] = JudgeRecord(
-                id=record.id, problem_id=record.problem_id, status="judged", skip_reason=None,
-                num_steps=len(record.steps), verdicts=verdicts, reasons=reasons, first_error=first_error,
-                no_verdict_reason=why, texts=tuple(texts) if s.keep_text else None)
+                id=record.id,
+                problem_id=record.problem_id,
+                status="judged",
+                skip_reason=None,
+                num_steps=len(record.steps),
+                verdicts=verdicts,
+                reasons=reasons,
+                first_error=first_error,
+                no_verdict_reason=why,
+                texts=tuple(texts) if s.keep_text else None,
+            )
         return [out[r.id] for r in records]
 
     def judge(self, records: Iterable[GradeRecord]) -> Iterator[JudgeRecord]:
@@ -138,9 +167,12 @@ def run_judge(ctx: StageContext) -> None:
         return
     ctx.require_done("grade")
     grades_path = layout.records("grade", shard)
-    with exclusive_lock(layout.lock("judge", shard)), \
-            AppendOnlyWriter(layout.records("judge", shard), JudgeRecord.from_json,
-                             fsync_every=cfg.io.fsync_every) as writer:
+    with (
+        exclusive_lock(layout.lock("judge", shard)),
+        AppendOnlyWriter(
+            layout.records("judge", shard), JudgeRecord.from_json, fsync_every=cfg.io.fsync_every
+        ) as writer,
+    ):
         pending = sum(r.id not in writer.ids for _, r in iter_records(grades_path, GradeRecord.from_json))
         _log.info("judge: %s: %d responses to judge (%d already done)", shard.name, pending, len(writer.ids))
         if pending:

@@ -2,7 +2,7 @@
 
 A problem chains additions/subtractions ("Compute 37 + 45 - 12."). The difficulty is set by
 `generate_problems`' operand range, number of operations and cap on the running total; the
-defaults draw two-digit numbers, while the embedded demo (`data_pipeline.demo`) uses 2-3
+defaults draw two-digit numbers, while the embedded demo (`launch.demo_pipeline`) uses 2-3
 operations on single digits with totals in [0, 9], which a 4-layer policy learns on a CPU in
 about two minutes (with two-digit numbers it learns the format but not the arithmetic).
 A solution takes one operation per step ("37 + 45 = 82", "82 - 12 = 70") and ends with
@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import random
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
+
+from prm_jax.files import atomic_write_lines
 
 STEP_PATTERN = re.compile(r"^\s*(-?\d+)\s*([+-])\s*(\d+)\s*=\s*(-?\d+)\s*$")
 ANSWER_PATTERN = re.compile(r"^\s*The answer is \\boxed\{(-?\d+)\}\.?\s*$")
@@ -53,8 +54,17 @@ class WorldProblem:
         return {"id": self.id, "problem": self.text, "answer": str(self.answer)}
 
 
-def generate_problems(count: int, seed: int, *, prefix: str = "world", min_ops: int = 2, max_ops: int = 3,
-                      operand_min: int = 10, operand_max: int = 99, max_value: int | None = None) -> list[WorldProblem]:
+def generate_problems(
+    count: int,
+    seed: int,
+    *,
+    prefix: str = "world",
+    min_ops: int = 2,
+    max_ops: int = 3,
+    operand_min: int = 10,
+    operand_max: int = 99,
+    max_value: int | None = None,
+) -> list[WorldProblem]:
     """`count` seeded problems. The first number and every operand are drawn from
     [operand_min, operand_max]; with `max_value` the running total stays within [0, max_value]
     (the operator is forced where only one keeps it there), which sets the world's difficulty:
@@ -101,14 +111,17 @@ def _mistake(rng: random.Random, value: int, kinds: Sequence[str] = MISTAKES) ->
         wrong = value + rng.choice([-1, 1])
     elif kind == "swap":
         digits = str(abs(value))
-        wrong = int(digits[::-1]) * (1 if value >= 0 else -1) if len(digits) > 1 and digits[0] != digits[-1] else value + 10
+        wrong = (
+            int(digits[::-1]) * (1 if value >= 0 else -1) if len(digits) > 1 and digits[0] != digits[-1] else value + 10
+        )
     else:
         raise ValueError(f"unknown mistake kind {kind!r}; expected one of {MISTAKES}")
     return wrong if wrong != value else value + 1
 
 
-def noisy_solution(problem: WorldProblem, rng: random.Random, error_rate: float = 0.3,
-                   mistakes: Sequence[str] = MISTAKES) -> list[str]:
+def noisy_solution(
+    problem: WorldProblem, rng: random.Random, error_rate: float = 0.3, mistakes: Sequence[str] = MISTAKES
+) -> list[str]:
     """A solution with, at probability `error_rate`, one mistake of a kind in `mistakes`
     (propagated to the answer), or, a quarter of the time when a step follows it, two that cancel
     (the next step undoes it: the right answer through a wrong step)."""
@@ -201,14 +214,8 @@ def step_labels(problem: WorldProblem, steps: Sequence[str]) -> list[int]:
 
 
 def write_problems(path: str | Path, problems: Sequence[WorldProblem]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w") as f:
-        for problem in problems:
-            f.write(json.dumps(problem.record()) + "\n")
-    os.replace(tmp, path)
-    return path
+    atomic_write_lines(path, (json.dumps(problem.record()) for problem in problems))
+    return Path(path)
 
 
 def parse_problem(text: str, problem_id: str = "") -> WorldProblem:
@@ -270,7 +277,11 @@ class CheckerJudge:
             completions = []
             for j in range(p.n):
                 index = self.verdict(text, p.seed + j)
-                answer = f"The earliest error is in paragraph {index}. \\boxed{{{index}}}" if index >= 0 else "No error found. \\boxed{-1}"
+                answer = (
+                    f"The earliest error is in paragraph {index}. \\boxed{{{index}}}"
+                    if index >= 0
+                    else "No error found. \\boxed{-1}"
+                )
                 ids = tuple(self.tokenizer.encode(answer, add_special_tokens=False))
                 completions.append(Completion(answer, ids, "stop"))
             prompt_ids = tuple(render_prompt(self.tokenizer, prompt))

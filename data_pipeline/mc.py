@@ -1,27 +1,27 @@
 """Stage 3, mc: Monte Carlo step labels from policy rollouts.
 
-For a response with steps ``s_0 .. s_{S-1}`` and each step ``i < S-1``, the policy continues the
-prefix ``s_0 .. s_i`` ``k`` times as ONE request with ``n = k`` (the prefix is prefilled once and
-shared; seeds ``stable_seed(seed, "mc", response_id, i) + j``). The prompt is the policy prompt
-with the assistant answer started by the prefix (layout in :mod:`data_pipeline.solutions`)::
+For a response with steps `s_0 .. s_{S-1}` and each step `i < S-1`, the policy continues the
+prefix `s_0 .. s_i` `k` times as ONE request with `n = k` (the prefix is prefilled once and
+shared; seeds `stable_seed(seed, "mc", response_id, i) + j`). The prompt is the policy prompt
+with the assistant answer started by the prefix (layout in `data_pipeline.solutions`):
 
     <chat template: system, user = problem, assistant opened> s_0 \\n\\n s_1 \\n\\n ... s_i \\n\\n
 
-A completion's final answer is the last ``\\boxed{}`` of ``prefix + completion`` (the solution it
-completes), graded against the gold. Per step: ``n_correct``; soft label ``n_correct / k``; hard
-label ``n_correct >= 1`` (the paper's best threshold). The last step is not rolled out: its
+A completion's final answer is the last `\\boxed{}` of `prefix + completion` (the solution it
+completes), graded against the gold. Per step: `n_correct`; soft label `n_correct / k`; hard
+label `n_correct >= 1` (the paper's best threshold). The last step is not rolled out: its
 prefix is the whole response, so its label is the response's own grade (free). A response whose
-grade is unknown (grading ``timeout`` or ``error``) is therefore not labelled at all: skipped as
-``grade_timeout`` / ``grade_error`` and counted, never given a last-step 0 as if it were wrong.
+grade is unknown (grading `timeout` or `error`) is therefore not labelled at all: skipped as
+`grade_timeout` / `grade_error` and counted, never given a last-step 0 as if it were wrong.
 
-Early stop (``mc.early_stop``, default on): steps are rolled out in order and a response stops at
+Early stop (`mc.early_stop`, default on): steps are rolled out in order and a response stops at
 its first hard-negative step, since later steps carry no label in the paper's recipe (training
 truncates at the first error). The first error is then known without rolling out the rest;
-:class:`~data_pipeline.schemas.MCCost` records what ran beside what the full expansion would
-have run (``prefixes_full = S - 1``), and the summary adds them up. Without early stop every
+`data_pipeline.schemas.MCCost` records what ran beside what the full expansion would
+have run (`prefixes_full = S - 1`), and the summary adds them up. Without early stop every
 prefix of a response is requested in one wave.
 
-Batching: up to ``mc.batch_responses`` responses are in flight; each wave sends one request per
+Batching: up to `mc.batch_responses` responses are in flight; each wave sends one request per
 in-flight response (its next prefix), and a finished response is written and replaced by the
 next one at once (continuous batching), so the backend sees full batches even though responses
 stop at different depths.
@@ -31,16 +31,18 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 from data_pipeline.backends import context_length, prompt_lengths
 from data_pipeline.context import StageContext
 from data_pipeline.grading import CORRECT, ERROR, TIMEOUT, GradingPool
 from data_pipeline.ids import stable_seed
 from data_pipeline.schemas import GradeRecord, MCCost, MCRecord, StepLabel
-from data_pipeline.shards import AppendOnlyWriter, atomic_write_json, exclusive_lock, iter_records
+from data_pipeline.shards import exclusive_lock
 from data_pipeline.solutions import STEP_BREAK, continuation_prompt, final_answer, policy_prompt
+from prm_jax.files import atomic_write_json
 from prm_jax.generation.types import GenerationBackend, SamplingParams
+from prm_jax.jsonl import AppendOnlyWriter, iter_records
 from prm_jax.tokenization import SYSTEM_PROMPT
 
 _log = logging.getLogger(__name__)
@@ -59,11 +61,19 @@ class MCSettings:
     base_seed: int = 0
 
     @classmethod
-    def from_config(cls, config) -> "MCSettings":
+    def from_config(cls, config) -> MCSettings:
         m = config.mc
-        return cls(k=m.k, temperature=m.temperature, top_p=m.top_p, max_tokens=m.max_tokens,
-                   early_stop=m.early_stop, skip_truncated=m.skip_truncated, batch_responses=m.batch_responses,
-                   system_prompt=config.sample.system_prompt, base_seed=config.seed)
+        return cls(
+            k=m.k,
+            temperature=m.temperature,
+            top_p=m.top_p,
+            max_tokens=m.max_tokens,
+            early_stop=m.early_stop,
+            skip_truncated=m.skip_truncated,
+            batch_responses=m.batch_responses,
+            system_prompt=config.sample.system_prompt,
+            base_seed=config.seed,
+        )
 
 
 @dataclasses.dataclass
@@ -108,16 +118,28 @@ class MCLabeler:
 
     def _cost(self, state: _InFlight) -> MCCost:
         full = max(state.num_steps - 1, 0)
-        return MCCost(prefixes=state.prefixes, completions=state.prefixes * self.settings.k,
-                      generated_tokens=state.generated_tokens, prefixes_full=full,
-                      completions_full=full * self.settings.k)
+        return MCCost(
+            prefixes=state.prefixes,
+            completions=state.prefixes * self.settings.k,
+            generated_tokens=state.generated_tokens,
+            prefixes_full=full,
+            completions_full=full * self.settings.k,
+        )
 
     def _skipped(self, record: GradeRecord, reason: str) -> MCRecord:
         full = max(len(record.steps) - 1, 0)
-        return MCRecord(id=record.id, problem_id=record.problem_id, status="skipped", skip_reason=reason,
-                        k=self.settings.k, num_steps=len(record.steps), labels=(), first_error=None,
-                        early_stopped=False,
-                        cost=MCCost(prefixes_full=full, completions_full=full * self.settings.k))
+        return MCRecord(
+            id=record.id,
+            problem_id=record.problem_id,
+            status="skipped",
+            skip_reason=reason,
+            k=self.settings.k,
+            num_steps=len(record.steps),
+            labels=(),
+            first_error=None,
+            early_stopped=False,
+            cost=MCCost(prefixes_full=full, completions_full=full * self.settings.k),
+        )
 
     def _finished(self, state: _InFlight) -> MCRecord | None:
         """The record when the response needs no more rollouts (adding the free last-step label)."""
@@ -131,10 +153,18 @@ class MCLabeler:
             return None
         hard = [x.hard for x in labels]
         first_error = hard.index(0) if 0 in hard else -1
-        return MCRecord(id=state.record.id, problem_id=state.record.problem_id, status="labelled",
-                        skip_reason=None, k=self.settings.k, num_steps=state.num_steps, labels=tuple(labels),
-                        first_error=first_error, early_stopped=len(labels) < state.num_steps,
-                        cost=self._cost(state))
+        return MCRecord(
+            id=state.record.id,
+            problem_id=state.record.problem_id,
+            status="labelled",
+            skip_reason=None,
+            k=self.settings.k,
+            num_steps=state.num_steps,
+            labels=tuple(labels),
+            first_error=first_error,
+            early_stopped=len(labels) < state.num_steps,
+            cost=self._cost(state),
+        )
 
     # ------------------------------------------------------------------ waves
 
@@ -145,10 +175,19 @@ class MCLabeler:
             start = len(state.labels)
             stop = start + 1 if s.early_stop else state.num_steps - 1
             requests += [(state, i) for i in range(start, stop)]
-        prompts = [continuation_prompt(None, "", st.record.steps[: i + 1], rendered_problem=st.head)
-                   for st, i in requests]
-        params = [SamplingParams(n=s.k, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens,
-                                 seed=stable_seed(s.base_seed, "mc", st.record.id, i)) for st, i in requests]
+        prompts = [
+            continuation_prompt(None, "", st.record.steps[: i + 1], rendered_problem=st.head) for st, i in requests
+        ]
+        params = [
+            SamplingParams(
+                n=s.k,
+                temperature=s.temperature,
+                top_p=s.top_p,
+                max_tokens=s.max_tokens,
+                seed=stable_seed(s.base_seed, "mc", st.record.id, i),
+            )
+            for st, i in requests
+        ]
         outputs = self.backend.generate(prompts, params)
         pairs = []
         for (state, i), output in zip(requests, outputs):
@@ -161,11 +200,19 @@ class MCLabeler:
             n = len(graded)
             state.prefixes += 1
             state.generated_tokens += sum(len(c.token_ids) for c in output.completions)
-            state.labels.append(StepLabel(n_correct=n_correct, n=n, soft=n_correct / n, hard=int(n_correct >= 1),
-                                          rolled_out=True, timeouts=sum(g == TIMEOUT for g in graded)))
+            state.labels.append(
+                StepLabel(
+                    n_correct=n_correct,
+                    n=n,
+                    soft=n_correct / n,
+                    hard=int(n_correct >= 1),
+                    rolled_out=True,
+                    timeouts=sum(g == TIMEOUT for g in graded),
+                )
+            )
 
     def label(self, records: Iterable[GradeRecord]) -> Iterator[MCRecord]:
-        """MC records for ``records`` (skipped ones included), in completion order."""
+        """MC records for `records` (skipped ones included), in completion order."""
         s = self.settings
         queue = iter(records)
         active: list[_InFlight] = []
@@ -181,8 +228,9 @@ class MCLabeler:
                 if head is None:
                     if len(heads) > 4096:
                         heads.clear()
-                    head = heads[record.problem] = policy_prompt(self.backend.tokenizer, record.problem,
-                                                                 s.system_prompt)
+                    head = heads[record.problem] = policy_prompt(
+                        self.backend.tokenizer, record.problem, s.system_prompt
+                    )
                 reason = self._skip_reason(record, head)
                 if reason is not None:
                     yield self._skipped(record, reason)
@@ -213,8 +261,10 @@ def run_mc(ctx: StageContext) -> None:
         return
     ctx.require_done("grade")
     grades_path = layout.records("grade", shard)
-    with exclusive_lock(layout.lock("mc", shard)), \
-            AppendOnlyWriter(layout.records("mc", shard), MCRecord.from_json, fsync_every=cfg.io.fsync_every) as writer:
+    with (
+        exclusive_lock(layout.lock("mc", shard)),
+        AppendOnlyWriter(layout.records("mc", shard), MCRecord.from_json, fsync_every=cfg.io.fsync_every) as writer,
+    ):
         pending = sum(r.id not in writer.ids for _, r in iter_records(grades_path, GradeRecord.from_json))
         _log.info("mc: %s: %d responses to label (%d already done)", shard.name, pending, len(writer.ids))
         if pending:

@@ -1,13 +1,13 @@
 """Runs the synthesis stages for one shard: sample -> grade -> mc -> judge -> consensus (-> merge).
 
 Every stage reads the previous stage's shard file and appends to its own (see
-:mod:`data_pipeline.shards`), skips ids already present, and writes a done marker at the end,
-so ``run`` with the same arguments is idempotent and resumes after a kill. Several nodes each
-run ``run(..., shard=Shard(i, n))`` on a shared workdir; problems are partitioned by a stable
-hash of their id (:func:`data_pipeline.ids.shard_of`), so the slices are disjoint and the same
-for every node. ``stage="all"`` ends with the merge once every shard has its consensus (the
+`data_pipeline.shards`), skips ids already present, and writes a done marker at the end,
+so `run` with the same arguments is idempotent and resumes after a kill. Several nodes each
+run `run(..., shard=Shard(i, n))` on a shared workdir; problems are partitioned by a stable
+hash of their id (`data_pipeline.ids.shard_of`), so the slices are disjoint and the same
+for every node. `stage="all"` ends with the merge once every shard has its consensus (the
 last node to finish does it; the merge is deterministic, so a race between two is harmless);
-``stage="merge"`` runs it explicitly.
+`stage="merge"` runs it explicitly.
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ from data_pipeline.grading import GradingPool
 from data_pipeline.judge import run_judge
 from data_pipeline.mc import run_mc
 from data_pipeline.sample import run_sample
-from data_pipeline.shards import Layout, Shard, atomic_write_json, read_json
+from data_pipeline.shards import Layout, Shard, read_json
 from prm_jax.data.records import file_sha256
+from prm_jax.files import atomic_write_json
 from prm_jax.generation.types import GenerationBackend
 
 _log = logging.getLogger("data_pipeline")
@@ -52,8 +53,11 @@ def check_run_config(layout: Layout, config: ml_collections.ConfigDict, num_shar
     """
     if not Path(config.problems.path).is_file():
         raise SynthesisError(f"problem file {config.problems.path} does not exist")
-    current = {**semantic_values(config), "num_shards": num_shards,
-               "problems.sha256": file_sha256(config.problems.path)}
+    current = {
+        **semantic_values(config),
+        "num_shards": num_shards,
+        "problems.sha256": file_sha256(config.problems.path),
+    }
     if not layout.run_config.exists():
         layout.workdir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(layout.run_config, current)
@@ -64,13 +68,19 @@ def check_run_config(layout: Layout, config: ml_collections.ConfigDict, num_shar
         if not _alone_on(layout):
             raise SynthesisError(
                 f"{layout.workdir} is in use by another synthesis process started with other settings "
-                f"({'; '.join(diffs)}): give every shard the same settings, or use a new --workdir")
-        _log.info("%s: no stage has written a record yet; replacing its recorded settings (%s)",
-                  layout.workdir, "; ".join(diffs))
+                f"({'; '.join(diffs)}): give every shard the same settings, or use a new --workdir"
+            )
+        _log.info(
+            "%s: no stage has written a record yet; replacing its recorded settings (%s)",
+            layout.workdir,
+            "; ".join(diffs),
+        )
         atomic_write_json(layout.run_config, current)
     elif diffs:
-        raise SynthesisError(f"{layout.workdir} was started with other settings ({'; '.join(diffs)}). Resuming "
-                             "would mix two datasets: use a new --workdir, or restore the original settings")
+        raise SynthesisError(
+            f"{layout.workdir} was started with other settings ({'; '.join(diffs)}). Resuming "
+            "would mix two datasets: use a new --workdir, or restore the original settings"
+        )
 
 
 # Every synthesis process holds this lock shared while it runs, so a process that would replace the
@@ -119,10 +129,17 @@ def has_stage_output(layout: Layout) -> bool:
     return False
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | Path, *, stage: str = "all", shard: Shard | None = None,
-        policy: GenerationBackend | None = None, judge: GenerationBackend | None = None,
-        grader: GradingPool | None = None) -> None:
-    """Run ``stage`` (or all stages) for ``shard``; backends and grader are built from the config
+def run(
+    config: ml_collections.ConfigDict,
+    workdir: str | Path,
+    *,
+    stage: str = "all",
+    shard: Shard | None = None,
+    policy: GenerationBackend | None = None,
+    judge: GenerationBackend | None = None,
+    grader: GradingPool | None = None,
+) -> None:
+    """Run `stage` (or all stages) for `shard`; backends and grader are built from the config
     unless given (tests inject scripted ones). Raises SynthesisError for conditions a user fixes."""
     if stage not in STAGES:
         raise ValueError(f"stage={stage!r}; choose one of {STAGES}")
@@ -134,9 +151,15 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, stage: str = 
         _run_stages(config, layout, stage, shard, policy, judge, grader)
 
 
-def _run_stages(config: ml_collections.ConfigDict, layout: Layout, stage: str, shard: Shard,
-                policy: GenerationBackend | None, judge: GenerationBackend | None,
-                grader: GradingPool | None) -> None:
+def _run_stages(
+    config: ml_collections.ConfigDict,
+    layout: Layout,
+    stage: str,
+    shard: Shard,
+    policy: GenerationBackend | None,
+    judge: GenerationBackend | None,
+    grader: GradingPool | None,
+) -> None:
     check_run_config(layout, config, shard.count)
     if stage == "merge":
         run_merge(layout, shard.count)
@@ -158,10 +181,18 @@ def _run_stages(config: ml_collections.ConfigDict, layout: Layout, stage: str, s
         if owns_grader:
             ctx.close()
     if stage == "all":
-        waiting = [Shard(i, shard.count).name for i in range(shard.count)
-                   if not layout.done("consensus", Shard(i, shard.count)).exists()]
+        waiting = [
+            Shard(i, shard.count).name
+            for i in range(shard.count)
+            if not layout.done("consensus", Shard(i, shard.count)).exists()
+        ]
         if waiting:
-            _log.info("shard %s finished; the merge waits for %d shard(s): %s (the last one to finish merges, "
-                      "or run --stage=merge)", shard.name, len(waiting), ", ".join(waiting[:8]))
+            _log.info(
+                "shard %s finished; the merge waits for %d shard(s): %s (the last one to finish merges, "
+                "or run --stage=merge)",
+                shard.name,
+                len(waiting),
+                ", ".join(waiting[:8]),
+            )
         else:
             run_merge(layout, shard.count)

@@ -1,39 +1,40 @@
-"""Problem readers: our JSONL, GSM8K and MATH files, normalised to :class:`Problem`.
+"""Problem readers: our JSONL, GSM8K and MATH files, normalised to `Problem`.
 
 Formats (JSONL, one object per line, UTF-8):
 
-* ``jsonl``: ``{"id": str, "problem": str, "answer": str}`` (our format; ``id`` required).
-* ``gsm8k``: ``{"question": str, "answer": str}``; the gold is the text after the last
-  ``####`` of ``answer`` (GSM8K's answers are a worked solution ending in ``#### 42``).
-* ``math``: ``{"problem": str, "solution": str}`` (Hendrycks MATH); the gold is the last
-  ``\\boxed{}`` of ``solution``; an ``answer`` field (MATH-500) wins when present.
+* `jsonl`: `{"id": str, "problem": str, "answer": str}` (our format; `id` required).
+* `gsm8k`: `{"question": str, "answer": str}`; the gold is the text after the last
+  `####` of `answer` (GSM8K's answers are a worked solution ending in `#### 42`).
+* `math`: `{"problem": str, "solution": str}` (Hendrycks MATH); the gold is the last
+  `\\boxed{}` of `solution`; an `answer` field (MATH-500) wins when present.
 
-Any of the three gold spellings is accepted in any format's answer field (plain ``42``,
-``... #### 42``, ``... \\boxed{42}``), see :func:`gold_answer`. Ids: ``id`` when present, else
-``unique_id`` (MATH-500), else derived from the content (``gsm8k-<hash>``/``math-<hash>``),
+Any of the three gold spellings is accepted in any format's answer field (plain `42`,
+`... #### 42`, `... \\boxed{42}`), see `gold_answer`. Ids: `id` when present, else
+`unique_id` (MATH-500), else derived from the content (`gsm8k-<hash>`/`math-<hash>`),
 which is stable when the file is reordered or split.
 
-Bad lines never disappear silently: each becomes an :class:`ErrorRecord` (malformed JSON, not an
+Bad lines never disappear silently: each becomes an `ErrorRecord` (malformed JSON, not an
 object, a missing or empty problem or answer, a wrong type, a duplicate id) in input order, which
-the sample stage counts and writes (or stops on, with ``on_error="stop"``).
+the sample stage counts and writes (or stops on, with `on_error="stop"`).
 """
 
 from __future__ import annotations
 
-import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from data_pipeline.config import PROBLEM_FORMATS
 from data_pipeline.ids import content_id
 from data_pipeline.schemas import ErrorRecord, Problem
 from prm_jax.critique import last_boxed
+from prm_jax.jsonl import RecordTooLongError, scan_lines
 
 FORMATS = PROBLEM_FORMATS
 
 
 def gold_answer(raw: str) -> str | None:
-    """The bare gold answer of a plain, GSM8K (``#### x``) or MATH (``\\boxed{x}``) answer string."""
+    """The bare gold answer of a plain, GSM8K (`#### x`) or MATH (`\\boxed{x}`) answer string."""
     text = raw.strip()
     if "####" in text:
         text = text.rsplit("####", 1)[1].strip()
@@ -57,8 +58,9 @@ class _BadLine(Exception):
 def _string(obj: dict[str, Any], name: str, *, required: bool = True) -> str | None:
     if name not in obj or obj[name] is None:
         if required:
-            raise _BadLine("missing_answer" if name in ("answer", "solution") else "missing_field",
-                           f"field {name!r} is missing")
+            raise _BadLine(
+                "missing_answer" if name in ("answer", "solution") else "missing_field", f"field {name!r} is missing"
+            )
         return None
     value = obj[name]
     if isinstance(value, (int, float)) and not isinstance(value, bool) and name in ("answer", "id"):
@@ -86,8 +88,11 @@ def _problem_from_object(obj: dict[str, Any], fmt: str, source: str) -> Problem:
             raw_answer = _string(obj, "solution")
             if raw_answer is not None and last_boxed(raw_answer) is None:
                 raise _BadLine("missing_answer", "a MATH solution holds its answer in \\boxed{}; this one has none")
-        record_id = (_string(obj, "id", required=False) or _string(obj, "unique_id", required=False)
-                     or content_id("math", problem or ""))
+        record_id = (
+            _string(obj, "id", required=False)
+            or _string(obj, "unique_id", required=False)
+            or content_id("math", problem or "")
+        )
     else:
         raise ValueError(f"unknown problem format {fmt!r}; choose one of {FORMATS}")
     if not record_id or not record_id.strip():
@@ -100,59 +105,45 @@ def _problem_from_object(obj: dict[str, Any], fmt: str, source: str) -> Problem:
     return Problem(id=record_id, problem=problem, answer=gold, source=source)
 
 
-#: Longest problem line read (problems are a few KB): a longer one becomes a ``too_long`` error
+#: Longest problem line read (problems are a few KB): a longer one becomes a `too_long` error
 #: record after reading at most this many bytes of it, never parsed, prompted or tokenized.
 MAX_PROBLEM_BYTES = 1 << 20
 
 
-def _bounded_lines(f: Any, limit: int) -> Iterator[bytes | None]:
-    """The file's lines; None for a line longer than ``limit`` (its rest is skipped in chunks)."""
-    while raw := f.readline(limit + 1):
-        if len(raw) > limit and not raw.endswith(b"\n"):
-            while (rest := f.readline(limit)) and not rest.endswith(b"\n"):
-                pass
-            yield None
-        else:
-            yield raw
+def read_problems(
+    path: str | Path, fmt: str = "jsonl", *, max_line_bytes: int = MAX_PROBLEM_BYTES
+) -> Iterator[Problem | ErrorRecord]:
+    """Every non-blank line of a problem file as a `Problem` or an `ErrorRecord`.
 
-
-def read_problems(path: str | Path, fmt: str = "jsonl", *,
-                  max_line_bytes: int = MAX_PROBLEM_BYTES) -> Iterator[Problem | ErrorRecord]:
-    """Every non-blank line of a problem file as a :class:`Problem` or an :class:`ErrorRecord`.
-
-    Duplicate ids: the first occurrence is the problem, later ones are ``duplicate_id`` errors.
-    A line longer than ``max_line_bytes`` is a ``too_long`` error (bounded cost).
+    Duplicate ids: the first occurrence is the problem, later ones are `duplicate_id` errors.
+    A line longer than `max_line_bytes` is a `too_long` error (bounded cost).
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown problem format {fmt!r}; choose one of {FORMATS}")
     path = Path(path)
     seen: dict[str, str] = {}
-    with open(path, "rb") as f:
-        for number, raw in enumerate(_bounded_lines(f, max_line_bytes), start=1):
-            if raw is not None and not raw.strip():
-                continue
-            source = f"{path}:{number}"
-            line_id = f"{path.name}:{number}"
-            try:
-                if raw is None:
-                    raise _BadLine("too_long", f"line longer than {max_line_bytes} bytes; not read further")
-                try:
-                    obj = json.loads(raw.decode("utf-8-sig" if number == 1 else "utf-8"))
-                except UnicodeDecodeError as e:
-                    raise _BadLine("malformed_json", f"not valid UTF-8 ({e.reason})") from None
-                except json.JSONDecodeError as e:
-                    raise _BadLine("malformed_json", f"malformed JSON: {e.msg} (column {e.colno})") from None
-                if not isinstance(obj, dict):
-                    raise _BadLine("malformed_json", f"expected a JSON object, got {type(obj).__name__}")
-                problem = _problem_from_object(obj, fmt, source)
-            except _BadLine as bad:
-                yield ErrorRecord(id=line_id, stage="input", error=bad.error, message=bad.message,
-                                  record_id=None, source=source)
-                continue
-            if problem.id in seen:
-                yield ErrorRecord(id=line_id, stage="input", error="duplicate_id",
-                                  message=f"id {problem.id!r} already used at {seen[problem.id]}",
-                                  record_id=problem.id, source=source)
-                continue
-            seen[problem.id] = source
-            yield problem
+    for line in scan_lines(path, max_line_bytes=max_line_bytes):
+        source = f"{path}:{line.number}"
+        line_id = f"{path.name}:{line.number}"
+        try:
+            if line.error is not None:
+                kind = "too_long" if isinstance(line.error, RecordTooLongError) else "malformed_json"
+                raise _BadLine(kind, line.error.message)
+            problem = _problem_from_object(line.obj, fmt, source)
+        except _BadLine as bad:
+            yield ErrorRecord(
+                id=line_id, stage="input", error=bad.error, message=bad.message, record_id=None, source=source
+            )
+            continue
+        if problem.id in seen:
+            yield ErrorRecord(
+                id=line_id,
+                stage="input",
+                error="duplicate_id",
+                message=f"id {problem.id!r} already used at {seen[problem.id]}",
+                record_id=problem.id,
+                source=source,
+            )
+            continue
+        seen[problem.id] = source
+        yield problem

@@ -1,53 +1,81 @@
 """Stage 1, sample: N policy responses per problem, split into steps, final answer extracted.
 
-Each problem is ONE request with ``n = N`` (the prompt is prefilled once and the N samples share
-it), seeded by ``stable_seed(seed, "sample", problem_id)``; response j draws from seed + j, so a
+Each problem is ONE request with `n = N` (the prompt is prefilled once and the N samples share
+it), seeded by `stable_seed(seed, "sample", problem_id)`; response j draws from seed + j, so a
 resumed run regenerates exactly what an uninterrupted one would. Output: one
-:class:`SampleRecord` per problem in ``W/sample/<shard>.jsonl``; bad input lines, prompts longer
-than the context and empty responses become :class:`ErrorRecord` s in ``<shard>.errors.jsonl``
-(or stop the run under ``on_error="stop"``). Grading is the next stage.
+`SampleRecord` per problem in `W/sample/<shard>.jsonl`; bad input lines, prompts longer
+than the context and empty responses become `ErrorRecord`s in `<shard>.errors.jsonl`
+(or stop the run under `on_error="stop"`). Grading is the next stage.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 from data_pipeline.backends import context_length, prompt_lengths
 from data_pipeline.context import StageContext
 from data_pipeline.ids import response_id, shard_of, stable_seed
 from data_pipeline.problems import read_problems
 from data_pipeline.schemas import ErrorRecord, Problem, Response, SampleRecord
-from data_pipeline.shards import AppendOnlyWriter, atomic_write_json, exclusive_lock
+from data_pipeline.shards import exclusive_lock
 from data_pipeline.solutions import final_answer, policy_prompt, split_steps
+from prm_jax.files import atomic_write_json
 from prm_jax.generation.types import GenerationBackend, SamplingParams
+from prm_jax.jsonl import AppendOnlyWriter
 
 _log = logging.getLogger(__name__)
 
 
-def sample_problems(backend: GenerationBackend, problems: Sequence[Problem], *, n: int, temperature: float,
-                    top_p: float, max_tokens: int, system_prompt: str, base_seed: int,
-                    prompts: Sequence[str] | None = None) -> list[SampleRecord]:
-    """One :class:`SampleRecord` per problem from one batched ``generate`` call."""
+def sample_problems(
+    backend: GenerationBackend,
+    problems: Sequence[Problem],
+    *,
+    n: int,
+    temperature: float,
+    top_p: float,
+    max_tokens: int,
+    system_prompt: str,
+    base_seed: int,
+    prompts: Sequence[str] | None = None,
+) -> list[SampleRecord]:
+    """One `SampleRecord` per problem from one batched `generate` call."""
     if prompts is None:
         prompts = [policy_prompt(backend.tokenizer, p.problem, system_prompt) for p in problems]
-    params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
-                             seed=stable_seed(base_seed, "sample", p.id)) for p in problems]
+    params = [
+        SamplingParams(
+            n=n,
+            temperature=temperature,
+            top_p=top_p,
+            max_tokens=max_tokens,
+            seed=stable_seed(base_seed, "sample", p.id),
+        )
+        for p in problems
+    ]
     outputs = backend.generate(list(prompts), params)
     records = []
     for problem, param, output in zip(problems, params, outputs):
         responses = tuple(
-            Response(index=j, text=c.text, steps=tuple(split_steps(c.text)), answer=final_answer(c.text),
-                     finish_reason=c.finish_reason, num_tokens=len(c.token_ids))
+            Response(
+                index=j,
+                text=c.text,
+                steps=tuple(split_steps(c.text)),
+                answer=final_answer(c.text),
+                finish_reason=c.finish_reason,
+                num_tokens=len(c.token_ids),
+            )
             for j, c in enumerate(output.completions)
         )
-        records.append(SampleRecord(id=problem.id, problem=problem.problem, gold=problem.answer,
-                                    seed=param.seed, responses=responses))
+        records.append(
+            SampleRecord(
+                id=problem.id, problem=problem.problem, gold=problem.answer, seed=param.seed, responses=responses
+            )
+        )
     return records
 
 
 def shard_problems(ctx: StageContext) -> list[Problem | ErrorRecord]:
-    """This shard's problems and input errors, in file order (``problems.limit`` applied first)."""
+    """This shard's problems and input errors, in file order (`problems.limit` applied first)."""
     cfg = ctx.config.problems
     items: list[Problem | ErrorRecord] = []
     valid = 0
@@ -66,11 +94,15 @@ def run_sample(ctx: StageContext) -> None:
     if ctx.is_done("sample"):
         _log.info("sample: %s already done", shard.name)
         return
-    with exclusive_lock(layout.lock("sample", shard)), \
-            AppendOnlyWriter(layout.errors("sample", shard), ErrorRecord.from_json,
-                             fsync_every=cfg.io.fsync_every) as errors, \
-            AppendOnlyWriter(layout.records("sample", shard), SampleRecord.from_json,
-                             fsync_every=cfg.io.fsync_every) as writer:
+    with (
+        exclusive_lock(layout.lock("sample", shard)),
+        AppendOnlyWriter(
+            layout.errors("sample", shard), ErrorRecord.from_json, fsync_every=cfg.io.fsync_every
+        ) as errors,
+        AppendOnlyWriter(
+            layout.records("sample", shard), SampleRecord.from_json, fsync_every=cfg.io.fsync_every
+        ) as writer,
+    ):
         pending: list[Problem] = []
         for item in shard_problems(ctx):
             if isinstance(item, ErrorRecord):
@@ -83,33 +115,58 @@ def run_sample(ctx: StageContext) -> None:
             limit = context_length(backend)
             with ctx.progress(len(pending), "sample", "problem") as bar:
                 for start in range(0, len(pending), cfg.sample.batch_size):
-                    batch = pending[start:start + cfg.sample.batch_size]
+                    batch = pending[start : start + cfg.sample.batch_size]
                     prompts = [policy_prompt(backend.tokenizer, p.problem, cfg.sample.system_prompt) for p in batch]
                     if limit is not None:
                         keep = []
                         for problem, prompt, length in zip(batch, prompts, prompt_lengths(backend, prompts)):
                             if length >= limit:
-                                ctx.error(errors, ErrorRecord(
-                                    id=problem.id, stage="sample", error="prompt_too_long",
-                                    message=f"the prompt has {length} tokens; the policy's context is {limit}",
-                                    record_id=problem.id, source=problem.source))
+                                ctx.error(
+                                    errors,
+                                    ErrorRecord(
+                                        id=problem.id,
+                                        stage="sample",
+                                        error="prompt_too_long",
+                                        message=f"the prompt has {length} tokens; the policy's context is {limit}",
+                                        record_id=problem.id,
+                                        source=problem.source,
+                                    ),
+                                )
                             else:
                                 keep.append((problem, prompt))
                         batch, prompts = [p for p, _ in keep], [q for _, q in keep]
-                    records = sample_problems(
-                        backend, batch, n=cfg.sample.n, temperature=cfg.sample.temperature, top_p=cfg.sample.top_p,
-                        max_tokens=cfg.sample.max_tokens, system_prompt=cfg.sample.system_prompt,
-                        base_seed=cfg.seed, prompts=prompts) if batch else []
+                    records = (
+                        sample_problems(
+                            backend,
+                            batch,
+                            n=cfg.sample.n,
+                            temperature=cfg.sample.temperature,
+                            top_p=cfg.sample.top_p,
+                            max_tokens=cfg.sample.max_tokens,
+                            system_prompt=cfg.sample.system_prompt,
+                            base_seed=cfg.seed,
+                            prompts=prompts,
+                        )
+                        if batch
+                        else []
+                    )
                     for record, problem in zip(records, batch):
                         for response in record.responses:
                             if not response.steps:  # error first: a kill between the two re-derives it
                                 rid = response_id(record.id, response.index)
-                                ctx.error(errors, ErrorRecord(
-                                    id=rid, stage="sample", error="empty_response",
-                                    message=f"response {response.index} has no text ({response.num_tokens} tokens, "
-                                            f"finish_reason={response.finish_reason})",
-                                    record_id=rid, source=problem.source))
+                                ctx.error(
+                                    errors,
+                                    ErrorRecord(
+                                        id=rid,
+                                        stage="sample",
+                                        error="empty_response",
+                                        message=f"response {response.index} has no text ({response.num_tokens} tokens, "
+                                        f"finish_reason={response.finish_reason})",
+                                        record_id=rid,
+                                        source=problem.source,
+                                    ),
+                                )
                         writer.write(record)
-                    bar.update(len(pending[start:start + cfg.sample.batch_size]))
+                    bar.update(len(pending[start : start + cfg.sample.batch_size]))
         counts = {"records": len(writer.ids), "errors": len(errors.ids)}
     atomic_write_json(layout.done("sample", shard), counts)

@@ -1,30 +1,30 @@
 """The record types of every synthesis stage file, validated on read.
 
 Each stage file holds exactly one record type (one JSON object per line); readers validate every
-line and raise :class:`~prm_jax.data.records.DataError` naming ``file:line`` and the field. Stage
+line and raise `prm_jax.jsonl.DataError` naming `file:line` and the field. Stage
 outputs are consumed by later stages and by other nodes days later, so a corrupted or
 hand-edited file must fail loudly at the line to fix rather than skew labels silently.
 
-Record types and the files that hold them (``W`` is the workdir, ``S`` a shard name):
+Record types and the files that hold them (`W` is the workdir, `S` a shard name):
 
-* :class:`Problem` -- the normalised input problem (built by ``problems.py``, not stored);
-* :class:`SampleRecord` -- ``W/sample/S.jsonl``: one problem and its N policy responses;
-* :class:`GradeRecord` -- ``W/grade/S.jsonl``: one response with its steps and its grade;
-* :class:`MCRecord` -- ``W/mc/S.jsonl``: Monte Carlo step labels of one response;
-* :class:`JudgeRecord` -- ``W/judge/S.jsonl``: the LLM judge's verdict on one response;
-* :class:`ErrorRecord` -- ``W/<stage>/S.errors.jsonl``: input or output that could not be used.
+* `Problem` -- the normalised input problem (built by `problems.py`, not stored);
+* `SampleRecord` -- `W/sample/S.jsonl`: one problem and its N policy responses;
+* `GradeRecord` -- `W/grade/S.jsonl`: one response with its steps and its grade;
+* `MCRecord` -- `W/mc/S.jsonl`: Monte Carlo step labels of one response;
+* `JudgeRecord` -- `W/judge/S.jsonl`: the LLM judge's verdict on one response;
+* `ErrorRecord` -- `W/<stage>/S.errors.jsonl`: input or output that could not be used.
 
-The consensus output is a PRM training file (``prm_jax.data.records`` format plus metadata keys).
+The consensus output is a PRM training file (`prm_jax.data.records` format plus metadata keys).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any, ClassVar, Mapping
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 from prm_jax.critique import VERDICT_REASONS as CRITIQUE_VERDICT_REASONS
-from prm_jax.data.records import DataError, json_type_name
+from prm_jax.jsonl import DataError, Fields
 
 __all__ = [
     "DataError",
@@ -55,89 +55,8 @@ MC_SKIP_REASONS = ("no_steps", "truncated", "bad_gold", "grade_timeout", "grade_
 JUDGE_SKIP_REASONS = ("no_steps", "prompt_too_long")
 
 
-# ---------------------------------------------------------------------------- field checks
-
-
-class _Fields:
-    """Typed access to a decoded JSON object; every failure is a DataError naming the field."""
-
-    def __init__(self, obj: Mapping[str, Any], prefix: str = "") -> None:
-        if not isinstance(obj, Mapping):
-            raise DataError(f"expected a JSON object, got {json_type_name(obj)}", field=prefix or None)
-        self.obj = obj
-        self.prefix = prefix
-
-    def _name(self, name: str) -> str:
-        return f"{self.prefix}.{name}" if self.prefix else name
-
-    def get(self, name: str) -> Any:
-        if name not in self.obj:
-            raise DataError("missing", field=self._name(name))
-        return self.obj[name]
-
-    def str(self, name: str, *, non_empty: bool = False, choices: tuple[str, ...] | None = None) -> str:
-        value = self.get(name)
-        if not isinstance(value, str):
-            raise DataError(f"expected a string, got {json_type_name(value)}", field=self._name(name))
-        if non_empty and not value:
-            raise DataError("must be a non-empty string", field=self._name(name))
-        if choices is not None and value not in choices:
-            raise DataError(f"{value!r} is not one of {list(choices)}", field=self._name(name))
-        return value
-
-    def opt_str(self, name: str, *, choices: tuple[str, ...] | None = None) -> str | None:
-        if self.obj.get(name) is None:
-            return None
-        return self.str(name, choices=choices)
-
-    def int(self, name: str, *, minimum: int | None = None) -> int:
-        value = self.get(name)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise DataError(f"expected an integer, got {json_type_name(value)}", field=self._name(name))
-        if minimum is not None and value < minimum:
-            raise DataError(f"{value} is below the minimum {minimum}", field=self._name(name))
-        return value
-
-    def opt_int(self, name: str, *, minimum: int | None = None) -> int | None:
-        if self.obj.get(name) is None:
-            return None
-        return self.int(name, minimum=minimum)
-
-    def float(self, name: str) -> float:
-        value = self.get(name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise DataError(f"expected a finite number, got {value!r}", field=self._name(name))
-        return float(value)
-
-    def bool(self, name: str) -> bool:
-        value = self.get(name)
-        if not isinstance(value, bool):
-            raise DataError(f"expected true/false, got {json_type_name(value)}", field=self._name(name))
-        return value
-
-    def list(self, name: str) -> list[Any]:
-        value = self.get(name)
-        if not isinstance(value, list):
-            raise DataError(f"expected an array, got {json_type_name(value)}", field=self._name(name))
-        return value
-
-    def str_list(self, name: str) -> tuple[str, ...]:
-        items = self.list(name)
-        for i, item in enumerate(items):
-            if not isinstance(item, str):
-                raise DataError(f"item {i} is a {json_type_name(item)}, expected a string",
-                                field=self._name(name))
-        return tuple(items)
-
-    def obj_list(self, name: str) -> list["_Fields"]:
-        return [_Fields(item, f"{self._name(name)}[{i}]") for i, item in enumerate(self.list(name))]
-
-    def fail(self, name: str, message: str) -> DataError:
-        return DataError(message, field=self._name(name))
-
-
 class _Record:
-    """Shared JSON plumbing: ``to_json`` is the dataclass as plain JSON types."""
+    """Shared JSON plumbing: `to_json` is the dataclass as plain JSON types."""
 
     kind: ClassVar[str]
 
@@ -158,7 +77,7 @@ def _plain(value: Any) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class Problem(_Record):
-    """A normalised input problem: ``answer`` is the bare gold answer (no ``####``, no box)."""
+    """A normalised input problem: `answer` is the bare gold answer (no `####`, no box)."""
 
     kind: ClassVar[str] = "problem"
     id: str
@@ -167,10 +86,14 @@ class Problem(_Record):
     source: str  # file:line of the input, for error messages and audits
 
     @classmethod
-    def from_json(cls, obj: Mapping[str, Any]) -> "Problem":
-        f = _Fields(obj)
-        return cls(f.str("id", non_empty=True), f.str("problem", non_empty=True),
-                   f.str("answer", non_empty=True), f.str("source"))
+    def from_json(cls, obj: Mapping[str, Any]) -> Problem:
+        f = Fields(obj)
+        return cls(
+            f.string("id", non_empty=True),
+            f.string("problem", non_empty=True),
+            f.string("answer", non_empty=True),
+            f.string("source"),
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,14 +108,20 @@ class Response(_Record):
     num_tokens: int
 
     @classmethod
-    def from_fields(cls, f: _Fields) -> "Response":
-        return cls(f.int("index", minimum=0), f.str("text"), f.str_list("steps"), f.opt_str("answer"),
-                   f.str("finish_reason", choices=FINISH_REASONS), f.int("num_tokens", minimum=0))
+    def from_fields(cls, f: Fields) -> Response:
+        return cls(
+            f.integer("index", minimum=0),
+            f.string("text"),
+            f.strings("steps", item="step"),
+            f.string("answer", optional=True),
+            f.string("finish_reason", choices=FINISH_REASONS),
+            f.integer("num_tokens", minimum=0),
+        )
 
 
 @dataclasses.dataclass(frozen=True)
 class SampleRecord(_Record):
-    """One problem and its N responses: the unit of one ``n = N`` sampling request."""
+    """One problem and its N responses: the unit of one `n = N` sampling request."""
 
     kind: ClassVar[str] = "sample"
     id: str  # the problem id
@@ -202,13 +131,18 @@ class SampleRecord(_Record):
     responses: tuple[Response, ...]
 
     @classmethod
-    def from_json(cls, obj: Mapping[str, Any]) -> "SampleRecord":
-        f = _Fields(obj)
-        responses = tuple(Response.from_fields(r) for r in f.obj_list("responses"))
+    def from_json(cls, obj: Mapping[str, Any]) -> SampleRecord:
+        f = Fields(obj)
+        responses = tuple(Response.from_fields(r) for r in f.objects("responses"))
         if [r.index for r in responses] != list(range(len(responses))):
             raise f.fail("responses", "response indices must be 0, 1, ..., N-1 in order")
-        return cls(f.str("id", non_empty=True), f.str("problem"), f.str("gold"), f.int("seed", minimum=0),
-                   responses)
+        return cls(
+            f.string("id", non_empty=True),
+            f.string("problem"),
+            f.string("gold"),
+            f.integer("seed", minimum=0),
+            responses,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,13 +163,20 @@ class GradeRecord(_Record):
     correct: bool  # status == "correct", stored for readers of the raw file
 
     @classmethod
-    def from_json(cls, obj: Mapping[str, Any]) -> "GradeRecord":
-        f = _Fields(obj)
+    def from_json(cls, obj: Mapping[str, Any]) -> GradeRecord:
+        f = Fields(obj)
         record = cls(
-            f.str("id", non_empty=True), f.str("problem_id", non_empty=True), f.int("index", minimum=0),
-            f.str("problem"), f.str("gold"), f.str_list("steps"), f.opt_str("answer"),
-            f.str("finish_reason", choices=FINISH_REASONS), f.int("num_tokens", minimum=0),
-            f.str("status", choices=GRADE_STATUSES), f.bool("correct"),
+            f.string("id", non_empty=True),
+            f.string("problem_id", non_empty=True),
+            f.integer("index", minimum=0),
+            f.string("problem"),
+            f.string("gold"),
+            f.strings("steps", item="step"),
+            f.string("answer", optional=True),
+            f.string("finish_reason", choices=FINISH_REASONS),
+            f.integer("num_tokens", minimum=0),
+            f.string("status", choices=GRADE_STATUSES),
+            f.boolean("correct"),
         )
         if record.correct != (record.status == "correct"):
             raise f.fail("correct", f"correct={record.correct} contradicts status={record.status!r}")
@@ -246,10 +187,10 @@ class GradeRecord(_Record):
 class StepLabel(_Record):
     """The MC estimate of one step.
 
-    For a rolled-out step: ``n`` completions from the prefix ending at the step, ``n_correct`` of
-    them reached the gold answer; ``soft = n_correct / n``; ``hard = 1`` iff ``n_correct >= 1``
+    For a rolled-out step: `n` completions from the prefix ending at the step, `n_correct` of
+    them reached the gold answer; `soft = n_correct / n`; `hard = 1` iff `n_correct >= 1`
     (the paper's best threshold). The last step is not rolled out: the prefix is the whole
-    response, so its label is the response's own grade (``n = 0``, soft/hard 1 or 0).
+    response, so its label is the response's own grade (`n = 0`, soft/hard 1 or 0).
     """
 
     n_correct: int
@@ -260,11 +201,15 @@ class StepLabel(_Record):
     timeouts: int = 0  # completions whose grading hit the hard timeout (counted as incorrect)
 
     @classmethod
-    def from_fields(cls, f: _Fields) -> "StepLabel":
-        label = cls(f.int("n_correct", minimum=0), f.int("n", minimum=0), f.float("soft"),
-                    f.int("hard", minimum=0), f.bool("rolled_out"), f.int("timeouts", minimum=0))
-        if label.hard not in (0, 1):
-            raise f.fail("hard", f"hard label must be 0 or 1, got {label.hard}")
+    def from_fields(cls, f: Fields) -> StepLabel:
+        label = cls(
+            f.integer("n_correct", minimum=0),
+            f.integer("n", minimum=0),
+            f.probability("soft"),
+            f.integer("hard", minimum=0, maximum=1),
+            f.boolean("rolled_out"),
+            f.integer("timeouts", minimum=0),
+        )
         if label.rolled_out:
             if label.n == 0 or label.n_correct > label.n:
                 raise f.fail("n_correct", f"{label.n_correct} correct of {label.n} completions")
@@ -288,19 +233,23 @@ class MCCost(_Record):
     completions_full: int = 0
 
     @classmethod
-    def from_fields(cls, f: _Fields) -> "MCCost":
-        return cls(*(f.int(name, minimum=0) for name in
-                     ("prefixes", "completions", "generated_tokens", "prefixes_full", "completions_full")))
+    def from_fields(cls, f: Fields) -> MCCost:
+        return cls(
+            *(
+                f.integer(name, minimum=0)
+                for name in ("prefixes", "completions", "generated_tokens", "prefixes_full", "completions_full")
+            )
+        )
 
 
 @dataclasses.dataclass(frozen=True)
 class MCRecord(_Record):
     """Monte Carlo labels of one response.
 
-    ``labels`` covers the steps that were labelled: with early stop, steps up to and including the
+    `labels` covers the steps that were labelled: with early stop, steps up to and including the
     first hard-negative step (later steps carry no label in the paper's recipe); without it,
-    every step. ``first_error`` is the index of the first step with hard label 0, or -1; None when
-    the response was skipped (``skip_reason`` says why).
+    every step. `first_error` is the index of the first step with hard label 0, or -1; None when
+    the response was skipped (`skip_reason` says why).
     """
 
     kind: ClassVar[str] = "mc"
@@ -316,15 +265,21 @@ class MCRecord(_Record):
     cost: MCCost
 
     @classmethod
-    def from_json(cls, obj: Mapping[str, Any]) -> "MCRecord":
-        f = _Fields(obj)
-        labels = tuple(StepLabel.from_fields(x) for x in f.obj_list("labels"))
-        cost_obj = f.get("cost")
+    def from_json(cls, obj: Mapping[str, Any]) -> MCRecord:
+        f = Fields(obj)
+        labels = tuple(StepLabel.from_fields(x) for x in f.objects("labels"))
+        cost = MCCost.from_fields(f.object("cost"))
         record = cls(
-            f.str("id", non_empty=True), f.str("problem_id", non_empty=True),
-            f.str("status", choices=("labelled", "skipped")), f.opt_str("skip_reason", choices=MC_SKIP_REASONS),
-            f.int("k", minimum=1), f.int("num_steps", minimum=0), labels, f.opt_int("first_error", minimum=-1),
-            f.bool("early_stopped"), MCCost.from_fields(_Fields(cost_obj, "cost")),
+            f.string("id", non_empty=True),
+            f.string("problem_id", non_empty=True),
+            f.string("status", choices=("labelled", "skipped")),
+            f.string("skip_reason", choices=MC_SKIP_REASONS, optional=True),
+            f.integer("k", minimum=1),
+            f.integer("num_steps", minimum=0),
+            labels,
+            f.integer("first_error", minimum=-1, optional=True),
+            f.boolean("early_stopped"),
+            cost,
         )
         if record.status == "skipped":
             if record.skip_reason is None or record.labels or record.first_error is not None:
@@ -360,23 +315,29 @@ class JudgeRecord(_Record):
     texts: tuple[str, ...] | None = None  # raw judge outputs when judge.keep_text is on
 
     @classmethod
-    def from_json(cls, obj: Mapping[str, Any]) -> "JudgeRecord":
-        f = _Fields(obj)
-        num_steps = f.int("num_steps", minimum=0)
-        verdicts = f.list("verdicts")
+    def from_json(cls, obj: Mapping[str, Any]) -> JudgeRecord:
+        f = Fields(obj)
+        num_steps = f.integer("num_steps", minimum=0)
+        verdicts = f.array("verdicts")
         for i, v in enumerate(verdicts):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not -1 <= v < num_steps):
                 raise f.fail("verdicts", f"verdict {i} is {v!r}; expected null or an index in [-1, {num_steps})")
-        reasons = f.str_list("reasons")
+        reasons = f.strings("reasons")
         for i, r in enumerate(reasons):
             if r not in VERDICT_REASONS:
                 raise f.fail("reasons", f"reason {i} is {r!r}, not one of {list(VERDICT_REASONS)}")
-        texts = None if obj.get("texts") is None else f.str_list("texts")
+        texts = None if f.absent("texts") else f.strings("texts")
         record = cls(
-            f.str("id", non_empty=True), f.str("problem_id", non_empty=True),
-            f.str("status", choices=("judged", "skipped")), f.opt_str("skip_reason", choices=JUDGE_SKIP_REASONS),
-            num_steps, tuple(verdicts), reasons, f.opt_int("first_error", minimum=-1),
-            f.opt_str("no_verdict_reason", choices=NO_VERDICT_REASONS), texts,
+            f.string("id", non_empty=True),
+            f.string("problem_id", non_empty=True),
+            f.string("status", choices=("judged", "skipped")),
+            f.string("skip_reason", choices=JUDGE_SKIP_REASONS, optional=True),
+            num_steps,
+            tuple(verdicts),
+            reasons,
+            f.integer("first_error", minimum=-1, optional=True),
+            f.string("no_verdict_reason", choices=NO_VERDICT_REASONS, optional=True),
+            texts,
         )
         if len(record.reasons) != len(record.verdicts):
             raise f.fail("reasons", f"{len(record.reasons)} reasons for {len(record.verdicts)} verdicts")
@@ -394,7 +355,7 @@ class ErrorRecord(_Record):
     """Something that could not be used: a bad input line, an empty response, ...
 
     Errors are records (not log lines) so they are counted in the summary, survive restarts,
-    and can be listed and fixed; ``source`` points at the input line when there is one.
+    and can be listed and fixed; `source` points at the input line when there is one.
     """
 
     kind: ClassVar[str] = "error"
@@ -406,7 +367,13 @@ class ErrorRecord(_Record):
     source: str | None = None  # file:line of the offending input, when it came from a file
 
     @classmethod
-    def from_json(cls, obj: Mapping[str, Any]) -> "ErrorRecord":
-        f = _Fields(obj)
-        return cls(f.str("id", non_empty=True), f.str("stage", non_empty=True), f.str("error", non_empty=True),
-                   f.str("message"), f.opt_str("record_id"), f.opt_str("source"))
+    def from_json(cls, obj: Mapping[str, Any]) -> ErrorRecord:
+        f = Fields(obj)
+        return cls(
+            f.string("id", non_empty=True),
+            f.string("stage", non_empty=True),
+            f.string("error", non_empty=True),
+            f.string("message"),
+            f.string("record_id", optional=True),
+            f.string("source", optional=True),
+        )

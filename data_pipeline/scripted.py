@@ -1,22 +1,22 @@
 """A scripted generation backend: completions chosen by a function of the prompt.
 
-It implements :class:`~prm_jax.generation.types.GenerationBackend` without a model, for tests of
+It implements `GenerationBackend` without a model, for tests of
 the labelling logic (which completions are correct decides every label, so a test can state the
 exact expected labels), for the MC cost benchmark (realistic lengths at no model cost) and for
 dry runs of a pipeline configuration. Every request is recorded, so a test can also check *how*
-the pipeline generates (one ``n = k`` request per step prefix, seeds, max_tokens).
+the pipeline generates (one `n = k` request per step prefix, seeds, max_tokens).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence, Union
+from collections.abc import Callable, Sequence
 
 from prm_jax.generation.types import Completion, Prompt, RequestOutput, SamplingParams, per_prompt_params
 
-#: What a script returns for completion ``index`` of a request: the text, or (text, token count),
+#: What a script returns for completion `index` of a request: the text, or (text, token count),
 #: or a full Completion (to script finish reasons).
-ScriptResult = Union[str, tuple[str, int], Completion]
+ScriptResult = str | tuple[str, int] | Completion
 Script = Callable[[str, int, SamplingParams], ScriptResult]
 
 
@@ -45,12 +45,12 @@ def approx_tokens(text: str) -> int:
 
 
 class ScriptedBackend:
-    """Generation backend whose completions come from ``script(prompt, index, params)``.
+    """Generation backend whose completions come from `script(prompt, index, params)`.
 
     Args:
-        script: Returns completion ``index`` (0..n-1) of a request for the rendered ``prompt``.
+        script: Returns completion `index` (0..n-1) of a request for the rendered `prompt`.
         tokenizer: Used to render chat prompts and to measure prompt lengths; defaults to
-            :class:`CharTokenizer`.
+            `CharTokenizer`.
         context_length: Reported to the pipeline (prompt-length checks); None = unlimited.
     """
 
@@ -60,7 +60,9 @@ class ScriptedBackend:
         self.context_length = context_length
         self.requests: list[Request] = []
 
-    def generate(self, prompts: Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams]) -> list[RequestOutput]:
+    def generate(
+        self, prompts: Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams]
+    ) -> list[RequestOutput]:
         all_params = per_prompt_params(params, len(prompts))
         outputs = []
         for prompt, p in zip(prompts, all_params):

@@ -12,9 +12,10 @@ for 400-1500 steps at this size: that is the demo world's job with a pretrained 
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
+
+from prm_jax.files import atomic_write_lines
 
 
 def _correct_step(rng: random.Random) -> str:
@@ -41,19 +42,15 @@ def arithmetic_record(rng: random.Random, record_id: str, error_rate: float = 0.
     return {"id": record_id, "problem": problem, "steps": steps, "labels": labels}
 
 
-def write_arithmetic_dataset(out_dir: str | Path, *, n_train: int = 2000, n_eval: int = 200, seed: int = 0) -> tuple[Path, Path]:
+def write_arithmetic_dataset(
+    out_dir: str | Path, *, n_train: int = 2000, n_eval: int = 200, seed: int = 0
+) -> tuple[Path, Path]:
     """Writes train.jsonl and eval.jsonl (idempotent: same seed, same files)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     paths = []
     for name, count in (("train", n_train), ("eval", n_eval)):
-        path = out_dir / f"{name}.jsonl"
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with tmp.open("w") as f:
-            for i in range(count):
-                f.write(json.dumps(arithmetic_record(rng, f"{name}-{i:06d}")) + "\n")
-        os.replace(tmp, path)
+        path = Path(out_dir) / f"{name}.jsonl"
+        atomic_write_lines(path, (json.dumps(arithmetic_record(rng, f"{name}-{i:06d}")) for i in range(count)))
         paths.append(path)
     return paths[0], paths[1]
 
@@ -65,6 +62,7 @@ def prepare_synthetic_run(config, workdir: str | Path):
     Process 0 writes (the workdir is shared, as Orbax checkpoints require); the others wait.
     """
     import jax
+
     if not config.data.synthetic:
         return config
     if config.data.synthetic != "arithmetic":

@@ -25,8 +25,16 @@ _OUT = flags.DEFINE_string("out", None, "Write the figures as JSON here.")
 def main(argv: list[str]) -> None:
     del argv
     configure_logging()
-    result = run(_SUITE.value, _SIZE.value, rows=_ROWS.value, seq_len=_SEQ_LEN.value, steps=_STEPS.value,
-                 torch_compile=_COMPILE.value, remat_policy=_REMAT.value, attention_impl=_ATTENTION.value)
+    result = run(
+        _SUITE.value,
+        _SIZE.value,
+        rows=_ROWS.value,
+        seq_len=_SEQ_LEN.value,
+        steps=_STEPS.value,
+        torch_compile=_COMPILE.value,
+        remat_policy=_REMAT.value,
+        attention_impl=_ATTENTION.value,
+    )
     print(format_table(result))
     if _OUT.value:
         dump(result, _OUT.value)

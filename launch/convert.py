@@ -36,12 +36,15 @@ _DIRECTION = flags.DEFINE_enum("direction", None, ["hf_to_orbax", "orbax_to_hf"]
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "Hugging Face checkpoint directory (source or destination).")
 _ORBAX_DIR = flags.DEFINE_string("orbax_dir", None, "Orbax model checkpoint directory (source or destination).")
 _TOKENIZER_DIR = flags.DEFINE_string(
-    "tokenizer_dir", None,
+    "tokenizer_dir",
+    None,
     "orbax_to_hf: tokenizer to save beside the weights (default: the one the training run recorded; "
     "a disagreeing one is refused).",
 )
 _DTYPE = flags.DEFINE_enum(
-    "dtype", None, list(EXPORT_DTYPES),
+    "dtype",
+    None,
+    list(EXPORT_DTYPES),
     f"orbax_to_hf: weight dtype (default: the dtype the model was imported in, else {DEFAULT_EXPORT_DTYPE}).",
 )
 _PARAM_DTYPE = flags.DEFINE_enum("param_dtype", "float32", ["float32", "bfloat16"], "hf_to_orbax: stored dtype.")
@@ -96,15 +99,23 @@ def main(argv: list[str]) -> None:
     configure_logging()
     if _DIRECTION.value == "hf_to_orbax":
         config = hf_to_orbax(
-            _HF_DIR.value, _ORBAX_DIR.value, seed=_SEED.value, param_dtype=_PARAM_DTYPE.value,
+            _HF_DIR.value,
+            _ORBAX_DIR.value,
+            seed=_SEED.value,
+            param_dtype=_PARAM_DTYPE.value,
             overwrite=_OVERWRITE.value,
         )
         print(f"wrote Orbax checkpoint {_ORBAX_DIR.value}: {config.num_parameters():,} parameters")
     else:
         orbax_to_hf(
-            _ORBAX_DIR.value, _HF_DIR.value, dtype=_DTYPE.value, tokenizer_dir=_TOKENIZER_DIR.value,
-            separator=_SEPARATOR.value, add_separator=_ADD_SEPARATOR.value,
-            max_shard_size=_MAX_SHARD_SIZE.value, overwrite=_OVERWRITE.value,
+            _ORBAX_DIR.value,
+            _HF_DIR.value,
+            dtype=_DTYPE.value,
+            tokenizer_dir=_TOKENIZER_DIR.value,
+            separator=_SEPARATOR.value,
+            add_separator=_ADD_SEPARATOR.value,
+            max_shard_size=_MAX_SHARD_SIZE.value,
+            overwrite=_OVERWRITE.value,
         )
         print(f"wrote Hugging Face PRM {_HF_DIR.value}")
 

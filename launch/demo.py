@@ -13,35 +13,26 @@ intermediate artifact under W. Rerunning the same command resumes.
 
 from __future__ import annotations
 
-import logging
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
 from launch import errors
+from launch.demo_pipeline import default_config, run_demo
 from launch.logs import configure_logging
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (every artifact goes here).")
 flags.mark_flags_as_required(["workdir"])
 
 
-def _define_config() -> None:
-    from data_pipeline.demo import default_config
-
-    config_flags.DEFINE_config_dict("config", default_config(), "Demo settings (data_pipeline.demo.default_config).")
-
-
-_define_config()
+config_flags.DEFINE_config_dict("config", default_config(), "Demo settings (launch.demo_pipeline.default_config).")
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     configure_logging()
-    logging.getLogger("demo").setLevel(logging.INFO)
-    from data_pipeline.demo import run_demo
-
     run_demo(flags.FLAGS.config, _WORKDIR.value, say=lambda line: print(line, flush=True))
     sys.exit(0)
 

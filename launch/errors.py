@@ -1,14 +1,14 @@
 """User errors at the launchers' front door: one message, a non-zero exit, no traceback.
 
-Every launcher runs its ``main`` through :func:`run`. The project raises errors with messages that
+Every launcher runs its `main` through `run`. The project raises errors with messages that
 name the file, line, field or value at fault: its own error types (registered per launcher),
-``ValueError`` raised by its own validators, and path errors (``FileNotFoundError``, ...);
-:func:`run` prints such an error as one short block on stderr and exits with
-:data:`USER_ERROR_EXIT`. Anything else, including a ``ValueError`` raised inside jax, numpy or
-orbax, is a bug and keeps its traceback. ``--verbose_errors`` shows the traceback of user errors too.
+`ValueError` raised by its own validators, and path errors (`FileNotFoundError`, ...);
+`run` prints such an error as one short block on stderr and exits with
+`USER_ERROR_EXIT`. Anything else, including a `ValueError` raised inside jax, numpy or
+orbax, is a bug and keeps its traceback. `--verbose_errors` shows the traceback of user errors too.
 
 Flag parsing errors (an unknown flag, a bad enum or integer value, a missing required flag) and
-``app.UsageError`` are user errors as well: one ``error: ...`` line and the same exit status,
+`app.UsageError` are user errors as well: one `error: ...` line and the same exit status,
 instead of absl's multi-line usage dump and exit 1. A full disk, a quota, a read-only file system
 and a held lock are reported as one line naming the path.
 """
@@ -35,21 +35,28 @@ class UserError(Exception):
 
 
 #: Always user errors: raised on purpose with a message that names what to fix. Library error types
-#: meant for users are registered by the launchers that raise them (``extra_user_errors``).
+#: meant for users are registered by the launchers that raise them (`extra_user_errors`).
 USER_ERRORS: tuple[type[BaseException], ...] = (UserError,)
 #: A missing or unreadable path: the message names it, wherever it was raised.
-PATH_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, FileExistsError, NotADirectoryError,
-                                                IsADirectoryError, PermissionError)
+PATH_ERRORS: tuple[type[BaseException], ...] = (
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+)
 #: User errors only when raised by this project's own code (its validators raise ValueError with a
 #: message naming the field or file); the same type raised inside jax, numpy or orbax is a bug and
 #: keeps its traceback.
 OWN_CODE_ERRORS: tuple[type[BaseException], ...] = (ValueError,)
-_OWN_PACKAGES = tuple(str(Path(__file__).resolve().parents[1] / name) + os.sep
-                      for name in ("prm_jax", "data_pipeline", "launch", "configs"))
+_OWN_PACKAGES = tuple(
+    str(Path(__file__).resolve().parents[1] / name) + os.sep
+    for name in ("prm_jax", "data_pipeline", "launch", "configs")
+)
 
 
 def _raised_by_own_code(error: BaseException) -> bool:
-    """Whether the innermost frame of ``error``'s traceback is in this project's source."""
+    """Whether the innermost frame of `error`'s traceback is in this project's source."""
     tb = error.__traceback__
     if tb is None:
         return False
@@ -95,7 +102,7 @@ def _fail(message: str) -> None:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing with one ``error:`` line and exit 2 on a bad flag (absl: a usage dump, exit 1)."""
+    """absl flag parsing with one `error:` line and exit 2 on a bad flag (absl: a usage dump, exit 1)."""
     try:
         return flags.FLAGS(argv)
     except flags.Error as error:
@@ -103,14 +110,17 @@ def parse_flags(argv: list[str]) -> list[str]:
     except OSError as error:  # a --flagfile or an ml_collections --config file that cannot be read
         _fail(" ".join(str(error).split()))
     except (AttributeError, KeyError) as error:  # ml_collections: --config.<field> the config lacks
-        _fail(f"no such config field: {str(error).strip(chr(34) + chr(39))} (a typo in a --config.* flag? "
-              "the config file lists the fields)")
+        _fail(
+            f"no such config field: {str(error).strip(chr(34) + chr(39))} (a typo in a --config.* flag? "
+            "the config file lists the fields)"
+        )
     raise AssertionError("unreachable")
 
 
-def call(main: Callable[[list[str]], None], argv: list[str],
-         extra_user_errors: Sequence[type[BaseException]] = ()) -> None:
-    """Run ``main(argv)`` (flags already parsed); a user error exits 2 with one ``error:`` line."""
+def call(
+    main: Callable[[list[str]], None], argv: list[str], extra_user_errors: Sequence[type[BaseException]] = ()
+) -> None:
+    """Run `main(argv)` (flags already parsed); a user error exits 2 with one `error:` line."""
     try:
         main(argv)
     except app.UsageError as error:
@@ -125,5 +135,5 @@ def call(main: Callable[[list[str]], None], argv: list[str],
 
 
 def run(main: Callable[[list[str]], None], extra_user_errors: Sequence[type[BaseException]] = ()) -> None:
-    """``absl.app.run(main)``, with user errors printed as one line and exit status 2."""
+    """`absl.app.run(main)`, with user errors printed as one line and exit status 2."""
     app.run(lambda argv: call(main, argv, extra_user_errors), flags_parser=parse_flags)

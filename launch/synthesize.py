@@ -26,8 +26,12 @@ from prm_jax.data.records import DataError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Synthesis config file (configs/synth_*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (shared by all shards).")
-_STAGE = flags.DEFINE_enum("stage", "all", ["all", "sample", "grade", "mc", "judge", "consensus", "merge"],
-                           "Stage to run for this shard ('all': every stage, then the merge when all shards are done).")
+_STAGE = flags.DEFINE_enum(
+    "stage",
+    "all",
+    ["all", "sample", "grade", "mc", "judge", "consensus", "merge"],
+    "Stage to run for this shard ('all': every stage, then the merge when all shards are done).",
+)
 _NUM_SHARDS = flags.DEFINE_integer("num_shards", 1, "Number of disjoint problem shards (one per node/process).")
 _SHARD_INDEX = flags.DEFINE_integer("shard_index", 0, "This process's shard, 0..num_shards-1.")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -44,8 +48,9 @@ def main(argv: list[str]) -> None:
 
     index, count = _SHARD_INDEX.value, _NUM_SHARDS.value
     if count < 1 or not 0 <= index < count:
-        raise errors.UserError(f"--shard_index={index} --num_shards={count}: need num_shards >= 1 and "
-                               "0 <= shard_index < num_shards")
+        raise errors.UserError(
+            f"--shard_index={index} --num_shards={count}: need num_shards >= 1 and 0 <= shard_index < num_shards"
+        )
     shard = Shard(index, count)
     try:
         config = _CONFIG.value

@@ -22,7 +22,9 @@ from launch.logs import configure_logging
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, TensorBoard.")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (auto-detects TPU/SLURM/MPI).")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() (auto-detects TPU/SLURM/MPI)."
+)
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (implies --distributed).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
@@ -42,9 +44,7 @@ def main(argv: list[str]) -> None:
         )
     if _DISTRIBUTED.value or _COORDINATOR.value:
         jax.distributed.initialize(
-            coordinator_address=_COORDINATOR.value,
-            num_processes=_NUM_PROCESSES.value,
-            process_id=_PROCESS_ID.value,
+            coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value
         )
     # Imported after distributed init: these modules touch devices.
     from data_pipeline.synthetic import prepare_synthetic_run
@@ -59,7 +59,10 @@ def main(argv: list[str]) -> None:
     result = train_from_config(prepare_synthetic_run(_CONFIG.value, workdir), workdir)
     if jax.process_index() == 0:
         summary = {"final_step": result.final_step, "stopped_early": result.stopped_early, **(result.last_eval or {})}
-        print("training done: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+        print(
+            "training done: "
+            + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items())
+        )
     sys.exit(0)
 
 

@@ -1,19 +1,19 @@
 """Final-answer equivalence with math-verify: the one comparison grading and voting share.
 
-``data_pipeline.grading`` grades a response by comparing its answer with the gold here (inside
+`data_pipeline.grading` grades a response by comparing its answer with the gold here (inside
 killable worker processes), and Best-of-N's maj@N groups responses whose answers compare equal
-here, so ``0.5`` and ``\\frac12`` vote together exactly when the grader would call them equal. It
-lives in ``prm_jax`` because evaluation (``prm_jax``) must not import ``data_pipeline``.
+here, so `0.5` and `\\frac12` vote together exactly when the grader would call them equal. It
+lives in `prm_jax` because evaluation (`prm_jax`) must not import `data_pipeline`.
 
-Both sides are wrapped in ``\\boxed{}`` so math-verify's LaTeX extraction reads exactly the answer.
-A cheap string normalisation (dollar signs, spacing commands, ``\\left``/``\\right``, ``\\dfrac``)
+Both sides are wrapped in `\\boxed{}` so math-verify's LaTeX extraction reads exactly the answer.
+A cheap string normalisation (dollar signs, spacing commands, `\\left`/`\\right`, `\\dfrac`)
 decides the common case without sympy. Comparison errors inside math-verify count as "not equal"
-(its ``raise_on_error=False``): one candidate interpretation failing is routine there.
+(its `raise_on_error=False`): one candidate interpretation failing is routine there.
 
-Timeouts: sympy can hang on adversarial input (a power tower). :func:`grade_answer` runs with
+Timeouts: sympy can hang on adversarial input (a power tower). `grade_answer` runs with
 math-verify's own timeouts off, for callers that enforce a hard wall-clock limit themselves (the
-grading pool kills its worker). :func:`equivalent_answers` takes ``timeout_s`` for math-verify's
-``signal.alarm`` timeouts, which only work on the main thread; off it they are off too.
+grading pool kills its worker). `equivalent_answers` takes `timeout_s` for math-verify's
+`signal.alarm` timeouts, which only work on the main thread; off it they are off too.
 """
 
 from __future__ import annotations
@@ -49,9 +49,9 @@ def _verify(gold: tuple, answer: tuple, timeout_s: int | None) -> bool:
 
 
 def grade_answer(gold: str, answer: str) -> str:
-    """math-verify's verdict on ``answer`` against ``gold`` (both bare answers, e.g. box contents):
-    ``correct``, ``incorrect`` or ``bad_gold`` (the gold does not parse). No timeout here: call it
-    where a hard limit is enforced (``data_pipeline.grading.GradingPool``) or on trusted input."""
+    """math-verify's verdict on `answer` against `gold` (both bare answers, e.g. box contents):
+    `correct`, `incorrect` or `bad_gold` (the gold does not parse). No timeout here: call it
+    where a hard limit is enforced (`data_pipeline.grading.GradingPool`) or on trusted input."""
     gold_parsed = _parsed(gold, None)
     if not gold_parsed:
         return BAD_GOLD
@@ -62,7 +62,7 @@ def grade_answer(gold: str, answer: str) -> str:
 
 
 def equivalent_answers(reference: str, answer: str, *, timeout_s: int | None = 5) -> bool:
-    """Whether ``answer`` equals ``reference`` as the grader compares them (``reference`` plays the
+    """Whether `answer` equals `reference` as the grader compares them (`reference` plays the
     gold). An answer that does not parse equals only its own normalised string; a math-verify
     timeout or error counts as not equal."""
     if normalized_answer(reference) == normalized_answer(answer):

@@ -3,13 +3,16 @@
 A model checkpoint directory (what `launch.convert` writes, and what training step directories
 contain) holds two Orbax items:
 
-* `params`: the parameter PyTree, nested dicts keyed by the parameter path
-  (`model/layers/0/self_attn/q_kernel`, ...), unscanned layers;
+* `params`: the parameter tree (`models.factory`), nested dicts keyed like the parameter path
+  (`model/layers/0/self_attn/q_proj/kernel`, ...), unscanned layers;
 * `model_config`: JSON with the `ModelConfig`, the layout version, free-form provenance and two
   facts the export needs: `source_dtype` (the dtype of the Hugging Face weights the model was
   imported from, the default export dtype) and `tokenizer` (the step separator, its id, the
   vocabulary fingerprint and the directory of the separator-bearing tokenizer a run trained with).
   Both are absent or null in checkpoints written before they existed.
+
+Layout 1 (before parameters took HF names) named projections `q_kernel`, `q_bias`, `gate_kernel`;
+restores read those under today's names, so older checkpoints stay readable.
 
 Restores take `jax.ShapeDtypeStruct`s carrying the target shardings, so a checkpoint saved on one
 mesh restores onto any other device count or mesh. Conversion writes parameters through
@@ -22,8 +25,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -33,14 +37,14 @@ from jax.sharding import Mesh
 from orbax.checkpoint import type_handlers
 
 from prm_jax.models.config import ModelConfig
-from prm_jax.models.factory import abstract_model, abstract_param_state, param_specs, params_to_tree, tree_to_params
+from prm_jax.models.factory import ParamPath, abstract_model, abstract_params, params_of
 from prm_jax.models.transformer import Transformer
-from prm_jax.sharding import LogicalAxisRules, state_shardings
+from prm_jax.sharding import MESH_AXES, LogicalAxisRules
 
 PARAMS_ITEM = "params"
 CONFIG_ITEM = "model_config"
-LAYOUT_VERSION = 1  # bump when the parameter tree layout changes
-ParamPath = tuple[str | int, ...]
+LAYOUT_VERSION = 2  # bump when the parameter tree layout changes; 2: HF-named projections
+_READABLE_LAYOUTS = (1, LAYOUT_VERSION)
 
 
 # ---------------------------------------------------------------------------- lazy leaves
@@ -113,6 +117,19 @@ def _string_path(path: Iterable[Any]) -> tuple[str, ...]:
     return tuple(str(p) for p in path)
 
 
+def stored_tensors(directory: str | Path) -> dict[tuple[str, ...], Any]:
+    """{on-disk path: metadata with `shape` and `dtype`} of a checkpoint's parameters; no data is read."""
+    tree = ocp.PyTreeCheckpointHandler().metadata(Path(directory).absolute() / PARAMS_ITEM).tree
+    return nnx.traversals.flatten_mapping(tree)
+
+
+def on_disk(path: ParamPath, stored: Mapping[tuple[str, ...], Any]) -> tuple[str, ...]:
+    """Where a parameter is stored: its path, or its layout-1 name (`q_proj/kernel` was `q_kernel`)."""
+    name = _string_path(path)
+    if name in stored or not name[-2].endswith("_proj"):
+        return name
+    old = name[:-2] + (f"{name[-2].removesuffix('_proj')}_{name[-1]}",)
+    return old if old in stored else name
 
 
 # ---------------------------------------------------------------------------- save
@@ -142,14 +159,14 @@ def checkpoint_metadata(
 
 def save_params(
     directory: str | Path,
-    params: Mapping[ParamPath, Any],
+    params: Mapping[str, Any],
     config: ModelConfig,
     *,
     provenance: Mapping[str, Any] | None = None,
     source_dtype: str | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Saves parameters (jax/numpy arrays or `LazyTensor`s) and the config as one checkpoint.
+    """Saves parameters (a tree of jax/numpy arrays or `LazyTensor`s) and the config as one checkpoint.
 
     The set of parameter paths and their shapes must be exactly the model's for `config`.
     Orbax writes into a temporary directory and renames it at the end, so a failed save leaves
@@ -157,8 +174,8 @@ def save_params(
     complete).
     """
     directory = Path(directory).absolute()
-    expected = {_string_path(p): s.shape for p, s in param_specs(config)}
-    given = {_string_path(p): tuple(v.shape) for p, v in params.items()}
+    expected = {_string_path(p): s.shape for p, s in nnx.traversals.flatten_mapping(abstract_params(config)).items()}
+    given = {_string_path(p): tuple(v.shape) for p, v in nnx.traversals.flatten_mapping(params).items()}
     missing = sorted(".".join(p) for p in expected.keys() - given.keys())
     extra = sorted(".".join(p) for p in given.keys() - expected.keys())
     if missing or extra:
@@ -179,10 +196,8 @@ def save_params(
             target,
             args=ocp.args.Composite(
                 **{
-                    PARAMS_ITEM: ocp.args.PyTreeSave(params_to_tree(params)),
-                    CONFIG_ITEM: ocp.args.JsonSave(
-                        checkpoint_metadata(config, provenance, source_dtype=source_dtype)
-                    ),
+                    PARAMS_ITEM: ocp.args.PyTreeSave(params),
+                    CONFIG_ITEM: ocp.args.JsonSave(checkpoint_metadata(config, provenance, source_dtype=source_dtype)),
                 }
             ),
         )
@@ -198,15 +213,9 @@ def save_params(
 
 
 def save_model(
-    directory: str | Path,
-    model: Transformer,
-    *,
-    provenance: Mapping[str, Any] | None = None,
-    overwrite: bool = False,
+    directory: str | Path, model: Transformer, *, provenance: Mapping[str, Any] | None = None, overwrite: bool = False
 ) -> Path:
-    state = nnx.state(model, nnx.Param)
-    params = {tuple(p): v.get_value() for p, v in nnx.to_flat_state(state)}
-    return save_params(directory, params, model.config, provenance=provenance, overwrite=overwrite)
+    return save_params(directory, params_of(model), model.config, provenance=provenance, overwrite=overwrite)
 
 
 def _remove_partial_saves(directory: Path) -> None:
@@ -221,17 +230,14 @@ def read_checkpoint_metadata(directory: str | Path) -> dict[str, Any]:
     directory = Path(directory).absolute()
     if not (directory / CONFIG_ITEM).is_dir() or not (directory / PARAMS_ITEM).is_dir():
         raise FileNotFoundError(
-            f"{directory} is not a prm-jax model checkpoint (expected '{PARAMS_ITEM}/' and "
-            f"'{CONFIG_ITEM}/' items)"
+            f"{directory} is not a prm-jax model checkpoint (expected '{PARAMS_ITEM}/' and '{CONFIG_ITEM}/' items)"
         )
-    restored = _checkpointer().restore(
-        directory, args=ocp.args.Composite(**{CONFIG_ITEM: ocp.args.JsonRestore()})
-    )
+    restored = _checkpointer().restore(directory, args=ocp.args.Composite(**{CONFIG_ITEM: ocp.args.JsonRestore()}))
     metadata = dict(restored[CONFIG_ITEM])
     version = metadata.get("layout_version")
-    if version != LAYOUT_VERSION:
+    if version not in _READABLE_LAYOUTS:
         raise ValueError(
-            f"{directory}: checkpoint layout_version={version}, this prm-jax reads {LAYOUT_VERSION}"
+            f"{directory}: checkpoint layout_version={version}, this prm-jax reads {list(_READABLE_LAYOUTS)}"
         )
     return metadata
 
@@ -239,35 +245,6 @@ def read_checkpoint_metadata(directory: str | Path) -> dict[str, Any]:
 def read_model_config(directory: str | Path, **overrides: Any) -> ModelConfig:
     """The ModelConfig stored with a checkpoint; runtime fields may be overridden."""
     return ModelConfig.from_json_dict(read_checkpoint_metadata(directory)["config"], **overrides)
-
-
-def _target_tree(
-    config: ModelConfig,
-    mesh: Mesh | None,
-    rules: LogicalAxisRules | None,
-    paths: Sequence[ParamPath] | None,
-    as_numpy: bool = False,
-) -> dict[str, Any]:
-    abstract_state = abstract_param_state(config)
-    if mesh is None:
-        mesh = Mesh(np.array(jax.local_devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
-    shardings = dict(nnx.to_flat_state(state_shardings(abstract_state, mesh, rules)))
-    wanted = None if paths is None else {_string_path(p) for p in paths}
-    targets: dict[ParamPath, jax.ShapeDtypeStruct] = {}
-    for path, variable in nnx.to_flat_state(abstract_state):
-        if wanted is not None and _string_path(path) not in wanted:
-            continue
-        sharding = shardings[tuple(path)]
-        sharding = sharding.get_value() if isinstance(sharding, nnx.Variable) else sharding
-        spec = variable.get_value()
-        targets[tuple(path)] = jax.ShapeDtypeStruct(
-            spec.shape, config.parameter_dtype, sharding=None if as_numpy else sharding
-        )
-    if wanted is not None:
-        unknown = wanted - {_string_path(p) for p in targets}
-        if unknown:
-            raise KeyError(f"no such parameters: {sorted('.'.join(p) for p in unknown)}")
-    return params_to_tree(targets)
 
 
 def restore_params(
@@ -278,62 +255,61 @@ def restore_params(
     rules: LogicalAxisRules | None = None,
     paths: Sequence[ParamPath] | None = None,
     as_numpy: bool = False,
-) -> dict[ParamPath, Any]:
-    """Restores parameters as jax.Arrays sharded for `mesh` (one device when None).
+) -> dict[str, Any]:
+    """Restores the parameter tree as jax.Arrays sharded for `mesh` (one device when None).
 
     `paths` restores only those parameters (streaming export reads one tensor at a time);
     `as_numpy` returns host numpy arrays and never touches an accelerator. Values are cast to
-    `config.param_dtype`.
+    `config.param_dtype`. Checks nothing beyond what Orbax does: `prm_jax.weights` validates.
     """
     directory = Path(directory).absolute()
     config = config or read_model_config(directory)
-    target = _target_tree(config, mesh, rules, paths, as_numpy)
+    if mesh is None:
+        mesh = Mesh(np.array(jax.local_devices()[:1]).reshape(1, 1, 1), MESH_AXES)
+    targets = nnx.traversals.flatten_mapping(abstract_params(config, mesh, rules))
+    if paths is not None:
+        by_name = {_string_path(p): p for p in targets}
+        unknown = sorted(".".join(map(str, p)) for p in paths if _string_path(p) not in by_name)
+        if unknown:
+            raise KeyError(f"no such parameters: {unknown}")
+        targets = {by_name[key]: targets[by_name[key]] for key in map(_string_path, paths)}
+    stored = stored_tensors(directory)
+    names = {path: on_disk(path, stored) for path in targets}
+    item = nnx.traversals.unflatten_mapping(
+        {
+            names[p]: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=None if as_numpy else s.sharding)
+            for p, s in targets.items()
+        }
+    )
     if as_numpy:
-        restore_args = jax.tree.map(
-            lambda s: ocp.RestoreArgs(restore_type=np.ndarray, dtype=s.dtype), target
-        )
+        restore_args = jax.tree.map(lambda s: ocp.RestoreArgs(restore_type=np.ndarray, dtype=s.dtype), item)
     else:
-        restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+        restore_args = ocp.checkpoint_utils.construct_restore_args(item)
     restored = _checkpointer().restore(
         directory,
         args=ocp.args.Composite(
             **{
                 PARAMS_ITEM: ocp.args.PyTreeRestore(
-                    item=target, restore_args=restore_args, partial_restore=paths is not None
+                    item=item, restore_args=restore_args, partial_restore=paths is not None
                 )
             }
         ),
     )[PARAMS_ITEM]
-    by_string = tree_to_params(restored)
-    out: dict[ParamPath, jax.Array] = {}
-    for path, _ in param_specs(config):
-        key = _string_path(path)
-        if key in by_string:
-            out[path] = by_string[key]
-    return out
+    restored = nnx.traversals.flatten_mapping(restored)
+    return nnx.traversals.unflatten_mapping({p: restored[names[p]] for p in targets})
 
 
 def restore_model(
-    directory: str | Path,
-    *,
-    mesh: Mesh | None = None,
-    rules: LogicalAxisRules | None = None,
-    **config_overrides: Any,
+    directory: str | Path, *, mesh: Mesh | None = None, rules: LogicalAxisRules | None = None, **config_overrides: Any
 ) -> Transformer:
     """A model restored from a checkpoint, sharded for `mesh`.
 
     `config_overrides` may change runtime fields (dtype, remat_policy, attention_impl);
     architecture fields must match the checkpoint.
     """
-    stored = read_model_config(directory)
-    config = stored.replace(**config_overrides)
+    config = read_model_config(directory, **config_overrides)
     params = restore_params(directory, config, mesh=mesh, rules=rules)
-    graphdef, abstract_state = nnx.split(abstract_model(config))
-    leaves = [
-        (tuple(path), variable.replace(params[tuple(path)]))
-        for path, variable in nnx.to_flat_state(abstract_state)
-    ]
-    return nnx.merge(graphdef, nnx.from_flat_state(leaves))
+    return nnx.merge(nnx.graphdef(abstract_model(config)), params)
 
 
 __all__ = [
@@ -344,8 +320,8 @@ __all__ = [
     "save_model",
     "read_checkpoint_metadata",
     "read_model_config",
+    "stored_tensors",
+    "on_disk",
     "restore_params",
     "restore_model",
-    "params_to_tree",
-    "tree_to_params",
 ]

@@ -1,32 +1,35 @@
 """Critique prompts for an LLM judge or critic, and their verdict parsers.
 
-Two prompts, each with its own parser (``prompt="processbench" | "paper"``):
+Two prompts, each with its own parser (`prompt="processbench" | "paper"`):
 
-* ``processbench``: ProcessBench's critique prompt. Steps are wrapped as
-  ``<paragraph_i>...</paragraph_i>`` and indexed from 0; the answer is the index of the earliest
-  wrong step, or -1, in ``\\boxed{}``. The wording follows ProcessBench so that judge and critic
+* `processbench`: ProcessBench's critique prompt. Steps are wrapped as
+  `<paragraph_i>...</paragraph_i>` and indexed from 0; the answer is the index of the earliest
+  wrong step, or -1, in `\\boxed{}`. The wording follows ProcessBench so that judge and critic
   figures are comparable with published ones. Two parsers: the default one reads the last box with
-  nested braces and tolerates ``$...$`` and ``\\text{...}`` around the index; ``official=True`` is
-  exactly ProcessBench's ``extract_answer`` (the last match of ``\\boxed{([^}]*)}``, stripped,
-  through ``int()``), so figures can be reproduced to the record.
-* ``paper``: the judge prompt described in App. C of the Qwen PRM paper (arXiv 2501.07301).
-  Paragraphs are numbered from 1 as ``<paragraph_k>``; the judge writes an analysis of every
-  paragraph (``<analysis_k>``) followed by a ``Correct``/``Incorrect`` conclusion for it
-  (``<conclusion_k>``). The earliest Incorrect paragraph is the first error (returned 0-based,
+  nested braces and tolerates `$...$` and `\\text{...}` around the index; `official=True` is
+  exactly ProcessBench's `extract_answer` (the last match of `\\boxed{([^}]*)}`, stripped,
+  through `int()`), so figures can be reproduced to the record.
+* `paper`: the judge prompt described in App. C of the Qwen PRM paper (arXiv 2501.07301).
+  Paragraphs are numbered from 1 as `<paragraph_k>`; the judge writes an analysis of every
+  paragraph (`<analysis_k>`) followed by a `Correct`/`Incorrect` conclusion for it
+  (`<conclusion_k>`). The earliest Incorrect paragraph is the first error (returned 0-based,
   like every index in this project); every paragraph concluded Correct means -1.
 
-Every parser returns ``(index, "ok")`` or ``(None, reason)`` (:func:`classify_verdict`); no
-verdict is never guessed: an unparseable answer is counted, not scored as a step.
+Every parser returns `(index, "ok")` or `(None, reason)` (`classify_verdict`); no
+verdict is never guessed: an unparseable answer is counted, not scored as a step. Several
+sampled critiques of one solution are reduced to one verdict by `critic_vote`.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Literal, Sequence
+from collections import Counter
+from collections.abc import Sequence
+from typing import Literal
 
 PromptKind = Literal["processbench", "paper"]
 PROMPTS: tuple[str, ...] = ("processbench", "paper")
-#: Why a sample gave no verdict (``"ok"`` = it did); the ``paper`` parser uses the last three.
+#: Why a sample gave no verdict (`"ok"` = it did); the `paper` parser uses the last three.
 VERDICT_REASONS = ("ok", "no_box", "not_integer", "out_of_range", "no_conclusion", "incomplete", "conflicting")
 
 CRITIQUE_TEMPLATE = (
@@ -36,7 +39,7 @@ CRITIQUE_TEMPLATE = (
     "[Solution]\n\n{tagged_steps}\n\n"
     "Your task is to review and critique the solution paragraph by paragraph. Once you identify an "
     "error in a paragraph, return the index of the paragraph where the earliest error occurs. "
-    "Otherwise, return the index of -1 (which typically denotes \"not found\").\n\n"
+    'Otherwise, return the index of -1 (which typically denotes "not found").\n\n'
     "Please put your final answer (i.e., the index) in \\boxed{{}}."
 )
 
@@ -104,7 +107,9 @@ def last_boxed(text: str) -> str | None:
 
 
 _OFFICIAL_BOX = re.compile(r"\\boxed\{([^}]*)\}")  # ProcessBench's extract_answer pattern
-_CONCLUSION = re.compile(r"<conclusion_(\d+)>\s*(?:\*\*)?\s*(Correct|Incorrect)\s*(?:\*\*)?\s*</conclusion_\1>", re.IGNORECASE)
+_CONCLUSION = re.compile(
+    r"<conclusion_(\d+)>\s*(?:\*\*)?\s*(Correct|Incorrect)\s*(?:\*\*)?\s*</conclusion_\1>", re.IGNORECASE
+)
 
 
 def _boxed_index(text: str, official: bool) -> tuple[int | None, str]:
@@ -152,15 +157,15 @@ def _paper_index(text: str, num_steps: int) -> tuple[int | None, str]:
 def classify_verdict(
     text: str, num_steps: int, *, prompt: PromptKind = "processbench", official: bool = False
 ) -> tuple[int | None, str]:
-    """``(index, "ok")`` with an index in ``[-1, num_steps)`` (0-based), or ``(None, reason)``
-    with a reason from :data:`VERDICT_REASONS`.
+    """`(index, "ok")` with an index in `[-1, num_steps)` (0-based), or `(None, reason)`
+    with a reason from `VERDICT_REASONS`.
 
-    ``processbench``: the last ``\\boxed{}`` as an integer; ``official=True`` parses exactly as
-    ProcessBench's ``extract_answer`` + ``int()``. An integer outside ``[-1, num_steps)`` is no
-    verdict (``out_of_range``); ProcessBench scores it wrong, and so does a missing verdict.
-    ``paper``: the earliest ``<conclusion_k>Incorrect`` (1-based k), or -1 when all paragraphs are
+    `processbench`: the last `\\boxed{}` as an integer; `official=True` parses exactly as
+    ProcessBench's `extract_answer` + `int()`. An integer outside `[-1, num_steps)` is no
+    verdict (`out_of_range`); ProcessBench scores it wrong, and so does a missing verdict.
+    `paper`: the earliest `<conclusion_k>Incorrect` (1-based k), or -1 when all paragraphs are
     concluded Correct; missing conclusions before it (or anywhere, with no Incorrect one) give
-    ``incomplete``, two different conclusions for one paragraph ``conflicting``.
+    `incomplete`, two different conclusions for one paragraph `conflicting`.
     """
     _check_prompt(prompt)
     if prompt == "paper":
@@ -177,5 +182,28 @@ def parse_first_error(
     text: str, num_steps: int, *, prompt: PromptKind = "processbench", official: bool = False
 ) -> int | None:
     """The critic's verdict: an index in [-1, num_steps), or None (no verdict); see
-    :func:`classify_verdict`."""
+    `classify_verdict`."""
     return classify_verdict(text, num_steps, prompt=prompt, official=official)[0]
+
+
+def critic_vote(verdicts: Sequence[int | None]) -> int | None:
+    """The critic's verdict from its sampled verdicts: a plurality vote, ties to the first sampled.
+
+    The one vote rule, used by synthesis's judge and by ProcessBench evaluation, so one critic on
+    the same samples gives one verdict in both. It is ProcessBench's (`run_eval.py --use_voting`:
+    `Counter(preds).most_common(1)` over the samples with a box): the most common verdict wins
+    without needing a majority, and a tie goes to the verdict sampled first (sample order is seed
+    order, so this is deterministic). That keeps critic figures comparable with published ones;
+    synthesis needs no quorum on top, since consensus filtering keeps a judge verdict only where
+    Monte Carlo agrees. Unparseable samples (`None`) do not vote (ProcessBench drops samples
+    without a box; here each sample is parsed by `classify_verdict` before it votes).
+
+    Args:
+        verdicts: One parsed verdict per sample, in sample order; `None` = no verdict.
+
+    Returns:
+        The winning index, or `None` when no sample gave a verdict.
+    """
+    counts = Counter(v for v in verdicts if v is not None)
+    # most_common orders equal counts as first encountered: a tie goes to the first sampled.
+    return counts.most_common(1)[0][0] if counts else None

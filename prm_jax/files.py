@@ -1,7 +1,7 @@
 """Whole-file writes that a reader never sees half done: write beside the target, fsync, rename.
 
 Every file prm-jax writes in one piece (JSON summaries, run records, JSONL splits, safetensors
-shards, plots, remote code) goes through :func:`atomic_file`; a killed or failed writer leaves the
+shards, plots, remote code) goes through `atomic_file`; a killed or failed writer leaves the
 previous file (or none) in place, never a truncated one. Appending record by record is
 `prm_jax.jsonl.AppendOnlyWriter`'s job.
 """

@@ -9,7 +9,7 @@ F1 = 2·acc_err·acc_ok / (acc_err + acc_ok) (the harmonic mean ProcessBench rep
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 
 def first_error_index(values: Sequence[float], threshold: float = 0.5) -> int:

@@ -1,9 +1,9 @@
 """Outputs never land on inputs: the one check every writer runs before writing a byte.
 
 A conversion whose destination is its source (or a folder inside or around it) would delete the
-source on ``--overwrite``; an evaluation whose output folder holds its data would write over or
-pollute that data. :func:`refuse_output_over_input` refuses all of these, on resolved paths
-(symlinks and ``..`` included), before any work starts.
+source on `--overwrite`; an evaluation whose output folder holds its data would write over or
+pollute that data. `refuse_output_over_input` refuses all of these, on resolved paths
+(symlinks and `..` included), before any work starts.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def _relation(output: Path, source: Path) -> str | None:
 
 
 def overlapping_inputs(inputs: Mapping[str, PathLike | None], output: PathLike, output_name: str) -> list[str]:
-    """One problem line per input that ``output`` equals, contains or lies inside (empty: none)."""
+    """One problem line per input that `output` equals, contains or lies inside (empty: none)."""
     out = _resolved(output)
     problems = []
     for name, value in inputs.items():
@@ -49,9 +49,9 @@ def overlapping_inputs(inputs: Mapping[str, PathLike | None], output: PathLike, 
 
 
 def refuse_output_over_input(inputs: Mapping[str, PathLike | None], output: PathLike, output_name: str) -> None:
-    """Raise :class:`OutputOverInputError` when ``output`` would write over or into an input.
+    """Raise `OutputOverInputError` when `output` would write over or into an input.
 
-    ``inputs`` maps a name for the message (a flag or argument name) to a path; empty values are
+    `inputs` maps a name for the message (a flag or argument name) to a path; empty values are
     skipped. Nothing is read or written.
     """
     problems = overlapping_inputs(inputs, output, output_name)

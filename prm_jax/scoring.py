@@ -1,15 +1,17 @@
-"""Step scoring: problem + steps -> one reward per step.
+"""Step scoring of a few solutions: problem + steps -> one reward per step.
 
-The single entry point evaluation, the HF usage example and the demo rely on. Inputs are built
-by `tokenization.build_prm_input` (chat layout, separator after each step); the model's step
-head is read at the separator positions. Batches are right-padded to a multiple of
+For interactive use (the README's example) and as the plain reference the parity tests compare
+with: one batch as given, on one device. Evaluation sets (thousands of solutions of very
+different lengths, on a mesh) go through `prm_jax.evaluation.scorer.BatchedScorer`, which reads
+the same step head at the same separators. Inputs are built by `tokenization.build_prm_input`
+(chat layout, separator after each step). Batches are right-padded to a multiple of
 `pad_to_multiple` tokens, with rows rounded up to a power of two, so repeated calls reuse a
 handful of compiled shapes.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,11 +28,7 @@ def _rewards_at_all_positions(model: Transformer, input_ids: jax.Array, segment_
 
 
 def score_prm_inputs(
-    model: Transformer,
-    inputs: Sequence[PRMInput],
-    *,
-    pad_to_multiple: int = 64,
-    pad_id: int = 0,
+    model: Transformer, inputs: Sequence[PRMInput], *, pad_to_multiple: int = 64, pad_id: int = 0
 ) -> list[list[float]]:
     """Rewards at each input's separator positions, for a batch of prepared inputs."""
     if not inputs:
@@ -48,12 +46,7 @@ def score_prm_inputs(
 
 
 def score_steps(
-    model: Transformer,
-    tokenizer,
-    problem: str,
-    steps: Sequence[str],
-    *,
-    separator: str = STEP_SEPARATOR,
+    model: Transformer, tokenizer, problem: str, steps: Sequence[str], *, separator: str = STEP_SEPARATOR
 ) -> list[float]:
     """One reward (probability that the step is correct) per step."""
     return score_prm_inputs(model, [build_prm_input(tokenizer, problem, steps, separator=separator)])[0]

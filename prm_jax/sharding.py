@@ -13,7 +13,8 @@ import contextlib
 import contextvars
 import logging
 import math
-from typing import Any, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import jax
 from flax import nnx
@@ -70,9 +71,7 @@ def _as_axes(axes: Any) -> str | tuple[str, ...] | None:
     return tuple(axes)
 
 
-def make_mesh(
-    shape: Mapping[str, int] | None = None, devices: Sequence[jax.Device] | None = None
-) -> Mesh:
+def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A `(data, fsdp, tensor)` mesh; one axis may be -1 to take the remaining devices.
 
     Defaults to all devices on `fsdp`, the usual choice for training one model on one slice.
@@ -95,9 +94,7 @@ def make_mesh(
     if total != len(devices):
         raise ValueError(f"mesh {sizes} needs {total} devices, {len(devices)} available")
     axis_shapes = tuple(sizes[a] for a in MESH_AXES)
-    return jax.make_mesh(
-        axis_shapes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
-    )
+    return jax.make_mesh(axis_shapes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
 def logical_to_partition_spec(
@@ -131,7 +128,11 @@ def logical_to_partition_spec(
             if kept != axes:
                 _log.info(
                     "dim %d (%s, size %d) does not divide over mesh axes %s: sharded over %s only",
-                    dim, name, shape[dim], axes, kept or "none",
+                    dim,
+                    name,
+                    shape[dim],
+                    axes,
+                    kept or "none",
                 )
             axes = kept
         used.update(axes)

@@ -1,9 +1,9 @@
 """A tiny Qwen-style tokenizer built offline: the embedded default's tokenizer and the tests'.
 
 Nothing may be downloaded at run time, yet the tiny configs, the demo and the tests should go
-through exactly the loading code real checkpoints use (``AutoTokenizer.from_pretrained(dir)``).
+through exactly the loading code real checkpoints use (`AutoTokenizer.from_pretrained(dir)`).
 This module therefore *trains* a miniature Qwen-style byte-level BPE tokenizer with the
-``tokenizers`` library on a small built-in corpus and saves it as an ordinary Hugging Face
+`tokenizers` library on a small built-in corpus and saves it as an ordinary Hugging Face
 tokenizer directory.
 """
 
@@ -13,19 +13,10 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from tokenizers import (
-    AddedToken,
-    Regex,
-    Tokenizer,
-    decoders,
-    models,
-    normalizers,
-    pre_tokenizers,
-    processors,
-    trainers,
-)
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 __all__ = [
+    "TINY_BPE_SIZE",
     "TINY_CHAT_TEMPLATE",
     "TINY_VOCAB_SIZE",
     "ENDOFTEXT",
@@ -40,18 +31,22 @@ IM_END = "<|im_end|>"
 
 #: Target size of the trained BPE vocabulary (256 byte symbols + merges), before special tokens.
 #: Small enough to keep tiny models tiny, large enough that words merge into multi-byte tokens.
-TINY_VOCAB_SIZE = 400
+TINY_BPE_SIZE = 400
+
+#: The tiny tokenizer's length with its four added tokens (pad, im_start, im_end, the separator):
+#: the embedding rows of every tiny model (configs, the demo's policy, tests).
+TINY_VOCAB_SIZE = TINY_BPE_SIZE + 4
 
 #: Qwen2's pre-tokenizer split pattern: digits are isolated one per token, letters grouped with an
 #: optional leading non-letter, punctuation runs grouped with trailing newlines. Using the same
-#: pattern makes the tiny tokenizer split text (e.g. an un-added ``<extra_0>``) the way Qwen does.
+#: pattern makes the tiny tokenizer split text (e.g. an un-added `<extra_0>`) the way Qwen does.
 _QWEN2_SPLIT_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
 #: The Qwen2.5 chat layout without the tool-calling branches: every message is rendered as
-#: ``<|im_start|>{role}\n{content}<|im_end|>\n``; ``add_generation_prompt`` opens an assistant turn.
+#: `<|im_start|>{role}\n{content}<|im_end|>\n`; `add_generation_prompt` opens an assistant turn.
 #: (Unlike the real Qwen2.5 template it does not insert a default system message.)
 TINY_CHAT_TEMPLATE = (
     "{%- for message in messages %}"
@@ -67,7 +62,7 @@ def _training_corpus() -> Iterator[str]:
     """Yield a fixed, math-flavoured corpus.
 
     The corpus is generated (not random) so training is deterministic; it covers digits, the
-    operators ``+ - * / =``, LaTeX-ish answer markup (``\\boxed{}``, ``\\frac``), the words that PRM
+    operators `+ - * / =`, LaTeX-ish answer markup (`\\boxed{}`, `\\frac`), the words that PRM
     data is made of ("Step", "answer", ...) and blank-line step breaks, so common words become
     single tokens as they would with a real tokenizer.
     """
@@ -88,8 +83,7 @@ def _training_corpus() -> Iterator[str]:
             value = {"+": i + j, "-": i - j, "*": i * j, "/": i / j}[op]
             text = f"{value:g}" if op == "/" else str(value)
             yield (
-                f"Step {i}: We compute {i} {op} {j} = {text}.\n\n"
-                f"Step {i + 1}: So the answer is $\\boxed{{{text}}}$.\n"
+                f"Step {i}: We compute {i} {op} {j} = {text}.\n\nStep {i + 1}: So the answer is $\\boxed{{{text}}}$.\n"
             )
     for k in range(1, 30):
         w = words[k % len(words)]
@@ -102,32 +96,28 @@ def _training_corpus() -> Iterator[str]:
 
 
 def build_tiny_tokenizer(
-    out_dir: Path,
-    *,
-    chat_template: bool = True,
-    separator_special: bool = True,
-    separator: str = "<extra_0>",
+    out_dir: Path, *, chat_template: bool = True, separator_special: bool = True, separator: str = "<extra_0>"
 ) -> Path:
-    """Train and save a tiny Qwen-style byte-level BPE tokenizer; return ``out_dir``.
+    """Train and save a tiny Qwen-style byte-level BPE tokenizer; return `out_dir`.
 
     Layout mirrors Qwen2.5: the trained vocabulary comes first, then the added special tokens
-    ``<|endoftext|>`` (pad), ``<|im_start|>``, ``<|im_end|>`` (eos), and, when
-    ``separator_special``, the step ``separator`` as one more special token, exactly as
-    ``<extra_0>`` is a single added token in Qwen2.5-Math-PRM. With ``separator_special=False``
+    `<|endoftext|>` (pad), `<|im_start|>`, `<|im_end|>` (eos), and, when
+    `separator_special`, the step `separator` as one more special token, exactly as
+    `<extra_0>` is a single added token in Qwen2.5-Math-PRM. With `separator_special=False`
     the separator is left out, so it splits into several ordinary tokens; that is the case
-    ``ensure_step_separator`` must repair.
-    There is no BOS token (as in Qwen), so ``add_special_tokens=True`` adds nothing.
+    `ensure_step_separator` must repair.
+    There is no BOS token (as in Qwen), so `add_special_tokens=True` adds nothing.
 
     Args:
         out_dir: Directory to write (created if needed); loadable with
-            ``AutoTokenizer.from_pretrained(out_dir)``.
-        chat_template: Whether to store the Qwen2.5-style chat template (``TINY_CHAT_TEMPLATE``);
-            ``False`` exercises the no-template fallbacks.
+            `AutoTokenizer.from_pretrained(out_dir)`.
+        chat_template: Whether to store the Qwen2.5-style chat template (`TINY_CHAT_TEMPLATE`);
+            `False` exercises the no-template fallbacks.
         separator_special: Whether the separator is registered as an added special token.
         separator: The step separator string.
 
     Returns:
-        ``out_dir`` as a ``Path``.
+        `out_dir` as a `Path`.
 
     Output is deterministic for the same arguments (fixed corpus, deterministic BPE trainer).
     """
@@ -143,11 +133,9 @@ def build_tiny_tokenizer(
         ]
     )
     tok.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
-    tok.post_processor = processors.ByteLevel(
-        add_prefix_space=False, trim_offsets=False, use_regex=False
-    )
+    tok.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
     trainer = trainers.BpeTrainer(
-        vocab_size=TINY_VOCAB_SIZE,
+        vocab_size=TINY_BPE_SIZE,
         min_frequency=1,
         show_progress=False,
         special_tokens=[],
@@ -161,10 +149,7 @@ def build_tiny_tokenizer(
     # normalized=False / no stripping: the tokens must match verbatim and leave neighbouring
     # whitespace (e.g. the "\n" after <|im_start|>role) in the surrounding text, as Qwen's do.
     tok.add_special_tokens(
-        [
-            AddedToken(t, special=True, normalized=False, lstrip=False, rstrip=False)
-            for t in specials
-        ]
+        [AddedToken(t, special=True, normalized=False, lstrip=False, rstrip=False) for t in specials]
     )
 
     hf_tok = PreTrainedTokenizerFast(

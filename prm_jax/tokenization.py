@@ -1,25 +1,25 @@
-"""Step-separator handling and the Qwen2.5-Math-PRM input layout.
+"""Step-separator handling, the one chat renderer, and the Qwen2.5-Math-PRM input layout.
 
 A PRM is trained and queried with one classification target per step, read at the token that
-ends the step. Qwen2.5-Math-PRM marks that position with the step separator ``<extra_0>``: the
-assistant turn is ``"<extra_0>".join(steps) + "<extra_0>"`` inside the model's chat template, and
+ends the step. Qwen2.5-Math-PRM marks that position with the step separator `<extra_0>`: the
+assistant turn is `"<extra_0>".join(steps) + "<extra_0>"` inside the model's chat template, and
 the step reward is read at every position holding the separator's token id. Everything here exists
 to make those positions exact: the separator must be a *single* token (otherwise there is no one
 position to read), the rendered text must be encoded the same way the reference code does, and the
 number of separator tokens must equal the number of steps.
 
-Where the separator's id comes from (:func:`prepare_step_separator`, the one convention training
-and export share): ``<extra_0>`` is *not* in the Qwen2.5 vocabulary. The base and Instruct
-tokenizers split it into five tokens (``<``, ``extra``, ``_``, ``0``, ``>``), and id 151651 there is
-the added token ``<|quad_end|>``. Only the *released* Qwen2.5-Math-PRM's tokenizer maps
-``<extra_0>`` to 151651, and vLLM's native ``Qwen2ForProcessRewardModel`` pools on step_tag_id
+Where the separator's id comes from (`prepare_step_separator`, the one convention training
+and export share): `<extra_0>` is *not* in the Qwen2.5 vocabulary. The base and Instruct
+tokenizers split it into five tokens (`<`, `extra`, `_`, `0`, `>`), and id 151651 there is
+the added token `<|quad_end|>`. Only the *released* Qwen2.5-Math-PRM's tokenizer maps
+`<extra_0>` to 151651, and vLLM's native `Qwen2ForProcessRewardModel` pools on step_tag_id
 151651 by default. So a Qwen2.5-vocabulary tokenizer gets the separator at 151651 (replacing
-``<|quad_end|>``'s string, exactly what the released PRM did), and any other vocabulary gets it as a
+`<|quad_end|>`'s string, exactly what the released PRM did), and any other vocabulary gets it as a
 new special token; an id other than 151651 must then be passed to vLLM explicitly
-(:func:`vllm_pooler_setting`).
+(`vllm_pooler_setting`).
 
-The ``transformers`` tokenizer is only used through its public API (``encode``, ``decode``,
-``apply_chat_template``, ``add_special_tokens``, ``save_pretrained``) and works with transformers
+The `transformers` tokenizer is only used through its public API (`encode`, `decode`,
+`apply_chat_template`, `add_special_tokens`, `save_pretrained`) and works with transformers
 4.45+ and 5.x.
 """
 
@@ -28,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -50,6 +50,7 @@ __all__ = [
     "prepare_step_separator",
     "vocabulary_fingerprint",
     "vllm_pooler_setting",
+    "render_chat",
     "build_prm_input",
 ]
 
@@ -58,7 +59,8 @@ __all__ = [
 STEP_SEPARATOR = "<extra_0>"
 
 #: The 22 added tokens of every Qwen2.5 tokenizer, at ids 151643.. in this order (151,643 BPE ranks
-#: come first). Id 151651 is ``<|quad_end|>``, the slot the released PRM gave to ``<extra_0>``.
+#: come first). Id 151651 is `<|quad_end|>`, the slot the released PRM gave to `<extra_0>`.
+# fmt: off
 QWEN2_5_ADDED_TOKENS: tuple[str, ...] = (
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
     "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
@@ -66,6 +68,7 @@ QWEN2_5_ADDED_TOKENS: tuple[str, ...] = (
     "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
     "<|repo_name|>", "<|file_sep|>",
 )
+# fmt: on
 QWEN2_5_FIRST_ADDED_ID = 151_643
 
 #: The separator id of the released Qwen2.5-Math-PRM, and vLLM's default STEP-pooling step_tag_id.
@@ -80,7 +83,7 @@ SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\
 
 
 def _encode_plain(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    """Encode ``text`` without letting the tokenizer add BOS/EOS or other template tokens.
+    """Encode `text` without letting the tokenizer add BOS/EOS or other template tokens.
 
     Text passed here is either already fully rendered (chat template output) or a bare separator,
     so anything the tokenizer would add on its own would be a spurious extra token.
@@ -88,42 +91,37 @@ def _encode_plain(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
-def separator_token_id(
-    tokenizer: PreTrainedTokenizerBase, separator: str = STEP_SEPARATOR
-) -> int | None:
-    """Return the separator's token id if it encodes to exactly one token, else ``None``.
+def separator_token_id(tokenizer: PreTrainedTokenizerBase, separator: str = STEP_SEPARATOR) -> int | None:
+    """Return the separator's token id if it encodes to exactly one token, else `None`.
 
-    ``None`` means the tokenizer splits the separator into several pieces, so a model built on it
-    has no single position per step to score; see :func:`ensure_step_separator`.
+    `None` means the tokenizer splits the separator into several pieces, so a model built on it
+    has no single position per step to score; see `ensure_step_separator`.
     """
     ids = _encode_plain(tokenizer, separator)
     return ids[0] if len(ids) == 1 else None
 
 
 def _pieces(tokenizer: PreTrainedTokenizerBase, text: str) -> list[str]:
-    """The text of each token ``text`` encodes to, for error messages a human can act on."""
+    """The text of each token `text` encodes to, for error messages a human can act on."""
     return [tokenizer.decode([i]) for i in _encode_plain(tokenizer, text)]
 
 
 def ensure_step_separator(
-    tokenizer: PreTrainedTokenizerBase,
-    separator: str = STEP_SEPARATOR,
-    *,
-    add_if_missing: bool = True,
+    tokenizer: PreTrainedTokenizerBase, separator: str = STEP_SEPARATOR, *, add_if_missing: bool = True
 ) -> tuple[int, bool]:
-    """Make sure ``separator`` is one token; return ``(token_id, added)``.
+    """Make sure `separator` is one token; return `(token_id, added)`.
 
-    The released Qwen2.5-Math-PRM tokenizer carries ``<extra_0>`` as a single special token; the
-    Qwen2.5 base/Instruct tokenizers and other families split it. With ``add_if_missing`` the
+    The released Qwen2.5-Math-PRM tokenizer carries `<extra_0>` as a single special token; the
+    Qwen2.5 base/Instruct tokenizers and other families split it. With `add_if_missing` the
     separator is registered as an additional special token (existing additional special tokens
     are kept), which gives it a fresh id at the end of the vocabulary and guarantees it is never
     split or merged with neighbouring text. (For a Qwen2.5 vocabulary use
-    :func:`prepare_step_separator`, which gives it id 151651 instead, as the released PRM does.) ``added`` is ``True`` in that case and the caller
-    **must** then give the model an embedding row for the new id (resize the vocabulary) before
+    `prepare_step_separator`, which gives it id 151651 instead, as the released PRM does.)
+    `added` is `True` in that case and the caller **must** then give the model an embedding row for the new id (resize the vocabulary) before
     training or inference, and save the modified tokenizer next to the model.
 
     Raises:
-        ValueError: The separator splits and ``add_if_missing`` is ``False``.
+        ValueError: The separator splits and `add_if_missing` is `False`.
     """
     token_id = separator_token_id(tokenizer, separator)
     if token_id is not None:
@@ -152,7 +150,7 @@ def ensure_step_separator(
 
 
 def is_qwen2_5_vocabulary(tokenizer: PreTrainedTokenizerBase) -> bool:
-    """Whether ``tokenizer`` has the Qwen2/2.5 vocabulary layout with id 151651 still ``<|quad_end|>``.
+    """Whether `tokenizer` has the Qwen2/2.5 vocabulary layout with id 151651 still `<|quad_end|>`.
 
     Checked on ids, not names: the 22 added tokens sit at 151643-151664 in Qwen's order, nothing
     else was added after them, and the BPE ranks are Qwen's (a known encoding). Only then is
@@ -183,12 +181,12 @@ class StepSeparator:
     """The step separator as a model is trained and exported with it.
 
     Attributes:
-        token: The separator string (``<extra_0>``).
+        token: The separator string (`<extra_0>`).
         token_id: Its single token id.
-        origin: ``"existing"`` (already one token, e.g. the released PRM's tokenizer),
-            ``"qwen2_5_slot"`` (took id 151651 of a Qwen2.5 vocabulary, replacing ``<|quad_end|>``)
-            or ``"added"`` (a new special token at the end of another vocabulary).
-        vocabulary: :func:`vocabulary_fingerprint` of the separator-bearing tokenizer.
+        origin: `"existing"` (already one token, e.g. the released PRM's tokenizer),
+            `"qwen2_5_slot"` (took id 151651 of a Qwen2.5 vocabulary, replacing `<|quad_end|>`)
+            or `"added"` (a new special token at the end of another vocabulary).
+        vocabulary: `vocabulary_fingerprint` of the separator-bearing tokenizer.
     """
 
     token: str
@@ -197,12 +195,16 @@ class StepSeparator:
     vocabulary: str
 
     def to_json_dict(self) -> dict[str, Any]:
-        return {"separator": self.token, "separator_id": self.token_id, "origin": self.origin,
-                "vocabulary": self.vocabulary}
+        return {
+            "separator": self.token,
+            "separator_id": self.token_id,
+            "origin": self.origin,
+            "vocabulary": self.vocabulary,
+        }
 
 
 def _replace_token_string(value: Any, old: str, new: str) -> Any:
-    """``value`` (parsed JSON) with every string equal to ``old`` replaced by ``new``."""
+    """`value` (parsed JSON) with every string equal to `old` replaced by `new`."""
     if isinstance(value, str):
         return new if value == old else value
     if isinstance(value, list):
@@ -213,11 +215,11 @@ def _replace_token_string(value: Any, old: str, new: str) -> Any:
 
 
 def _take_qwen_separator_slot(tokenizer: PreTrainedTokenizerBase, separator: str) -> PreTrainedTokenizerBase:
-    """A copy of a Qwen2.5 tokenizer whose id 151651 is ``separator`` instead of ``<|quad_end|>``.
+    """A copy of a Qwen2.5 tokenizer whose id 151651 is `separator` instead of `<|quad_end|>`.
 
     A tokenizer cannot rename an added token in place, so the tokenizer is saved, the token's
-    string is replaced in the saved JSON files (``tokenizer.json``'s added tokens, and the
-    ``added_tokens_decoder`` / special-token lists transformers 4.x also writes) and reloaded.
+    string is replaced in the saved JSON files (`tokenizer.json`'s added tokens, and the
+    `added_tokens_decoder` / special-token lists transformers 4.x also writes) and reloaded.
     """
     from transformers import AutoTokenizer
 
@@ -225,8 +227,10 @@ def _take_qwen_separator_slot(tokenizer: PreTrainedTokenizerBase, separator: str
         tokenizer.save_pretrained(scratch)
         for path in Path(scratch).glob("*.json"):
             data = json.loads(path.read_text(encoding="utf-8"))
-            path.write_text(json.dumps(_replace_token_string(data, _QWEN_SEPARATOR_SLOT, separator),
-                                       ensure_ascii=False, indent=2), encoding="utf-8")
+            path.write_text(
+                json.dumps(_replace_token_string(data, _QWEN_SEPARATOR_SLOT, separator), ensure_ascii=False, indent=2),
+                encoding="utf-8",
+            )
         renamed = AutoTokenizer.from_pretrained(scratch)
     token_id = separator_token_id(renamed, separator)
     if token_id != VLLM_DEFAULT_STEP_TAG_ID or len(renamed) != len(tokenizer):
@@ -239,29 +243,28 @@ def _take_qwen_separator_slot(tokenizer: PreTrainedTokenizerBase, separator: str
 
 
 def prepare_step_separator(
-    tokenizer: PreTrainedTokenizerBase,
-    separator: str = STEP_SEPARATOR,
-    *,
-    add_if_missing: bool = True,
+    tokenizer: PreTrainedTokenizerBase, separator: str = STEP_SEPARATOR, *, add_if_missing: bool = True
 ) -> tuple[PreTrainedTokenizerBase, StepSeparator]:
     """The separator-bearing tokenizer a PRM is trained and exported with, and its separator.
 
-    One convention for training and export: a tokenizer where ``separator`` is already one token
-    is used as is; a Qwen2.5 vocabulary (:func:`is_qwen2_5_vocabulary`) gets it at id 151651 like
+    One convention for training and export: a tokenizer where `separator` is already one token
+    is used as is; a Qwen2.5 vocabulary (`is_qwen2_5_vocabulary`) gets it at id 151651 like
     the released Qwen2.5-Math-PRM (so vLLM, sglang and the model card's code work with their
-    defaults); any other vocabulary gets it as a new special token (:func:`ensure_step_separator`),
+    defaults); any other vocabulary gets it as a new special token (`ensure_step_separator`),
     whose id may need an embedding row the model does not have yet: callers compare it with the
-    model's ``vocab_size``. The returned tokenizer may be a new object; the one passed in is
-    modified only in the ``"added"`` case.
+    model's `vocab_size`. The returned tokenizer may be a new object; the one passed in is
+    modified only in the `"added"` case.
 
     Raises:
-        ValueError: The separator splits and ``add_if_missing`` is ``False``.
+        ValueError: The separator splits and `add_if_missing` is `False`.
     """
     token_id = separator_token_id(tokenizer, separator)
     origin: Literal["existing", "qwen2_5_slot", "added"] = "existing"
     if token_id is None and add_if_missing and is_qwen2_5_vocabulary(tokenizer):
         tokenizer, token_id, origin = (
-            _take_qwen_separator_slot(tokenizer, separator), VLLM_DEFAULT_STEP_TAG_ID, "qwen2_5_slot"
+            _take_qwen_separator_slot(tokenizer, separator),
+            VLLM_DEFAULT_STEP_TAG_ID,
+            "qwen2_5_slot",
         )
     elif token_id is None:
         token_id, _ = ensure_step_separator(tokenizer, separator, add_if_missing=add_if_missing)
@@ -270,10 +273,10 @@ def prepare_step_separator(
 
 
 def vllm_pooler_setting(separator_id: int) -> dict[str, Any]:
-    """The pooler settings vLLM's native PRM needs to read steps at ``separator_id``.
+    """The pooler settings vLLM's native PRM needs to read steps at `separator_id`.
 
-    Python: ``LLM(model, runner="pooling", pooler_config=PoolerConfig(**setting))``;
-    command line: ``vllm serve MODEL --runner pooling --pooler-config '<setting as JSON>'``.
+    Python: `LLM(model, runner="pooling", pooler_config=PoolerConfig(**setting))`;
+    command line: `vllm serve MODEL --runner pooling --pooler-config '<setting as JSON>'`.
     """
     return {"pooling_type": "STEP", "step_tag_id": int(separator_id)}
 
@@ -284,16 +287,16 @@ class PRMInput:
 
     Attributes:
         input_ids: Token ids of the whole rendered conversation (system, user, assistant turns).
-        separator_positions: Index into ``input_ids`` of the separator that ends each step, one per
-            step, in step order. The PRM's step reward for step ``i`` is read at
-            ``separator_positions[i]``; training labels go there too.
+        separator_positions: Index into `input_ids` of the separator that ends each step, one per
+            step, in step order. The PRM's step reward for step `i` is read at
+            `separator_positions[i]`; training labels go there too.
     """
 
     input_ids: list[int]
     separator_positions: list[int]
 
     def __post_init__(self) -> None:
-        """Reject positions that cannot index ``input_ids`` in step order (a corrupted example)."""
+        """Reject positions that cannot index `input_ids` in step order (a corrupted example)."""
         n = len(self.input_ids)
         previous = -1
         for pos in self.separator_positions:
@@ -305,9 +308,51 @@ class PRMInput:
             previous = pos
 
 
-def _has_chat_template(tokenizer: PreTrainedTokenizerBase) -> bool:
-    """Whether ``apply_chat_template`` can be used (it raises when no template is set)."""
-    return bool(getattr(tokenizer, "chat_template", None))
+def render_chat(
+    tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping[str, str]], *, system_prompt: str | None = None
+) -> str:
+    """The text of a chat: the one renderer of every prompt here (policy prompts in synthesis,
+    policy SFT, judge and critic prompts, the PRM layout), so they cannot drift apart.
+
+    System prompt: a non-empty `system_prompt` becomes the first turn. `None` and `""` add no
+    system turn, so the template's own default applies (Qwen2.5-Math-Instruct's supplies the math
+    prompt, Qwen2.5-Instruct's "You are Qwen ..."); an empty system turn is never rendered, since
+    `""` is how a config string says "no system prompt". Messages that open with their own system
+    turn take no `system_prompt`: two system prompts are an error, not a silent choice.
+
+    The assistant turn is left open (the generation prompt) unless the last message is the
+    assistant's, as in the PRM layout. Without a chat template (a base model's tokenizer) the text
+    is the message contents joined by blank lines, plus a blank line where an open answer starts;
+    a model must be trained and queried with the same layout.
+
+    Args:
+        tokenizer: A Hugging Face tokenizer, or any object without a `chat_template` (plain layout).
+        messages: `{"role", "content"}` mappings, in order.
+        system_prompt: The system turn to put first, by the rule above.
+
+    Returns:
+        The text, to encode with `add_special_tokens=False`: it holds the template's special
+        tokens already, and a tokenizer with a BOS would add a second one.
+
+    Raises:
+        ValueError: `messages` is empty, or opens with a system turn while `system_prompt` is set.
+    """
+    messages = [dict(m) for m in messages]
+    if not messages:
+        raise ValueError("a chat needs at least one message")
+    if system_prompt:
+        if messages[0]["role"] == "system":
+            raise ValueError("the messages already open with a system turn; pass system_prompt=None")
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    open_turn = messages[-1]["role"] != "assistant"
+    if not getattr(tokenizer, "chat_template", None):
+        return "\n\n".join(m["content"] for m in messages) + ("\n\n" if open_turn else "")
+    # tokenize=False returns the rendered string in both transformers 4.x and 5.x (5.x returns a
+    # BatchEncoding when tokenize=True, 4.x a list of ids); the string path is uniform.
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=open_turn)
+    if not isinstance(text, str):
+        raise TypeError(f"apply_chat_template(tokenize=False) returned {type(text).__name__}, expected str")
+    return text
 
 
 def build_prm_input(
@@ -316,41 +361,34 @@ def build_prm_input(
     steps: Sequence[str],
     *,
     separator: str = STEP_SEPARATOR,
-    system_prompt: str = SYSTEM_PROMPT,
+    system_prompt: str | None = SYSTEM_PROMPT,
 ) -> PRMInput:
-    """Tokenize ``(problem, steps)`` in the Qwen2.5-Math-PRM layout.
+    """Tokenize `(problem, steps)` in the Qwen2.5-Math-PRM layout.
 
-    The conversation is ``system = system_prompt``, ``user = problem``,
-    ``assistant = separator.join(steps) + separator``, rendered with the tokenizer's chat template
-    (``apply_chat_template(..., tokenize=False, add_generation_prompt=False)``) and then encoded
-    with ``add_special_tokens=False``: the rendered string already contains the template's special
-    tokens, and encoding it again with special tokens added would, for tokenizers with a BOS, insert
-    a second one. For Qwen tokenizers (no BOS) the ids equal the model card's reference
-    ``tokenizer.encode(conversation_str)``.
-
-    Without a chat template (e.g. a base model's tokenizer) the fallback text is
-    ``f"{system_prompt}\\n\\n{problem}\\n\\n" + assistant_text``: the same three parts separated by
-    blank lines, so the separator positions mean the same thing. A PRM must be trained and
-    scored with the same layout; the fallback is only consistent with itself.
+    The conversation is `system = system_prompt`, `user = problem`,
+    `assistant = separator.join(steps) + separator`, rendered by `render_chat` (closed assistant
+    turn; its rule for an empty or `None` system prompt and for tokenizers without a chat template)
+    and encoded with `add_special_tokens=False`. For Qwen tokenizers (no BOS) the ids equal the
+    model card's reference `tokenizer.encode(conversation_str)`. Without a chat template the text is
+    `f"{system_prompt}\\n\\n{problem}\\n\\n" + assistant`, so the separator positions mean the
+    same thing.
 
     Steps are used exactly as given (no stripping or normalisation), so the text between two
     separators is the step verbatim; split and clean steps before calling this. Empty steps are
     allowed (they yield adjacent separators).
 
     Raises:
-        TypeError: ``problem`` is not a string, ``steps`` is a bare string, or a step is not a
+        TypeError: `problem` is not a string, `steps` is a bare string, or a step is not a
             string.
-        ValueError: ``steps`` is empty; a step, the problem or the system prompt contains the
+        ValueError: `steps` is empty; a step, the problem or the system prompt contains the
             separator; or the encoded text does not hold exactly one separator token per step
             (typically because the separator is not a single token — call
-            :func:`ensure_step_separator` first).
+            `ensure_step_separator` first).
     """
     if not isinstance(problem, str):
         raise TypeError(f"problem must be a str, got {type(problem).__name__}")
     if isinstance(steps, (str, bytes)) or not isinstance(steps, Sequence):
-        raise TypeError(
-            f"steps must be a sequence of step strings (e.g. a list), got {type(steps).__name__}"
-        )
+        raise TypeError(f"steps must be a sequence of step strings (e.g. a list), got {type(steps).__name__}")
     if len(steps) == 0:
         raise ValueError("steps must be a non-empty sequence of step strings")
     for i, step in enumerate(steps):
@@ -361,32 +399,18 @@ def build_prm_input(
                 f"step {i} contains the step separator {separator!r}; steps must not contain it "
                 "because the separator marks where each step ends"
             )
-    for name, text in (("problem", problem), ("system_prompt", system_prompt)):
+    for name, text in (("problem", problem), ("system_prompt", system_prompt or "")):
         if separator in text:
             raise ValueError(
                 f"{name} contains the step separator {separator!r}, which would be scored as a "
                 "step; remove it from the text"
             )
 
-    assistant_text = separator.join(steps) + separator
-    if _has_chat_template(tokenizer):
-        messages = [
-            {"role": "system", "content": system_prompt},
-            {"role": "user", "content": problem},
-            {"role": "assistant", "content": assistant_text},
-        ]
-        # tokenize=False returns the rendered string in both transformers 4.x and 5.x (5.x returns
-        # a BatchEncoding when tokenize=True, 4.x a list of ids); the string path is uniform.
-        text = tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=False
-        )
-        if not isinstance(text, str):
-            raise TypeError(
-                f"apply_chat_template(tokenize=False) returned {type(text).__name__}, expected str"
-            )
-    else:
-        text = f"{system_prompt}\n\n{problem}\n\n" + assistant_text
-
+    messages = [
+        {"role": "user", "content": problem},
+        {"role": "assistant", "content": separator.join(steps) + separator},
+    ]
+    text = render_chat(tokenizer, messages, system_prompt=system_prompt)
     input_ids = _encode_plain(tokenizer, text)
     sep_id = separator_token_id(tokenizer, separator)
     positions = [] if sep_id is None else [p for p, t in enumerate(input_ids) if t == sep_id]
@@ -403,7 +427,5 @@ def build_prm_input(
                 "must be an added (special) token so it is never merged with neighbouring text "
                 "(see ensure_step_separator), and the chat template must not add or drop it"
             )
-        raise ValueError(
-            f"expected one separator token per step ({len(steps)} steps), but {reason}"
-        )
+        raise ValueError(f"expected one separator token per step ({len(steps)} steps), but {reason}")
     return PRMInput(input_ids=input_ids, separator_positions=positions)

@@ -17,24 +17,22 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def qwen_tokenizer_dirs(tmp_path_factory) -> dict[str, Path]:
     """The real-vocabulary Qwen2.5 tokenizers, built once per session (a few seconds each) from the
-    BPE ranks in the ``dashscope`` wheel: ``base`` (base/Instruct: ``<extra_0>`` splits, 151651 is
-    ``<|quad_end|>``) and ``prm`` (the released Qwen2.5-Math-PRM's: 151651 is ``<extra_0>``)."""
+    BPE ranks in the `dashscope` wheel: `base` (base/Instruct: `<extra_0>` splits, 151651 is
+    `<|quad_end|>`) and `prm` (the released Qwen2.5-Math-PRM's: 151651 is `<extra_0>`)."""
     pytest.importorskip("dashscope", reason="the real Qwen vocabulary ships in the dashscope wheel")
     from qwen_vocab import build_qwen2_5_tokenizer
 
     root = tmp_path_factory.mktemp("qwen2_5_tokenizers")
-    return {
-        "base": build_qwen2_5_tokenizer(root / "base"),
-        "prm": build_qwen2_5_tokenizer(root / "prm", prm=True),
-    }
+    return {"base": build_qwen2_5_tokenizer(root / "base"), "prm": build_qwen2_5_tokenizer(root / "prm", prm=True)}
 
 
 @pytest.fixture(scope="session")
 def qwen_prm_checkpoint(qwen_tokenizer_dirs, tmp_path_factory) -> dict[str, Path]:
-    """A tiny Qwen2.5-shaped base (``hf_models.TINY_QWEN2_5``) imported to Orbax (``orbax``, fresh
-    head) and exported as a PRM in fp32 with the real base tokenizer (``hf_prm``): what converting
-    Qwen2.5-Math-Instruct gives, ``<extra_0>`` at 151651. Built once per session (a few seconds)."""
+    """A tiny Qwen2.5-shaped base (`hf_models.TINY_QWEN2_5`) imported to Orbax (`orbax`, fresh
+    head) and exported as a PRM in fp32 with the real base tokenizer (`hf_prm`): what converting
+    Qwen2.5-Math-Instruct gives, `<extra_0>` at 151651. Built once per session (a few seconds)."""
     from hf_models import TINY_QWEN2_5, random_causal_lm, save_hf
+
     from prm_jax.conversion.hf_checkpoint import hf_to_orbax, orbax_to_hf
 
     root = tmp_path_factory.mktemp("qwen2_5_prm")

@@ -5,11 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 import torch
+from flax import nnx
 
 from prm_jax.conversion.hf_mapping import tensor_mappings
 from prm_jax.models.config import ModelConfig
+from prm_jax.models.factory import abstract_model, abstract_params
 
 TINY_QWEN2: dict[str, Any] = dict(
     vocab_size=96,
@@ -25,11 +28,17 @@ TINY_QWEN2: dict[str, Any] = dict(
 )
 
 #: A Qwen2.5-shaped tiny model for tests that stand for a real Qwen checkpoint: the real 151,936-row
-#: padded embedding (tokenized with the real vocabulary, ``qwen_tokenizer_dirs``), head_dim 64 as
+#: padded embedding (tokenized with the real vocabulary, `qwen_tokenizer_dirs`), head_dim 64 as
 #: attention kernels need, everything else tiny.
 TINY_QWEN2_5: dict[str, Any] = dict(
-    vocab_size=151_936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-    num_attention_heads=1, num_key_value_heads=1, head_dim=64, max_position_embeddings=512,
+    vocab_size=151_936,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=1,
+    num_key_value_heads=1,
+    head_dim=64,
+    max_position_embeddings=512,
     tie_word_embeddings=True,
 )
 
@@ -55,9 +64,16 @@ def random_causal_lm(model_type: str = "qwen2", seed: int = 0, **overrides: Any)
 
 
 def jax_arrays_from_torch(model: torch.nn.Module, config: ModelConfig) -> dict:
-    """{our parameter path: numpy array} from a transformers state dict, via the mapping table."""
+    """Our parameter tree of numpy arrays from a transformers state dict, via the mapping table."""
     state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
-    return {m.path: m.to_jax(state[m.hf_name]) for m in tensor_mappings(config)}
+    return nnx.traversals.unflatten_mapping({m.path: m.to_jax(state[m.hf_name]) for m in tensor_mappings(config)})
+
+
+def jax_model(config: ModelConfig, params: dict, mesh: jax.sharding.Mesh | None = None) -> nnx.Module:
+    """A Transformer from a parameter tree of host arrays, cast and placed (sharded on `mesh`)."""
+    targets = abstract_params(config, mesh)
+    placed = jax.tree.map(lambda v, t: jax.device_put(np.asarray(v, t.dtype), t.sharding), params, targets)
+    return nnx.merge(nnx.graphdef(abstract_model(config)), placed)
 
 
 def save_hf(model: torch.nn.Module, out_dir: Path) -> Path:

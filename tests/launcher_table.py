@@ -1,9 +1,9 @@
-"""Run one launcher's ``main`` in-process for many argument lists (one interpreter, not one each).
+"""Run one launcher's `main` in-process for many argument lists (one interpreter, not one each).
 
   python tests/launcher_table.py launch.convert CASES.json  ->  JSON list of {code, stderr, stdout}
 
-Each case goes through the launchers' own front door (``launch.errors.parse_flags`` and
-``launch.errors.call``), so it behaves like ``python -m launch.X ARGS`` with a few ms per case
+Each case goes through the launchers' own front door (`launch.errors.parse_flags` and
+`launch.errors.call`), so it behaves like `python -m launch.X ARGS` with a few ms per case
 instead of seconds. Flags are reset between cases.
 """
 

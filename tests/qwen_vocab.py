@@ -1,10 +1,10 @@
-"""The real Qwen2.5 tokenizer, built offline from the BPE ranks the ``dashscope`` wheel ships.
+"""The real Qwen2.5 tokenizer, built offline from the BPE ranks the `dashscope` wheel ships.
 
 Nothing can be downloaded from the Hugging Face hub in tests, yet the tests that stand for a real
 Qwen checkpoint (conversion, training from a base, export, scoring) must see the real vocabulary:
-where ``<extra_0>`` splits, which id 151651 holds, how digits and ChatML markers tokenize. The
-``dashscope`` package carries Qwen's 151,643 byte-level BPE ranks (``resources/qwen.tiktoken``,
-the same ranks as Qwen2/2.5's ``vocab.json``), so this module rebuilds the tokenizer from them:
+where `<extra_0>` splits, which id 151651 holds, how digits and ChatML markers tokenize. The
+`dashscope` package carries Qwen's 151,643 byte-level BPE ranks (`resources/qwen.tiktoken`,
+the same ranks as Qwen2/2.5's `vocab.json`), so this module rebuilds the tokenizer from them:
 
 * the byte-level BPE model, one merge per multi-byte token derived from the ranks (the pair that
   BPE restricted to lower ranks ends with, as tiktoken itself would split the token);
@@ -13,8 +13,8 @@ the same ranks as Qwen2/2.5's ``vocab.json``), so this module rebuilds the token
 * a ChatML chat template that, like Qwen2.5-Math-Instruct's, supplies the math system prompt when
   the conversation has none.
 
-Two variants: the base/Instruct tokenizer (id 151651 is ``<|quad_end|>``; ``<extra_0>`` splits into
-five tokens) and the released Qwen2.5-Math-PRM's (id 151651 is ``<extra_0>``).
+Two variants: the base/Instruct tokenizer (id 151651 is `<|quad_end|>`; `<extra_0>` splits into
+five tokens) and the released Qwen2.5-Math-PRM's (id 151651 is `<extra_0>`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ __all__ = [
     "build_qwen2_5_tokenizer",
 ]
 
-#: Qwen2.5's added tokens, ids 151643.. in order, with their ``special`` flag as released
+#: Qwen2.5's added tokens, ids 151643.. in order, with their `special` flag as released
 #: (the tool-call and FIM markers are added but not special, so decode keeps them).
 QWEN2_5_SPECIAL_TOKENS: tuple[tuple[str, bool], ...] = (
     ("<|endoftext|>", True),  # 151643
@@ -79,7 +79,7 @@ QWEN_CHAT_TEMPLATE = (
 
 
 def qwen_ranks_path() -> Path:
-    """``qwen.tiktoken`` inside the installed ``dashscope`` package (ImportError without it)."""
+    """`qwen.tiktoken` inside the installed `dashscope` package (ImportError without it)."""
     import dashscope
 
     path = Path(dashscope.__file__).parent / "resources" / "qwen.tiktoken"
@@ -89,7 +89,7 @@ def qwen_ranks_path() -> Path:
 
 
 def _load_ranks(path: Path) -> dict[bytes, int]:
-    """tiktoken's file format: one ``base64(token) rank`` pair per line."""
+    """tiktoken's file format: one `base64(token) rank` pair per line."""
     ranks: dict[bytes, int] = {}
     for line in path.read_bytes().splitlines():
         if line:
@@ -101,7 +101,7 @@ def _load_ranks(path: Path) -> dict[bytes, int]:
 
 
 def _merge_of(token: bytes, rank: int, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:
-    """The pair BPE merges last to build ``token``: BPE over its bytes using only lower ranks."""
+    """The pair BPE merges last to build `token`: BPE over its bytes using only lower ranks."""
     parts = [token[i : i + 1] for i in range(len(token))]
     while len(parts) > 2:
         best, best_rank = -1, rank
@@ -133,8 +133,8 @@ def _vocab_and_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[tup
 
 
 def build_qwen2_5_tokenizer(out_dir: Path, *, prm: bool = False) -> Path:
-    """Write the Qwen2.5 tokenizer to ``out_dir`` (base/Instruct, or the released PRM's with
-    ``prm``); loadable with ``AutoTokenizer.from_pretrained(out_dir)``. Takes a few seconds."""
+    """Write the Qwen2.5 tokenizer to `out_dir` (base/Instruct, or the released PRM's with
+    `prm`); loadable with `AutoTokenizer.from_pretrained(out_dir)`. Takes a few seconds."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 

@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from bench.compare import SIZES, GuardError, build_torch_prm, check_same_loss, guard_losses, jax_arrays_from_torch_prm, make_batch
+from bench.compare import (
+    SIZES,
+    GuardError,
+    build_torch_prm,
+    check_same_loss,
+    guard_losses,
+    jax_arrays_from_torch_prm,
+    make_batch,
+)
 from prm_jax.models.config import ModelConfig
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flax.nnx.traversals import flatten_mapping, unflatten_mapping
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -19,12 +20,18 @@ from prm_jax.checkpoint import (
     save_params,
 )
 from prm_jax.models.config import ModelConfig
-from prm_jax.models.factory import create_model, flat_params
+from prm_jax.models.factory import create_model, params_of
 from prm_jax.sharding import make_mesh
 
 CONFIG = ModelConfig(
-    vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, head_dim=8, eos_token_id=[3, 4],
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    eos_token_id=[3, 4],
 )
 
 
@@ -32,8 +39,8 @@ CONFIG = ModelConfig(
 def saved_from_fsdp4(tmp_path_factory) -> tuple[Path, dict]:
     mesh = make_mesh({"fsdp": 4})
     model = create_model(CONFIG, seed=11, mesh=mesh)
-    params = {k: np.asarray(v) for k, v in flat_params(model).items()}
-    embedding = flat_params(model)[("model", "embed_tokens", "embedding")]
+    params = {k: np.asarray(v) for k, v in flatten_mapping(params_of(model)).items()}
+    embedding = flatten_mapping(params_of(model))[("model", "embed_tokens", "embedding")]
     assert embedding.sharding.is_equivalent_to(NamedSharding(mesh, P(None, "fsdp")), 2)
     directory = tmp_path_factory.mktemp("ckpt") / "model"
     save_model(directory, model, provenance={"test": "fsdp4"})
@@ -53,21 +60,21 @@ def test_restore_on_other_meshes_is_identical(saved_from_fsdp4, mesh_shape) -> N
     directory, expected = saved_from_fsdp4
     mesh = make_mesh(mesh_shape, devices=None) if mesh_shape else None
     model = restore_model(directory, mesh=mesh)
-    restored = flat_params(model)
+    restored = flatten_mapping(params_of(model))
     assert restored.keys() == expected.keys()
     for path, value in restored.items():
         np.testing.assert_array_equal(np.asarray(value), expected[path], err_msg=str(path))
         n_devices = len(value.sharding.device_set)
         assert n_devices == (1 if mesh is None else 4)
     if mesh_shape == {"fsdp": 2, "tensor": 2}:
-        q = restored[("model", "layers", 1, "self_attn", "q_kernel")]
+        q = restored[("model", "layers", 1, "self_attn", "q_proj", "kernel")]
         assert q.sharding.is_equivalent_to(NamedSharding(mesh, P("fsdp", "tensor", None)), 3)
 
 
 def test_partial_restore_as_numpy(saved_from_fsdp4) -> None:
     directory, expected = saved_from_fsdp4
-    path = ("model", "layers", 1, "mlp", "down_kernel")
-    got = restore_params(directory, paths=[path], as_numpy=True)
+    path = ("model", "layers", 1, "mlp", "down_proj", "kernel")
+    got = flatten_mapping(restore_params(directory, paths=[path], as_numpy=True))
     assert list(got) == [path] and isinstance(got[path], np.ndarray)
     np.testing.assert_array_equal(got[path], expected[path])
     with pytest.raises(KeyError, match="no such parameters"):
@@ -81,9 +88,9 @@ def test_lazy_tensors_load_once_each(tmp_path, saved_from_fsdp4) -> None:
     def lazy(path, value):
         return LazyTensor(value.shape, value.dtype, lambda: (loads.append(path), value)[1])
 
-    save_params(tmp_path / "lazy", {p: lazy(p, v) for p, v in expected.items()}, CONFIG)
+    save_params(tmp_path / "lazy", unflatten_mapping({p: lazy(p, v) for p, v in expected.items()}), CONFIG)
     assert sorted(loads) == sorted(expected)
-    restored = flat_params(restore_model(tmp_path / "lazy"))
+    restored = flatten_mapping(params_of(restore_model(tmp_path / "lazy")))
     for path, value in restored.items():
         np.testing.assert_array_equal(np.asarray(value), expected[path])
 
@@ -91,14 +98,14 @@ def test_lazy_tensors_load_once_each(tmp_path, saved_from_fsdp4) -> None:
 def test_failed_save_leaves_nothing(tmp_path, saved_from_fsdp4) -> None:
     _, expected = saved_from_fsdp4
     params = dict(expected)
-    victim = ("model", "layers", 1, "mlp", "up_kernel")
+    victim = ("model", "layers", 1, "mlp", "up_proj", "kernel")
 
     def explode() -> np.ndarray:
         raise OSError("disk on fire")
 
     params[victim] = LazyTensor(expected[victim].shape, expected[victim].dtype, explode)
     with pytest.raises(Exception, match="disk on fire"):
-        save_params(tmp_path / "broken", params, CONFIG)
+        save_params(tmp_path / "broken", unflatten_mapping(params), CONFIG)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -106,11 +113,11 @@ def test_save_rejects_wrong_parameter_set_or_shape(tmp_path, saved_from_fsdp4) -
     _, expected = saved_from_fsdp4
     missing = {k: v for k, v in expected.items() if k != ("model", "norm", "weight")}
     with pytest.raises(ValueError, match=r"missing \['model.norm.weight'\]"):
-        save_params(tmp_path / "a", missing, CONFIG)
+        save_params(tmp_path / "a", unflatten_mapping(missing), CONFIG)
     wrong = dict(expected)
     wrong[("model", "norm", "weight")] = np.zeros(31, np.float32)
     with pytest.raises(ValueError, match=r"model.norm.weight: shape \(31,\) != expected \(32,\)"):
-        save_params(tmp_path / "b", wrong, CONFIG)
+        save_params(tmp_path / "b", unflatten_mapping(wrong), CONFIG)
     assert list(tmp_path.iterdir()) == []
 
 

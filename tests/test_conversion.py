@@ -10,16 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.numpy import load_file
-
 from hf_models import random_causal_lm, save_hf
+from safetensors.numpy import load_file
+from tiny_assets import build_tiny_tokenizer
+
 from prm_jax.checkpoint import read_checkpoint_metadata, restore_model
 from prm_jax.conversion.hf_checkpoint import ConversionError, hf_tensor_names, hf_to_orbax, orbax_to_hf
-from prm_jax.conversion.safetensors_io import SafetensorsCheckpoint, write_safetensors, TensorSpec
+from prm_jax.conversion.safetensors_io import SafetensorsCheckpoint, TensorSpec, write_safetensors
 from prm_jax.models.config import UnsupportedCheckpointError
 from prm_jax.scoring import score_prm_inputs, score_steps
 from prm_jax.tokenization import build_prm_input, separator_token_id
-from tiny_assets import build_tiny_tokenizer
 
 PROBLEM = "Compute (12 + 30) * 2."
 STEPS = ["12 + 30 = 42", "42 * 2 = 84", "So the answer is \\boxed{84}."]
@@ -45,7 +45,7 @@ def test_causal_lm_import_keeps_backbone_and_lm_head(converted) -> None:
     source = load_file(converted["hf_lm"] / "model.safetensors")
     np.testing.assert_array_equal(np.asarray(model.lm_head.kernel[...]), source["lm_head.weight"].T)
     q = source["model.layers.1.self_attn.q_proj.weight"]
-    np.testing.assert_array_equal(np.asarray(model.model.layers[1].self_attn.q_kernel[...]), q.T.reshape(32, 4, 8))
+    np.testing.assert_array_equal(np.asarray(model.model.layers[1].self_attn.q_proj.kernel[...]), q.T.reshape(32, 4, 8))
 
 
 def test_exported_layout_is_qwen_prm(converted) -> None:
@@ -86,7 +86,9 @@ def test_jax_rewards_equal_transformers_remote_code(qwen_prm_checkpoint) -> None
 
     tokenizer = AutoTokenizer.from_pretrained(qwen_prm_checkpoint["hf_prm"])
     jax_model = restore_model(qwen_prm_checkpoint["orbax"], dtype="float32")
-    hf_model = AutoModel.from_pretrained(qwen_prm_checkpoint["hf_prm"], trust_remote_code=True, dtype=torch.float32).eval()
+    hf_model = AutoModel.from_pretrained(
+        qwen_prm_checkpoint["hf_prm"], trust_remote_code=True, dtype=torch.float32
+    ).eval()
     problems = [(PROBLEM, STEPS), ("What is 7 - 2?", ["7 - 2 = 5", "\\boxed{5}"]), ("x" * 40, ["a b c"] * 6)]
     inputs = [build_prm_input(tokenizer, p, s) for p, s in problems]
     # Batched with padding to a 16-token bucket (crossing bucket sizes) and one at a time.
@@ -145,8 +147,12 @@ def test_checkpoint_without_new_metadata_still_restores_and_exports(converted, t
     import prm_jax.checkpoint as checkpoint_module
 
     def old_metadata(config, provenance, **_):
-        return {"layout_version": 1, "scan_layers": False, "config": config.to_json_dict(),
-                "provenance": dict(provenance or {})}
+        return {
+            "layout_version": 1,
+            "scan_layers": False,
+            "config": config.to_json_dict(),
+            "provenance": dict(provenance or {}),
+        }
 
     model = restore_model(converted["orbax"])
     with monkeypatch.context() as m:
@@ -209,8 +215,14 @@ def _edit_checkpoint(src: Path, dst: Path, *, drop=(), add=None, reshape=None, c
 @pytest.mark.parametrize(
     "edit, message",
     [
-        ({"drop": ["model.layers.1.mlp.up_proj.weight"]}, r"missing tensor\(s\) \['model.layers.1.mlp.up_proj.weight'\]"),
-        ({"add": {"model.layers.9.extra.weight": np.zeros(3, np.float32)}}, r"unexpected tensor\(s\) \['model.layers.9.extra.weight'\]"),
+        (
+            {"drop": ["model.layers.1.mlp.up_proj.weight"]},
+            r"missing tensor\(s\) \['model.layers.1.mlp.up_proj.weight'\]",
+        ),
+        (
+            {"add": {"model.layers.9.extra.weight": np.zeros(3, np.float32)}},
+            r"unexpected tensor\(s\) \['model.layers.9.extra.weight'\]",
+        ),
         (
             {"reshape": ("model.layers.0.self_attn.k_proj.weight", (8, 32))},
             r"tensor model.layers.0.self_attn.k_proj.weight: shape \(8, 32\) in checkpoint, expected \(16, 32\)",
@@ -226,9 +238,7 @@ def test_bad_tensors_are_named_and_nothing_is_written(converted, tmp_path, edit,
 
 
 def test_unsupported_architecture_is_refused(converted, tmp_path) -> None:
-    bad = _edit_checkpoint(
-        converted["hf_lm"], tmp_path / "bad", config_edit={"architectures": ["GPT2LMHeadModel"]}
-    )
+    bad = _edit_checkpoint(converted["hf_lm"], tmp_path / "bad", config_edit={"architectures": ["GPT2LMHeadModel"]})
     with pytest.raises(UnsupportedCheckpointError, match="GPT2LMHeadModel"):
         hf_to_orbax(bad, tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -297,7 +307,9 @@ def test_convert_cli_both_directions(converted, tmp_path) -> None:
 
     done = run("--direction=hf_to_orbax", f"--hf_dir={converted['hf_prm']}", f"--orbax_dir={tmp_path / 'o'}")
     assert done.returncode == 0, done.stderr
-    done = run("--direction=orbax_to_hf", f"--orbax_dir={tmp_path / 'o'}", f"--hf_dir={tmp_path / 'h'}", "--dtype=float32")
+    done = run(
+        "--direction=orbax_to_hf", f"--orbax_dir={tmp_path / 'o'}", f"--hf_dir={tmp_path / 'h'}", "--dtype=float32"
+    )
     assert done.returncode == 0, done.stderr
     a, b = load_file(converted["hf_prm"] / "model.safetensors"), load_file(tmp_path / "h" / "model.safetensors")
     assert all(np.array_equal(a[k], b[k]) for k in a) and a.keys() == b.keys()

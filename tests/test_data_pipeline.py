@@ -1,15 +1,14 @@
-"""Packing, sharding, shuffling, resumption and evaluation batches."""
+"""Packing, shuffling, resumption and evaluation batches."""
 
 from __future__ import annotations
 
 import json
-from collections import Counter
 
 import numpy as np
 import pytest
 from tiny_assets import build_tiny_tokenizer
 
-from prm_jax.data.packing import BATCH_FIELDS, positions_from_segment_ids
+from prm_jax.data.packing import PACKED_FIELD_SPECS, positions_from_segment_ids
 from prm_jax.data.pipeline import PipelineConfig, build_eval_batches, build_train_iterator
 from prm_jax.data.records import PRMRecord
 from prm_jax.data.tokenize import Example, TokenizeConfig, tokenize_prm
@@ -31,11 +30,17 @@ def make_examples(n: int, seed: int = 0, max_len: int = 40) -> list[Example]:
         step_index[sup] = np.arange(len(sup))
         targets = np.zeros(length, np.int32)
         targets[sup] = rng.integers(1, 400, len(sup))
-        examples.append(Example(
-            input_ids=rng.integers(1, 400, length).astype(np.int32), loss_mask=loss_mask,
-            labels=labels, targets=targets, step_index=step_index, example_index=k,
-            record_id=f"r{k}",
-        ))
+        examples.append(
+            Example(
+                input_ids=rng.integers(1, 400, length).astype(np.int32),
+                loss_mask=loss_mask,
+                labels=labels,
+                targets=targets,
+                step_index=step_index,
+                example_index=k,
+                record_id=f"r{k}",
+            )
+        )
     return examples
 
 
@@ -44,18 +49,18 @@ def take(iterator, count: int) -> list[dict[str, np.ndarray]]:
 
 
 def segments(batch: dict[str, np.ndarray]):
-    """Yield ``(example_index, {field: values})`` for every packed example in a batch."""
+    """Yield `(example_index, {field: values})` for every packed example in a batch."""
     for r in range(batch["input_ids"].shape[0]):
         seg = batch["segment_ids"][r]
         for s in np.unique(seg[seg > 0]):
             where = np.nonzero(seg == s)[0]
             indices = np.unique(batch["example_index"][r, where])
             assert len(indices) == 1, "a segment holds exactly one example"
-            yield int(indices[0]), {name: batch[name][r, where] for name in BATCH_FIELDS}
+            yield int(indices[0]), {name: batch[name][r, where] for name in PACKED_FIELD_SPECS}
 
 
 def check_layout(batch: dict[str, np.ndarray], rows: int) -> None:
-    for name, (dtype, _) in BATCH_FIELDS.items():
+    for name, (dtype, _) in PACKED_FIELD_SPECS.items():
         assert batch[name].shape == (rows, SEQ_LEN) and batch[name].dtype == dtype, name
     for r in range(rows):
         seg = batch["segment_ids"][r]
@@ -115,9 +120,7 @@ def test_positions_match_the_model():
     from prm_jax.models.transformer import positions_from_segments
 
     batch = one_epoch(make_examples(20), rows_per_batch=8)[0]
-    np.testing.assert_array_equal(
-        np.asarray(positions_from_segments(batch["segment_ids"])), batch["positions"]
-    )
+    np.testing.assert_array_equal(np.asarray(positions_from_segments(batch["segment_ids"])), batch["positions"])
 
 
 def test_unpacked_rows_hold_one_example_each():
@@ -145,16 +148,21 @@ def test_packed_prm_rows_keep_labels_on_separator_tokens(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(build_tiny_tokenizer(tmp_path / "tok"))
     (sep_id,) = tokenizer.encode("<extra_0>", add_special_tokens=False)
     records = [
-        PRMRecord(f"r{k}", f"What is {k} + {k}?",
-                  tuple(f"Step {j}: {k} + {j} = {k + j}." for j in range(1 + k % 3)),
-                  tuple(float((k + j) % 4 != 3) for j in range(1 + k % 3)))
+        PRMRecord(
+            f"r{k}",
+            f"What is {k} + {k}?",
+            tuple(f"Step {j}: {k} + {j} = {k + j}." for j in range(1 + k % 3)),
+            tuple(float((k + j) % 4 != 3) for j in range(1 + k % 3)),
+        )
         for k in range(12)
     ]
     cfg = TokenizeConfig(max_length=128, drop_after_first_error=False)
     examples = [tokenize_prm(r, tokenizer, cfg, k) for k, r in enumerate(records)]
-    batches = list(build_train_iterator(
-        examples, PipelineConfig(seq_len=256, rows_per_batch=2, num_epochs=1,
-                                 drop_remainder=False)))
+    batches = list(
+        build_train_iterator(
+            examples, PipelineConfig(seq_len=256, rows_per_batch=2, num_epochs=1, drop_remainder=False)
+        )
+    )
     seen = set()
     for batch in batches:
         sup = batch["loss_mask"] > 0
@@ -171,7 +179,7 @@ def test_shuffle_is_deterministic_and_differs_by_seed_and_epoch():
     examples = make_examples(30)
     order = epoch_order(examples, seed=5, num_epochs=3)
     assert order == epoch_order(examples, seed=5, num_epochs=3)
-    epochs = [order[e * 30:(e + 1) * 30] for e in range(3)]
+    epochs = [order[e * 30 : (e + 1) * 30] for e in range(3)]
     for epoch in epochs:
         assert sorted(epoch) == list(range(30))
     assert epochs[0] != epochs[1] and epochs[1] != epochs[2]
@@ -180,28 +188,6 @@ def test_shuffle_is_deterministic_and_differs_by_seed_and_epoch():
     packed_a = one_epoch(examples, rows_per_batch=2, seed=9)
     packed_b = one_epoch(examples, rows_per_batch=2, seed=9)
     assert all(np.array_equal(a[k], b[k]) for a, b in zip(packed_a, packed_b) for k in a)
-
-
-@pytest.mark.parametrize("n, processes", [(30, 3), (31, 4)])
-def test_process_shards_are_disjoint_and_cover_each_epoch(n, processes):
-    examples = make_examples(n)
-    for epoch in range(2):
-        shards = []
-        for i in range(processes):
-            order = epoch_order(examples, seed=1, num_epochs=2, process_index=i,
-                                process_count=processes)
-            per_epoch = len(range(i, n, processes))
-            assert len(order) == 2 * per_epoch
-            shards.append(order[epoch * per_epoch:(epoch + 1) * per_epoch])
-        flat = [k for shard in shards for k in shard]
-        assert sorted(flat) == list(range(n))  # disjoint, and the union is the epoch
-    # Packed shards too.
-    packed = Counter()
-    for i in range(processes):
-        for batch in one_epoch(examples, rows_per_batch=2, process_index=i,
-                               process_count=processes):
-            packed.update(check_against_examples(batch, examples))
-    assert packed == Counter(range(n))
 
 
 def test_checkpoint_state_round_trip_is_bitwise(tmp_path):
@@ -219,12 +205,12 @@ def test_checkpoint_state_round_trip_is_bitwise(tmp_path):
         rest = take(resumed, 40 - split)
         continued = take(first, 40 - split)
         for got, cont, want in zip(rest, continued, reference[split:]):
-            for name in BATCH_FIELDS:
+            for name in PACKED_FIELD_SPECS:
                 assert got[name].tobytes() == want[name].tobytes(), (split, name)
                 assert cont[name].tobytes() == want[name].tobytes(), (split, name)
 
 
-def test_eval_batches_cover_each_example_once_in_lockstep():
+def test_eval_batches_cover_each_example_once():
     examples = make_examples(23)
     cfg = PipelineConfig(seq_len=SEQ_LEN, rows_per_batch=2, packing=False)
     batches = build_eval_batches(examples, cfg)
@@ -234,31 +220,12 @@ def test_eval_batches_cover_each_example_once_in_lockstep():
     for batch in batches:
         check_layout(batch, 2)
 
-    counts = Counter()
-    lengths = set()
-    for i in range(3):
-        per_process = build_eval_batches(
-            examples, PipelineConfig(seq_len=SEQ_LEN, rows_per_batch=2, process_index=i,
-                                     process_count=3))
-        lengths.add(len(per_process))
-        for batch in per_process:
-            check_layout(batch, 2)
-            counts.update(check_against_examples(batch, examples))
-    assert counts == Counter(range(23))
-    assert len(lengths) == 1  # every process runs the same number of eval steps
-
 
 def test_rejections():
     examples = make_examples(5, max_len=40)
     with pytest.raises(ValueError, match="more than seq_len=16"):
         build_train_iterator(examples, PipelineConfig(seq_len=16, rows_per_batch=1))
-    with pytest.raises(ValueError, match="cannot be sharded over 8 processes"):
-        build_train_iterator(
-            examples, PipelineConfig(seq_len=SEQ_LEN, rows_per_batch=1, process_index=7,
-                                     process_count=8))
     with pytest.raises(ValueError, match="no examples"):
         build_eval_batches([], PipelineConfig(seq_len=SEQ_LEN, rows_per_batch=1))
-    with pytest.raises(ValueError, match="process_index"):
-        PipelineConfig(seq_len=8, rows_per_batch=1, process_index=2, process_count=2)
     with pytest.raises(ValueError, match="seed"):
         PipelineConfig(seq_len=8, rows_per_batch=1, seed=-1)

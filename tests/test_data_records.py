@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import prm_jax.data.records as records_module
 from prm_jax.data.records import (
     DataError,
     PRMRecord,
@@ -19,8 +20,13 @@ from prm_jax.data.records import (
 
 GOOD_PRM = [
     {"id": "a", "problem": "1+1?", "steps": ["1+1=2", "\\boxed{2}"], "labels": [1, 1]},
-    {"id": "b", "problem": "2*3?", "steps": ["2*3=5", "\\boxed{5}"], "labels": [0, 0],
-     "source": "extra keys are ignored"},
+    {
+        "id": "b",
+        "problem": "2*3?",
+        "steps": ["2*3=5", "\\boxed{5}"],
+        "labels": [0, 0],
+        "source": "extra keys are ignored",
+    },
 ]
 
 
@@ -31,10 +37,7 @@ def _write(path: Path, lines: list[str]) -> Path:
 
 def _prm_file(tmp_path: Path, bad_line: str) -> Path:
     """Two good records, a blank line, then the bad line: the bad line is line 4."""
-    return _write(
-        tmp_path / "train.jsonl",
-        [json.dumps(GOOD_PRM[0]), json.dumps(GOOD_PRM[1]), "", bad_line],
-    )
+    return _write(tmp_path / "train.jsonl", [json.dumps(GOOD_PRM[0]), json.dumps(GOOD_PRM[1]), "", bad_line])
 
 
 _DELETE = object()  # marks a key to remove in _prm
@@ -51,8 +54,7 @@ def _prm(**overrides) -> str:
 def test_reads_hard_and_soft_records_and_skips_blank_lines(tmp_path):
     soft = {"id": "s", "problem": "q", "steps": ["x", "y"], "labels": [0.625, 0.0]}
     path = _write(
-        tmp_path / "train.jsonl",
-        ["", json.dumps(GOOD_PRM[0]), "   ", json.dumps(GOOD_PRM[1]), json.dumps(soft), ""],
+        tmp_path / "train.jsonl", ["", json.dumps(GOOD_PRM[0]), "   ", json.dumps(GOOD_PRM[1]), json.dumps(soft), ""]
     )
     records = list(read_prm_records(path))
     assert [r.id for r in records] == ["a", "b", "s"]
@@ -123,7 +125,7 @@ def test_exact_message_for_label_count(tmp_path):
 @pytest.mark.parametrize("token", ["NaN", "Infinity", "-Infinity"])
 def test_non_finite_labels_are_rejected(tmp_path, token):
     # json.dumps cannot write these as labels portably; write the line by hand.
-    line = '{"id": "c", "problem": "p", "steps": ["x", "y"], "labels": [1, %s]}' % token
+    line = '{"id": "c", "problem": "p", "steps": ["x", "y"], "labels": [1, TOKEN]}'.replace("TOKEN", token)
     path = _prm_file(tmp_path, line)
     with pytest.raises(DataError, match=r":4: field 'labels': label 1 is"):
         list(read_prm_records(path))
@@ -191,3 +193,33 @@ def test_programmatic_records_are_validated_and_infer_hardness():
         PRMRecord("a", "p", (), ())
     with pytest.raises(DataError, match="field 'id'"):
         SFTRecord(3, "p", "c")  # type: ignore[arg-type]
+
+
+def test_a_byte_order_mark_is_skipped_at_the_start_of_a_file_only(tmp_path):
+    """One rule for every record file (`prm_jax.jsonl`): editors' BOM at the start is skipped, one
+    anywhere else (e.g. two files concatenated) is malformed JSON."""
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(GOOD_PRM[0]).encode() + b"\n")
+    assert [r.id for r in read_prm_records(path)] == ["a"]
+    path.write_bytes(path.read_bytes() + b"\xef\xbb\xbf" + json.dumps(GOOD_PRM[1]).encode() + b"\n")
+    with pytest.raises(DataError, match=r"bom\.jsonl:2: malformed JSON"):
+        list(read_prm_records(path))
+
+
+def test_the_line_limit_counts_the_record_not_its_newline(tmp_path, monkeypatch):
+    line = _prm()
+    path = _write(tmp_path / "train.jsonl", [line])
+    monkeypatch.setattr(records_module, "MAX_LINE_BYTES", len(line))
+    assert [r.id for r in read_prm_records(path)] == ["c"]
+    monkeypatch.setattr(records_module, "MAX_LINE_BYTES", len(line) - 1)
+    message = rf"train\.jsonl:1: line longer than the limit of {len(line) - 1} bytes; refused before it is parsed"
+    with pytest.raises(DataError, match=message):
+        list(read_prm_records(path))
+
+
+def test_whitespace_is_not_an_id(tmp_path):
+    path = _prm_file(tmp_path, _prm(id="  "))
+    with pytest.raises(DataError, match=r"train\.jsonl:4: field 'id': must be a non-empty string"):
+        list(read_prm_records(path))
+    with pytest.raises(DataError, match="field 'id': must be a non-empty string"):
+        SFTRecord(" ", "p", "c")

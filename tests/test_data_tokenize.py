@@ -10,15 +10,8 @@ from tiny_assets import build_tiny_tokenizer
 
 from prm_jax.data.pipeline import load_prm_examples, load_sft_examples
 from prm_jax.data.records import DataError, PRMRecord, SFTRecord
-from prm_jax.data.tokenize import (
-    Example,
-    TokenizeConfig,
-    TokenizeStats,
-    render_sft_prompt,
-    tokenize_prm,
-    tokenize_sft,
-)
-from prm_jax.tokenization import SYSTEM_PROMPT, build_prm_input
+from prm_jax.data.tokenize import Example, TokenizeConfig, TokenizeStats, tokenize_prm, tokenize_sft
+from prm_jax.tokenization import SYSTEM_PROMPT, build_prm_input, render_chat
 
 SEP = "<extra_0>"
 STEPS = (
@@ -28,6 +21,11 @@ STEPS = (
     "Therefore the final answer is \\boxed{15}.",
 )
 PROBLEM = "What is 2 + 3 * 4?"
+
+
+def _sft_prompt(tokenizer, prompt: str) -> str:
+    """The prompt text SFT trains the policy on: the system prompt, the user turn, an open reply."""
+    return render_chat(tokenizer, [{"role": "user", "content": prompt}], system_prompt=SYSTEM_PROMPT)
 
 
 @pytest.fixture(scope="module")
@@ -181,9 +179,8 @@ def test_separator_inside_a_step_is_a_data_error(tokenizer):
 def test_sft_loss_on_completion_and_eos_only(tokenizer):
     completion = "We compute 3 * 4 = 12.\n\nSo the answer is \\boxed{14}."
     stats = TokenizeStats()
-    example = tokenize_sft(SFTRecord("x", PROBLEM, completion), tokenizer,
-                           TokenizeConfig(max_length=512), 3, stats)
-    prompt_text = render_sft_prompt(tokenizer, PROBLEM)
+    example = tokenize_sft(SFTRecord("x", PROBLEM, completion), tokenizer, TokenizeConfig(max_length=512), 3, stats)
+    prompt_text = _sft_prompt(tokenizer, PROBLEM)
     assert prompt_text.endswith("<|im_start|>assistant\n") and SYSTEM_PROMPT in prompt_text
     prompt_ids = tokenizer.encode(prompt_text, add_special_tokens=False)
     completion_ids = tokenizer.encode(completion, add_special_tokens=False)
@@ -199,19 +196,31 @@ def test_sft_loss_on_completion_and_eos_only(tokenizer):
 
 
 def test_sft_plain_prompt_without_chat_template(plain_tokenizer):
-    example = tokenize_sft(SFTRecord("x", "Add 1 and 2.", "1 + 2 = 3."), plain_tokenizer,
-                           TokenizeConfig(max_length=512), 0)
+    example = tokenize_sft(
+        SFTRecord("x", "Add 1 and 2.", "1 + 2 = 3."), plain_tokenizer, TokenizeConfig(max_length=512), 0
+    )
     text = plain_tokenizer.decode(example.input_ids)
     assert text == f"{SYSTEM_PROMPT}\n\nAdd 1 and 2.\n\n1 + 2 = 3.{plain_tokenizer.eos_token}"
     pos = _supervised(example)
     assert plain_tokenizer.decode(example.targets[pos]) == "1 + 2 = 3." + plain_tokenizer.eos_token
 
 
+@pytest.mark.parametrize("fixture", ["tokenizer", "plain_tokenizer"])
+def test_sft_prompt_is_the_synthesis_policy_prompt(fixture, request):
+    """Policy SFT trains on the prompt synthesis samples the policy with (one renderer, one rule)."""
+    from data_pipeline.solutions import policy_prompt
+
+    tok = request.getfixturevalue(fixture)
+    example = tokenize_sft(SFTRecord("x", PROBLEM, "14"), tok, TokenizeConfig(max_length=512), 0)
+    prompt_ids = tok.encode(policy_prompt(tok, PROBLEM), add_special_tokens=False)
+    assert example.input_ids.tolist()[: len(prompt_ids)] == prompt_ids
+    assert len(example.input_ids) == len(prompt_ids) + len(tok.encode("14", add_special_tokens=False)) + 1
+
+
 def test_sft_overlong(tokenizer):
     completion = "Step 1: We compute 3 * 4 = 12. Then 2 + 12 = 14."
     record = SFTRecord("x", PROBLEM, completion)
-    prompt_len = len(tokenizer.encode(render_sft_prompt(tokenizer, PROBLEM),
-                                      add_special_tokens=False))
+    prompt_len = len(tokenizer.encode(_sft_prompt(tokenizer, PROBLEM), add_special_tokens=False))
     completion_ids = tokenizer.encode(completion, add_special_tokens=False)
     stats = TokenizeStats()
     cut = tokenize_sft(record, tokenizer, TokenizeConfig(max_length=prompt_len + 3), 0, stats)
@@ -235,9 +244,14 @@ def test_load_prm_examples_indexes_and_counts(tokenizer, tmp_path):
     examples, stats = load_prm_examples(path, tokenizer, TokenizeConfig(max_length=160))
     assert [(e.example_index, e.record_id) for e in examples] == [(0, "a"), (1, "c")]
     assert stats.as_dict() == {
-        "seen": 3, "kept": 2, "truncated": 0, "dropped_overlong": 1,
-        "steps_dropped_after_error": 1, "steps_dropped_overlong": 1,
-        "supervised_positions": 5, "tokens": len(examples[0]) + len(examples[1]),
+        "seen": 3,
+        "kept": 2,
+        "truncated": 0,
+        "dropped_overlong": 1,
+        "steps_dropped_after_error": 1,
+        "steps_dropped_overlong": 1,
+        "supervised_positions": 5,
+        "tokens": len(examples[0]) + len(examples[1]),
     }
     merged = TokenizeStats().merge(stats).merge(stats)
     assert merged.seen == 6 and merged.supervised_positions == 10
@@ -256,9 +270,7 @@ def test_load_errors_carry_file_and_line(tokenizer, tmp_path):
 def test_load_refuses_a_split_separator(tmp_path):
     from transformers import AutoTokenizer
 
-    split = AutoTokenizer.from_pretrained(
-        build_tiny_tokenizer(tmp_path / "split", separator_special=False)
-    )
+    split = AutoTokenizer.from_pretrained(build_tiny_tokenizer(tmp_path / "split", separator_special=False))
     path = tmp_path / "t.jsonl"
     path.write_text(json.dumps({"id": "a", "problem": "p", "steps": ["s"], "labels": [1]}) + "\n")
     with pytest.raises(ValueError, match="prepare_step_separator"):
@@ -268,8 +280,10 @@ def test_load_refuses_a_split_separator(tmp_path):
 def test_load_sft_examples(tokenizer, tmp_path):
     path = tmp_path / "sft.jsonl"
     path.write_text(
-        json.dumps({"id": "a", "prompt": "Hi", "completion": "Hello."}) + "\n"
-        + json.dumps({"id": "b", "prompt": "1+1?", "completion": "2"}) + "\n",
+        json.dumps({"id": "a", "prompt": "Hi", "completion": "Hello."})
+        + "\n"
+        + json.dumps({"id": "b", "prompt": "1+1?", "completion": "2"})
+        + "\n",
         encoding="utf-8",
     )
     examples, stats = load_sft_examples(path, tokenizer, TokenizeConfig(max_length=256))
@@ -285,9 +299,12 @@ def test_config_and_example_validation():
     with pytest.raises(ValueError, match="negative_threshold"):
         TokenizeConfig(max_length=8, negative_threshold=1.0)  # every label would be negative
     ok = dict(
-        input_ids=np.zeros(3, np.int32), loss_mask=np.zeros(3, np.float32),
-        labels=np.zeros(3, np.float32), targets=np.zeros(3, np.int32),
-        step_index=np.full(3, -1, np.int32), example_index=0,
+        input_ids=np.zeros(3, np.int32),
+        loss_mask=np.zeros(3, np.float32),
+        labels=np.zeros(3, np.float32),
+        targets=np.zeros(3, np.int32),
+        step_index=np.full(3, -1, np.int32),
+        example_index=0,
     )
     Example(**ok)
     with pytest.raises(ValueError, match="input_ids must be int32"):

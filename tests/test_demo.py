@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline import demo, math_world
+from data_pipeline import math_world
 from data_pipeline.schemas import GradeRecord, MCCost, MCRecord, StepLabel
-from data_pipeline.shards import Layout, Shard, atomic_write_json
+from data_pipeline.shards import Layout, Shard
+from launch import demo_pipeline as demo
+from prm_jax.files import atomic_write_json
 
 PROBLEM = math_world.WorldProblem("p", 7, (("+", 2), ("-", 5)))
 RIGHT = ["7 + 2 = 9", "9 - 5 = 4", "The answer is \\boxed{4}."]
@@ -23,9 +25,10 @@ def _mc_record(rid: str, num_steps: int, first_error: int) -> MCRecord:
     for i in range(count):
         hard = 0 if i == first_error else 1
         last = i == num_steps - 1
-        labels.append(StepLabel(hard, 0, float(hard), hard, False) if last else StepLabel(hard, 4, hard / 4, hard, True))
-    return MCRecord(rid, "p", "labelled", None, 4, num_steps, tuple(labels), first_error,
-                    count < num_steps, MCCost())
+        labels.append(
+            StepLabel(hard, 0, float(hard), hard, False) if last else StepLabel(hard, 4, hard / 4, hard, True)
+        )
+    return MCRecord(rid, "p", "labelled", None, 4, num_steps, tuple(labels), first_error, count < num_steps, MCCost())
 
 
 def test_mc_first_error_agreement_is_scored_against_the_checker(tmp_path) -> None:
@@ -41,10 +44,23 @@ def test_mc_first_error_agreement_is_scored_against_the_checker(tmp_path) -> Non
     shard = Shard()
     grades, mcs = [], []
     for i, (steps, mc) in enumerate(planted):
-        answer = steps[-1][len("The answer is \\boxed{"):-2]
+        answer = steps[-1][len("The answer is \\boxed{") : -2]
         right = answer == str(PROBLEM.answer)
-        grades.append(GradeRecord(f"p#{i}", "p", i, PROBLEM.text, str(PROBLEM.answer), tuple(steps), answer, "stop", 20,
-                                  "correct" if right else "incorrect", right))
+        grades.append(
+            GradeRecord(
+                f"p#{i}",
+                "p",
+                i,
+                PROBLEM.text,
+                str(PROBLEM.answer),
+                tuple(steps),
+                answer,
+                "stop",
+                20,
+                "correct" if right else "incorrect",
+                right,
+            )
+        )
         mcs.append(_mc_record(f"p#{i}", len(steps), mc))
     grades.append(GradeRecord("p#9", "p", 9, PROBLEM.text, "4", ("7 + 2 =",), None, "length", 20, "no_answer", False))
     mcs.append(MCRecord("p#9", "p", "skipped", "truncated", 4, 1, (), None, False, MCCost()))
@@ -73,13 +89,19 @@ def test_baseline_f1_and_world_difficulty() -> None:
 
 
 def test_detection_by_error_kind() -> None:
-    predictions = [{"id": "a", "label": 1, "pred": 1}, {"id": "b", "label": 0, "pred": -1},
-                   {"id": "c", "label": 2, "pred": 2}, {"id": "d", "label": -1, "pred": 0},
-                   {"id": "e", "label": 1, "pred": 0}]
+    predictions = [
+        {"id": "a", "label": 1, "pred": 1},
+        {"id": "b", "label": 0, "pred": -1},
+        {"id": "c", "label": 2, "pred": 2},
+        {"id": "d", "label": -1, "pred": 0},
+        {"id": "e", "label": 1, "pred": 0},
+    ]
     kinds = {"a": "out_of_range", "b": "in_range", "c": "out_of_range", "e": "in_range"}
     table = demo.detection_by_kind(predictions, kinds)
-    assert table == {"out_of_range": {"records": 2, "found": 2, "rate": 1.0},
-                     "in_range": {"records": 2, "found": 0, "rate": 0.0}}
+    assert table == {
+        "out_of_range": {"records": 2, "found": 2, "rate": 1.0},
+        "in_range": {"records": 2, "found": 0, "rate": 0.0},
+    }
 
 
 def test_mistake_kinds_setting() -> None:
@@ -90,12 +112,19 @@ def test_mistake_kinds_setting() -> None:
             demo.mistake_kinds(bad)
 
 
-@pytest.mark.parametrize("overrides, field", [
-    ({"sft.steps": 0}, "sft.steps"), ({"synth.k": -1}, "synth.k"), ({"judge.error_rate": 1.5}, "judge.error_rate"),
-    ({"sft.mistakes": "carry,typo"}, "sft.mistakes"), ({"eval.temperature": -0.1}, "eval.temperature"),
-    ({"sft.lr": -1.0}, "sft.lr"), ({"world.min_ops": 4, "world.max_ops": 2}, "world"),
-    ({"sft.seq_len": 4096}, "sft.seq_len"),
-])
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"sft.steps": 0}, "sft.steps"),
+        ({"synth.k": -1}, "synth.k"),
+        ({"judge.error_rate": 1.5}, "judge.error_rate"),
+        ({"sft.mistakes": "carry,typo"}, "sft.mistakes"),
+        ({"eval.temperature": -0.1}, "eval.temperature"),
+        ({"sft.lr": -1.0}, "sft.lr"),
+        ({"world.min_ops": 4, "world.max_ops": 2}, "world"),
+        ({"sft.seq_len": 4096}, "sft.seq_len"),
+    ],
+)
 def test_a_bad_demo_config_is_refused_before_anything_is_written(overrides, field, tmp_path) -> None:
     with pytest.raises(ValueError, match=rf"--config\.{re.escape(field)}"):
         demo.run_demo(small_config(**overrides), tmp_path / "w", say=lambda line: None)
@@ -106,9 +135,20 @@ def test_launch_demo_reports_every_bad_value_in_one_block(tmp_path) -> None:
     import subprocess
     import sys
 
-    result = subprocess.run([sys.executable, "-m", "launch.demo", f"--workdir={tmp_path / 'w'}", "--config.sft.steps=0",
-                             "--config.judge.error_rate=2"], cwd=Path(__file__).resolve().parents[1],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launch.demo",
+            f"--workdir={tmp_path / 'w'}",
+            "--config.sft.steps=0",
+            "--config.judge.error_rate=2",
+        ],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.startswith("error: invalid demo config (2 problem(s))") and "Traceback" not in result.stderr
     assert "--config.sft.steps=0" in result.stderr and "--config.judge.error_rate=2.0" in result.stderr
@@ -147,8 +187,16 @@ def test_demo_end_to_end_learns(tmp_path) -> None:
     assert written == json.loads(json.dumps(results))
     for name in ("policy_accuracy", "mc_first_error_agreement", "consensus_keep_rate", "prm_f1", "baseline_f1"):
         assert isinstance(written[name], float), name
-    for artifact in ("results.png", "bon.png", "prm_hf/config.json", "prm_hf/model.safetensors", "synth/summary.json",
-                     "eval/processbench/world.jsonl", "eval/bon_results/results.json", "timings.json"):
+    for artifact in (
+        "results.png",
+        "bon.png",
+        "prm_hf/config.json",
+        "prm_hf/model.safetensors",
+        "synth/summary.json",
+        "eval/processbench/world.jsonl",
+        "eval/bon_results/results.json",
+        "timings.json",
+    ):
         assert (tmp_path / artifact).exists(), artifact
     # The policy learnt the arithmetic and keeps the mistakes it was shown; MC labels mostly match the checker.
     low, high = POLICY_ACCURACY_BAND
@@ -165,9 +213,17 @@ def test_demo_end_to_end_learns(tmp_path) -> None:
     assert bon["prm"] >= bon["maj"] + BON_MARGIN and bon["prm"] <= bon["pass"], bon
 
 
-MICRO = ["--config.sft.steps=4", "--config.sft.num_problems=64", "--config.synth.num_problems=4",
-         "--config.prm.steps=4", "--config.eval.num_problems=4", "--config.synth.max_tokens=24",
-         "--config.synth.mc_max_tokens=16", "--config.eval.max_tokens=24", "--config.progress=false"]
+MICRO = [
+    "--config.sft.steps=4",
+    "--config.sft.num_problems=64",
+    "--config.synth.num_problems=4",
+    "--config.prm.steps=4",
+    "--config.eval.num_problems=4",
+    "--config.synth.max_tokens=24",
+    "--config.synth.mc_max_tokens=16",
+    "--config.eval.max_tokens=24",
+    "--config.progress=false",
+]
 
 
 @pytest.mark.slow
@@ -177,9 +233,16 @@ def test_demo_same_seed_same_results(tmp_path) -> None:
     import subprocess
     import sys
 
-    runs = [subprocess.Popen([sys.executable, "-m", "launch.demo", f"--workdir={tmp_path / name}", *MICRO],
-                             cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True) for name in ("a", "b")]
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "launch.demo", f"--workdir={tmp_path / name}", *MICRO],
+            cwd=Path(__file__).resolve().parents[1],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for name in ("a", "b")
+    ]
     for run in runs:
         output, _ = run.communicate(timeout=600)
         assert run.returncode == 0, output[-3000:]

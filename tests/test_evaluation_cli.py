@@ -11,56 +11,111 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from hf_models import random_causal_lm, save_hf
+from tiny_assets import TINY_VOCAB_SIZE, build_tiny_tokenizer
+
 from prm_jax.conversion.hf_checkpoint import hf_to_orbax, orbax_to_hf
 from prm_jax.evaluation.runner import EvaluationConfig, run_evaluation
-from tiny_assets import build_tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SUBSET_KEYS = {"f1", "acc_err", "acc_ok", "n_err", "n_ok"}
 
 
 def pb(record_id: str, steps: list[str], label: int, final_answer_correct: bool = True) -> dict:
-    return {"id": record_id, "generator": "tiny", "problem": f"Compute {record_id} please.", "steps": steps,
-            "final_answer_correct": final_answer_correct, "label": label}
+    return {
+        "id": record_id,
+        "generator": "tiny",
+        "problem": f"Compute {record_id} please.",
+        "steps": steps,
+        "final_answer_correct": final_answer_correct,
+        "label": label,
+    }
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("eval_cli")
-    hf_lm = save_hf(random_causal_lm(vocab_size=404, seed=5, max_position_embeddings=512), root / "hf_lm")
+    hf_lm = save_hf(random_causal_lm(vocab_size=TINY_VOCAB_SIZE, seed=5, max_position_embeddings=512), root / "hf_lm")
     tokenizer = build_tiny_tokenizer(root / "tokenizer")
     hf_to_orbax(hf_lm, root / "orbax", seed=1)
     orbax_to_hf(root / "orbax", root / "hf_prm", dtype="float32", tokenizer_dir=tokenizer)
     data = root / "processbench"
     data.mkdir()
     # The official release's layout: a JSON array per subset; math has no error-free solution.
-    (data / "gsm8k.json").write_text(json.dumps([
-        pb("gsm8k-0", ["2 + 3 = 5", "5 * 4 = 20", "\\boxed{20}"], -1),
-        pb("gsm8k-1", ["2 + 3 = 6", "\\boxed{6}"], 0, False),
-        pb("gsm8k-2", ["we add them", "so the sum is five", "then multiply by four", "\\boxed{20}"], 2),
-    ], indent=2))
-    (data / "math.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
-        pb("math-0", ["x = 2", "x + 1 = 4", "\\boxed{4}"], 1, False),
-        pb("math-1", ["the answer is five"], 0),
-    ]))
+    (data / "gsm8k.json").write_text(
+        json.dumps(
+            [
+                pb("gsm8k-0", ["2 + 3 = 5", "5 * 4 = 20", "\\boxed{20}"], -1),
+                pb("gsm8k-1", ["2 + 3 = 6", "\\boxed{6}"], 0, False),
+                pb("gsm8k-2", ["we add them", "so the sum is five", "then multiply by four", "\\boxed{20}"], 2),
+            ],
+            indent=2,
+        )
+    )
+    (data / "math.jsonl").write_text(
+        "".join(
+            json.dumps(r) + "\n"
+            for r in [
+                pb("math-0", ["x = 2", "x + 1 = 4", "\\boxed{4}"], 1, False),
+                pb("math-1", ["the answer is five"], 0),
+            ]
+        )
+    )
     responses = lambda answers: [  # noqa: E731
         {"steps": ["we add two and three", f"so the answer is \\boxed{{{a}}}"], "correct": a == 5} for a in answers
     ]
     bon = root / "bon.jsonl"
-    bon.write_text("".join(json.dumps(r) + "\n" for r in [
-        {"id": "q0", "dataset": "gsm8k", "problem": "2 + 3?", "answer": "5", "responses": responses([5, 6, 5, 7])},
-        {"id": "q1", "dataset": "gsm8k", "problem": "1 + 4?", "answer": "5", "responses": responses([6, 6, 5, 7])},
-        {"id": "q2", "dataset": "math", "problem": "10 / 2?", "answer": 5, "responses": responses([4, 5, 4, 4])},
-    ]))
+    bon.write_text(
+        "".join(
+            json.dumps(r) + "\n"
+            for r in [
+                {
+                    "id": "q0",
+                    "dataset": "gsm8k",
+                    "problem": "2 + 3?",
+                    "answer": "5",
+                    "responses": responses([5, 6, 5, 7]),
+                },
+                {
+                    "id": "q1",
+                    "dataset": "gsm8k",
+                    "problem": "1 + 4?",
+                    "answer": "5",
+                    "responses": responses([6, 6, 5, 7]),
+                },
+                {
+                    "id": "q2",
+                    "dataset": "math",
+                    "problem": "10 / 2?",
+                    "answer": 5,
+                    "responses": responses([4, 5, 4, 4]),
+                },
+            ]
+        )
+    )
     predictions = root / "preds.jsonl"
-    predictions.write_text("".join(json.dumps(p) + "\n" for p in [
-        {"id": "gsm8k-0", "pred": -1}, {"id": "gsm8k-1", "pred": 0}, {"id": "gsm8k-2", "pred": 1},
-        {"id": "math-0", "pred": 1}, {"id": "math-1", "pred": None},
-    ]))
-    return {"root": root, "hf_lm": hf_lm, "tokenizer": tokenizer, "orbax": root / "orbax", "hf_prm": root / "hf_prm",
-            "data": data, "bon": bon, "predictions": predictions}
+    predictions.write_text(
+        "".join(
+            json.dumps(p) + "\n"
+            for p in [
+                {"id": "gsm8k-0", "pred": -1},
+                {"id": "gsm8k-1", "pred": 0},
+                {"id": "gsm8k-2", "pred": 1},
+                {"id": "math-0", "pred": 1},
+                {"id": "math-1", "pred": None},
+            ]
+        )
+    )
+    return {
+        "root": root,
+        "hf_lm": hf_lm,
+        "tokenizer": tokenizer,
+        "orbax": root / "orbax",
+        "hf_prm": root / "hf_prm",
+        "data": data,
+        "bon": bon,
+        "predictions": predictions,
+    }
 
 
 def evaluate(*args: str) -> subprocess.CompletedProcess:
@@ -80,8 +135,14 @@ def strict_json(path: Path) -> dict:
 def test_processbench_prm_cli(setup) -> None:
     out = setup["root"] / "out_pb"
     run = evaluate(
-        "--task=processbench", f"--model={setup['hf_prm']}", f"--data={setup['data']}", f"--out={out}",
-        "--dtype=float32", "--param_dtype=float32", "--mesh=data=2,fsdp=2", "--min_length=256",
+        "--task=processbench",
+        f"--model={setup['hf_prm']}",
+        f"--data={setup['data']}",
+        f"--out={out}",
+        "--dtype=float32",
+        "--param_dtype=float32",
+        "--mesh=data=2,fsdp=2",
+        "--min_length=256",
         "--tune_threshold_on=gsm8k",
     )
     assert run.returncode == 0, run.stderr
@@ -116,8 +177,15 @@ def test_processbench_prm_cli(setup) -> None:
 def test_bon_cli_from_orbax_with_tokenizer(setup) -> None:
     out = setup["root"] / "out_bon"
     run = evaluate(
-        "--task=bon", f"--model={setup['orbax']}", f"--tokenizer={setup['tokenizer']}", f"--data={setup['bon']}",
-        f"--out={out}", "--dtype=float32", "--param_dtype=float32", "--bon_k=1,2,4", "--min_length=256",
+        "--task=bon",
+        f"--model={setup['orbax']}",
+        f"--tokenizer={setup['tokenizer']}",
+        f"--data={setup['bon']}",
+        f"--out={out}",
+        "--dtype=float32",
+        "--param_dtype=float32",
+        "--bon_k=1,2,4",
+        "--min_length=256",
     )
     assert run.returncode == 0, run.stderr
     results = strict_json(out / "results.json")
@@ -143,7 +211,9 @@ def test_bon_cli_from_orbax_with_tokenizer(setup) -> None:
 
 def test_predictions_cli_and_unknown_ids(setup) -> None:
     out = setup["root"] / "out_preds"
-    run = evaluate("--task=processbench", f"--predictions={setup['predictions']}", f"--data={setup['data']}", f"--out={out}")
+    run = evaluate(
+        "--task=processbench", f"--predictions={setup['predictions']}", f"--data={setup['data']}", f"--out={out}"
+    )
     assert run.returncode == 0, run.stderr
     results = strict_json(out / "results.json")
     assert results["mode"] == "predictions"
@@ -165,9 +235,16 @@ def test_critic_with_the_jax_sampler(setup) -> None:
     """A causal LM critic end to end (random weights: its answers are unparseable, and counted)."""
     out = setup["root"] / "out_critic"
     config = EvaluationConfig(
-        task="processbench", data=str(setup["data"]), out=str(out), critic_model=str(setup["hf_lm"]),
-        tokenizer=str(setup["tokenizer"]), critic_samples=2, critic_temperature=1.0, critic_max_tokens=6,
-        dtype="float32", param_dtype="float32",
+        task="processbench",
+        data=str(setup["data"]),
+        out=str(out),
+        critic_model=str(setup["hf_lm"]),
+        tokenizer=str(setup["tokenizer"]),
+        critic_samples=2,
+        critic_temperature=1.0,
+        critic_max_tokens=6,
+        dtype="float32",
+        param_dtype="float32",
     )
     output = run_evaluation(config)
     results = strict_json(out / "results.json")

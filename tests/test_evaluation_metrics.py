@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 
+from prm_jax.critique import critic_vote
 from prm_jax.evaluation.analyses import calibration, flawed_process_detection, labelled_steps, min_position_stats
 from prm_jax.evaluation.best_of_n import (
     aggregate,
@@ -22,7 +23,6 @@ from prm_jax.evaluation.best_of_n import (
 )
 from prm_jax.evaluation.processbench import (
     f1_at_thresholds,
-    majority_verdict,
     predict_first_error,
     processbench_scores,
     subset_scores,
@@ -86,7 +86,9 @@ def test_average_is_the_unweighted_mean_of_subset_f1s() -> None:
 
 def test_results_json_writes_nan_as_null(tmp_path) -> None:
     scores = processbench_scores([("gsm8k", -1, -1), ("gsm8k", 0, -1)])
-    write_json(tmp_path / "r.json", {"task": "processbench", **scores.as_dict(), "extra": [float("inf"), np.float32(0.25)]})
+    write_json(
+        tmp_path / "r.json", {"task": "processbench", **scores.as_dict(), "extra": [float("inf"), np.float32(0.25)]}
+    )
 
     def refuse(token: str) -> None:
         raise AssertionError(f"non-standard JSON constant {token}")
@@ -99,8 +101,18 @@ def test_results_json_writes_nan_as_null(tmp_path) -> None:
 
 @pytest.mark.parametrize(
     "value, text",
-    [(2 / 3, "66.7"), (1 / 3, "33.3"), (0.8, "80.0"), (0.7345, "73.5"), (0.12345, "12.3"), (1.0, "100.0"),
-     (0.0005, "0.1"), (0.0, "0.0"), (float("nan"), "-"), (None, "-")],
+    [
+        (2 / 3, "66.7"),
+        (1 / 3, "33.3"),
+        (0.8, "80.0"),
+        (0.7345, "73.5"),
+        (0.12345, "12.3"),
+        (1.0, "100.0"),
+        (0.0005, "0.1"),
+        (0.0, "0.0"),
+        (float("nan"), "-"),
+        (None, "-"),
+    ],
 )
 def test_percent_rounds_half_up_to_one_decimal(value, text) -> None:
     assert percent(value) == text
@@ -113,12 +125,12 @@ def test_markdown_shows_percentages_and_dashes_for_empty_classes() -> None:
     assert "| correct acc | 100.0 | - |  |" in text
 
 
-def test_majority_verdict_ties_go_to_the_first_sampled() -> None:
-    assert majority_verdict([1, None, 2, 2, 1]) == 1
-    assert majority_verdict([2, 1, 1, 2]) == 2
-    assert majority_verdict([None, 3, 3, 1]) == 3
-    assert majority_verdict([None, None]) is None
-    assert majority_verdict([-1]) == -1
+def test_critic_vote_ties_go_to_the_first_sampled() -> None:
+    assert critic_vote([1, None, 2, 2, 1]) == 1
+    assert critic_vote([2, 1, 1, 2]) == 2
+    assert critic_vote([None, 3, 3, 1]) == 3
+    assert critic_vote([None, None]) is None
+    assert critic_vote([-1]) == -1
 
 
 def test_threshold_sweep_by_hand() -> None:
@@ -232,7 +244,13 @@ def test_bon_scores_per_dataset_and_unweighted_average() -> None:
     assert datasets["b"].pass_at_n == 0.0 and datasets["b"].n == 2
     assert average.prm_at_n["min"] == pytest.approx(0.25)  # (0.5 + 0) / 2, not 1/3
     assert average.pass_at_n == pytest.approx(0.5) and average.n_problems == 3
-    text = bon_markdown({"aggregations": ["min"], "datasets": {k: v.as_dict() for k, v in datasets.items()}, "average": average.as_dict()})
+    text = bon_markdown(
+        {
+            "aggregations": ["min"],
+            "datasets": {k: v.as_dict() for k, v in datasets.items()},
+            "average": average.as_dict(),
+        }
+    )
     assert "| prm@2 (min) | 50.0 | 0.0 | 25.0 |" in text and "| pass@2 | 100.0 | 0.0 | 50.0 |" in text
 
 

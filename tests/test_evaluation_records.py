@@ -15,8 +15,13 @@ from prm_jax.evaluation.tasks import processbench_with_predictions
 
 def pb(record_id: str, label: int = -1, steps: list[str] | None = None, **extra) -> dict:
     return {
-        "id": record_id, "generator": "policy", "problem": f"Problem {record_id}",
-        "steps": steps if steps is not None else ["a", "b", "c"], "final_answer_correct": True, "label": label, **extra,
+        "id": record_id,
+        "generator": "policy",
+        "problem": f"Problem {record_id}",
+        "steps": steps if steps is not None else ["a", "b", "c"],
+        "final_answer_correct": True,
+        "label": label,
+        **extra,
     }
 
 
@@ -41,7 +46,10 @@ def test_directory_of_subset_files_json_array_and_jsonl(tmp_path) -> None:
     (tmp_path / "notes.txt").write_text("ignored")
     records = list(read_processbench(tmp_path))
     assert [(r.id, r.subset, r.label) for r in records] == [
-        ("g-0", "gsm8k", -1), ("g-1", "gsm8k", 2), ("m-0", "math", 0), ("m-1", "custom", -1)
+        ("g-0", "gsm8k", -1),
+        ("g-1", "gsm8k", 2),
+        ("m-0", "math", 0),
+        ("m-1", "custom", -1),
     ]
     assert records[1].source == f"{tmp_path / 'gsm8k.json'}:14"  # the line the element starts on
     assert records[3].source == f"{tmp_path / 'math.jsonl'}:2"
@@ -87,9 +95,9 @@ def test_malformed_json_array_element_names_its_line(tmp_path) -> None:
     path = tmp_path / "gsm8k.json"
     path.write_text(json.dumps([pb("a"), pb("b")], indent=2)[:-6] + "]")
     assert f"{path}:" in str(bad(path))
-    path.write_text(f'[{json.dumps(pb("a"))}\n {json.dumps(pb("b"))}]')
+    path.write_text(f"[{json.dumps(pb('a'))}\n {json.dumps(pb('b'))}]")
     assert "expected ',' or ']'" in str(bad(path))
-    path.write_text('[1, 2]')
+    path.write_text("[1, 2]")
     assert "expected a JSON object" in str(bad(path))
 
 
@@ -105,6 +113,7 @@ def test_malformed_json_array_element_names_its_line(tmp_path) -> None:
         (pb("a", label=3), "label", "out of range"),  # 3 steps: 0..2
         (pb("a", label="1"), "label", "integer"),
         (pb(7), "id", "string"),
+        (pb("  "), "id", "non-empty"),
         (pb("a", final_answer_correct="yes"), "final_answer_correct", "true or false"),
     ],
 )
@@ -129,6 +138,32 @@ def test_missing_inputs(tmp_path) -> None:
         list(read_processbench(tmp_path))
 
 
+def test_a_byte_order_mark_is_skipped_at_the_start_of_a_file_only(tmp_path) -> None:
+    path = tmp_path / "gsm8k.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + (json.dumps(pb("a")) + "\n").encode())
+    assert [r.id for r in read_processbench(path)] == ["a"]
+    array = tmp_path / "math.json"
+    array.write_bytes(b"\xef\xbb\xbf" + json.dumps([pb("b")]).encode())
+    assert [r.id for r in read_processbench(array)] == ["b"]
+    path.write_bytes(path.read_bytes() + b"\xef\xbb\xbf" + (json.dumps(pb("c")) + "\n").encode())
+    assert f"{path}:2: malformed JSON" in str(bad(path))
+
+
+def test_one_record_limit_for_lines_and_array_elements(tmp_path) -> None:
+    row = json.dumps(pb("a"))
+    path = write_jsonl(tmp_path / "gsm8k.jsonl", [row])
+    array = tmp_path / "math.json"
+    array.write_text(f"[{row}]")
+    for data in (path, array):
+        assert [r.id for r in read_processbench(data, max_record_bytes=len(row))] == ["a"]
+    for data, what in ((path, "line"), (array, "record")):
+        error = bad(data, lambda p: read_processbench(p, max_record_bytes=len(row) - 1))
+        assert str(error).startswith(
+            f"{data}:1: {what} longer than the limit of {len(row) - 1} bytes; refused before it is parsed "
+            "(raise --max_record_bytes if such records are intended)"
+        )
+
+
 # ---------------------------------------------------------------------------- Best-of-N
 
 
@@ -137,10 +172,19 @@ def bon(record_id: str, responses: list, **extra) -> dict:
 
 
 def test_bon_records(tmp_path) -> None:
-    path = write_jsonl(tmp_path / "math500.jsonl", [
-        bon("a", [{"steps": ["x", "\\boxed{4}"], "correct": True}, {"steps": ["y"], "correct": False, "final_answer": 3}]),
-        bon("b", [{"steps": ["z"], "correct": False}], dataset="aime"),
-    ])
+    path = write_jsonl(
+        tmp_path / "math500.jsonl",
+        [
+            bon(
+                "a",
+                [
+                    {"steps": ["x", "\\boxed{4}"], "correct": True},
+                    {"steps": ["y"], "correct": False, "final_answer": 3},
+                ],
+            ),
+            bon("b", [{"steps": ["z"], "correct": False}], dataset="aime"),
+        ],
+    )
     a, b = read_bon(path)
     assert (a.dataset, b.dataset) == ("math500", "aime") and a.answer == "4"
     assert a.responses[1].final_answer == "3" and a.responses[0].final_answer is None
@@ -182,10 +226,16 @@ def preds(tmp_path: Path, rows: list) -> Path:
 
 
 def test_predictions_are_scored(data_dir, tmp_path) -> None:
-    path = preds(tmp_path, [
-        {"id": "g-0", "pred": -1}, {"id": "g-1", "pred": 1}, {"id": "g-2", "pred": None},
-        {"id": "m-0", "pred": 2}, {"id": "m-1", "pred": 0},
-    ])
+    path = preds(
+        tmp_path,
+        [
+            {"id": "g-0", "pred": -1},
+            {"id": "g-1", "pred": 1},
+            {"id": "g-2", "pred": None},
+            {"id": "m-0", "pred": 2},
+            {"id": "m-1", "pred": 0},
+        ],
+    )
     out = processbench_with_predictions(read_processbench(data_dir), path)
     gsm8k, math_ = out.results["subsets"]["gsm8k"], out.results["subsets"]["math"]
     assert (gsm8k["acc_err"], gsm8k["acc_ok"], gsm8k["n_unparseable"]) == (0.5, 1.0, 1)

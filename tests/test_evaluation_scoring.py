@@ -3,23 +3,23 @@ meshes, Orbax and Hugging Face loading, streaming windows that split records, th
 
 from __future__ import annotations
 
-
 import jax
 import numpy as np
 import pytest
 import torch
-
 from hf_models import random_causal_lm, save_hf
+from tiny_assets import TINY_VOCAB_SIZE, build_tiny_tokenizer
+
 from prm_jax.checkpoint import restore_model
 from prm_jax.conversion.hf_checkpoint import ConversionError, hf_to_orbax, orbax_to_hf
-from prm_jax.evaluation.model_loading import checkpoint_kind, load_model, load_tokenizer
+from prm_jax.evaluation.model_loading import load_tokenizer
 from prm_jax.evaluation.records import BoNRecord, BoNResponse, EvaluationDataError, ProcessBenchRecord
 from prm_jax.evaluation.scorer import BatchedScorer, BucketConfig, length_bucket
 from prm_jax.evaluation.tasks import bon_with_prm, prepare_input, processbench_with_critic, processbench_with_prm
 from prm_jax.generation.types import Completion, RequestOutput, SamplingParams
 from prm_jax.sharding import make_mesh
 from prm_jax.tokenization import build_prm_input
-from tiny_assets import build_tiny_tokenizer
+from prm_jax.weights import checkpoint_kind, load_model
 
 WORDS = "the sum of two and three is five so we add them then multiply by four".split()
 
@@ -28,12 +28,17 @@ WORDS = "the sum of two and three is five so we add them then multiply by four".
 def assets(tmp_path_factory) -> dict:
     """A random causal LM exported as a PRM (fp32), its Orbax checkpoint and the tokenizer."""
     root = tmp_path_factory.mktemp("eval_scoring")
-    hf_lm = save_hf(random_causal_lm(vocab_size=404, seed=11, max_position_embeddings=1024), root / "hf_lm")
+    hf_lm = save_hf(random_causal_lm(vocab_size=TINY_VOCAB_SIZE, seed=11, max_position_embeddings=1024), root / "hf_lm")
     tokenizer_dir = build_tiny_tokenizer(root / "tokenizer")
     hf_to_orbax(hf_lm, root / "orbax", seed=3)
     orbax_to_hf(root / "orbax", root / "hf_prm", dtype="float32", tokenizer_dir=tokenizer_dir)
-    return {"hf_lm": hf_lm, "tokenizer_dir": tokenizer_dir, "orbax": root / "orbax", "hf_prm": root / "hf_prm",
-            "tokenizer": load_tokenizer(root / "hf_prm")}
+    return {
+        "hf_lm": hf_lm,
+        "tokenizer_dir": tokenizer_dir,
+        "orbax": root / "orbax",
+        "hf_prm": root / "hf_prm",
+        "tokenizer": load_tokenizer(root / "hf_prm"),
+    }
 
 
 SHORT = [(2, [3]), (5, [3, 4]), (8, [2, 2, 2])]  # ~55-80 tokens
@@ -76,7 +81,9 @@ def test_batched_scores_equal_transformers_across_buckets_and_padding(assets, hf
     inputs = [build_prm_input(tokenizer, p, s) for p, s in solutions(shapes)]
     mesh = make_mesh(mesh_shape)
     model = load_model(assets[source], mesh=mesh, dtype="float32", param_dtype="float32")
-    scorer = BatchedScorer(model, mesh=mesh, config=BucketConfig(min_length=128, tokens_per_batch=1024, max_rows=4, min_steps=32))
+    scorer = BatchedScorer(
+        model, mesh=mesh, config=BucketConfig(min_length=128, tokens_per_batch=1024, max_rows=4, min_steps=32)
+    )
     scores = scorer.score(inputs)
     assert sorted(shape[1] for shape in scorer.stats.shapes) == [128, 256, 1024]  # three buckets, one shape each
     assert scorer.row_multiple == mesh_shape.get("data", 1) * mesh_shape["fsdp"]  # rows split over data x fsdp
@@ -102,13 +109,18 @@ def test_scoring_a_qwen_hf_dir_equals_transformers(qwen_prm_checkpoint) -> None:
     inputs = [build_prm_input(tokenizer, p, s) for p, s in solutions(SHORT + MEDIUM, seed=1)]
     assert all(x.input_ids[i] == 151_651 for x in inputs for i in x.separator_positions)
     mesh = make_mesh({"fsdp": 2, "tensor": 2})
-    scorer = BatchedScorer(load_model(hf_dir, mesh=mesh), mesh=mesh,
-                           config=BucketConfig(min_length=64, tokens_per_batch=512, max_rows=4, min_steps=8))
+    scorer = BatchedScorer(
+        load_model(hf_dir, mesh=mesh),
+        mesh=mesh,
+        config=BucketConfig(min_length=64, tokens_per_batch=512, max_rows=4, min_steps=8),
+    )
     hf_model = AutoModel.from_pretrained(hf_dir, trust_remote_code=True, dtype=torch.float32).eval()
     for x, got in zip(inputs, scorer.score(inputs)):
         with torch.no_grad():
             logits = hf_model(input_ids=torch.tensor([x.input_ids])).logits[0]
-        np.testing.assert_allclose(got, torch.softmax(logits, -1)[:, 1].numpy()[x.separator_positions], atol=1e-4, rtol=0)
+        np.testing.assert_allclose(
+            got, torch.softmax(logits, -1)[:, 1].numpy()[x.separator_positions], atol=1e-4, rtol=0
+        )
     assert len(scorer.stats.shapes) >= 2  # more than one length bucket, with padded rows
 
 
@@ -141,12 +153,15 @@ def test_over_long_inputs_are_scored_or_skipped_and_always_counted(assets) -> No
     """An input past the trained context no longer aborts the run: scored (RoPE extrapolates) by
     default, or its record skipped by choice; counted in results.json either way."""
     mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
-    scorer = BatchedScorer(load_model(assets["orbax"], mesh=mesh, dtype="float32"), mesh=mesh,
-                           config=BucketConfig(min_length=256))
+    scorer = BatchedScorer(
+        load_model(assets["orbax"], mesh=mesh, dtype="float32"), mesh=mesh, config=BucketConfig(min_length=256)
+    )
     tokenizer = assets["tokenizer"]
     sols = solutions(SHORT + MEDIUM, seed=4)  # SHORT: < 100 tokens, MEDIUM: > 200
-    records = [ProcessBenchRecord(f"g{i}", "gsm8k" if i % 2 else "math", p, tuple(s), -1, True)
-               for i, (p, s) in enumerate(sols)]
+    records = [
+        ProcessBenchRecord(f"g{i}", "gsm8k" if i % 2 else "math", p, tuple(s), -1, True)
+        for i, (p, s) in enumerate(sols)
+    ]
     full = processbench_with_prm(records, scorer, tokenizer, max_length=None)
     scored = processbench_with_prm(records, scorer, tokenizer, max_length=150)
     assert [row["rewards"] for row in scored.predictions] == [row["rewards"] for row in full.predictions]
@@ -160,8 +175,10 @@ def test_over_long_inputs_are_scored_or_skipped_and_always_counted(assets) -> No
     assert skipped.results["subsets"]["gsm8k"]["n_ok"] == 1  # g1 only: g3 and g5 were skipped
 
     long_steps = tuple(" ".join(sols[3][1]) for _ in range(4))
-    bon = [BoNRecord("b0", "d", sols[0][0], "1", (BoNResponse(tuple(sols[0][1]), True), BoNResponse(long_steps, False))),
-           BoNRecord("b1", "d", sols[1][0], "1", (BoNResponse(tuple(sols[1][1]), True),))]
+    bon = [
+        BoNRecord("b0", "d", sols[0][0], "1", (BoNResponse(tuple(sols[0][1]), True), BoNResponse(long_steps, False))),
+        BoNRecord("b1", "d", sols[1][0], "1", (BoNResponse(tuple(sols[1][1]), True),)),
+    ]
     out = bon_with_prm(bon, scorer, tokenizer, max_length=150, over_length="skip")
     assert [row["id"] for row in out.predictions] == ["b1"]  # b0 has an over-long response: the problem goes
     assert out.results["over_length"]["n_skipped"] == 1 and out.results["average"]["n_problems"] == 1
@@ -173,12 +190,19 @@ def test_over_long_inputs_are_scored_or_skipped_and_always_counted(assets) -> No
 
 def test_bon_rewards_survive_windows_that_split_records(assets) -> None:
     mesh = make_mesh({"data": 2, "fsdp": 2})
-    scorer = BatchedScorer(load_model(assets["orbax"], mesh=mesh, dtype="float32"), mesh=mesh,
-                           config=BucketConfig(min_length=256))
+    scorer = BatchedScorer(
+        load_model(assets["orbax"], mesh=mesh, dtype="float32"), mesh=mesh, config=BucketConfig(min_length=256)
+    )
     tokenizer = assets["tokenizer"]
     sols = solutions((SHORT + MEDIUM) * 2, seed=2)
     records = [
-        BoNRecord(f"r{i}", "d", sols[i][0], "1", tuple(BoNResponse(tuple(s), correct=j == 0) for j, (_, s) in enumerate(sols[i : i + 1 + i % 3])))
+        BoNRecord(
+            f"r{i}",
+            "d",
+            sols[i][0],
+            "1",
+            tuple(BoNResponse(tuple(s), correct=j == 0) for j, (_, s) in enumerate(sols[i : i + 1 + i % 3])),
+        )
         for i in range(6)
     ]
     calls = []
@@ -200,9 +224,13 @@ def test_processbench_with_prm_predicts_first_step_below_threshold(assets) -> No
     scorer = BatchedScorer(restore_model(assets["orbax"]), mesh=mesh, config=BucketConfig(min_length=256))
     assert len(jax.tree.leaves(scorer._state)[0].sharding.device_set) == 4
     sols = solutions(SHORT + MEDIUM, seed=3)
-    records = [ProcessBenchRecord(f"g{i}", "gsm8k" if i < 3 else "math", p, tuple(s), -1 if i % 2 else len(s) - 1, True)
-               for i, (p, s) in enumerate(sols)]
-    all_rewards = [r for row in processbench_with_prm(records, scorer, assets["tokenizer"]).predictions for r in row["rewards"]]
+    records = [
+        ProcessBenchRecord(f"g{i}", "gsm8k" if i < 3 else "math", p, tuple(s), -1 if i % 2 else len(s) - 1, True)
+        for i, (p, s) in enumerate(sols)
+    ]
+    all_rewards = [
+        r for row in processbench_with_prm(records, scorer, assets["tokenizer"]).predictions for r in row["rewards"]
+    ]
     threshold = float(np.median(all_rewards))  # random weights: rewards bunch near one value
     out = processbench_with_prm(records, scorer, assets["tokenizer"], threshold=threshold, tune_on="gsm8k")
     for row in out.predictions:
@@ -231,9 +259,11 @@ class ScriptedCritic:
             text = messages[0]["content"]
             problem = next(p for p in self.script if f"[Math Problem]\n\n{p}\n\n" in text)
             texts = self.script[problem][: params.n]
-            outputs.append(RequestOutput((1,), tuple(
-                Completion(t, (1,), "length" if t.endswith("...") else "stop") for t in texts
-            )))
+            outputs.append(
+                RequestOutput(
+                    (1,), tuple(Completion(t, (1,), "length" if t.endswith("...") else "stop") for t in texts)
+                )
+            )
         return outputs
 
 
@@ -243,11 +273,13 @@ def test_critic_majority_vote_and_unparseable_answers() -> None:
         ProcessBenchRecord("b", "gsm8k", "P-b", ("s0", "s1"), -1, True),
         ProcessBenchRecord("c", "math", "P-c", ("s0", "s1"), 0, False),
     ]
-    critic = ScriptedCritic({
-        "P-a": ["\\boxed{1}", "\\boxed{2}", "I think \\boxed{1}"],  # vote: 1 (right)
-        "P-b": ["\\boxed{0}", "\\boxed{-1}", "no box..."],  # 0 vs -1 tie -> 0 (first): wrong
-        "P-c": ["\\boxed{7}", "nothing", "\\boxed{x}"],  # nothing parseable: unparseable, wrong
-    })
+    critic = ScriptedCritic(
+        {
+            "P-a": ["\\boxed{1}", "\\boxed{2}", "I think \\boxed{1}"],  # vote: 1 (right)
+            "P-b": ["\\boxed{0}", "\\boxed{-1}", "no box..."],  # 0 vs -1 tie -> 0 (first): wrong
+            "P-c": ["\\boxed{7}", "nothing", "\\boxed{x}"],  # nothing parseable: unparseable, wrong
+        }
+    )
     out = processbench_with_critic(records, critic, SamplingParams(n=3, temperature=0.7, max_tokens=8), batch_size=2)
     assert critic.calls == [2, 1]
     assert [row["pred"] for row in out.predictions] == [1, 0, None]
@@ -262,12 +294,14 @@ def test_critic_majority_vote_and_unparseable_answers() -> None:
 
 
 def test_critic_defaults_to_processbench_budget_and_official_parse_is_selectable() -> None:
-    from launch import evaluate as launcher
+    from absl import flags
+
+    from launch import evaluate  # noqa: F401 - defines the flags
     from prm_jax.evaluation.runner import EvaluationConfig
 
     # ProcessBench generates up to 8192 tokens; a critique cut at 2048 would score as no verdict.
     assert EvaluationConfig(task="processbench", data="d", out="o", critic_model="m").critic_max_tokens == 8192
-    assert launcher._MAX_TOKENS.default == 8192 and launcher._OFFICIAL_PARSE.default is False
+    assert flags.FLAGS["critic_max_tokens"].default == 8192 and flags.FLAGS["official_parse"].default is False
     records = [ProcessBenchRecord("a", "gsm8k", "P-a", ("s0", "s1", "s2"), 1, True)]
     critic = ScriptedCritic({"P-a": ["\\boxed{\\text{1}}"]})
     params = SamplingParams(n=1, max_tokens=8)

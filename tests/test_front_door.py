@@ -1,7 +1,7 @@
 """The launchers' front door (issue 19): nonsense is refused before any work, in one line, exit 2;
 no input is ever written over; corrupt files name themselves; remote code stays off by default.
 
-The table-driven tests run each launcher's real ``main`` through ``launch.errors`` in one helper
+The table-driven tests run each launcher's real `main` through `launch.errors` in one helper
 interpreter per launcher (tests/launcher_table.py), so every row is an actual launcher run.
 """
 
@@ -18,16 +18,30 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-HF_CONFIG = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "vocab_size": 64, "hidden_size": 16,
-             "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
-             "max_position_embeddings": 128, "tie_word_embeddings": False}
+HF_CONFIG = {
+    "model_type": "qwen2",
+    "architectures": ["Qwen2ForCausalLM"],
+    "vocab_size": 64,
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "max_position_embeddings": 128,
+    "tie_word_embeddings": False,
+}
 
 
 def run_table(module: str, cases: list[list[str]], tmp: Path) -> list[dict]:
     spec = tmp / f"{module}.cases.json"
     spec.write_text(json.dumps(cases))
-    result = subprocess.run([sys.executable, str(ROOT / "tests" / "launcher_table.py"), module, str(spec)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "launcher_table.py"), module, str(spec)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -86,21 +100,36 @@ def test_evaluate_never_writes_over_or_into_its_inputs(tmp_path) -> None:
 
     data = tmp_path / "pb"
     data.mkdir()
-    record = {"id": "g0", "generator": "t", "problem": "p", "steps": ["a", "b"], "final_answer_correct": True, "label": -1}
+    record = {
+        "id": "g0",
+        "generator": "t",
+        "problem": "p",
+        "steps": ["a", "b"],
+        "final_answer_correct": True,
+        "label": -1,
+    }
     (data / "gsm8k.jsonl").write_text(json.dumps(record) + "\n")
     out = tmp_path / "out"
     out.mkdir()
     preds = out / "predictions.jsonl"
     preds.write_text(json.dumps({"id": "g0", "pred": -1}) + "\n")
     originals = {p: p.read_bytes() for p in (preds, data / "gsm8k.jsonl")}
-    for out_dir, needle in ((out, "contains the input predictions"), (data, "is the input data"),
-                            (data / "eval", "is inside the input data")):
+    for out_dir, needle in (
+        (out, "contains the input predictions"),
+        (data, "is the input data"),
+        (data / "eval", "is inside the input data"),
+    ):
         with pytest.raises(ValueError, match=needle):
-            run_evaluation(EvaluationConfig(task="processbench", data=str(data), out=str(out_dir), predictions=str(preds)))
+            run_evaluation(
+                EvaluationConfig(task="processbench", data=str(data), out=str(out_dir), predictions=str(preds))
+            )
     assert {p: p.read_bytes() for p in originals} == originals
     assert sorted(p.name for p in data.iterdir()) == ["gsm8k.jsonl"] and sorted(p.name for p in out.iterdir()) == [
-        "predictions.jsonl"]
-    run_evaluation(EvaluationConfig(task="processbench", data=str(data), out=str(tmp_path / "e"), predictions=str(preds)))
+        "predictions.jsonl"
+    ]
+    run_evaluation(
+        EvaluationConfig(task="processbench", data=str(data), out=str(tmp_path / "e"), predictions=str(preds))
+    )
     assert (tmp_path / "e" / "results.json").is_file()
 
 
@@ -110,7 +139,8 @@ def test_evaluate_never_writes_over_or_into_its_inputs(tmp_path) -> None:
 def test_synthesis_validates_before_writing_and_a_corrected_rerun_proceeds(tmp_path) -> None:
     from data_pipeline.config import ConfigError, default_config
     from data_pipeline.pipeline import run
-    from data_pipeline.shards import Layout, atomic_write_json
+    from data_pipeline.shards import Layout
+    from prm_jax.files import atomic_write_json
 
     problems = tmp_path / "problems.jsonl"
     problems.write_text(json.dumps({"id": "p0", "problem": "What is 1 + 1?", "answer": "2"}) + "\n")
@@ -128,13 +158,11 @@ def test_synthesis_validates_before_writing_and_a_corrected_rerun_proceeds(tmp_p
     atomic_write_json(layout.run_config, {"policy.model_path": "/old/typo", "mc.k": 3})
     (workdir / "sample").mkdir()
     (workdir / "sample" / "shard-00000-of-00001.lock").write_text("")
-    from data_pipeline.pipeline import check_run_config
-
     # ... but not while another process (another shard, maybe still loading its model) runs with them.
     import fcntl
     import os
 
-    from data_pipeline.pipeline import _using_workdir
+    from data_pipeline.pipeline import _using_workdir, check_run_config
 
     other = os.open(workdir / ".run.lock", os.O_RDWR | os.O_CREAT)
     fcntl.flock(other, fcntl.LOCK_SH)
@@ -192,13 +220,18 @@ def test_disk_full_and_held_lock_are_one_line_naming_the_path(tmp_path, capsys) 
 # ------------------------------------------------------------------ 4. nonsense in files is refused by name
 
 
-@pytest.mark.parametrize("changes, needle", [
-    ({"num_hidden_layers": 2.7}, "num_hidden_layers=2.7 must be a positive integer"),
-    ({"hidden_size": "16"}, "hidden_size='16' must be a positive integer"),
-    ({"tie_word_embeddings": "no", "rms_norm_eps": -1}, "rms_norm_eps=-1 must be a positive number; "
-                                                          "tie_word_embeddings='no' must be true or false"),
-    ({"max_position_embeddings": None}, "max_position_embeddings=None"),
-])
+@pytest.mark.parametrize(
+    "changes, needle",
+    [
+        ({"num_hidden_layers": 2.7}, "num_hidden_layers=2.7 must be a positive integer"),
+        ({"hidden_size": "16"}, "hidden_size='16' must be a positive integer"),
+        (
+            {"tie_word_embeddings": "no", "rms_norm_eps": -1},
+            "rms_norm_eps=-1 must be a positive number; tie_word_embeddings='no' must be true or false",
+        ),
+        ({"max_position_embeddings": None}, "max_position_embeddings=None"),
+    ],
+)
 def test_config_json_fields_are_typed_and_named(tmp_path, changes, needle) -> None:
     from prm_jax.conversion.hf_checkpoint import hf_to_orbax
 
@@ -227,8 +260,12 @@ def test_tune_threshold_subset_is_checked_before_any_scoring(tmp_path, monkeypat
     from prm_jax.evaluation import runner
 
     data = tmp_path / "gsm8k.jsonl"
-    data.write_text(json.dumps({"id": "g0", "generator": "t", "problem": "p", "steps": ["a"],
-                                "final_answer_correct": True, "label": -1}) + "\n")
+    data.write_text(
+        json.dumps(
+            {"id": "g0", "generator": "t", "problem": "p", "steps": ["a"], "final_answer_correct": True, "label": -1}
+        )
+        + "\n"
+    )
     model = tmp_path / "model"
     model.mkdir()
 
@@ -237,8 +274,11 @@ def test_tune_threshold_subset_is_checked_before_any_scoring(tmp_path, monkeypat
 
     monkeypatch.setattr(runner, "_prm_scorer", no_scoring)
     with pytest.raises(ValueError, match=r"tune_threshold_on='gsm8' is not a subset .*\['gsm8k'\]"):
-        runner.run_evaluation(runner.EvaluationConfig(task="processbench", data=str(data), out=str(tmp_path / "o"),
-                                                      model=str(model), tune_threshold_on="gsm8"))
+        runner.run_evaluation(
+            runner.EvaluationConfig(
+                task="processbench", data=str(data), out=str(tmp_path / "o"), model=str(model), tune_threshold_on="gsm8"
+            )
+        )
 
 
 # ------------------------------------------------------------------ 6. corrupt safetensors name file and tensor
@@ -254,18 +294,21 @@ def _corrupt(path: Path, how: str) -> None:
     elif how == "size":
         path.write_bytes(struct.pack("<Q", 10**12) + bytes(raw[8:]))
     elif how == "offsets":
-        header = json.loads(raw[8:8 + size])
+        header = json.loads(raw[8 : 8 + size])
         header["model.norm.weight"]["data_offsets"] = [10**9, 10**9 + 64]
         encoded = json.dumps(header).encode()
-        path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + bytes(raw[8 + size:]))
+        path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + bytes(raw[8 + size :]))
 
 
-@pytest.mark.parametrize("how, needles", [
-    ("truncated", ["model.safetensors: tensor", "truncated or corrupt"]),
-    ("header", ["model.safetensors: header is not valid UTF-8 JSON"]),
-    ("size", ["model.safetensors: header size field says 1000000000000 bytes"]),
-    ("offsets", ["tensor 'model.norm.weight'", "data ends at byte 1000000064"]),
-])
+@pytest.mark.parametrize(
+    "how, needles",
+    [
+        ("truncated", ["model.safetensors: tensor", "truncated or corrupt"]),
+        ("header", ["model.safetensors: header is not valid UTF-8 JSON"]),
+        ("size", ["model.safetensors: header size field says 1000000000000 bytes"]),
+        ("offsets", ["tensor 'model.norm.weight'", "data ends at byte 1000000064"]),
+    ],
+)
 def test_corrupt_safetensors_are_named_on_open(tmp_path, how, needles) -> None:
     from prm_jax.conversion.safetensors_io import SafetensorsCheckpoint, SafetensorsFormatError
 
@@ -285,6 +328,7 @@ def test_vllm_scoring_and_synthesis_do_not_trust_remote_code_by_default(tmp_path
     import prm_jax.generation.vllm_backend as vllm_backend
     from data_pipeline.backends import build_backend
     from data_pipeline.config import default_config
+    from prm_jax import weights
     from prm_jax.evaluation import model_loading, runner
 
     seen = []
@@ -296,7 +340,7 @@ def test_vllm_scoring_and_synthesis_do_not_trust_remote_code_by_default(tmp_path
     monkeypatch.setattr(vllm_backend, "VLLMStepScorer", Engine)
     monkeypatch.setattr(vllm_backend, "VLLMBackend", Engine)
     monkeypatch.setattr(model_loading, "load_tokenizer", lambda *a: None)
-    monkeypatch.setattr(model_loading, "checkpoint_kind", lambda *a: "hf")
+    monkeypatch.setattr(weights, "checkpoint_kind", lambda *a: "hf")
     base = dict(task="processbench", data=str(tmp_path), out=str(tmp_path / "o"), model=str(tmp_path), backend="vllm")
     runner._prm_scorer(runner.EvaluationConfig(**base))
     runner._prm_scorer(runner.EvaluationConfig(**base, trust_remote_code=True))
@@ -336,7 +380,10 @@ def convert_table(tmp_path_factory):
         (ok + [f"--orbax_dir={src}", "--overwrite"], ["--orbax_dir", "is the input --hf_dir"]),
         (ok + [f"--orbax_dir={src / 'sub'}", "--overwrite"], ["is inside the input --hf_dir"]),
         (export + [f"--hf_dir={tmp}", "--overwrite"], ["--hf_dir", "contains the input --orbax_dir"]),
-        (["--direction=hf_to_orbax", f"--hf_dir={tmp / 'nope'}", f"--orbax_dir={tmp / 'o'}"], ["--hf_dir=", "does not exist"]),
+        (
+            ["--direction=hf_to_orbax", f"--hf_dir={tmp / 'nope'}", f"--orbax_dir={tmp / 'o'}"],
+            ["--hf_dir=", "does not exist"],
+        ),
         (["--direction=sideways", f"--hf_dir={src}", f"--orbax_dir={tmp / 'o'}"], ["direction"]),
         (ok, ["orbax_dir"]),
         (ok + [f"--orbax_dir={tmp / 'o'}", "--seed=-1"], ["--seed=-1"]),
@@ -363,23 +410,31 @@ def evaluate_table(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("evaluate_table")
     data = tmp / "pb"
     data.mkdir()
-    (data / "gsm8k.jsonl").write_text(json.dumps({"id": "g0", "generator": "t", "problem": "p", "steps": ["a"],
-                                                  "final_answer_correct": True, "label": -1}) + "\n")
+    (data / "gsm8k.jsonl").write_text(
+        json.dumps(
+            {"id": "g0", "generator": "t", "problem": "p", "steps": ["a"], "final_answer_correct": True, "label": -1}
+        )
+        + "\n"
+    )
     model = tmp / "model"
     model.mkdir()
     base = ["--task=processbench", f"--data={data}", f"--model={model}"]
     out = f"--out={tmp / 'out'}"
     cases = [
         (base + [out, "--max_length=-5"], ["max_length=-5"]),
-        (base + [out, "--tokens_per_batch=0", "--threshold=2", "--critic_top_p=0"],
-         ["tokens_per_batch=0", "threshold=2", "critic_top_p=0"]),
+        (
+            base + [out, "--tokens_per_batch=0", "--threshold=2", "--critic_top_p=0"],
+            ["tokens_per_batch=0", "threshold=2", "critic_top_p=0"],
+        ),
         (base + [out, "--bon_k=a,b"], ["--bon_k=a,b"]),
         (base + [out, "--mesh=fsdp=x"], ["mesh shape 'fsdp=x'"]),
         (base + [out, "--mesh=fsdp=0"], ["axis sizes must be positive"]),
         (base + [out, "--max_length=abc"], ["max_length"]),
         (base + [out, "--task=foo"], ["task"]),
-        (base + [out, "--gpu_memory_utilization=1.5", "--critic_samples=0"],
-         ["gpu_memory_utilization=1.5", "critic_samples=0"]),
+        (
+            base + [out, "--gpu_memory_utilization=1.5", "--critic_samples=0"],
+            ["gpu_memory_utilization=1.5", "critic_samples=0"],
+        ),
         (base + [f"--out={data}"], ["out", "is the input data"]),
         (base + [f"--out={data / 'eval'}"], ["is inside the input data"]),
         (["--task=processbench", f"--data={tmp / 'nope'}", f"--model={model}", out], ["data=", "does not exist"]),
@@ -408,22 +463,31 @@ def synthesize_table(tmp_path_factory):
     (model / "config.json").write_text("{}")
     orbax = tmp / "orbax"
     orbax.mkdir()
-    base = [f"--config={ROOT / 'configs' / 'synth_tiny.py'}", f"--workdir={tmp / 'w'}",
-            f"--config.problems.path={problems}", f"--config.policy.model_path={model}"]
+    base = [
+        f"--config={ROOT / 'configs' / 'synth_tiny.py'}",
+        f"--workdir={tmp / 'w'}",
+        f"--config.problems.path={problems}",
+        f"--config.policy.model_path={model}",
+    ]
     cases = [
         (base + [f"--config.policy.model_path={tmp / 'modle'}"], ["policy.model_path=", "modle does not exist"]),
         (base + ["--config.policy.backend=vlm"], ["policy.backend='vlm'"]),
         (base + ["--config.problems.format=csv"], ["problems.format='csv'"]),
-        (base + ["--config.sample.temperature=-1", "--config.mc.top_p=0", "--config.mc.k=0"],
-         ["sample.temperature=-1", "mc.top_p=0", "mc.k=0"]),
+        (
+            base + ["--config.sample.temperature=-1", "--config.mc.top_p=0", "--config.mc.k=0"],
+            ["sample.temperature=-1", "mc.top_p=0", "mc.k=0"],
+        ),
         (base + [f"--config.problems.path={tmp / 'empty.jsonl'}"], ["empty.jsonl is empty"]),
         (base + [f"--config.problems.path={tmp / 'nope.jsonl'}"], ["nope.jsonl does not exist"]),
         (base + ["--config.mc.k=abc"], ["mc.k"]),
         (base + ["--num_shards=2", "--shard_index=5"], ["--shard_index=5 --num_shards=2"]),
         (base + ["--stage=everything"], ["stage"]),
         (base + [f"--config.policy.model_path={orbax}"], ["read as an Orbax checkpoint", "tokenizer_path"]),
-        (base + ["--config.judge.prompt=mine", "--config.on_error=ignore"], ["judge.prompt='mine'", "on_error='ignore'"]),
-        (base + ["--config.judge.vote_threshold=1.5", "--config.seed=-3"], ["vote_threshold=1.5", "seed=-3"]),
+        (
+            base + ["--config.judge.prompt=mine", "--config.on_error=ignore"],
+            ["judge.prompt='mine'", "on_error='ignore'"],
+        ),
+        (base + ["--config.judge.top_p=1.5", "--config.seed=-3"], ["judge.top_p=1.5", "seed=-3"]),
         (base + [f"--config.judge.model_path={tmp / 'judge'}"], ["judge.model_path=", "does not exist"]),
         ([f"--config={ROOT / 'configs' / 'nope.py'}", f"--workdir={tmp / 'w'}"], ["nope.py"]),
     ]
@@ -443,8 +507,14 @@ def test_an_oversized_problem_line_becomes_an_error_record_without_being_parsed(
 
     path = tmp_path / "problems.jsonl"
     good = json.dumps({"id": "a", "problem": "1 + 1?", "answer": "2"})
-    path.write_text(good + "\n" + json.dumps({"id": "b", "problem": "x" * 5000, "answer": "2"}) + "\n" + good.replace(
-        '"a"', '"c"') + "\n")
+    path.write_text(
+        good
+        + "\n"
+        + json.dumps({"id": "b", "problem": "x" * 5000, "answer": "2"})
+        + "\n"
+        + good.replace('"a"', '"c"')
+        + "\n"
+    )
     items = list(read_problems(path, max_line_bytes=1000))
     assert [type(i).__name__ for i in items] == ["Problem", "ErrorRecord", "Problem"]
     assert isinstance(items[1], ErrorRecord) and items[1].error == "too_long" and items[1].source == f"{path}:2"

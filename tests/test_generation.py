@@ -5,15 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hf_models import jax_arrays_from_torch, jax_model, random_causal_lm
+from tiny_assets import TINY_VOCAB_SIZE, build_tiny_tokenizer
 from transformers import AutoTokenizer
 
-from hf_models import jax_arrays_from_torch, random_causal_lm
 from prm_jax.generation.jax_sampler import JaxSampler, SamplerConfig, _decode_chunk
 from prm_jax.generation.types import SamplingParams, render_prompt
 from prm_jax.models.config import ModelConfig
-from prm_jax.models.factory import flat_params, model_from_arrays
+from prm_jax.models.factory import params_of
 from prm_jax.sharding import make_mesh
-from tiny_assets import build_tiny_tokenizer
 
 PROMPTS = [[5, 17, 33, 2], [9, 1, 3, 4, 5, 6, 7, 8, 100, 200, 300], [42], [7, 7, 7, 7, 7, 7]]
 CONTEXT = 96
@@ -21,9 +21,9 @@ CONTEXT = 96
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    hf = random_causal_lm(vocab_size=404, seed=3, max_position_embeddings=CONTEXT)
+    hf = random_causal_lm(vocab_size=TINY_VOCAB_SIZE, seed=3, max_position_embeddings=CONTEXT)
     config = ModelConfig.from_hf_dict(hf.config.to_dict(), with_prm_head=False)
-    model = model_from_arrays(config, jax_arrays_from_torch(hf, config))
+    model = jax_model(config, jax_arrays_from_torch(hf, config))
     tokenizer = AutoTokenizer.from_pretrained(build_tiny_tokenizer(tmp_path_factory.mktemp("tok")))
     return hf, model, tokenizer
 
@@ -40,12 +40,16 @@ def test_greedy_equals_transformers_generate_on_padded_batch(setup) -> None:
     ids = np.zeros((len(PROMPTS), width), np.int64)
     mask = np.zeros_like(ids)
     for i, p in enumerate(PROMPTS):
-        ids[i, width - len(p):] = p
-        mask[i, width - len(p):] = 1
+        ids[i, width - len(p) :] = p
+        mask[i, width - len(p) :] = 1
     with torch.no_grad():
         expected = hf.generate(
-            input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False,
-            max_new_tokens=24, pad_token_id=0, eos_token_id=None,
+            input_ids=torch.tensor(ids),
+            attention_mask=torch.tensor(mask),
+            do_sample=False,
+            max_new_tokens=24,
+            pad_token_id=0,
+            eos_token_id=None,
         )[:, width:]
     for i, request in enumerate(out):
         assert request.prompt_token_ids == tuple(PROMPTS[i])
@@ -92,15 +96,19 @@ def test_stop_token_ids_and_strings_cut_at_the_right_place(setup) -> None:
     ids = list(base.token_ids)
     stop_id = ids[6]
     first = ids.index(stop_id)
-    by_id = s.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=30, stop_token_ids=(stop_id,), ignore_eos=True))
+    by_id = s.generate(
+        [PROMPTS[0]], SamplingParams(temperature=0, max_tokens=30, stop_token_ids=(stop_id,), ignore_eos=True)
+    )
     c = by_id[0].completions[0]
     assert list(c.token_ids) == ids[: first + 1] and c.finish_reason == "stop" and c.stop_reason == stop_id
 
     full_text = tokenizer.decode(ids, skip_special_tokens=True)
     prefix_text = tokenizer.decode(ids[:10], skip_special_tokens=True)
-    stop = full_text[len(prefix_text): len(prefix_text) + 3]
+    stop = full_text[len(prefix_text) : len(prefix_text) + 3]
     assert stop.strip(), "pick a visible stop string"
-    c = s.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=30, stop=(stop,), ignore_eos=True))[0].completions[0]
+    c = s.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=30, stop=(stop,), ignore_eos=True))[
+        0
+    ].completions[0]
     cut = full_text.find(stop)
     assert c.text == full_text[:cut] and c.finish_reason == "stop" and c.stop_reason == stop
     assert stop in tokenizer.decode(list(c.token_ids)) and stop not in tokenizer.decode(list(c.token_ids[:-1]))
@@ -119,7 +127,9 @@ def test_eos_stops_unless_ignored(setup) -> None:
     c = fake.generate([PROMPTS[3]], SamplingParams(temperature=0, max_tokens=20))[0].completions[0]
     assert list(c.token_ids) == list(base.token_ids[: base.token_ids.index(base.token_ids[3]) + 1])
     assert c.finish_reason == "stop" and c.stop_reason is None
-    ignored = fake.generate([PROMPTS[3]], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))[0].completions[0]
+    ignored = fake.generate([PROMPTS[3]], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))[0].completions[
+        0
+    ]
     assert ignored.token_ids == base.token_ids and ignored.finish_reason == "length"
 
 
@@ -137,13 +147,24 @@ def test_prompt_too_long_errors_or_truncates(setup) -> None:
     too_long = list(range(1, CONTEXT + 5))
     with pytest.raises(ValueError, match=r"prompt 0 has 100 tokens; the model's context is 96"):
         sampler(setup).generate([too_long], SamplingParams(max_tokens=4))
-    out = sampler(setup, overflow="truncate_left").generate([too_long], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
-    assert out[0].prompt_token_ids == tuple(too_long[-(CONTEXT - 1):])
+    out = sampler(setup, overflow="truncate_left").generate(
+        [too_long], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    )
+    assert out[0].prompt_token_ids == tuple(too_long[-(CONTEXT - 1) :])
     # Generation never runs past the context: only one slot is left.
     assert len(out[0].completions[0].token_ids) == 1 and out[0].completions[0].finish_reason == "length"
 
 
-@pytest.mark.parametrize("field, value, message", [("n", 0, "n must be"), ("max_tokens", 0, "max_tokens must be"), ("max_tokens", -3, "max_tokens must be"), ("top_p", 0.0, "top_p"), ("temperature", -1.0, "temperature")])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("n", 0, "n must be"),
+        ("max_tokens", 0, "max_tokens must be"),
+        ("max_tokens", -3, "max_tokens must be"),
+        ("top_p", 0.0, "top_p"),
+        ("temperature", -1.0, "temperature"),
+    ],
+)
 def test_invalid_sampling_params_are_rejected(field, value, message) -> None:
     with pytest.raises(ValueError, match=message):
         SamplingParams(**{field: value})
@@ -164,7 +185,7 @@ def test_chat_messages_and_plain_fallback(setup, tmp_path) -> None:
 def test_sharded_sampling_matches_single_device(setup) -> None:
     _, model, tokenizer = setup
     mesh = make_mesh({"data": 2, "fsdp": 2})
-    sharded_model = model_from_arrays(model.config, {k: np.asarray(v) for k, v in flat_params(model).items()}, mesh=mesh)
+    sharded_model = jax_model(model.config, params_of(model), mesh=mesh)
     sharded = JaxSampler(sharded_model, tokenizer, mesh=mesh, config=SamplerConfig(chunk_size=8))
     params = SamplingParams(n=2, temperature=0.8, max_tokens=10, seed=3, ignore_eos=True)
     assert sharded.generate(PROMPTS, params) == sampler(setup).generate(PROMPTS, params)
@@ -174,11 +195,17 @@ def test_stop_string_in_the_chunk_where_the_row_runs_out_of_tokens(setup) -> Non
     """The stop string is honoured even when max_tokens ends the row in the same decode chunk."""
     s = sampler(setup)
     tokenizer = setup[2]
-    ids = list(s.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))[0].completions[0].token_ids)
+    ids = list(
+        s.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))[0]
+        .completions[0]
+        .token_ids
+    )
     full_text = tokenizer.decode(ids, skip_special_tokens=True)
     prefix = tokenizer.decode(ids[:3], skip_special_tokens=True)
-    stop = full_text[len(prefix): len(prefix) + 2]
+    stop = full_text[len(prefix) : len(prefix) + 2]
     assert stop.strip()
     # chunk_size is 8: max_tokens=7 ends the row inside the first chunk, after the stop string.
-    c = s.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=7, stop=(stop,), ignore_eos=True))[0].completions[0]
+    c = s.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=7, stop=(stop,), ignore_eos=True))[
+        0
+    ].completions[0]
     assert c.finish_reason == "stop" and c.text == full_text[: full_text.find(stop)]

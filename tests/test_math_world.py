@@ -5,8 +5,15 @@ import random
 import pytest
 
 from data_pipeline.math_world import (
-    CheckerJudge, WorldProblem, error_kind, first_error, generate_problems, noisy_solution, parse_problem,
-    reference_solution, step_labels,
+    CheckerJudge,
+    WorldProblem,
+    error_kind,
+    first_error,
+    generate_problems,
+    noisy_solution,
+    parse_problem,
+    reference_solution,
+    step_labels,
 )
 from prm_jax.critique import critique_messages, parse_first_error
 from prm_jax.generation.types import SamplingParams
@@ -106,5 +113,10 @@ def test_checker_judge_answers_critique_prompts() -> None:
     out = judge.generate([critique_messages(PROBLEM.text, steps)], SamplingParams(n=3, max_tokens=8))
     assert [parse_first_error(c.text, len(steps)) for c in out[0].completions] == [1, 1, 1]
     noisy = CheckerJudge(Tok(), error_rate=1.0, seed=1)
-    verdicts = [parse_first_error(c.text, len(steps)) for c in noisy.generate([critique_messages(PROBLEM.text, steps)], SamplingParams(n=5, max_tokens=8))[0].completions]
+    verdicts = [
+        parse_first_error(c.text, len(steps))
+        for c in noisy.generate([critique_messages(PROBLEM.text, steps)], SamplingParams(n=5, max_tokens=8))[
+            0
+        ].completions
+    ]
     assert all(v is not None and v != 1 for v in verdicts)

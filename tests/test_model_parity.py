@@ -6,10 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from hf_models import jax_arrays_from_torch, jax_model, random_causal_lm, rng_ids
 
-from hf_models import jax_arrays_from_torch, random_causal_lm, rng_ids
 from prm_jax.models.config import ModelConfig
-from prm_jax.models.factory import create_model, model_from_arrays
+from prm_jax.models.factory import create_model
 from prm_jax.models.transformer import positions_from_segments
 
 CASES = {
@@ -46,7 +46,7 @@ def test_hidden_states_and_lm_logits_match_transformers(name: str) -> None:
     config = ModelConfig.from_hf_dict(hf.config.to_dict(), with_prm_head=False)
     assert config.tie_word_embeddings == overrides.get("tie_word_embeddings", False)
     assert config.attention_bias == (model_type == "qwen2")
-    model = model_from_arrays(config, jax_arrays_from_torch(hf, config))
+    model = jax_model(config, jax_arrays_from_torch(hf, config))
 
     ids, mask = _padded_batch(config.vocab_size)
     positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
@@ -67,8 +67,13 @@ def test_hidden_states_and_lm_logits_match_transformers(name: str) -> None:
 
 def _tiny_config(**kw) -> ModelConfig:
     base = dict(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
     )
     return ModelConfig(**{**base, **kw})
 
@@ -117,17 +122,25 @@ def test_bf16_compute_keeps_fp32_params_and_stays_close() -> None:
     ids = jnp.asarray(rng_ids(2, 9, 64, seed=7))
     h32, h16 = fp32(ids), bf16(ids)
     assert h16.dtype == jnp.bfloat16
-    assert bf16.model.layers[0].mlp.up_kernel[...].dtype == jnp.float32
+    assert bf16.model.layers[0].mlp.up_proj.kernel[...].dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(h16, np.float32), np.asarray(h32), atol=0.1)
 
 
 def test_config_reads_transformers4_and_5_styles() -> None:
     common = dict(
-        model_type="qwen2", architectures=["Qwen2ForCausalLM"], vocab_size=10, hidden_size=8,
-        intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+        model_type="qwen2",
+        architectures=["Qwen2ForCausalLM"],
+        vocab_size=10,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
     )
     v4 = ModelConfig.from_hf_dict({**common, "rope_theta": 12345.0, "torch_dtype": "bfloat16"})
-    v5 = ModelConfig.from_hf_dict({**common, "rope_parameters": {"rope_theta": 12345.0, "rope_type": "default"}, "dtype": "bfloat16"})
+    v5 = ModelConfig.from_hf_dict(
+        {**common, "rope_parameters": {"rope_theta": 12345.0, "rope_type": "default"}, "dtype": "bfloat16"}
+    )
     assert v4 == v5
     assert v4.rope_theta == 12345.0 and v4.head_dim == 4 and v4.with_lm_head and v4.with_prm_head
     prm = ModelConfig.from_hf_dict({**common, "architectures": ["Qwen2ForProcessRewardModel"]})
@@ -147,8 +160,13 @@ def test_config_rejects_unsupported(change: dict, message: str) -> None:
     from prm_jax.models.config import UnsupportedCheckpointError
 
     base = dict(
-        model_type="qwen2", architectures=["Qwen2ForCausalLM"], vocab_size=10, hidden_size=8,
-        intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+        model_type="qwen2",
+        architectures=["Qwen2ForCausalLM"],
+        vocab_size=10,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
     )
     with pytest.raises(UnsupportedCheckpointError, match=message.replace("(", r"\(").replace("[", r"\[")):
         ModelConfig.from_hf_dict({**base, **change}, source="x/config.json")

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from tiny_assets import build_tiny_tokenizer
 from transformers import AutoTokenizer
 
 from prm_jax.data.tokenize import check_separator
@@ -21,7 +22,6 @@ from prm_jax.tokenization import (
     separator_token_id,
     vocabulary_fingerprint,
 )
-from tiny_assets import build_tiny_tokenizer
 
 PROBLEM = "Compute (12 + 30) * 2."
 STEPS = ["12 + 30 = 42", "42 * 2 = 84", "So the answer is \\boxed{84}."]
@@ -46,7 +46,11 @@ def test_real_vocabulary_facts(base, released_prm) -> None:
     ids = list(range(151_643, 151_665))
     assert base.convert_ids_to_tokens(ids) == list(QWEN2_5_ADDED_TOKENS)
     assert base.convert_ids_to_tokens([151_644, 151_645, 151_651, 151_657, 151_664]) == [
-        "<|im_start|>", "<|im_end|>", "<|quad_end|>", "<tool_call>", "<|file_sep|>"
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|quad_end|>",
+        "<tool_call>",
+        "<|file_sep|>",
     ]
     # <extra_0> is not a Qwen2.5 token: the base splits it into five; only the released PRM maps it.
     assert [base.decode([i]) for i in base.encode(STEP_SEPARATOR)] == ["<", "extra", "_", "0", ">"]

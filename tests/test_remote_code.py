@@ -11,12 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from prm_jax.conversion.remote_code import (
-    ARCHITECTURE,
-    AUTO_MAP,
-    REMOTE_CODE_FILES,
-    write_remote_code,
-)
+from prm_jax.conversion.remote_code import ARCHITECTURE, AUTO_MAP, REMOTE_CODE_FILES, write_remote_code
 from prm_jax.conversion.safetensors_io import TensorSpec, write_safetensors
 
 HIDDEN, LAYERS, HEADS, KV_HEADS, VOCAB, NUM_LABELS = 32, 2, 4, 2, 128, 2
@@ -57,8 +52,7 @@ def _expected_names() -> set[str]:
     for i in range(LAYERS):
         p = f"model.layers.{i}"
         names |= {f"{p}.self_attn.{x}_proj.{w}" for x in "qkv" for w in ("weight", "bias")}
-        names |= {f"{p}.self_attn.o_proj.weight", f"{p}.input_layernorm.weight",
-                  f"{p}.post_attention_layernorm.weight"}
+        names |= {f"{p}.self_attn.o_proj.weight", f"{p}.input_layernorm.weight", f"{p}.post_attention_layernorm.weight"}
         names |= {f"{p}.mlp.{x}_proj.weight" for x in ("gate", "up", "down")}
     return names | {"score.0.weight", "score.0.bias", "score.2.weight", "score.2.bias"}
 
@@ -120,9 +114,7 @@ def test_automodel_loads_exported_prm(tmp_path: Path) -> None:
     specs = [TensorSpec(k, v.shape, v.dtype) for k, v in state.items()]
     write_safetensors(directory, specs, state.__getitem__, max_shard_bytes=32 * 1024)
 
-    loaded, info = AutoModel.from_pretrained(
-        directory, trust_remote_code=True, output_loading_info=True
-    )
+    loaded, info = AutoModel.from_pretrained(directory, trust_remote_code=True, output_loading_info=True)
     assert type(loaded).__name__ == ARCHITECTURE
     assert not info["missing_keys"] and not info["unexpected_keys"]
     loaded_state = loaded.state_dict()

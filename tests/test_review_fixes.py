@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from test_training import tiny_config
 
 from prm_jax.generation.jax_sampler import _sample_tokens
 from prm_jax.sharding import logical_to_partition_spec, make_mesh
 from prm_jax.training.optimizer import _decay_mask
 from prm_jax.training.trainer import Trainer
-from test_training import tiny_config
 
 
 def test_optimizer_moments_are_sharded_like_their_parameters(tmp_path) -> None:
@@ -24,7 +24,9 @@ def test_optimizer_moments_are_sharded_like_their_parameters(tmp_path) -> None:
     try:
         embed_sharding = trainer.param_shardings["model"]["embed_tokens"]["embedding"]
         assert not embed_sharding.is_fully_replicated
-        adam = [s for s in jax.tree.leaves(trainer.opt_shardings, is_leaf=lambda x: hasattr(x, "mu")) if hasattr(s, "mu")]
+        adam = [
+            s for s in jax.tree.leaves(trainer.opt_shardings, is_leaf=lambda x: hasattr(x, "mu")) if hasattr(s, "mu")
+        ]
         assert len(adam) == 1
         params = jax.tree.leaves(trainer.param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
         for moment in (adam[0].mu, adam[0].nu):
@@ -49,10 +51,17 @@ def test_batch_axis_keeps_the_dividing_prefix_of_mesh_axes() -> None:
 
 def _sample(logits, temperature, top_p, top_k, seeds, filtering):
     n = len(seeds)
-    return np.asarray(_sample_tokens(
-        jnp.asarray(logits, jnp.float32), jnp.full(n, temperature, jnp.float32), jnp.asarray(top_p, jnp.float32),
-        jnp.asarray(top_k, jnp.int32), jnp.asarray(seeds, jnp.uint32), jnp.zeros(n, jnp.int32), filtering,
-    ))
+    return np.asarray(
+        _sample_tokens(
+            jnp.asarray(logits, jnp.float32),
+            jnp.full(n, temperature, jnp.float32),
+            jnp.asarray(top_p, jnp.float32),
+            jnp.asarray(top_k, jnp.int32),
+            jnp.asarray(seeds, jnp.uint32),
+            jnp.zeros(n, jnp.int32),
+            filtering,
+        )
+    )
 
 
 def test_top_p_applies_to_the_top_k_renormalised_distribution() -> None:
@@ -75,10 +84,18 @@ def test_unfiltered_rows_sample_the_same_whatever_their_batch_mates_ask() -> Non
 
 
 def test_weight_decay_skips_all_biases_and_norms() -> None:
-    params = {"model": {"layers": {"0": {"self_attn": {"q_kernel": np.zeros((4, 2, 2)), "q_bias": np.zeros((2, 2))},
-                                         "input_layernorm": {"weight": np.zeros(4)}}},
-                        "norm": {"weight": np.zeros(4)}},
-              "score": {"hidden_kernel": np.zeros((4, 4)), "hidden_bias": np.zeros(4)}}
+    params = {
+        "model": {
+            "layers": {
+                "0": {
+                    "self_attn": {"q_kernel": np.zeros((4, 2, 2)), "q_bias": np.zeros((2, 2))},
+                    "input_layernorm": {"weight": np.zeros(4)},
+                }
+            },
+            "norm": {"weight": np.zeros(4)},
+        },
+        "score": {"hidden_kernel": np.zeros((4, 4)), "hidden_bias": np.zeros(4)},
+    }
     mask = _decay_mask(params)
     assert mask["model"]["layers"]["0"]["self_attn"] == {"q_kernel": True, "q_bias": False}
     assert mask["model"]["layers"]["0"]["input_layernorm"]["weight"] is False

@@ -94,9 +94,7 @@ def test_round_trip_matches_safetensors_library(tmp_path: Path) -> None:
     # torch builds typed views on the mapped bytes, so it also checks per-tensor alignment.
     as_torch = torch_load_file(str(tmp_path / SINGLE_FILE_NAME))
     assert as_torch["bf16.vec"].dtype == torch.bfloat16
-    np.testing.assert_array_equal(
-        as_torch["bf16.vec"].float().numpy(), arrays["bf16.vec"].astype(np.float32)
-    )
+    np.testing.assert_array_equal(as_torch["bf16.vec"].float().numpy(), arrays["bf16.vec"].astype(np.float32))
     assert as_torch["scalar"].shape == () and as_torch["empty"].shape == (0, 4)
 
 
@@ -126,9 +124,7 @@ def test_fp8_round_trip(tmp_path: Path) -> None:
     np.testing.assert_array_equal(as_torch.float().numpy(), values.astype(np.float32))
 
 
-def test_get_tensor_called_once_in_order_and_file_appears_only_when_complete(
-    tmp_path: Path,
-) -> None:
+def test_get_tensor_called_once_in_order_and_file_appears_only_when_complete(tmp_path: Path) -> None:
     arrays = _mixed_arrays()
     calls: list[str] = []
 
@@ -145,8 +141,7 @@ def test_get_tensor_called_once_in_order_and_file_appears_only_when_complete(
 
 def test_custom_metadata_keeps_format(tmp_path: Path) -> None:
     a = np.ones((2,), np.float32)
-    write_safetensors(tmp_path, [TensorSpec("a", a.shape, a.dtype)], {"a": a}.get,
-                      metadata={"source": "prm-jax"})
+    write_safetensors(tmp_path, [TensorSpec("a", a.shape, a.dtype)], {"a": a}.get, metadata={"source": "prm-jax"})
     with safe_open(str(tmp_path / SINGLE_FILE_NAME), framework="numpy") as f:
         assert f.metadata() == {"source": "prm-jax", "format": "pt"}
 
@@ -163,7 +158,12 @@ def test_shard_plan_is_greedy_in_order(tmp_path: Path) -> None:
     index = json.loads((tmp_path / INDEX_NAME).read_text())
     assert index["metadata"]["total_size"] == sum(a.nbytes for a in arrays.values())
     assert index["weight_map"] == {
-        "a": names[0], "b": names[0], "c": names[0], "d": names[0], "big": names[1], "e": names[2],
+        "a": names[0],
+        "b": names[0],
+        "c": names[0],
+        "d": names[0],
+        "big": names[1],
+        "e": names[2],
     }
     for name, expected in arrays.items():
         _assert_same(load_file(str(tmp_path / index["weight_map"][name]))[name], expected, name)
@@ -215,8 +215,13 @@ def test_sharded_output_loads_in_transformers(tmp_path: Path) -> None:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     config = Qwen2Config(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
         tie_word_embeddings=False,
     )
     torch.manual_seed(0)
@@ -224,10 +229,7 @@ def test_sharded_output_loads_in_transformers(tmp_path: Path) -> None:
     with torch.no_grad():  # default init leaves biases at 0 and norms at 1: make them distinct
         for p in model.parameters():
             p.copy_(torch.randn_like(p))
-    state = {
-        k: v.detach().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-        for k, v in model.state_dict().items()
-    }
+    state = {k: v.detach().view(torch.int16).numpy().view(ml_dtypes.bfloat16) for k, v in model.state_dict().items()}
     specs = [TensorSpec(k, v.shape, v.dtype) for k, v in state.items()]
     config.save_pretrained(tmp_path)
     written = write_safetensors(tmp_path, specs, state.__getitem__, max_shard_bytes=16 * 1024)
@@ -261,8 +263,7 @@ def test_writer_rejects_bad_specs_before_writing(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="complex64"):
         write_safetensors(tmp_path, [TensorSpec("c", (1,), np.complex64)], lambda _: None)
     with pytest.raises(TypeError, match="str -> str"):
-        write_safetensors(tmp_path, [TensorSpec("a", (1,), np.float32)], lambda _: None,
-                          metadata={"step": 3})  # type: ignore[dict-item]
+        write_safetensors(tmp_path, [TensorSpec("a", (1,), np.float32)], lambda _: None, metadata={"step": 3})  # type: ignore[dict-item]
     assert list(tmp_path.iterdir()) == []
 
 

@@ -1,10 +1,10 @@
 """One separator convention from data to export, on the real Qwen2.5 vocabulary.
 
 A tiny Qwen2.5-shaped base (the real 151,936-row padded embedding, head_dim 64) with the real
-base tokenizer, where ``<extra_0>`` is *not* a token: hf_to_orbax -> training through launch.train's
+base tokenizer, where `<extra_0>` is *not* a token: hf_to_orbax -> training through launch.train's
 code path (tokenizer_dir = the base) -> orbax_to_hf. The export must score like the released
-Qwen2.5-Math-PRM: ``<extra_0>`` at id 151651, rewards computed the model card's way equal to JAX
-``score_steps`` on the checkpoint, and a tokenizer that disagrees with the run's is refused.
+Qwen2.5-Math-PRM: `<extra_0>` at id 151651, rewards computed the model card's way equal to JAX
+`score_steps` on the checkpoint, and a tokenizer that disagrees with the run's is refused.
 """
 
 from __future__ import annotations
@@ -15,18 +15,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from flax.nnx.traversals import flatten_mapping
+from hf_models import TINY_QWEN2_5, random_causal_lm, save_hf
 from safetensors.numpy import load_file
+from tiny_assets import build_tiny_tokenizer
 
 from data_pipeline.synthetic import prepare_synthetic_run
-from hf_models import TINY_QWEN2_5, random_causal_lm, save_hf
 from prm_jax.checkpoint import read_checkpoint_metadata, read_model_config, restore_model, restore_params
 from prm_jax.conversion.hf_checkpoint import ConversionError, hf_to_orbax, orbax_to_hf
-from prm_jax.models.factory import param_specs
+from prm_jax.models.factory import abstract_params
 from prm_jax.scoring import score_steps
 from prm_jax.tokenization import SYSTEM_PROMPT
 from prm_jax.training.config import default_config
 from prm_jax.training.run import RUN_TOKENIZER_DIR, train_from_config
-from tiny_assets import build_tiny_tokenizer
 
 QWEN2_5_PADDED_VOCAB = TINY_QWEN2_5["vocab_size"]
 NUM_STEPS = 3
@@ -59,8 +60,15 @@ def flow(qwen_tokenizer_dirs, tmp_path_factory) -> dict[str, Path]:
     step_dir = workdir / "checkpoints" / str(NUM_STEPS)
     orbax_to_hf(step_dir, root / "export")
     orbax_to_hf(step_dir, root / "export_base_tok", tokenizer_dir=base_tokenizer)
-    return {"root": root, "base": root / "base", "run": workdir, "step": step_dir, "base_tokenizer": base_tokenizer,
-            "export": root / "export", "export_base_tok": root / "export_base_tok"}
+    return {
+        "root": root,
+        "base": root / "base",
+        "run": workdir,
+        "step": step_dir,
+        "base_tokenizer": base_tokenizer,
+        "export": root / "export",
+        "export_base_tok": root / "export_base_tok",
+    }
 
 
 def test_run_records_separator_tokenizer_and_dtype(flow) -> None:
@@ -73,9 +81,9 @@ def test_run_records_separator_tokenizer_and_dtype(flow) -> None:
 
     assert AutoTokenizer.from_pretrained(record["dir"]).encode("<extra_0>") == [151_651]
     # Training changed the head: the exports below are of a trained model, not of the import.
-    head = [p for p, _ in param_specs(read_model_config(flow["step"])) if p[0] == "score"]
-    before = restore_params(flow["base"], paths=head, as_numpy=True)
-    after = restore_params(flow["step"], paths=head, as_numpy=True)
+    head = [p for p in flatten_mapping(abstract_params(read_model_config(flow["step"]))) if p[0] == "score"]
+    before = flatten_mapping(restore_params(flow["base"], paths=head, as_numpy=True))
+    after = flatten_mapping(restore_params(flow["step"], paths=head, as_numpy=True))
     assert any(not np.array_equal(before[p], after[p]) for p in head)
 
 
@@ -194,9 +202,17 @@ def test_export_scores_equal_vllm_default_pooling(flow) -> None:
     from prm_jax.tokenization import build_prm_input
 
     x = build_prm_input(AutoTokenizer.from_pretrained(flow["export"]), problem, steps)
-    llm = vllm.LLM(model=str(flow["export"]), runner="pooling", trust_remote_code=True, dtype="float32",
-                   max_model_len=512, enforce_eager=True)
-    (output,) = llm.encode([vllm.TokensPrompt(prompt_token_ids=x.input_ids)], pooling_task="token_classify", use_tqdm=False)
+    llm = vllm.LLM(
+        model=str(flow["export"]),
+        runner="pooling",
+        trust_remote_code=True,
+        dtype="float32",
+        max_model_len=512,
+        enforce_eager=True,
+    )
+    (output,) = llm.encode(
+        [vllm.TokensPrompt(prompt_token_ids=x.input_ids)], pooling_task="token_classify", use_tqdm=False
+    )
     data = output.outputs.data
     probs = np.asarray(data.float().cpu().numpy() if hasattr(data, "float") else data)
     np.testing.assert_allclose(probs[:, 1], expected, atol=1e-3, rtol=0)
@@ -241,8 +257,14 @@ def added_flow(tmp_path_factory) -> dict[str, Path]:
     train_from_config(_train_config(root, tokenizer_dir), workdir)
     step_dir = workdir / "checkpoints" / str(NUM_STEPS)
     orbax_to_hf(step_dir, root / "export")
-    return {"root": root, "base": root / "base", "run": workdir, "step": step_dir, "tokenizer": tokenizer_dir,
-            "export": root / "export"}
+    return {
+        "root": root,
+        "base": root / "base",
+        "run": workdir,
+        "step": step_dir,
+        "tokenizer": tokenizer_dir,
+        "export": root / "export",
+    }
 
 
 def test_added_separator_grows_the_embedding(added_flow) -> None:
@@ -255,34 +277,47 @@ def test_added_separator_grows_the_embedding(added_flow) -> None:
     assert record["separator_id"] == ADDED_BASE_VOCAB
     assert read_model_config(added_flow["base"]).vocab_size == ADDED_BASE_VOCAB
     assert meta["config"]["vocab_size"] == ADDED_GROWN_VOCAB  # what export and resume read back
-    embedding = [p for p, _ in param_specs(read_model_config(added_flow["step"])) if p[0] == "model" and "embed_tokens" in p]
-    assert restore_params(added_flow["step"], paths=embedding, as_numpy=True)[embedding[0]].shape[0] == ADDED_GROWN_VOCAB
+    embedding = [
+        p
+        for p in flatten_mapping(abstract_params(read_model_config(added_flow["step"])))
+        if p[0] == "model" and "embed_tokens" in p
+    ]
+    assert (
+        flatten_mapping(restore_params(added_flow["step"], paths=embedding, as_numpy=True))[embedding[0]].shape[0]
+        == ADDED_GROWN_VOCAB
+    )
 
 
 def test_grown_params_start_from_the_base(added_flow, tmp_path) -> None:
     """What the run starts from: the base's rows unchanged, the new rows at the base's mean row,
     every other parameter the base's, and arrays sharded as the model expects."""
-    from prm_jax.models.factory import tree_to_params
+    from transformers import AutoTokenizer
+
     from prm_jax.training.run import prepare_run_tokenizer
     from prm_jax.training.trainer import Trainer
-    from transformers import AutoTokenizer
 
     config = _train_config(added_flow["root"], added_flow["tokenizer"])
     _, record = prepare_run_tokenizer(AutoTokenizer.from_pretrained(added_flow["tokenizer"]), "<extra_0>", tmp_path)
     trainer = Trainer(config, tmp_path / "run", tokenizer_record=record)
     try:
         tree = trainer._fresh_params()
-        shardings = tree_to_params(trainer.param_shardings)
+        shardings = {tuple(map(str, p)): v for p, v in flatten_mapping(trainer.param_shardings).items()}
     finally:
         trainer.close()
-    params = tree_to_params(tree)
-    base = {tuple(map(str, p)): v for p, v in restore_params(added_flow["base"], as_numpy=True).items()}
+    params = {tuple(map(str, p)): v for p, v in flatten_mapping(tree).items()}
+    base = {
+        tuple(map(str, p)): v for p, v in flatten_mapping(restore_params(added_flow["base"], as_numpy=True)).items()
+    }
     embed = next(p for p in params if "embed_tokens" in p)
     grown = np.asarray(params[embed])
     assert grown.shape == (ADDED_GROWN_VOCAB, base[embed].shape[1])
     np.testing.assert_array_equal(grown[:ADDED_BASE_VOCAB], base[embed])
-    np.testing.assert_allclose(grown[ADDED_BASE_VOCAB:], np.broadcast_to(base[embed].mean(0), grown[ADDED_BASE_VOCAB:].shape),
-                               rtol=0, atol=1e-6)
+    np.testing.assert_allclose(
+        grown[ADDED_BASE_VOCAB:],
+        np.broadcast_to(base[embed].mean(0), grown[ADDED_BASE_VOCAB:].shape),
+        rtol=0,
+        atol=1e-6,
+    )
     assert params[embed].sharding.is_equivalent_to(shardings[embed], 2)
     for path, value in params.items():
         if path != embed and path[0] != "score":
@@ -294,8 +329,16 @@ def test_vocab_axes_cover_an_untied_lm_head() -> None:
     from prm_jax.models.config import ModelConfig
     from prm_jax.models.vocab import grow_vocab_axis, padded_vocab_size, vocab_axes
 
-    config = ModelConfig(vocab_size=403, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, with_lm_head=True)
+    config = ModelConfig(
+        vocab_size=403,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        with_lm_head=True,
+    )
     axes = {".".join(map(str, p)): a for p, a in vocab_axes(config).items()}
     assert set(axes.values()) == {0, 1} and axes["lm_head.kernel"] == 1 and len(axes) == 2
     assert [padded_vocab_size(403, n) for n in (1, 403, 404, 449)] == [403, 403, 448, 512]
@@ -315,4 +358,6 @@ def test_added_separator_export_scores_like_jax(added_flow) -> None:
     hf_tokenizer, hf_model = _load_hf(out)
     for problem, steps in EXAMPLES:
         expected = score_steps(model, tokenizer, problem, steps)
-        np.testing.assert_allclose(_model_card_rewards(hf_tokenizer, hf_model, problem, steps), expected, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(
+            _model_card_rewards(hf_tokenizer, hf_model, problem, steps), expected, atol=1e-4, rtol=0
+        )

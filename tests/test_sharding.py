@@ -6,16 +6,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax.nnx.traversals import flatten_mapping
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from prm_jax.models.config import ModelConfig
-from prm_jax.models.factory import create_model, flat_params
+from prm_jax.models.factory import create_model, params_of
 from prm_jax.sharding import logical_to_partition_spec, make_mesh
 
 CONFIG = ModelConfig(
-    vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
 )
 
 
@@ -45,13 +51,15 @@ def test_sharded_init_matches_single_device_and_forward_agrees() -> None:
     mesh = make_mesh({"fsdp": 2, "tensor": 2})
     sharded = create_model(CONFIG, seed=3, mesh=mesh)
     single = create_model(CONFIG, seed=3)
-    params_s, params_1 = flat_params(sharded), flat_params(single)
-    q = params_s[("model", "layers", 0, "self_attn", "q_kernel")]
+    params_s, params_1 = flatten_mapping(params_of(sharded)), flatten_mapping(params_of(single))
+    q = params_s[("model", "layers", 0, "self_attn", "q_proj", "kernel")]
     assert q.sharding.is_equivalent_to(NamedSharding(mesh, P("fsdp", "tensor", None)), 3)
     assert len(q.sharding.device_set) == 4
     # Same values up to float rounding (jitted vs eager initialiser arithmetic).
     for path, value in params_1.items():
-        np.testing.assert_allclose(np.asarray(params_s[path]), np.asarray(value), rtol=1e-6, atol=1e-8, err_msg=str(path))
+        np.testing.assert_allclose(
+            np.asarray(params_s[path]), np.asarray(value), rtol=1e-6, atol=1e-8, err_msg=str(path)
+        )
     ids = jnp.asarray(np.arange(16, dtype=np.int32).reshape(2, 8) % 64)
     with jax.set_mesh(mesh):
         hidden_s = np.asarray(sharded.step_logits(sharded(ids)))

@@ -21,8 +21,10 @@ import pytest
 
 from data_pipeline.consensus import run_merge, shard_consensus
 from data_pipeline.schemas import ErrorRecord, GradeRecord, JudgeRecord, MCRecord, SampleRecord
-from data_pipeline.shards import Layout, Shard, atomic_write_json, atomic_write_lines, read_records
+from data_pipeline.shards import Layout, Shard
 from prm_jax.data.records import read_prm_records
+from prm_jax.files import atomic_write_json, atomic_write_lines
+from prm_jax.jsonl import read_records
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMAS = {"sample": SampleRecord, "grade": GradeRecord, "mc": MCRecord, "judge": JudgeRecord}
@@ -31,9 +33,9 @@ SCHEMAS = {"sample": SampleRecord, "grade": GradeRecord, "mc": MCRecord, "judge"
 # it writes half of the next line and waits to be SIGKILLed by the test: a kill mid-write.
 KILL_WRAPPER = """
 import os, sys, time
-from data_pipeline import shards
+from prm_jax import jsonl
 from data_pipeline.schemas import MCRecord
-_write = shards.AppendOnlyWriter.write
+_write = jsonl.AppendOnlyWriter.write
 seen = {"all": 0, "rolled": 0}
 def write(self, record):
     ok = _write(self, record)
@@ -45,7 +47,7 @@ def write(self, record):
             os.fsync(self._fd)
             time.sleep(600)
     return ok
-shards.AppendOnlyWriter.write = write
+jsonl.AppendOnlyWriter.write = write
 from absl import app
 from launch import synthesize
 sys.argv = ["launch.synthesize"] + sys.argv[1:]
@@ -56,17 +58,16 @@ app.run(synthesize.main)
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     import torch
+    from hf_models import jax_arrays_from_torch, jax_model, random_causal_lm
+    from tiny_assets import TINY_VOCAB_SIZE, build_tiny_tokenizer
     from transformers import AutoTokenizer
 
-    from hf_models import jax_arrays_from_torch, random_causal_lm
     from prm_jax.checkpoint import save_model
     from prm_jax.models.config import ModelConfig
-    from prm_jax.models.factory import model_from_arrays
-    from tiny_assets import build_tiny_tokenizer
 
     root = tmp_path_factory.mktemp("synth_e2e")
     tokenizer = AutoTokenizer.from_pretrained(build_tiny_tokenizer(root / "tokenizer"))
-    model = random_causal_lm(vocab_size=404, seed=3, max_position_embeddings=1024)
+    model = random_causal_lm(vocab_size=TINY_VOCAB_SIZE, seed=3, max_position_embeddings=1024)
     with torch.no_grad():
         for token, index in tokenizer.get_vocab().items():
             if "ĊĊ" in token:  # byte-level BPE spelling of "\n\n"
@@ -77,32 +78,55 @@ def assets(tmp_path_factory):
     tokenizer.save_pretrained(policy)
     # The judge: the same weights as an Orbax checkpoint (the other loading path).
     config = ModelConfig.from_hf_dict(model.config.to_dict(), with_prm_head=False)
-    save_model(root / "judge_orbax", model_from_arrays(config, jax_arrays_from_torch(model, config)))
+    save_model(root / "judge_orbax", jax_model(config, jax_arrays_from_torch(model, config)))
     problems = root / "problems.jsonl"
-    problems.write_text("".join(json.dumps({"id": f"p{i}", "problem": f"What is {i} + {i}?", "answer": str(2 * i)})
-                                + "\n" for i in range(4)))
-    return {"root": root, "policy": policy, "judge": root / "judge_orbax", "problems": problems,
-            "cache": root / "jax_cache"}
+    problems.write_text(
+        "".join(
+            json.dumps({"id": f"p{i}", "problem": f"What is {i} + {i}?", "answer": str(2 * i)}) + "\n" for i in range(4)
+        )
+    )
+    return {
+        "root": root,
+        "policy": policy,
+        "judge": root / "judge_orbax",
+        "problems": problems,
+        "cache": root / "jax_cache",
+    }
 
 
 def command(assets, workdir: Path) -> list[str]:
     return [
-        "--config=" + str(REPO / "configs" / "synth_tiny.py"), f"--workdir={workdir}",
-        f"--config.problems.path={assets['problems']}", f"--config.policy.model_path={assets['policy']}",
-        f"--config.judge.model_path={assets['judge']}", f"--config.judge.tokenizer_path={assets['policy']}",
-        "--config.mc.skip_truncated=False", "--config.io.progress=False",
+        "--config=" + str(REPO / "configs" / "synth_tiny.py"),
+        f"--workdir={workdir}",
+        f"--config.problems.path={assets['problems']}",
+        f"--config.policy.model_path={assets['policy']}",
+        f"--config.judge.model_path={assets['judge']}",
+        f"--config.judge.tokenizer_path={assets['policy']}",
+        "--config.mc.skip_truncated=False",
+        "--config.io.progress=False",
     ]
 
 
 def environment(assets) -> dict[str, str]:
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(assets["cache"]),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-            "PYTHONPATH": str(REPO)}
+    return {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "JAX_COMPILATION_CACHE_DIR": str(assets["cache"]),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+        "PYTHONPATH": str(REPO),
+    }
 
 
 def launch(assets, workdir: Path) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "launch.synthesize", *command(assets, workdir)], cwd=REPO,
-                            env=environment(assets), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "launch.synthesize", *command(assets, workdir)],
+        cwd=REPO,
+        env=environment(assets),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 
@@ -151,8 +175,14 @@ def test_every_stage_writes_schema_valid_output(reference) -> None:
 @pytest.mark.slow
 def test_sigkill_during_mc_then_rerun_equals_an_uninterrupted_run(assets, reference) -> None:
     workdir = assets["root"] / "killed"
-    proc = subprocess.Popen([sys.executable, "-c", KILL_WRAPPER, *command(assets, workdir)], cwd=REPO,
-                            env=environment(assets), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILL_WRAPPER, *command(assets, workdir)],
+        cwd=REPO,
+        env=environment(assets),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     mc_file = Layout(workdir).records("mc", Shard())
     deadline = time.monotonic() + 240
     try:

@@ -9,22 +9,33 @@ import pytest
 from data_pipeline.consensus import decide, training_record
 from data_pipeline.grading import GradingPool
 from data_pipeline.ids import stable_seed
-from data_pipeline.judge import Judge, JudgeSettings, majority_vote
+from data_pipeline.judge import Judge, JudgeSettings, judge_verdict
 from data_pipeline.mc import MCLabeler, MCSettings
 from data_pipeline.schemas import GradeRecord, JudgeRecord, MCCost, MCRecord
-from data_pipeline.scripted import ScriptedBackend
+from data_pipeline.scripted import CharTokenizer, ScriptedBackend
 from data_pipeline.solutions import continuation_prompt, policy_prompt, split_steps
 from prm_jax.critique import classify_verdict
 from prm_jax.data.records import read_prm_records
+from prm_jax.generation.types import Completion, RequestOutput, SamplingParams, per_prompt_params
 
 K = 4
 STEPS = ("Let x be 2.", "Then 2x = 4.", "Add 1: 5.", "Double: 10.", "Halve: 5.", "So \\boxed{5}.")
 
 
 def grade_record(steps=STEPS, *, status="incorrect", finish_reason="stop", gold="4", rid="p#0") -> GradeRecord:
-    return GradeRecord(id=rid, problem_id=rid.split("#")[0], index=0, problem="What is 2 + 2?", gold=gold,
-                       steps=tuple(steps), answer="5", finish_reason=finish_reason, num_tokens=40, status=status,
-                       correct=status == "correct")
+    return GradeRecord(
+        id=rid,
+        problem_id=rid.split("#")[0],
+        index=0,
+        problem="What is 2 + 2?",
+        gold=gold,
+        steps=tuple(steps),
+        answer="5",
+        finish_reason=finish_reason,
+        num_tokens=40,
+        status=status,
+        correct=status == "correct",
+    )
 
 
 def rollout_script(correct_after: dict[str, int], *, tokens: int = 30):
@@ -55,8 +66,9 @@ def test_hard_and_soft_labels_first_error_and_early_stop() -> None:
     assert [x.hard for x in record.labels] == [1, 1, 0]  # >= 1 correct completion is positive
     assert record.first_error == 2 and record.early_stopped and record.status == "labelled"
     # Steps 3 and 4 were never rolled out: 3 of the 5 prefixes ran.
-    assert record.cost == MCCost(prefixes=3, completions=12, generated_tokens=12 * 30, prefixes_full=5,
-                                 completions_full=20)
+    assert record.cost == MCCost(
+        prefixes=3, completions=12, generated_tokens=12 * 30, prefixes_full=5, completions_full=20
+    )
     assert len(backend.requests) == 3
 
 
@@ -106,9 +118,10 @@ def test_one_n_equals_k_request_per_prefix_with_the_documented_layout() -> None:
 def test_completion_answer_is_read_from_prefix_plus_completion() -> None:
     steps = ("So x = \\boxed{4}", "Check: fine", "\\boxed{4}")
     # The completion of prefix 0 gives no box of its own: the solution's last box is the prefix's.
-    record, _ = label(grade_record(steps, status="correct"),
-                      lambda prompt, index, params: ("Check done.", 5) if prompt.endswith(steps[0] + "\n\n")
-                      else ("\\boxed{9}", 5))
+    record, _ = label(
+        grade_record(steps, status="correct"),
+        lambda prompt, index, params: ("Check done.", 5) if prompt.endswith(steps[0] + "\n\n") else ("\\boxed{9}", 5),
+    )
     assert [x.n_correct for x in record.labels] == [K, 0]
 
 
@@ -182,15 +195,17 @@ def test_judge_verdict_parsing(text, verdict, reason) -> None:
         ((1,), ("ok",), (1, None)),
         ((1, 1, 2), ("ok",) * 3, (1, None)),
         ((-1, -1, None), ("ok", "ok", "no_box"), (-1, None)),
-        ((1, 2, None), ("ok", "ok", "no_box"), (None, "no_majority")),
-        ((1, None, None), ("ok", "no_box", "no_box"), (None, "no_majority")),  # 1 of 3 is no majority
-        ((1, 2), ("ok", "ok"), (None, "no_majority")),  # a tie
+        ((1, 2, None), ("ok", "ok", "no_box"), (1, None)),  # a tie goes to the first sampled
+        ((1, None, None), ("ok", "no_box", "no_box"), (1, None)),  # unparseable samples do not vote
+        ((1, 2), ("ok", "ok"), (1, None)),
+        ((2, 1, 1, 2), ("ok",) * 4, (2, None)),
+        ((None, 0, 2, 2), ("no_box", "ok", "ok", "ok"), (2, None)),  # a plurality, not a majority of 4
         ((None, None, None), ("no_box", "not_integer", "no_box"), (None, "no_box")),
         ((None,), ("out_of_range",), (None, "out_of_range")),
     ],
 )
-def test_majority_vote(verdicts, reasons, expected) -> None:
-    assert majority_vote(verdicts, reasons, 0.5) == expected
+def test_judge_verdict(verdicts, reasons, expected) -> None:
+    assert judge_verdict(verdicts, reasons) == expected
 
 
 def test_judge_samples_one_request_per_response_and_votes() -> None:
@@ -205,11 +220,48 @@ def test_judge_samples_one_request_per_response_and_votes() -> None:
     empty = grade_record(steps=(), status="empty", rid="q#1")
     result, skipped = judge.judge_batch([grade_record(), empty])
     assert result.verdicts == (1, 1, 0, None) and result.reasons == ("ok", "ok", "ok", "no_box")
-    assert result.first_error is None and result.no_verdict_reason == "no_majority"  # 2 of 4 is not > half
+    assert result.first_error == 1 and result.no_verdict_reason is None  # the plurality, 2 of 4
     assert skipped.status == "skipped" and skipped.skip_reason == "no_steps"
     (request,) = backend.requests
     assert request.params.n == 4 and request.params.seed == stable_seed(3, "judge", "p#0")
     JudgeRecord.from_json(json.loads(json.dumps(result.to_json())))
+
+
+class SameCritic:
+    """One critic for both callers: the same sampled critiques whatever form the prompt takes (a
+    rendered string from synthesis's judge, chat messages from ProcessBench evaluation)."""
+
+    tokenizer = CharTokenizer()
+
+    def __init__(self, texts: list[str]) -> None:
+        self.texts = texts
+
+    def generate(self, prompts, params):
+        return [
+            RequestOutput((0,), tuple(Completion(t, (0,), "stop") for t in self.texts[: p.n]))
+            for p in per_prompt_params(params, len(prompts))
+        ]
+
+
+@pytest.mark.parametrize(
+    "texts, expected",
+    [
+        (["\\boxed{1}", "\\boxed{2}", "no box"], 1),  # a tie: the first sampled
+        (["\\boxed{0}", "x", "y", "\\boxed{0}", "\\boxed{2}"], 0),  # 2 of 5: a plurality
+        (["\\boxed{-1}", "\\boxed{2}", "\\boxed{2}", "\\boxed{-1}"], -1),
+        (["nothing", "\\boxed{9}"], None),  # no parseable sample
+    ],
+)
+def test_one_critic_gives_one_verdict_in_synthesis_and_evaluation(texts, expected) -> None:
+    from prm_jax.evaluation.records import ProcessBenchRecord
+    from prm_jax.evaluation.tasks import processbench_with_critic
+
+    critic, n = SameCritic(texts), len(texts)
+    (judged,) = Judge(critic, JudgeSettings(num_samples=n, temperature=0.8)).judge_batch([grade_record(STEPS[:3])])
+    record = ProcessBenchRecord("r", "gsm8k", "What is 2 + 2?", STEPS[:3], 1, False)
+    evaluated = processbench_with_critic([record], critic, SamplingParams(n=n, temperature=0.8, max_tokens=8))
+    assert judged.verdicts == tuple(evaluated.predictions[0]["verdicts"])
+    assert judged.first_error == evaluated.predictions[0]["pred"] == expected
 
 
 def test_judge_with_the_paper_prompt_parses_conclusions() -> None:
@@ -253,15 +305,23 @@ def mc_record(first_error: int, *, num_steps: int = 4, status: str = "labelled")
         good = first_error == -1 or i < first_error
         n_correct = (i % K) + 1 if good else 0
         labels.append(StepLabel(n_correct, K, n_correct / K, int(n_correct >= 1), True))
-    return MCRecord("p#0", "p", "labelled", None, K, num_steps, tuple(labels), first_error,
-                    n < num_steps, MCCost())
+    return MCRecord("p#0", "p", "labelled", None, K, num_steps, tuple(labels), first_error, n < num_steps, MCCost())
 
 
 def judge_record(first_error: int | None, *, status: str = "judged", reason: str | None = None) -> JudgeRecord:
     if status == "skipped":
         return JudgeRecord("p#0", "p", "skipped", "no_steps", 4, (), (), None, None)
-    return JudgeRecord("p#0", "p", "judged", None, 4, (first_error,), ("ok" if first_error is not None else reason,),
-                       first_error, None if first_error is not None else reason)
+    return JudgeRecord(
+        "p#0",
+        "p",
+        "judged",
+        None,
+        4,
+        (first_error,),
+        ("ok" if first_error is not None else reason,),
+        first_error,
+        None if first_error is not None else reason,
+    )
 
 
 @pytest.mark.parametrize(
@@ -290,8 +350,9 @@ def test_training_records_end_at_the_first_error(tmp_path) -> None:
     assert hard["steps"] == list(STEPS[:3]) and hard["labels"] == [1, 1, 0]
     soft = training_record(grade, mc_record(2), 2, mode="agree", label_type="soft")
     assert soft["labels"] == [0.25, 0.5, 0.0] and all(isinstance(x, float) for x in soft["labels"])
-    clean = training_record(grade_record(STEPS[:4], status="correct"), mc_record(-1), -1, mode="agree",
-                            label_type="hard")
+    clean = training_record(
+        grade_record(STEPS[:4], status="correct"), mc_record(-1), -1, mode="agree", label_type="hard"
+    )
     assert clean["steps"] == list(STEPS[:4]) and clean["labels"] == [1, 1, 1, 1]
     judged = training_record(grade, None, 1, mode="judge", label_type="hard")
     assert judged["labels"] == [1, 0]

@@ -16,8 +16,9 @@ from data_pipeline.pipeline import run
 from data_pipeline.problems import read_problems
 from data_pipeline.schemas import DataError, ErrorRecord, MCRecord, Problem, SampleRecord
 from data_pipeline.scripted import ScriptedBackend
-from data_pipeline.shards import AppendOnlyWriter, Layout, Shard, exclusive_lock, read_records
+from data_pipeline.shards import Layout, Shard, exclusive_lock
 from prm_jax.data.records import read_prm_records
+from prm_jax.jsonl import AppendOnlyWriter, read_records
 
 SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -99,8 +100,11 @@ def test_pipeline_labels_keep_and_drop_as_scripted(tmp_path) -> None:
     _, summary = final_outputs(tmp_path / "w")
     assert summary["keep_rate"] == 0.75
     assert summary["counts"]["consensus"]["dropped"] == {"disagree": 2}
-    assert summary["mc_judge_agreement"]["matrix_rows_mc_cols_judge"] == {"-1": {"-1": 4}, "0": {"0": 2},
-                                                                          "1": {"-1": 2}}
+    assert summary["mc_judge_agreement"]["matrix_rows_mc_cols_judge"] == {
+        "-1": {"-1": 4},
+        "0": {"0": 2},
+        "1": {"-1": 2},
+    }
     # Early stop: response 1 stops at step 0 (1 of 2 prefixes), response 2 at step 1 (2 of 2).
     compute = summary["mc_compute"]
     assert (compute["prefixes_run"], compute["prefixes_full"]) == (2 * (1 + 1 + 2 + 2), 2 * (1 + 2 + 2 + 2))
@@ -136,11 +140,21 @@ def test_bad_input_becomes_counted_error_records(tmp_path) -> None:
     layout = Layout(tmp_path / "w")
     errors = read_records(layout.errors("sample", Shard()), ErrorRecord.from_json)
     by_kind = {(e.error, e.source.rsplit(":", 1)[1] if e.source else None) for e in errors}
-    assert by_kind == {("malformed_json", "2"), ("malformed_json", "3"), ("missing_answer", "4"),
-                       ("missing_field", "5"), ("duplicate_id", "6"), ("empty_response", "7")}
+    assert by_kind == {
+        ("malformed_json", "2"),
+        ("malformed_json", "3"),
+        ("missing_answer", "4"),
+        ("missing_field", "5"),
+        ("duplicate_id", "6"),
+        ("empty_response", "7"),
+    }
     _, summary = final_outputs(tmp_path / "w")
-    assert summary["errors"]["input"] == {"duplicate_id": 1, "malformed_json": 2, "missing_answer": 1,
-                                          "missing_field": 1}
+    assert summary["errors"]["input"] == {
+        "duplicate_id": 1,
+        "malformed_json": 2,
+        "missing_answer": 1,
+        "missing_field": 1,
+    }
     assert summary["errors"]["sample"] == {"empty_response": 1} and summary["errors"]["total"] == 6
     counts = summary["counts"]
     assert counts["sample"]["empty_responses"] == 1 and counts["grade"]["status"]["empty"] == 1
@@ -180,8 +194,13 @@ def test_rerun_is_idempotent_and_a_crash_mid_mc_resumes_exactly(tmp_path) -> Non
     layout = Layout(crashed)
     mc_lines = layout.records("mc", Shard()).read_text().splitlines(keepends=True)
     layout.records("mc", Shard()).write_text("".join(mc_lines[:3]) + mc_lines[3][:25])
-    for path in (layout.done("mc", Shard()), layout.records("judge", Shard()), layout.done("judge", Shard()),
-                 layout.final_records, layout.summary):
+    for path in (
+        layout.done("mc", Shard()),
+        layout.records("judge", Shard()),
+        layout.done("judge", Shard()),
+        layout.final_records,
+        layout.summary,
+    ):
         path.unlink()
     shutil.rmtree(crashed / "consensus")
     resumed = run_scripted(make_config(problems), crashed)
@@ -202,8 +221,10 @@ def test_shards_are_disjoint_and_the_merge_is_deterministic(tmp_path) -> None:
     three_records, three_summary = final_outputs(sharded)
     assert three_records == one_records  # byte-identical, sorted by id
     assert three_summary["counts"] == one_summary["counts"] and three_summary["num_shards"] == 3
-    ids = [set(s.id for s in read_records(Layout(sharded).records("sample", Shard(i, 3)), SampleRecord.from_json))
-           for i in range(3)]
+    ids = [
+        set(s.id for s in read_records(Layout(sharded).records("sample", Shard(i, 3)), SampleRecord.from_json))
+        for i in range(3)
+    ]
     assert sum(len(s) for s in ids) == len(set().union(*ids)) == 5
 
 
@@ -269,21 +290,56 @@ def test_append_only_writer_repairs_a_torn_tail_and_never_duplicates(tmp_path) -
                 pass
 
 
+def test_shards_and_problems_read_like_every_record_file(tmp_path) -> None:
+    """The rules of `prm_jax.jsonl`: a BOM only at the start, a bounded line, JSON type names, a
+    named torn tail, non-blank ids, and duplicates named with their first line."""
+    path = tmp_path / "errors.jsonl"
+    line = json.dumps(ErrorRecord(id="a", stage="s", error="e", message="m").to_json(), sort_keys=True)
+    path.write_bytes(b"\xef\xbb\xbf" + line.encode() + b"\n")
+    assert [r.id for r in read_records(path, ErrorRecord.from_json)] == ["a"]
+    with AppendOnlyWriter(path, ErrorRecord.from_json) as writer:
+        assert writer.ids == {"a"} and not writer.dropped_tail
+        assert writer.write(ErrorRecord(id="b", stage="s", error="e", message="m"))
+    assert [r.id for r in read_records(path, ErrorRecord.from_json)] == ["a", "b"]
+    with pytest.raises(DataError, match=r"errors\.jsonl:1: line longer than the limit of 20 bytes"):
+        read_records(path, ErrorRecord.from_json, max_line_bytes=20)
+    for text, message in (
+        (line + "\n[1]\n", r":2: expected a JSON object, got array"),
+        (line + "\n" + line[:10], r":2: malformed JSON.*the last line has no newline"),
+        (line.replace('"id": "a"', '"id": " "') + "\n", r":1: field 'id': must be a non-empty string"),
+        (line + "\n" + line + "\n", r":2: field 'id': duplicate id 'a' \(first seen on line 1\)"),
+    ):
+        path.write_text(text)
+        with pytest.raises(DataError, match=message):
+            read_records(path, ErrorRecord.from_json)
+    with pytest.raises(DataError, match=r"errors\.jsonl:2: field 'id': duplicate id 'a' \(first seen on line 1\)"):
+        AppendOnlyWriter(path, ErrorRecord.from_json)
+    problems = tmp_path / "problems.jsonl"
+    problems.write_bytes(b"\xef\xbb\xbf" + json.dumps({"id": "p", "problem": "1 + 1?", "answer": "2"}).encode())
+    assert [p.id for p in read_problems(problems)] == ["p"]
+
+
 def test_gsm8k_and_math_readers(tmp_path) -> None:
-    gsm8k = write_problems(tmp_path / "gsm8k.jsonl", [
-        {"question": "Tom has 3 apples and buys 4. How many?", "answer": "3 + 4 = 7\n#### 7"},
-        {"question": "A dozen eggs cost $2. Cost of 60?", "answer": "60 / 12 * 2 = 10\n#### 10"},
-        {"question": "No gold here", "answer": "it is seven"},
-    ])
+    gsm8k = write_problems(
+        tmp_path / "gsm8k.jsonl",
+        [
+            {"question": "Tom has 3 apples and buys 4. How many?", "answer": "3 + 4 = 7\n#### 7"},
+            {"question": "A dozen eggs cost $2. Cost of 60?", "answer": "60 / 12 * 2 = 10\n#### 10"},
+            {"question": "No gold here", "answer": "it is seven"},
+        ],
+    )
     first = list(read_problems(gsm8k, "gsm8k"))
     assert [type(x) for x in first] == [Problem, Problem, ErrorRecord]
     assert first[0].answer == "7" and first[0].id.startswith("gsm8k-") and first[2].error == "missing_answer"
     assert [x.id for x in read_problems(gsm8k, "gsm8k")][:2] == [first[0].id, first[1].id]  # stable ids
-    math = write_problems(tmp_path / "math.jsonl", [
-        {"problem": "Compute $\\frac{1}{2}+\\frac{1}{4}$.", "solution": "It is $\\boxed{\\frac{3}{4}}$."},
-        {"problem": "Find x.", "solution": "x = 2", "answer": "2", "unique_id": "test/algebra/1.json"},
-        {"problem": "Find y.", "solution": "no box"},
-    ])
+    math = write_problems(
+        tmp_path / "math.jsonl",
+        [
+            {"problem": "Compute $\\frac{1}{2}+\\frac{1}{4}$.", "solution": "It is $\\boxed{\\frac{3}{4}}$."},
+            {"problem": "Find x.", "solution": "x = 2", "answer": "2", "unique_id": "test/algebra/1.json"},
+            {"problem": "Find y.", "solution": "no box"},
+        ],
+    )
     items = list(read_problems(math, "math"))
     assert items[0].answer == "\\frac{3}{4}" and items[0].id.startswith("math-")
     assert items[1].id == "test/algebra/1.json" and items[1].answer == "2"
@@ -303,9 +359,20 @@ def test_launcher_stops_cleanly_on_bad_input(tmp_path) -> None:
     model.mkdir()
     (model / "config.json").write_text("{}")
     result = subprocess.run(
-        [sys.executable, "-m", "launch.synthesize", f"--config={repo / 'configs' / 'synth_tiny.py'}",
-         f"--workdir={tmp_path / 'w'}", f"--config.problems.path={problems}", "--config.on_error=stop",
-         f"--config.policy.model_path={model}"],
-        cwd=repo, capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "launch.synthesize",
+            f"--config={repo / 'configs' / 'synth_tiny.py'}",
+            f"--workdir={tmp_path / 'w'}",
+            f"--config.problems.path={problems}",
+            "--config.on_error=stop",
+            f"--config.policy.model_path={model}",
+        ],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert "problems.jsonl:2: missing_answer" in result.stderr and "Traceback" not in result.stderr

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from tiny_assets import IM_END, IM_START, build_tiny_tokenizer
 from tokenizers import processors
 from transformers import AutoTokenizer
 
@@ -19,9 +20,9 @@ from prm_jax.tokenization import (
     PRMInput,
     build_prm_input,
     ensure_step_separator,
+    render_chat,
     separator_token_id,
 )
-from tiny_assets import IM_END, IM_START, build_tiny_tokenizer
 
 PROBLEM = "Tom has 3 boxes with 4 apples each. He eats 2. How many apples are left?"
 # Leading/trailing whitespace and newlines on purpose: steps must survive verbatim.
@@ -81,9 +82,7 @@ def test_tiny_tokenizer_is_qwen_like(chat_dir: Path) -> None:
     text = "Step 1: 2 + 3 = 5.\n\n"
     assert tok.encode(text) == tok.encode(text, add_special_tokens=False)
     assert tok.decode(tok.encode(text)) == text
-    rendered = tok.apply_chat_template(
-        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
-    )
+    rendered = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     assert rendered == f"{IM_START}user\nhi{IM_END}\n{IM_START}assistant\n"
 
 
@@ -141,9 +140,58 @@ def test_ensure_step_separator_adds_and_survives_reload(split_dir: Path, tmp_pat
     assert len(reloaded) == original_len + 1
     assert separator_token_id(reloaded) == sep_id
     assert ensure_step_separator(reloaded, add_if_missing=False) == (sep_id, False)
-    assert reloaded.encode("x<extra_0>", add_special_tokens=False) == tok.encode(
-        "x<extra_0>", add_special_tokens=False
-    )
+    assert reloaded.encode("x<extra_0>", add_special_tokens=False) == tok.encode("x<extra_0>", add_special_tokens=False)
+
+
+# --- render_chat: the one chat layout -------------------------------------------------------
+
+USER = [{"role": "user", "content": PROBLEM}]
+
+
+@pytest.mark.parametrize("system_prompt", [None, ""])
+def test_render_chat_without_system_prompt_adds_no_system_turn(
+    system_prompt: str | None, chat_dir: Path, plain_dir: Path
+) -> None:
+    """`None` and `""` are one case: no system turn (never an empty one), in every layout."""
+    chat, plain = _load(chat_dir), _load(plain_dir)
+    opened = f"{IM_START}user\n{PROBLEM}{IM_END}\n{IM_START}assistant\n"
+    assert render_chat(chat, USER, system_prompt=system_prompt) == opened
+    assert render_chat(plain, USER, system_prompt=system_prompt) == f"{PROBLEM}\n\n"
+    assistant = STEP_SEPARATOR.join(STEPS) + STEP_SEPARATOR
+    prm = build_prm_input(chat, PROBLEM, STEPS, system_prompt=system_prompt)
+    assert chat.decode(prm.input_ids) == f"{opened}{assistant}{IM_END}\n"
+    prm = build_prm_input(plain, PROBLEM, STEPS, system_prompt=system_prompt)
+    assert plain.decode(prm.input_ids) == f"{PROBLEM}\n\n{assistant}"
+
+
+@pytest.mark.parametrize("system_prompt", [None, ""])
+def test_render_chat_leaves_the_default_to_a_qwen_math_template(
+    system_prompt: str | None, qwen_tokenizer_dirs: dict[str, Path]
+) -> None:
+    """Qwen2.5-Math-Instruct's template supplies the math system prompt when none is given, so no
+    system prompt renders exactly what the paper's system prompt does, for the policy and the PRM."""
+    base, prm = _load(qwen_tokenizer_dirs["base"]), _load(qwen_tokenizer_dirs["prm"])
+    assert render_chat(base, USER, system_prompt=system_prompt) == render_chat(base, USER, system_prompt=SYSTEM_PROMPT)
+    assert build_prm_input(prm, PROBLEM, STEPS, system_prompt=system_prompt) == build_prm_input(prm, PROBLEM, STEPS)
+
+
+def test_render_chat_turns(chat_dir: Path, plain_dir: Path) -> None:
+    chat, plain = _load(chat_dir), _load(plain_dir)
+    # A system prompt opens the chat; the assistant turn is left open for the answer.
+    text = render_chat(chat, USER, system_prompt="Be brief.")
+    assert text == f"{IM_START}system\nBe brief.{IM_END}\n{IM_START}user\n{PROBLEM}{IM_END}\n{IM_START}assistant\n"
+    assert render_chat(plain, USER, system_prompt="Be brief.") == f"Be brief.\n\n{PROBLEM}\n\n"
+    # A last assistant message closes the chat: no second, empty assistant turn.
+    closed = [*USER, {"role": "assistant", "content": "12"}]
+    assert render_chat(chat, closed) == f"{IM_START}user\n{PROBLEM}{IM_END}\n{IM_START}assistant\n12{IM_END}\n"
+    assert render_chat(plain, closed) == f"{PROBLEM}\n\n12"
+    # The messages' own system turn is kept; a second one is refused, not silently dropped.
+    own = [{"role": "system", "content": "Be brief."}, *USER]
+    assert render_chat(chat, own) == text
+    with pytest.raises(ValueError, match="already open with a system turn"):
+        render_chat(chat, own, system_prompt=SYSTEM_PROMPT)
+    with pytest.raises(ValueError, match="at least one message"):
+        render_chat(chat, [])
 
 
 # --- build_prm_input -------------------------------------------------------------------------
@@ -189,9 +237,7 @@ def test_build_prm_input_matches_model_card_reference(tokenizer: str, request: p
         {"role": "user", "content": PROBLEM},
         {"role": "assistant", "content": "<extra_0>".join(STEPS) + "<extra_0>"},
     ]
-    conversation_str = tok.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=False
-    )
+    conversation_str = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
     assert isinstance(conversation_str, str)
     reference_ids = tok.encode(conversation_str)  # default add_special_tokens=True, as in the card
     step_sep_id = tok.encode("<extra_0>")[0]
@@ -216,9 +262,7 @@ def test_build_prm_input_does_not_add_special_tokens_again(chat_dir: Path) -> No
     assert tok.encode("hi")[0] == bos_id  # the tokenizer now adds a BOS by default
     prm = build_prm_input(tok, PROBLEM, STEPS)
     assert prm.input_ids[0] != bos_id
-    assert tok.decode(prm.input_ids) == _chat(
-        SYSTEM_PROMPT, PROBLEM, STEP_SEPARATOR.join(STEPS) + STEP_SEPARATOR
-    )
+    assert tok.decode(prm.input_ids) == _chat(SYSTEM_PROMPT, PROBLEM, STEP_SEPARATOR.join(STEPS) + STEP_SEPARATOR)
 
 
 def test_build_prm_input_custom_system_prompt_and_single_step(chat_dir: Path) -> None:

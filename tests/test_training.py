@@ -10,16 +10,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from flax.nnx.traversals import flatten_mapping
+from hf_models import random_causal_lm, save_hf
+from tiny_assets import TINY_VOCAB_SIZE
 from transformers import AutoTokenizer
 
 from data_pipeline.synthetic import prepare_synthetic_run
-from hf_models import random_causal_lm, save_hf
 from prm_jax.checkpoint import restore_params
 from prm_jax.conversion.hf_checkpoint import hf_to_orbax
 from prm_jax.data.pipeline import PipelineConfig, build_eval_batches, load_prm_examples
 from prm_jax.data.records import DataError
 from prm_jax.data.tokenize import TokenizeConfig
-from prm_jax.models.factory import abstract_model, create_model, params_tree, tree_to_params
+from prm_jax.models.factory import abstract_model, create_model, params_of
 from prm_jax.training.run import train_from_config
 from prm_jax.training.train_step import _loss_sums, make_train_step
 from prm_jax.training.trainer import Trainer, TrainingError, training_model_config
@@ -75,10 +77,10 @@ def _examples(config):
     return examples[:24]
 
 
-def _batch_loss(graphdef, abstract, params, batches) -> float:
+def _batch_loss(graphdef, params, batches) -> float:
     loss = weight = 0.0
     for batch in batches:
-        sums = _loss_sums(graphdef, abstract, "prm", params, {k: jnp.asarray(v) for k, v in batch.items()})[0]
+        sums = _loss_sums(graphdef, "prm", params, {k: jnp.asarray(v) for k, v in batch.items()})[0]
         loss += float(sums["loss_sum"])
         weight += float(sums["weight"])
     return loss / weight
@@ -88,23 +90,25 @@ def test_packed_loss_equals_unpacked(tiny_run) -> None:
     _, config, _ = tiny_run
     examples = _examples(config)
     model_config = training_model_config(config)
-    graphdef, abstract = nnx.split(abstract_model(model_config))
-    params = params_tree(create_model(model_config, seed=3))
+    graphdef = nnx.graphdef(abstract_model(model_config))
+    params = params_of(create_model(model_config, seed=3))
     packed = build_eval_batches(examples, PipelineConfig(seq_len=512, rows_per_batch=4, shuffle=False, num_epochs=1))
     unpacked = build_eval_batches(
         examples, PipelineConfig(seq_len=128, rows_per_batch=8, shuffle=False, num_epochs=1, packing=False)
     )
     assert sum(int(b["segment_ids"].max(axis=1).sum()) for b in packed) == len(examples)
     assert max(int(b["segment_ids"].max()) for b in packed) > 1  # really packed
-    a, b = _batch_loss(graphdef, abstract, params, packed), _batch_loss(graphdef, abstract, params, unpacked)
+    a, b = _batch_loss(graphdef, params, packed), _batch_loss(graphdef, params, unpacked)
     assert abs(a - b) <= 1e-5, (a, b)
 
 
 def test_gradient_accumulation_equals_full_batch(tiny_run) -> None:
     _, config, _ = tiny_run
     model_config = training_model_config(config)
-    graphdef, abstract = nnx.split(abstract_model(model_config))
-    batch = build_eval_batches(_examples(config), PipelineConfig(seq_len=256, rows_per_batch=4, shuffle=False, num_epochs=1))[0]
+    graphdef = nnx.graphdef(abstract_model(model_config))
+    batch = build_eval_batches(
+        _examples(config), PipelineConfig(seq_len=256, rows_per_batch=4, shuffle=False, num_epochs=1)
+    )[0]
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
     # SGD: the update is linear in the gradient, so this compares gradients. (Adam's first step is
     # ~lr * sign(g) and would amplify float summation-order noise in near-zero gradients.)
@@ -113,10 +117,10 @@ def test_gradient_accumulation_equals_full_batch(tiny_run) -> None:
     optimizer = optax.sgd(1.0)
     results = []
     for accum in (1, 2, 4):
-        params = params_tree(create_model(model_config, seed=4))
-        step = jax.jit(make_train_step(graphdef, abstract, optimizer, objective="prm", grad_accum_steps=accum))
+        params = params_of(create_model(model_config, seed=4))
+        step = jax.jit(make_train_step(graphdef, optimizer, objective="prm", grad_accum_steps=accum))
         new_params, _, metrics = step(params, optimizer.init(params), batch)
-        results.append((tree_to_params(new_params), float(metrics["loss"]), float(metrics["grad_norm"])))
+        results.append((flatten_mapping(new_params), float(metrics["loss"]), float(metrics["grad_norm"])))
     base_params, base_loss, base_norm = results[0]
     for params, loss, norm in results[1:]:
         assert loss == pytest.approx(base_loss, rel=1e-6) and norm == pytest.approx(base_norm, rel=1e-5)
@@ -127,19 +131,34 @@ def test_gradient_accumulation_equals_full_batch(tiny_run) -> None:
 def test_non_finite_update_stops_and_keeps_last_good_checkpoint(tiny_run, tmp_path) -> None:
     _, base, _ = tiny_run
     overrides = {
-        "train.num_steps": 2, "checkpoint.save_every": 2, "train.eval_every": 1000,
-        "data.train_file": base.data.train_file, "data.eval_file": "", "data.tokenizer_dir": base.data.tokenizer_dir,
-        "data.synthetic": "", "optimizer.warmup_steps": 0, "optimizer.schedule": "constant",
+        "train.num_steps": 2,
+        "checkpoint.save_every": 2,
+        "train.eval_every": 1000,
+        "data.train_file": base.data.train_file,
+        "data.eval_file": "",
+        "data.tokenizer_dir": base.data.tokenizer_dir,
+        "data.synthetic": "",
+        "optimizer.warmup_steps": 0,
+        "optimizer.schedule": "constant",
     }
     train_from_config(tiny_config(**overrides), tmp_path)
-    good = restore_params(tmp_path / "checkpoints" / "2", as_numpy=True)
+    good = flatten_mapping(restore_params(tmp_path / "checkpoints" / "2", as_numpy=True))
     # Same run, resumed with an absurd learning rate: the update overflows to inf at step 3.
     with pytest.raises(TrainingError, match=r"non-finite training state at step 3 .*last good checkpoint is step 2"):
-        train_from_config(tiny_config(**{**overrides, "train.num_steps": 4, "optimizer.learning_rate": 1e39,
-                                         "train.allow_config_change": True}), tmp_path)
+        train_from_config(
+            tiny_config(
+                **{
+                    **overrides,
+                    "train.num_steps": 4,
+                    "optimizer.learning_rate": 1e39,
+                    "train.allow_config_change": True,
+                }
+            ),
+            tmp_path,
+        )
     steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [2]
-    after = restore_params(tmp_path / "checkpoints" / "2", as_numpy=True)
+    after = flatten_mapping(restore_params(tmp_path / "checkpoints" / "2", as_numpy=True))
     for path, value in good.items():
         assert np.isfinite(after[path]).all()
         np.testing.assert_array_equal(after[path], value)
@@ -149,8 +168,12 @@ def test_malformed_training_file_names_file_and_line(tiny_run, tmp_path) -> None
     _, base, _ = tiny_run
     bad = tmp_path / "train.jsonl"
     good_line = Path(base.data.train_file).read_text().splitlines()[0]
-    bad.write_text(good_line + "\n" + json.dumps({"id": "b", "problem": "p", "steps": ["a", "b"], "labels": [1]}) + "\n")
-    config = tiny_config(**{"data.train_file": str(bad), "data.tokenizer_dir": base.data.tokenizer_dir, "data.synthetic": ""})
+    bad.write_text(
+        good_line + "\n" + json.dumps({"id": "b", "problem": "p", "steps": ["a", "b"], "labels": [1]}) + "\n"
+    )
+    config = tiny_config(
+        **{"data.train_file": str(bad), "data.tokenizer_dir": base.data.tokenizer_dir, "data.synthetic": ""}
+    )
     with pytest.raises(DataError, match=r"train.jsonl:2: field 'labels'"):
         train_from_config(config, tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists()
@@ -158,17 +181,17 @@ def test_malformed_training_file_names_file_and_line(tiny_run, tmp_path) -> None
 
 def test_init_from_converted_base_imports_backbone_and_fresh_head(tiny_run, tmp_path) -> None:
     _, base, _ = tiny_run
-    hf_dir = save_hf(random_causal_lm(vocab_size=404, seed=9), tmp_path / "hf")
+    hf_dir = save_hf(random_causal_lm(vocab_size=TINY_VOCAB_SIZE, seed=9), tmp_path / "hf")
     hf_to_orbax(hf_dir, tmp_path / "base", seed=0)
     config = tiny_config(**{"model.init_from": str(tmp_path / "base"), "seed": 123})
     model_config = training_model_config(config)
     assert model_config.hidden_size == 32 and not model_config.with_lm_head and model_config.with_prm_head
     trainer = Trainer(config, tmp_path / "run")
     try:
-        params = tree_to_params(trainer._fresh_params())
+        params = {tuple(map(str, k)): v for k, v in flatten_mapping(trainer._fresh_params()).items()}
     finally:
         trainer.close()
-    source = restore_params(tmp_path / "base", as_numpy=True)
+    source = flatten_mapping(restore_params(tmp_path / "base", as_numpy=True))
     source = {tuple(map(str, k)): v for k, v in source.items()}
     assert ("lm_head", "kernel") not in params  # the PRM objective does not carry the LM head
     for path, value in params.items():
@@ -182,18 +205,31 @@ def test_causal_lm_objective_trains_on_the_same_loop(tiny_run, tmp_path) -> None
     with sft.open("w") as f:
         for line in Path(base.data.train_file).read_text().splitlines()[:400]:
             record = json.loads(line)
-            f.write(json.dumps({"id": record["id"], "prompt": record["problem"], "completion": "\n\n".join(record["steps"])}) + "\n")
-    config = tiny_config(**{
-        "objective": "lm", "data.train_file": str(sft), "data.eval_file": str(sft), "data.synthetic": "",
-        "data.tokenizer_dir": base.data.tokenizer_dir, "train.num_steps": 40, "train.eval_every": 40,
-        "checkpoint.save_every": 40, "optimizer.learning_rate": 3e-3,
-    })
+            f.write(
+                json.dumps(
+                    {"id": record["id"], "prompt": record["problem"], "completion": "\n\n".join(record["steps"])}
+                )
+                + "\n"
+            )
+    config = tiny_config(
+        **{
+            "objective": "lm",
+            "data.train_file": str(sft),
+            "data.eval_file": str(sft),
+            "data.synthetic": "",
+            "data.tokenizer_dir": base.data.tokenizer_dir,
+            "train.num_steps": 40,
+            "train.eval_every": 40,
+            "checkpoint.save_every": 40,
+            "optimizer.learning_rate": 3e-3,
+        }
+    )
     result = train_from_config(config, tmp_path / "run")
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [line["loss"] for line in lines if "loss" in line]
     assert losses[-1] < 0.6 * losses[0], losses
     assert "eval_f1" not in result.last_eval and result.last_eval["eval_loss"] < losses[0]
-    params = restore_params(tmp_path / "run" / "checkpoints" / "40", as_numpy=True)
+    params = flatten_mapping(restore_params(tmp_path / "run" / "checkpoints" / "40", as_numpy=True))
     assert ("lm_head", "kernel") in params and not any(p[0] == "score" for p in params)
 
 
@@ -220,9 +256,10 @@ def test_train_step_uses_the_configured_prm_loss() -> None:
     assert default_config().train.loss == "cross_entropy"
     config = training_model_config(tiny_config())
     model = create_model(config, seed=0)
-    graphdef, state = nnx.split(model)
-    params = params_tree(model)
-    optimizer = build_optimizer(OptimizerConfig(learning_rate=0.0, warmup_steps=0, total_steps=1))
+    graphdef = nnx.graphdef(model)
+    params = params_of(model)
+    settings = {**default_config().optimizer.to_dict(), "learning_rate": 0.0, "warmup_steps": 0}
+    optimizer = build_optimizer(OptimizerConfig(**settings, total_steps=1))
     rows, length = 2, 16
     batch = {
         "input_ids": jnp.arange(rows * length, dtype=jnp.int32).reshape(rows, length) % 50,
@@ -233,16 +270,16 @@ def test_train_step_uses_the_configured_prm_loss() -> None:
     }
     losses = {}
     for loss in ("cross_entropy", "mse"):
-        step = make_train_step(graphdef, state, optimizer, objective="prm", loss=loss)
+        step = make_train_step(graphdef, optimizer, objective="prm", loss=loss)
         _, _, metrics = step(params, optimizer.init(params), batch)
         losses[loss] = float(metrics["loss"])
-    prm = _loss_sums(graphdef, state, "prm", params, batch)[2]
+    prm = _loss_sums(graphdef, "prm", params, batch)[2]
     p = jax.nn.softmax(prm.step_logits(prm(batch["input_ids"], batch["segment_ids"], batch["positions"])), -1)[..., 1]
     expected = float(jnp.sum(jnp.square(p - batch["labels"]) * batch["loss_mask"]) / jnp.sum(batch["loss_mask"]))
     assert losses["mse"] == pytest.approx(expected, rel=1e-4)
     assert losses["mse"] != pytest.approx(losses["cross_entropy"], rel=1e-2)
     with pytest.raises(ValueError, match="loss="):
-        make_train_step(graphdef, state, optimizer, objective="lm", loss="mse")
+        make_train_step(graphdef, optimizer, objective="lm", loss="mse")
 
 
 def test_trainer_trains_with_the_configured_prm_loss(tiny_run, tmp_path) -> None:
@@ -251,11 +288,19 @@ def test_trainer_trains_with_the_configured_prm_loss(tiny_run, tmp_path) -> None
     _, base, _ = tiny_run
     first = {}
     for loss in ("cross_entropy", "mse"):
-        config = tiny_config(**{
-            "data.train_file": base.data.train_file, "data.eval_file": "", "data.synthetic": "",
-            "data.tokenizer_dir": base.data.tokenizer_dir, "train.num_steps": 1, "train.log_every": 1,
-            "checkpoint.save_every": 1, "train.loss": loss, "train.progress": False,
-        })
+        config = tiny_config(
+            **{
+                "data.train_file": base.data.train_file,
+                "data.eval_file": "",
+                "data.synthetic": "",
+                "data.tokenizer_dir": base.data.tokenizer_dir,
+                "train.num_steps": 1,
+                "train.log_every": 1,
+                "checkpoint.save_every": 1,
+                "train.loss": loss,
+                "train.progress": False,
+            }
+        )
         train_from_config(config, tmp_path / loss)
         lines = [json.loads(line) for line in (tmp_path / loss / "metrics.jsonl").read_text().splitlines()]
         first[loss] = next(line["loss"] for line in lines if "loss" in line)
@@ -265,9 +310,15 @@ def test_trainer_trains_with_the_configured_prm_loss(tiny_run, tmp_path) -> None
 def test_seq_len_beyond_the_models_context_is_refused(tmp_path) -> None:
     from tiny_assets import build_tiny_tokenizer
 
-    config = tiny_config(**{"data.seq_len": 256, "model.arch.max_position_embeddings": 128, "data.synthetic": "",
-                            "data.train_file": str(tmp_path / "unused.jsonl"),
-                            "data.tokenizer_dir": str(build_tiny_tokenizer(tmp_path / "tok"))})
+    config = tiny_config(
+        **{
+            "data.seq_len": 256,
+            "model.arch.max_position_embeddings": 128,
+            "data.synthetic": "",
+            "data.train_file": str(tmp_path / "unused.jsonl"),
+            "data.tokenizer_dir": str(build_tiny_tokenizer(tmp_path / "tok")),
+        }
+    )
     with pytest.raises(ValueError, match="seq_len=256 exceeds the model's max_position_embeddings=128"):
         train_from_config(config, tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists()

@@ -105,8 +105,10 @@ def _compare_with_reference(workdir, reference, label: str, runs: int = 1) -> No
     for path, value in params.items():
         np.testing.assert_allclose(value, single_params[path], **PARAM_TOL, err_msg=str(path))
         worst = max(worst, float(np.max(np.abs(value - single_params[path]))))
-    print(f"\n{label}: relative loss differences vs 1x4 per step {[f'{r:.2g}' for r in rel]}; "
-          f"max |param difference| after {N} steps {worst:.2g}")
+    print(
+        f"\n{label}: relative loss differences vs 1x4 per step {[f'{r:.2g}' for r in rel]}; "
+        f"max |param difference| after {N} steps {worst:.2g}"
+    )
 
 
 def test_two_processes_match_one_process(tmp_path, reference) -> None:
@@ -121,7 +123,10 @@ def test_two_processes_match_one_process(tmp_path, reference) -> None:
     # Both processes wrote their shards and their (identical: one global stream) iterator state.
     assert committed_steps(workdir)[-1] == N
     step_dir = workdir / "checkpoints" / str(N)
-    assert sorted(p.name for p in (step_dir / "params").glob("ocdbt.process_*")) == ["ocdbt.process_0", "ocdbt.process_1"]
+    assert sorted(p.name for p in (step_dir / "params").glob("ocdbt.process_*")) == [
+        "ocdbt.process_0",
+        "ocdbt.process_1",
+    ]
     iter_states = sorted((step_dir / "data_iter").glob("process_*.json"))
     assert [p.name for p in iter_states] == ["process_0-of-2.json", "process_1-of-2.json"]
     assert json.loads(iter_states[0].read_text()) == json.loads(iter_states[1].read_text())

@@ -32,7 +32,11 @@ def _launch(*flags: str, timeout: float = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"}
     env.pop("XLA_FLAGS", None)
     return subprocess.run(
-        [sys.executable, "-m", "launch.train", *flags], cwd=REPO, env=env, capture_output=True, text=True,
+        [sys.executable, "-m", "launch.train", *flags],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=timeout,
     )
 
@@ -65,15 +69,23 @@ BAD_VALUES = [
     (["--config.model.dtype=float8"], "model.dtype"),
     (["--config.mesh.fsdp=3"], "mesh"),
     (["--config.optimizer.b2=1.5"], "optimizer.b2"),
-    (["--config.data.synthetic=", "--config.data.tokenizer_dir={tokenizer}", "--config.data.train_file=/nonexistent/train.jsonl"],
-     "data.train_file"),
+    (
+        [
+            "--config.data.synthetic=",
+            "--config.data.tokenizer_dir={tokenizer}",
+            "--config.data.train_file=/nonexistent/train.jsonl",
+        ],
+        "data.train_file",
+    ),
     (["--config.data.train_file={empty}"], "data.train_file"),
     (["--config.data.tokenizer_dir=/nonexistent/tok"], "data.tokenizer_dir"),
     (["--config.model.init_from=/nonexistent/base"], "model.init_from"),
 ]
 
 
-@pytest.mark.parametrize("overrides,field", BAD_VALUES, ids=[b[1] + ":" + b[0][-1].split("=", 1)[1] for b in BAD_VALUES])
+@pytest.mark.parametrize(
+    "overrides,field", BAD_VALUES, ids=[b[1] + ":" + b[0][-1].split("=", 1)[1] for b in BAD_VALUES]
+)
 def test_launch_train_refuses_bad_values_in_one_line(overrides, field, assets, tmp_path) -> None:
     workdir = tmp_path / "run"
     flags = [f.format(empty=assets["empty"], tokenizer=assets["tokenizer"]) for f in overrides]
@@ -88,8 +100,12 @@ def test_launch_train_refuses_bad_values_in_one_line(overrides, field, assets, t
 
 def test_every_problem_is_reported_at_once(tmp_path) -> None:
     result = _launch(
-        f"--config={CONFIG}", f"--workdir={tmp_path / 'run'}", "--config.train.num_steps=-5",
-        "--config.optimizer.learning_rate=-1", "--config.objective=foo", "--config.train.log_every=0",
+        f"--config={CONFIG}",
+        f"--workdir={tmp_path / 'run'}",
+        "--config.train.num_steps=-5",
+        "--config.optimizer.learning_rate=-1",
+        "--config.objective=foo",
+        "--config.train.log_every=0",
     )
     assert result.returncode == 2
     assert "(4 problems)" in result.stderr
@@ -102,8 +118,11 @@ def test_a_directory_without_a_tokenizer_is_one_line(assets, tmp_path) -> None:
     train = tmp_path / "train.jsonl"
     train.write_text(json.dumps({"id": "a", "problem": "1+1", "steps": ["2"], "labels": [1]}) + "\n")
     result = _launch(
-        f"--config={CONFIG}", f"--workdir={tmp_path / 'run'}", "--config.data.synthetic=",
-        f"--config.data.train_file={train}", f"--config.data.tokenizer_dir={assets['not_a_tokenizer']}",
+        f"--config={CONFIG}",
+        f"--workdir={tmp_path / 'run'}",
+        "--config.data.synthetic=",
+        f"--config.data.train_file={train}",
+        f"--config.data.tokenizer_dir={assets['not_a_tokenizer']}",
     )
     assert result.returncode == 2, result.stderr[-3000:]
     lines = result.stderr.strip().splitlines()
@@ -129,9 +148,15 @@ def test_validator_accepts_the_shipped_configs_and_checks_mesh_divisibility() ->
 
 def _fixed_data(tiny_run_config) -> dict:
     return {
-        "data.train_file": tiny_run_config.data.train_file, "data.eval_file": "", "data.synthetic": "",
-        "data.tokenizer_dir": tiny_run_config.data.tokenizer_dir, "train.eval_every": 1000, "train.progress": False,
-        "optimizer.warmup_steps": 0, "data.seq_len": 128, "train.global_batch_rows": 4,
+        "data.train_file": tiny_run_config.data.train_file,
+        "data.eval_file": "",
+        "data.synthetic": "",
+        "data.tokenizer_dir": tiny_run_config.data.tokenizer_dir,
+        "train.eval_every": 1000,
+        "train.progress": False,
+        "optimizer.warmup_steps": 0,
+        "data.seq_len": 128,
+        "train.global_batch_rows": 4,
     }
 
 
@@ -191,8 +216,9 @@ def test_a_resume_with_other_data_or_hyper_parameters_is_refused_unless_recorded
     assert train_from_config(tiny_config(**{**base, **runtime}), workdir).final_step == 2
     # The model itself can never change, even with the flag.
     with pytest.raises(ConfigChangeError, match="model.arch.intermediate_size"):
-        train_from_config(tiny_config(**{**base, "model.arch.intermediate_size": 256,
-                                         "train.allow_config_change": True}), workdir)
+        train_from_config(
+            tiny_config(**{**base, "model.arch.intermediate_size": 256, "train.allow_config_change": True}), workdir
+        )
     # With the flag, the change is accepted and recorded.
     extended = {**base, "train.num_steps": 3, "train.allow_config_change": True}
     assert train_from_config(tiny_config(**extended), workdir).final_step == 3
@@ -214,8 +240,12 @@ def test_a_resume_with_another_vocabulary_is_refused_before_the_run_tokenizer_is
     other = AutoTokenizer.from_pretrained(data["data.tokenizer_dir"])
     other.add_tokens(["<an_extra_token>"])
     other.save_pretrained(tmp_path / "other_tokenizer")
-    changed = {**base, "data.tokenizer_dir": str(tmp_path / "other_tokenizer"), "train.num_steps": 3,
-               "train.allow_config_change": True}
+    changed = {
+        **base,
+        "data.tokenizer_dir": str(tmp_path / "other_tokenizer"),
+        "train.num_steps": 3,
+        "train.allow_config_change": True,
+    }
     with pytest.raises(TrainingError, match="vocabulary"):
         train_from_config(tiny_config(**changed), workdir)
     # The checkpoints still have the tokenizer they were trained with, and the record is untouched.
@@ -295,7 +325,10 @@ def test_a_huge_sft_completion_is_cut_before_it_is_tokenized(assets, tmp_path) -
 
     tokenizer = AutoTokenizer.from_pretrained(assets["tokenizer"])
     path = tmp_path / "sft.jsonl"
-    lines = [{"id": "a", "prompt": "1+1?", "completion": "2 " * 2_000_000}, {"id": "b", "prompt": "x" * 3_000_000, "completion": "2"}]
+    lines = [
+        {"id": "a", "prompt": "1+1?", "completion": "2 " * 2_000_000},
+        {"id": "b", "prompt": "x" * 3_000_000, "completion": "2"},
+    ]
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
     examples, stats = load_sft_examples(path, tokenizer, TokenizeConfig(max_length=64))
     assert [e.record_id for e in examples] == ["a"] and len(examples[0]) == 64
@@ -316,10 +349,15 @@ def test_records_of_earlier_runs_and_equivalent_paths_are_not_changes(tmp_path, 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "train.jsonl").write_text("{}\n")
-    recorded = {"data": {"train_file": "data/train.jsonl", "negative_threshold": 0.5, "soft_labels": False},
-                "optimizer": {"learning_rate": 1e-5}}
-    current = {"data": {"train_file": str(tmp_path / "data" / "train.jsonl"), "negative_threshold": 0.0,
-                        "soft_labels": False}, "optimizer": {"learning_rate": 1e-5}, "train": {"loss": "mse"}}
+    recorded = {
+        "data": {"train_file": "data/train.jsonl", "negative_threshold": 0.5, "soft_labels": False},
+        "optimizer": {"learning_rate": 1e-5},
+    }
+    current = {
+        "data": {"train_file": str(tmp_path / "data" / "train.jsonl"), "negative_threshold": 0.0, "soft_labels": False},
+        "optimizer": {"learning_rate": 1e-5},
+        "train": {"loss": "mse"},
+    }
     # A relative and an absolute path to one file; the old default cut on hard labels; a new field.
     assert config_changes(recorded, current) == {}
     # With soft labels the cut selects other steps: a real change.

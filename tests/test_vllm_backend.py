@@ -1,4 +1,4 @@
-"""vLLM backends: mapping logic against a fake ``vllm`` module (everywhere), contract on a real GPU."""
+"""vLLM backends: mapping logic against a fake `vllm` module (everywhere), contract on a real GPU."""
 
 from __future__ import annotations
 
@@ -8,17 +8,12 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from tiny_assets import build_tiny_tokenizer
 
 from prm_jax.generation import vllm_backend
 from prm_jax.generation.types import Completion, RequestOutput, SamplingParams
-from prm_jax.generation.vllm_backend import (
-    VLLMBackend,
-    VLLMStepScorer,
-    to_request_output,
-    to_vllm_sampling_params,
-)
+from prm_jax.generation.vllm_backend import VLLMBackend, VLLMStepScorer, to_request_output, to_vllm_sampling_params
 from prm_jax.tokenization import PRMInput, build_prm_input, separator_token_id
-from tiny_assets import build_tiny_tokenizer
 
 # --------------------------------------------------------------------------------------------
 # A fake vllm module: records what the backends build and answers with scripted outputs.
@@ -97,12 +92,31 @@ def tokenizer_dir(tmp_path_factory):
 
 
 def test_sampling_params_mapping():
-    params = SamplingParams(n=8, temperature=0.7, top_p=0.9, top_k=0, max_tokens=64, stop=("\n\n", "END"),
-                            stop_token_ids=(5, 7), seed=123, ignore_eos=True)
+    params = SamplingParams(
+        n=8,
+        temperature=0.7,
+        top_p=0.9,
+        top_k=0,
+        max_tokens=64,
+        stop=("\n\n", "END"),
+        stop_token_ids=(5, 7),
+        seed=123,
+        ignore_eos=True,
+    )
     sp = to_vllm_sampling_params(params, make_fake_vllm())
-    assert sp.kwargs == dict(n=8, temperature=0.7, top_p=0.9, top_k=0, max_tokens=64, stop=["\n\n", "END"],
-                             stop_token_ids=[5, 7], seed=123, ignore_eos=True, skip_special_tokens=True,
-                             include_stop_str_in_output=False)
+    assert sp.kwargs == dict(
+        n=8,
+        temperature=0.7,
+        top_p=0.9,
+        top_k=0,
+        max_tokens=64,
+        stop=["\n\n", "END"],
+        stop_token_ids=[5, 7],
+        seed=123,
+        ignore_eos=True,
+        skip_special_tokens=True,
+        include_stop_str_in_output=False,
+    )
     assert to_vllm_sampling_params(SamplingParams(top_k=20, stop="x"), make_fake_vllm()).kwargs["top_k"] == 20
     assert to_vllm_sampling_params(SamplingParams(stop="x"), make_fake_vllm()).kwargs["stop"] == ["x"]
 
@@ -115,11 +129,14 @@ def test_greedy_asks_vllm_for_one_completion():
 
 def test_output_mapping_orders_children_and_maps_finish_reasons():
     params = SamplingParams(n=3, temperature=1.0)
-    raw = SimpleNamespace(request_id="0", outputs=[
-        fake_completion(2, [9], "length"),
-        fake_completion(0, [1, 2, 3], "stop", stop_reason=None),  # EOS
-        fake_completion(1, [4, 5], "stop", stop_reason="\n\n"),  # stop string
-    ])
+    raw = SimpleNamespace(
+        request_id="0",
+        outputs=[
+            fake_completion(2, [9], "length"),
+            fake_completion(0, [1, 2, 3], "stop", stop_reason=None),  # EOS
+            fake_completion(1, [4, 5], "stop", stop_reason="\n\n"),  # stop string
+        ],
+    )
     out = to_request_output(raw, params, [10, 11])
     assert isinstance(out, RequestOutput) and out.prompt_token_ids == (10, 11)
     assert [c.token_ids for c in out.completions] == [(1, 2, 3), (4, 5), (9,)]
@@ -159,7 +176,7 @@ def test_backend_sends_one_request_per_prompt_with_n(fake_vllm, tokenizer_dir):
     prompts = [[{"role": "user", "content": "What is 2 + 2?"}], "plain text prompt", [5, 6, 7]]
     outputs = backend.generate(prompts, SamplingParams(n=4, temperature=1.0, seed=11, max_tokens=32))
 
-    (sent_prompts, sent_params), = backend.llm.generate_calls
+    ((sent_prompts, sent_params),) = backend.llm.generate_calls
     assert len(sent_prompts) == 3 and [sp.n for sp in sent_params] == [4, 4, 4]
     assert all(sp.max_tokens == 32 and sp.seed == 11 for sp in sent_params)
     assert sent_prompts[2] == {"prompt_token_ids": [5, 6, 7]}
@@ -179,7 +196,7 @@ def test_backend_per_prompt_params_and_greedy(fake_vllm, tokenizer_dir):
     backend = VLLMBackend(str(tokenizer_dir))
     params = [SamplingParams(n=2, seed=1), SamplingParams(n=3, temperature=0.0)]
     outputs = backend.generate([[1, 2], [3]], params)
-    (_, sent_params), = backend.llm.generate_calls
+    ((_, sent_params),) = backend.llm.generate_calls
     assert [sp.n for sp in sent_params] == [2, 1]
     assert [len(o.completions) for o in outputs] == [2, 3]
     with pytest.raises(ValueError, match="2 SamplingParams for 3 prompts"):
@@ -226,7 +243,7 @@ def test_scorer_configures_step_pooling_and_reads_class_1(fake_vllm, tokenizer_d
     scores = scorer.score(inputs)
     np.testing.assert_allclose(scores[0], [0.1, 0.7], rtol=1e-6)
     np.testing.assert_allclose(scores[1], [0.8])
-    (prompts, task), = scorer.llm.encode_calls
+    ((prompts, task),) = scorer.llm.encode_calls
     assert task == "token_classify" and prompts[0] == {"prompt_token_ids": inputs[0].input_ids}
     assert scorer.score([]) == []
 
@@ -255,8 +272,9 @@ def test_scorer_rejects_wrong_step_count(fake_vllm, tokenizer_dir, tmp_path):
 # --------------------------------------------------------------------------------------------
 # Contract with the real vLLM (GPU only).
 
-_TINY_GPU_MODEL = dict(hidden_size=128, intermediate_size=256, num_attention_heads=2, num_key_value_heads=1,
-                       max_position_embeddings=512)  # head_dim 64: supported by vLLM's attention kernels
+_TINY_GPU_MODEL = dict(
+    hidden_size=128, intermediate_size=256, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512
+)  # head_dim 64: supported by vLLM's attention kernels
 
 
 def _require_vllm_gpu():
@@ -312,8 +330,10 @@ def test_vllm_step_scorer_matches_transformers(tmp_path):
     prm_dir = orbax_to_hf(tmp_path / "orbax", tmp_path / "hf_prm", dtype="bfloat16", tokenizer_dir=tok_dir)
 
     tok = AutoTokenizer.from_pretrained(prm_dir)
-    problems = [("Compute (12 + 30) * 2.", ["12 + 30 = 42", "42 * 2 = 84", "So the answer is \\boxed{84}."]),
-                ("What is 7 - 2?", ["7 - 2 = 5", "\\boxed{5}"])]
+    problems = [
+        ("Compute (12 + 30) * 2.", ["12 + 30 = 42", "42 * 2 = 84", "So the answer is \\boxed{84}."]),
+        ("What is 7 - 2?", ["7 - 2 = 5", "\\boxed{5}"]),
+    ]
     inputs = [build_prm_input(tok, p, s) for p, s in problems]
 
     scorer = VLLMStepScorer(str(prm_dir), dtype="bfloat16", gpu_memory_utilization=0.2, enforce_eager=True)

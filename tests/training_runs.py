@@ -15,9 +15,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -37,8 +37,12 @@ SMALL = (
 
 def train_flags(workdir: Path, num_steps: int, save_every: int, *extra: str) -> list[str]:
     return [
-        f"--config={CONFIG}", f"--workdir={workdir}", f"--config.train.num_steps={num_steps}",
-        f"--config.checkpoint.save_every={save_every}", *SMALL, *extra,
+        f"--config={CONFIG}",
+        f"--workdir={workdir}",
+        f"--config.train.num_steps={num_steps}",
+        f"--config.checkpoint.save_every={save_every}",
+        *SMALL,
+        *extra,
     ]
 
 
@@ -67,19 +71,20 @@ class Run:
 
 
 def start(
-    flags: list[str], log_path: Path, *, cpu_devices: int, step_delay_s: float = 0.0,
-    fail_save_step: int | None = None,
+    flags: list[str], log_path: Path, *, cpu_devices: int, step_delay_s: float = 0.0, fail_save_step: int | None = None
 ) -> Run:
     """`python -m launch.train FLAGS` (or tests/train_worker.py when a step delay or a failing
     checkpoint save is asked for)."""
     env = dict(os.environ)
-    env.update({
-        "JAX_PLATFORMS": "cpu",
-        "JAX_NUM_CPU_DEVICES": str(cpu_devices),
-        "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
-        "PYTHONUNBUFFERED": "1",
-        "TF_CPP_MIN_LOG_LEVEL": "2",
-    })
+    env.update(
+        {
+            "JAX_PLATFORMS": "cpu",
+            "JAX_NUM_CPU_DEVICES": str(cpu_devices),
+            "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
+            "PYTHONUNBUFFERED": "1",
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+        }
+    )
     env.pop("XLA_FLAGS", None)  # no stray --xla_force_host_platform_device_count
     if fail_save_step is not None:
         env["PRM_TEST_FAIL_SAVE_STEP"] = str(fail_save_step)
@@ -91,9 +96,7 @@ def start(
         cmd = [sys.executable, "-m", "launch.train", *flags]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("w") as log:
-        proc = subprocess.Popen(
-            cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     return Run(proc, log_path)
 
 
@@ -157,10 +160,12 @@ def resumed_at(log: str) -> int | None:
 
 def final_params(workdir: Path, step: int) -> dict[tuple, np.ndarray]:
     """The params of checkpoint `step`, restored in this process on one device (no mesh)."""
+    from flax.nnx.traversals import flatten_mapping
+
     from prm_jax.checkpoint import read_model_config, restore_params
 
     directory = Path(workdir) / "checkpoints" / str(step)
-    params = restore_params(directory, read_model_config(directory))
+    params = flatten_mapping(restore_params(directory, read_model_config(directory)))
     for path, value in params.items():
         assert len(value.sharding.device_set) == 1, (path, value.sharding)
     return {path: np.asarray(value) for path, value in params.items()}

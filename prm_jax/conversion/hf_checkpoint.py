@@ -24,16 +24,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from prm_jax.checkpoint import LazyTensor, read_checkpoint_metadata, restore_params, save_params
+from prm_jax.checkpoint import read_checkpoint_metadata, restore_params, save_params
 from prm_jax.conversion.hf_mapping import TensorMapping, tensor_mappings
 from prm_jax.conversion.remote_code import ARCHITECTURE, AUTO_MAP, write_remote_code
 from prm_jax.conversion.safetensors_io import SafetensorsCheckpoint, TensorSpec, write_safetensors
 from prm_jax.models.config import ModelConfig
-from prm_jax.models.transformer import StepHead
 from prm_jax.models.vocab import grow_vocab_axis, padded_vocab_size
 from prm_jax.output_paths import refuse_output_over_input
 from prm_jax.tokenization import (
@@ -43,100 +41,23 @@ from prm_jax.tokenization import (
     prepare_step_separator,
     vllm_pooler_setting,
 )
+from prm_jax.weights import DEFAULT_EXPORT_DTYPE, EXPORT_DTYPES, ConversionError, hf_tensors, source_dtype
 
 _log = logging.getLogger(__name__)
-
-EXPORT_DTYPES = {
-    "bfloat16": np.dtype(ml_dtypes.bfloat16),
-    "float32": np.dtype(np.float32),
-    "float16": np.dtype(np.float16),
-}
-#: Export dtype of checkpoints that do not record their source dtype (trained from scratch, or
-#: written before it was recorded).
-DEFAULT_EXPORT_DTYPE = "bfloat16"
-#: Source tensor dtypes that import as weights (anything else, e.g. int32 or fp8, is refused, not cast).
-_WEIGHT_DTYPES = frozenset({*EXPORT_DTYPES.values(), np.dtype(np.float64)})
-# Tensors some checkpoints carry that hold no parameters of ours.
-_IGNORABLE_SUFFIXES = (".rotary_emb.inv_freq",)
-
-
-class ConversionError(ValueError):
-    """The source checkpoint does not match what the conversion expects."""
 
 
 # ---------------------------------------------------------------------------- HF -> Orbax
 
 
-def _fresh_step_head(config: ModelConfig, seed: int) -> dict[tuple[str, ...], np.ndarray]:
-    """Initialises only the PRM head (h*h + 2h parameters), never the whole model."""
-    head = StepHead(config, nnx.Rngs(seed))
-    return {
-        ("score",) + tuple(path): np.asarray(var.get_value())
-        for path, var in nnx.to_flat_state(nnx.state(head, nnx.Param))
-    }
-
-
-def _check_source_tensors(
-    reader: SafetensorsCheckpoint, expected: list[TensorMapping], config: ModelConfig, source: Path
-) -> None:
-    available = set(reader.names())
-    wanted = {m.hf_name for m in expected}
-    missing = sorted(wanted - available)
-    extra = sorted(
-        n
-        for n in available - wanted
-        if not n.endswith(_IGNORABLE_SUFFIXES)
-        and not (n == "lm_head.weight" and config.tie_word_embeddings)
-    )
-    problems = []
-    if missing:
-        problems.append(f"missing tensor(s) {missing}")
-    if extra:
-        problems.append(f"unexpected tensor(s) {extra}")
-    for m in expected:
-        if m.hf_name not in available:
-            continue
-        spec = reader.spec(m.hf_name)
-        if tuple(spec.shape) != m.hf_shape:
-            problems.append(f"tensor {m.hf_name}: shape {tuple(spec.shape)} in checkpoint, expected {m.hf_shape}")
-        if spec.dtype not in _WEIGHT_DTYPES:
-            problems.append(
-                f"tensor {m.hf_name} ({reader.file_of(m.hf_name).name}): dtype {spec.dtype} is not a floating-point "
-                f"weight dtype ({', '.join(sorted(map(str, _WEIGHT_DTYPES)))}); integer or quantized weights are "
-                "not imported (they would be cast silently)"
-            )
-    if problems:
-        raise ConversionError(f"{source}: " + "; ".join(problems))
-
-
-def _source_dtype(reader: SafetensorsCheckpoint, imported: list[TensorMapping], source: Path) -> str | None:
-    """The one dtype all imported source tensors share (what an export writes back by default).
-
-    Read from the tensors, not from config.json's `torch_dtype`, which may disagree with them.
-    """
-    found = {reader.spec(m.hf_name).dtype for m in imported}
-    by_dtype = {dtype: name for name, dtype in EXPORT_DTYPES.items()}
-    if len(found) == 1 and next(iter(found)) in by_dtype:
-        return by_dtype[next(iter(found))]
-    _log.warning(
-        "%s: tensors in dtypes %s; exports will default to %s", source, sorted(map(str, found)), DEFAULT_EXPORT_DTYPE
-    )
-    return None
-
-
 def hf_to_orbax(
-    hf_dir: str | Path,
-    orbax_dir: str | Path,
-    *,
-    seed: int = 0,
-    param_dtype: str = "float32",
-    overwrite: bool = False,
+    hf_dir: str | Path, orbax_dir: str | Path, *, seed: int = 0, param_dtype: str = "float32", overwrite: bool = False
 ) -> ModelConfig:
     """Converts an HF causal-LM or PRM checkpoint into an Orbax model checkpoint.
 
     Returns the stored ModelConfig. Parameters are stored in `param_dtype` (fp32 master weights
     by default; a bf16 source converts exactly). The source tensors' dtype is recorded in the
-    checkpoint metadata as `source_dtype`, the default dtype of a later `orbax_to_hf`.
+    checkpoint metadata as `source_dtype`, the default dtype of a later `orbax_to_hf`. The source
+    is checked as `prm_jax.weights` checks every load.
     """
     hf_dir, orbax_dir = Path(hf_dir), Path(orbax_dir)
     refuse_output_over_input({"hf_dir": hf_dir}, orbax_dir, "orbax_dir")
@@ -144,28 +65,23 @@ def hf_to_orbax(
         raise FileNotFoundError(f"hf_dir {hf_dir} does not exist (or is not a directory)")
     config = ModelConfig.from_hf_file(hf_dir, param_dtype=param_dtype)
     is_prm = config.with_prm_head and not config.with_lm_head
-    mappings = tensor_mappings(config)
-    imported = [m for m in mappings if is_prm or not m.is_head]
-    dtype = np.dtype(config.parameter_dtype)
     with SafetensorsCheckpoint(hf_dir) as reader:
-        _check_source_tensors(reader, imported, config, hf_dir)
-        source_dtype = _source_dtype(reader, imported, hf_dir)
-        params: dict[tuple, Any] = {}
-        for m in imported:
-            params[m.path] = LazyTensor(
-                m.jax_shape, dtype, lambda m=m: m.to_jax(reader.get(m.hf_name)).astype(dtype, copy=False)
-            )
-        if not is_prm:
-            params.update({p: v.astype(dtype) for p, v in _fresh_step_head(config, seed).items()})
+        params = hf_tensors(reader, config, fresh_heads_seed=None if is_prm else seed)
+        source = source_dtype(hf_dir)
         provenance = {
             "source": str(hf_dir.absolute()),
             "source_format": "huggingface",
             "prm_head": "imported" if is_prm else f"fresh (seed {seed})",
         }
         save_params(
-            orbax_dir, params, config, provenance=provenance, source_dtype=source_dtype, overwrite=overwrite
+            orbax_dir,
+            nnx.traversals.unflatten_mapping(params),
+            config,
+            provenance=provenance,
+            source_dtype=source,
+            overwrite=overwrite,
         )
-    _log.info("wrote %s (%d tensors, %s, source %s)", orbax_dir, len(params), provenance["prm_head"], source_dtype)
+    _log.info("wrote %s (%d tensors, %s, source %s)", orbax_dir, len(params), provenance["prm_head"], source)
     return config
 
 
@@ -173,7 +89,7 @@ def hf_to_orbax(
 
 
 def parse_size(size: int | str) -> int:
-    """``"5GB"``, ``"500MiB"``, ``1000`` -> bytes (> 0); ValueError naming the value otherwise."""
+    """`"5GB"`, `"500MiB"`, `1000` -> bytes (> 0); ValueError naming the value otherwise."""
     if isinstance(size, int) and not isinstance(size, bool):
         value = size
     else:
@@ -246,7 +162,8 @@ def checkpoint_tokenizer(
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     tokenizer, step_separator = prepare_step_separator(tokenizer, separator, add_if_missing=add_separator)
     if recorded is not None and (step_separator.token_id, step_separator.vocabulary) != (
-        recorded["separator_id"], recorded["vocabulary"]
+        recorded["separator_id"],
+        recorded["vocabulary"],
     ):
         raise ConversionError(
             f"tokenizer {tokenizer_dir} disagrees with {orbax_dir}: it gives {separator!r} id "
@@ -267,7 +184,7 @@ def vllm_separator_note(separator: str, separator_id: int) -> str:
         f"The step separator {separator!r} is token id {separator_id}, not {VLLM_DEFAULT_STEP_TAG_ID} "
         f"(the released Qwen2.5-Math-PRM's id and vLLM's default step_tag_id). vLLM's native PRM must be "
         f"told: `vllm serve MODEL --runner pooling --pooler-config '{setting}'`, or in Python "
-        f"`LLM(MODEL, runner=\"pooling\", pooler_config=PoolerConfig(**{setting}))`."
+        f'`LLM(MODEL, runner="pooling", pooler_config=PoolerConfig(**{setting}))`.'
     )
 
 
@@ -320,7 +237,7 @@ def orbax_to_hf(
     if tokenizer is not None:
         vocab_size = padded_vocab_size(config.vocab_size, max(len(tokenizer), step_separator.token_id + 1))
 
-    mappings = [m for m in tensor_mappings(config) if not m.is_lm_head]
+    mappings = [m for m in tensor_mappings(config) if m.head != "lm_head"]
     embed_name = "model.embed_tokens.weight"
 
     def hf_shape(m: TensorMapping) -> tuple[int, ...]:
@@ -331,7 +248,7 @@ def orbax_to_hf(
 
     def get_tensor(name: str) -> np.ndarray:
         m = by_name[name]
-        value = restore_params(orbax_dir, config, paths=[m.path], as_numpy=True)[m.path]
+        value = nnx.traversals.flatten_mapping(restore_params(orbax_dir, config, paths=[m.path], as_numpy=True))[m.path]
         value = m.to_hf(np.asarray(value))
         if name == embed_name and vocab_size > config.vocab_size:
             value = grow_vocab_axis(value, vocab_size, axis=0)
@@ -381,7 +298,7 @@ def _transformers_version() -> str:
 
 def hf_tensor_names(config: ModelConfig) -> list[str]:
     """Names `orbax_to_hf` writes for this config (tests and docs)."""
-    return [m.hf_name for m in tensor_mappings(config) if not m.is_lm_head]
+    return [m.hf_name for m in tensor_mappings(config) if m.head != "lm_head"]
 
 
 __all__ = [

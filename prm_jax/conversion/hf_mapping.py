@@ -1,133 +1,88 @@
-"""The table between Hugging Face tensor names and our NNX parameter paths.
+"""Hugging Face tensor names and layouts of our parameters.
 
-One `TensorMapping` per tensor says where it lives on both sides and how its layout changes
-(torch `Linear` stores `[out, in]`; our kernels are `[in, out]`, attention kernels head-major).
-Both conversion directions and the parity tests read this one table.
+Names are derived from parameter paths, which read like HF names: `model.layers.0.mlp.up_proj.kernel`
+is `model.layers.0.mlp.up_proj.weight` (a `kernel` or `embedding` leaf is HF's `weight`). The PRM
+head is the one exception (HF's `score` is a `Sequential`, so its layers are `score.0`, `score.2`).
+
+Layouts follow from the leaf: torch `Linear` stores `[out, in]` where our kernels are `[in, out]`,
+attention kernels are head-major (`[embed, heads, head_dim]`; `o_proj` reads `[heads, head_dim]`),
+and q/k/v biases are `[heads, head_dim]`. Both conversion directions, the loader and the parity
+tests read this module.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+import math
 
 import numpy as np
+from flax import nnx
 
 from prm_jax.models.config import ModelConfig
+from prm_jax.models.factory import ParamPath, abstract_params
 
-ParamPath = tuple[str | int, ...]
+_HEAD_NAMES = {
+    ("score", "hidden_kernel"): "score.0.weight",
+    ("score", "hidden_bias"): "score.0.bias",
+    ("score", "out_kernel"): "score.2.weight",
+    ("score", "out_bias"): "score.2.bias",
+}
+# Kernels whose input side spans several axes; every other kernel has one input axis.
+_INPUT_AXES = {"o_proj": 2}
+# Top-level modules that are heads: absent from a backbone, or from the other kind of checkpoint.
+HEADS = ("score", "lm_head")
+
+
+def hf_name(path: ParamPath) -> str:
+    """The HF tensor name of a parameter path."""
+    if path in _HEAD_NAMES:
+        return _HEAD_NAMES[path]
+    *modules, leaf = map(str, path)
+    return ".".join([*modules, "weight" if leaf in ("kernel", "embedding") else leaf])
 
 
 @dataclasses.dataclass(frozen=True)
 class TensorMapping:
-    hf_name: str
+    """One parameter: its path and shape, its HF name and shape, and the layout change between them."""
+
     path: ParamPath
-    hf_shape: tuple[int, ...]
     jax_shape: tuple[int, ...]
-    to_jax: Callable[[np.ndarray], np.ndarray]
-    to_hf: Callable[[np.ndarray], np.ndarray]
-    is_head: bool = False  # part of the PRM step head (absent from causal-LM checkpoints)
-    is_lm_head: bool = False
 
+    @property
+    def hf_name(self) -> str:
+        return hf_name(self.path)
 
-def _identity(x: np.ndarray) -> np.ndarray:
-    return x
+    @property
+    def _inputs(self) -> int:
+        """Leading axes that are a kernel's input side (0: not a kernel)."""
+        return _INPUT_AXES.get(str(self.path[-2]), 1) if str(self.path[-1]).endswith("kernel") else 0
 
+    @property
+    def hf_shape(self) -> tuple[int, ...]:
+        if self._inputs:
+            n = self._inputs
+            return (math.prod(self.jax_shape[n:]), math.prod(self.jax_shape[:n]))
+        if str(self.path[-1]).endswith("bias"):
+            return (math.prod(self.jax_shape),)
+        return self.jax_shape
 
-def _transpose(x: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(x.T)
+    @property
+    def head(self) -> str | None:
+        """`score` or `lm_head` for a head's parameter, else None."""
+        return self.path[0] if self.path[0] in HEADS else None
 
+    def to_jax(self, x: np.ndarray) -> np.ndarray:
+        if self._inputs:
+            return np.ascontiguousarray(x.T.reshape(self.jax_shape))
+        return x.reshape(self.jax_shape)
 
-def _linear(hf_name: str, path: ParamPath, n_in: int, n_out: int, **kw) -> TensorMapping:
-    return TensorMapping(hf_name, path, (n_out, n_in), (n_in, n_out), _transpose, _transpose, **kw)
-
-
-def _in_proj(hf_name: str, path: ParamPath, embed: int, heads: int, head_dim: int) -> TensorMapping:
-    """q/k/v: HF [heads*head_dim, embed] <-> ours [embed, heads, head_dim]."""
-    return TensorMapping(
-        hf_name,
-        path,
-        (heads * head_dim, embed),
-        (embed, heads, head_dim),
-        lambda w: np.ascontiguousarray(w.T.reshape(embed, heads, head_dim)),
-        lambda k: np.ascontiguousarray(k.reshape(embed, heads * head_dim).T),
-    )
-
-
-def _in_bias(hf_name: str, path: ParamPath, heads: int, head_dim: int) -> TensorMapping:
-    return TensorMapping(
-        hf_name,
-        path,
-        (heads * head_dim,),
-        (heads, head_dim),
-        lambda b: b.reshape(heads, head_dim),
-        lambda b: b.reshape(heads * head_dim),
-    )
-
-
-def _out_proj(hf_name: str, path: ParamPath, embed: int, heads: int, head_dim: int) -> TensorMapping:
-    """o: HF [embed, heads*head_dim] <-> ours [heads, head_dim, embed]."""
-    return TensorMapping(
-        hf_name,
-        path,
-        (embed, heads * head_dim),
-        (heads, head_dim, embed),
-        lambda w: np.ascontiguousarray(w.T.reshape(heads, head_dim, embed)),
-        lambda k: np.ascontiguousarray(k.reshape(heads * head_dim, embed).T),
-    )
-
-
-def _vector(hf_name: str, path: ParamPath, size: int, **kw) -> TensorMapping:
-    return TensorMapping(hf_name, path, (size,), (size,), _identity, _identity, **kw)
+    def to_hf(self, x: np.ndarray) -> np.ndarray:
+        if self._inputs:
+            return np.ascontiguousarray(x.reshape(math.prod(self.jax_shape[: self._inputs]), -1).T)
+        return x.reshape(self.hf_shape)
 
 
 def tensor_mappings(config: ModelConfig) -> list[TensorMapping]:
-    """Every tensor of a model with this config, in HF checkpoint order."""
-    e, i, n, k, d, v = (
-        config.hidden_size,
-        config.intermediate_size,
-        config.num_attention_heads,
-        config.num_key_value_heads,
-        config.head_dim,
-        config.vocab_size,
-    )
-    table = [
-        TensorMapping(
-            "model.embed_tokens.weight", ("model", "embed_tokens", "embedding"), (v, e), (v, e),
-            _identity, _identity,
-        )
-    ]
-    for layer in range(config.num_hidden_layers):
-        hf = f"model.layers.{layer}."
-        ours: ParamPath = ("model", "layers", layer)
-        attn = ours + ("self_attn",)
-        table += [
-            _in_proj(hf + "self_attn.q_proj.weight", attn + ("q_kernel",), e, n, d),
-            _in_proj(hf + "self_attn.k_proj.weight", attn + ("k_kernel",), e, k, d),
-            _in_proj(hf + "self_attn.v_proj.weight", attn + ("v_kernel",), e, k, d),
-        ]
-        if config.attention_bias:
-            table += [
-                _in_bias(hf + "self_attn.q_proj.bias", attn + ("q_bias",), n, d),
-                _in_bias(hf + "self_attn.k_proj.bias", attn + ("k_bias",), k, d),
-                _in_bias(hf + "self_attn.v_proj.bias", attn + ("v_bias",), k, d),
-            ]
-        table += [
-            _out_proj(hf + "self_attn.o_proj.weight", attn + ("o_kernel",), e, n, d),
-            _linear(hf + "mlp.gate_proj.weight", ours + ("mlp", "gate_kernel"), e, i),
-            _linear(hf + "mlp.up_proj.weight", ours + ("mlp", "up_kernel"), e, i),
-            _linear(hf + "mlp.down_proj.weight", ours + ("mlp", "down_kernel"), i, e),
-            _vector(hf + "input_layernorm.weight", ours + ("input_layernorm", "weight"), e),
-            _vector(hf + "post_attention_layernorm.weight", ours + ("post_attention_layernorm", "weight"), e),
-        ]
-    table.append(_vector("model.norm.weight", ("model", "norm", "weight"), e))
-    if config.with_lm_head and not config.tie_word_embeddings:
-        table.append(_linear("lm_head.weight", ("lm_head", "kernel"), e, v, is_lm_head=True))
-    if config.with_prm_head:
-        c = config.num_labels
-        table += [
-            _linear("score.0.weight", ("score", "hidden_kernel"), e, e, is_head=True),
-            _vector("score.0.bias", ("score", "hidden_bias"), e, is_head=True),
-            _linear("score.2.weight", ("score", "out_kernel"), e, c, is_head=True),
-            _vector("score.2.bias", ("score", "out_bias"), c, is_head=True),
-        ]
-    return table
+    """Every parameter of a model with this config, in parameter order."""
+    flat = nnx.traversals.flatten_mapping(abstract_params(config))
+    return [TensorMapping(path, tuple(spec.shape)) for path, spec in flat.items()]

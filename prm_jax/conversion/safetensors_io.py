@@ -2,23 +2,23 @@
 
 Converting a 7B/72B model between Hugging Face and Orbax must never hold the whole model in host
 memory. Reading is easy: a file's header gives every tensor's shape, dtype and byte range, so
-:class:`SafetensorsCheckpoint` parses (and validates against the file size) only the headers on open,
-returns shapes/dtypes for free and reads exactly one tensor per :meth:`SafetensorsCheckpoint.get`.
+`SafetensorsCheckpoint` parses (and validates against the file size) only the headers on open,
+returns shapes/dtypes for free and reads exactly one tensor per `SafetensorsCheckpoint.get`.
 
-Writing is where the ``safetensors`` library does not help: its ``save_file``/``save`` take a whole
-``{name: array}`` dict, which would hold an entire shard (5 GiB by default, or a whole model when
-unsharded) in memory at once. :func:`write_safetensors` therefore writes the file format itself.
+Writing is where the `safetensors` library does not help: its `save_file`/`save` take a whole
+`{name: array}` dict, which would hold an entire shard (5 GiB by default, or a whole model when
+unsharded) in memory at once. `write_safetensors` therefore writes the file format itself.
 The format is simple and stable:
 
-* 8 bytes: little-endian u64 ``N``, the size of the JSON header;
-* ``N`` bytes: a JSON object mapping each tensor name to ``{"dtype", "shape", "data_offsets"}``
-  (offsets relative to the start of the data section) plus an optional ``"__metadata__"``
-  ``{str: str}``; padded with spaces so the data section starts 8-byte aligned;
+* 8 bytes: little-endian u64 `N`, the size of the JSON header;
+* `N` bytes: a JSON object mapping each tensor name to `{"dtype", "shape", "data_offsets"}`
+  (offsets relative to the start of the data section) plus an optional `"__metadata__"`
+  `{str: str}`; padded with spaces so the data section starts 8-byte aligned;
 * the data section: the tensors' raw little-endian C-order bytes, back to back with no gaps.
 
 Because every tensor's offset is known from its shape and dtype alone, the header is written first
 and each tensor is then requested from a callback, written at its offset, and dropped. Shards and
-the ``model.safetensors.index.json`` follow the transformers naming, so ``from_pretrained`` (and
+the `model.safetensors.index.json` follow the transformers naming, so `from_pretrained` (and
 vLLM) load the output directly.
 """
 
@@ -38,6 +38,8 @@ from typing import Any, Final
 import ml_dtypes
 import numpy as np
 
+from prm_jax.files import atomic_file, atomic_write
+
 __all__ = [
     "INDEX_NAME",
     "SINGLE_FILE_NAME",
@@ -50,9 +52,9 @@ __all__ = [
     "write_safetensors",
 ]
 
-#: Weight file of an unsharded checkpoint (transformers' ``SAFE_WEIGHTS_NAME``).
+#: Weight file of an unsharded checkpoint (transformers' `SAFE_WEIGHTS_NAME`).
 SINGLE_FILE_NAME: Final[str] = "model.safetensors"
-#: Index of a sharded checkpoint (transformers' ``SAFE_WEIGHTS_INDEX_NAME``).
+#: Index of a sharded checkpoint (transformers' `SAFE_WEIGHTS_INDEX_NAME`).
 INDEX_NAME: Final[str] = "model.safetensors.index.json"
 
 # safetensors dtype tag -> numpy dtype. Sub-byte and exotic float formats that numpy/ml_dtypes
@@ -84,29 +86,26 @@ _DEFAULT_MAX_SHARD_BYTES: Final[int] = 5 * 2**30
 
 
 def numpy_dtype(st_dtype: str) -> np.dtype:
-    """numpy dtype (ml_dtypes for bf16/fp8) of a safetensors dtype tag such as ``"BF16"``."""
+    """numpy dtype (ml_dtypes for bf16/fp8) of a safetensors dtype tag such as `"BF16"`."""
     try:
         return _ST_TO_NP[st_dtype]
     except KeyError:
-        raise ValueError(
-            f"unsupported safetensors dtype {st_dtype!r}; supported: {sorted(_ST_TO_NP)}"
-        ) from None
+        raise ValueError(f"unsupported safetensors dtype {st_dtype!r}; supported: {sorted(_ST_TO_NP)}") from None
 
 
 def safetensors_dtype(dtype: Any) -> str:
-    """safetensors dtype tag of a numpy dtype (accepts anything ``np.dtype`` accepts)."""
+    """safetensors dtype tag of a numpy dtype (accepts anything `np.dtype` accepts)."""
     np_dtype = np.dtype(dtype)
     try:
         return _NP_TO_ST[np_dtype]
     except KeyError:
         raise ValueError(
-            f"dtype {np_dtype} cannot be stored in safetensors; supported: "
-            f"{sorted(str(d) for d in _NP_TO_ST)}"
+            f"dtype {np_dtype} cannot be stored in safetensors; supported: {sorted(str(d) for d in _NP_TO_ST)}"
         ) from None
 
 
 def shard_file_name(index: int, count: int) -> str:
-    """transformers' shard name, e.g. ``model-00001-of-00003.safetensors`` (``index`` is 0-based)."""
+    """transformers' shard name, e.g. `model-00001-of-00003.safetensors` (`index` is 0-based)."""
     return f"model-{index + 1:05d}-of-{count:05d}.safetensors"
 
 
@@ -114,7 +113,7 @@ def shard_file_name(index: int, count: int) -> str:
 class TensorSpec:
     """Name, shape and dtype of one tensor: everything needed to lay it out before its data exists.
 
-    ``dtype`` is a numpy dtype (``ml_dtypes.bfloat16`` for bf16); shapes and dtypes are normalised
+    `dtype` is a numpy dtype (`ml_dtypes.bfloat16` for bf16); shapes and dtypes are normalised
     on construction so specs built from lists, jax dtypes or type objects compare equal.
     """
 
@@ -141,7 +140,7 @@ class TensorSpec:
 
 
 def _c_contiguous(array: np.ndarray) -> np.ndarray:
-    """C-contiguous ``array``, copied only if needed (np.ascontiguousarray would turn 0-d into 1-d)."""
+    """C-contiguous `array`, copied only if needed (np.ascontiguousarray would turn 0-d into 1-d)."""
     return array if array.flags.c_contiguous else np.array(array, order="C")
 
 
@@ -164,18 +163,23 @@ def _check_entry(path: Path, name: str, entry: Any, data_size: int) -> None:
         raise SafetensorsFormatError(f"{where}: unsupported or missing dtype {dtype!r}")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise SafetensorsFormatError(f"{where}: shape {shape!r} is not a list of non-negative integers")
-    if (not isinstance(offsets, list) or len(offsets) != 2
-            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+    ):
         raise SafetensorsFormatError(f"{where}: data_offsets {offsets!r} is not a [begin, end] pair of integers")
     begin, end = offsets
     expected = math.prod(shape) * _ST_TO_NP[dtype].itemsize
     if not 0 <= begin <= end or end - begin != expected:
         raise SafetensorsFormatError(
-            f"{where}: data_offsets {offsets} span {end - begin} bytes, but {dtype} {shape} needs {expected}")
+            f"{where}: data_offsets {offsets} span {end - begin} bytes, but {dtype} {shape} needs {expected}"
+        )
     if end > data_size:
         raise SafetensorsFormatError(
             f"{where}: data ends at byte {end} of the data section, which holds only {data_size} bytes "
-            "(truncated or corrupt file: download it again)")
+            "(truncated or corrupt file: download it again)"
+        )
 
 
 def _read_header(path: Path) -> tuple[dict[str, Any], int]:
@@ -194,7 +198,8 @@ def _read_header(path: Path) -> tuple[dict[str, Any], int]:
         if header_size > min(_MAX_HEADER_BYTES, file_size - 8):
             raise SafetensorsFormatError(
                 f"{path}: header size field says {header_size} bytes, but the file has {file_size} bytes "
-                "(truncated, or not a safetensors file)")
+                "(truncated, or not a safetensors file)"
+            )
         raw = f.read(header_size)
     try:
         header = json.loads(raw.decode("utf-8"))
@@ -215,9 +220,9 @@ def _read_header(path: Path) -> tuple[dict[str, Any], int]:
 class SafetensorsCheckpoint:
     """Lazy, read-only view of the safetensors weights in a Hugging Face model directory.
 
-    Accepts an unsharded ``model.safetensors`` or a sharded ``model.safetensors.index.json`` plus
+    Accepts an unsharded `model.safetensors` or a sharded `model.safetensors.index.json` plus
     its shards (the single file wins when both exist, as in transformers, so we read what
-    ``from_pretrained`` would). Opening only reads headers; it validates that every shard the index
+    `from_pretrained` would). Opening only reads headers; it validates that every shard the index
     names exists and holds the tensors the index assigns to it, so a broken download fails here with
     a precise message rather than midway through a long conversion.
     """
@@ -259,24 +264,18 @@ class SafetensorsCheckpoint:
         for shard, names in by_shard.items():
             path = self.directory / shard
             if not path.is_file():
-                raise FileNotFoundError(
-                    f"{index} references shard {shard!r}, which is missing from {self.directory}"
-                )
+                raise FileNotFoundError(f"{index} references shard {shard!r}, which is missing from {self.directory}")
             present = set(self._tensor_names(path))
             for name in names:
                 if name not in present:
                     raise ValueError(
-                        f"{index} maps tensor {name!r} to shard {shard!r}, but that shard does "
-                        "not contain it"
+                        f"{index} maps tensor {name!r} to shard {shard!r}, but that shard does not contain it"
                     )
                 self._weight_map[name] = path
 
     def _missing_weights_message(self) -> str:
         files = sorted(p.name for p in self.directory.iterdir())
-        message = (
-            f"no {SINGLE_FILE_NAME} or {INDEX_NAME} in {self.directory}; "
-            f"files present: {files}."
-        )
+        message = f"no {SINGLE_FILE_NAME} or {INDEX_NAME} in {self.directory}; files present: {files}."
         if any(name.endswith((".bin", ".pt", ".pth")) for name in files):
             message += (
                 " PyTorch .bin checkpoints are not supported (loading them means unpickling); "
@@ -304,14 +303,14 @@ class SafetensorsCheckpoint:
         return iter(self.names())
 
     def file_of(self, name: str) -> Path:
-        """Path of the file holding ``name`` (useful in error messages and for grouping reads)."""
+        """Path of the file holding `name` (useful in error messages and for grouping reads)."""
         try:
             return self._weight_map[name]
         except KeyError:
             raise KeyError(f"tensor {name!r} is not in the checkpoint at {self.directory}") from None
 
     def spec(self, name: str) -> TensorSpec:
-        """Shape and dtype of ``name`` from the file header; no tensor data is read."""
+        """Shape and dtype of `name` from the file header; no tensor data is read."""
         entry = self._header(self.file_of(name))[0][name]
         return TensorSpec(name, tuple(entry["shape"]), numpy_dtype(entry["dtype"]))
 
@@ -347,7 +346,7 @@ class SafetensorsCheckpoint:
         return cached
 
     def metadata(self) -> dict[str, str]:
-        """``__metadata__`` of the first weight file (shards of one checkpoint share it)."""
+        """`__metadata__` of the first weight file (shards of one checkpoint share it)."""
         if not self._weight_map:
             return {}
         first = self._weight_map[self.names()[0]]
@@ -363,10 +362,7 @@ class SafetensorsCheckpoint:
         return self
 
     def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
 
@@ -413,9 +409,7 @@ def _layout(shard: Sequence[TensorSpec]) -> list[tuple[TensorSpec, int, int]]:
     return layout
 
 
-def _encode_header(
-    layout: Sequence[tuple[TensorSpec, int, int]], metadata: Mapping[str, str]
-) -> bytes:
+def _encode_header(layout: Sequence[tuple[TensorSpec, int, int]], metadata: Mapping[str, str]) -> bytes:
     header: dict[str, Any] = {_METADATA_KEY: dict(metadata)} if metadata else {}
     for spec, begin, end in layout:
         header[spec.name] = {
@@ -429,7 +423,7 @@ def _encode_header(
 
 
 def _checked_array(spec: TensorSpec, value: Any) -> np.ndarray:
-    """Host array for ``spec`` from the callback, refusing anything that would corrupt the layout."""
+    """Host array for `spec` from the callback, refusing anything that would corrupt the layout."""
     array = np.asarray(value)
     if array.shape != spec.shape or array.dtype != spec.dtype:
         raise ValueError(
@@ -447,7 +441,7 @@ def _write_bytes(f: Any, array: np.ndarray) -> None:
     f.write(memoryview(array.reshape(-1).view(np.uint8)))
 
 
-def _write_atomic_shard(
+def _write_shard(
     path: Path,
     layout: Sequence[tuple[TensorSpec, int, int]],
     metadata: Mapping[str, str],
@@ -457,34 +451,16 @@ def _write_atomic_shard(
     header = _encode_header(layout, metadata)
     offsets = {spec.name: begin for spec, begin, _ in layout}
     data_size = layout[-1][2] if layout else 0
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(header)
-            # Request tensors in the caller's order (it may be streaming them from a source in
-            # that order), writing each at its place in the data section.
-            for spec in order:
-                array = _checked_array(spec, get_tensor(spec.name))
-                f.seek(len(header) + offsets[spec.name])
-                _write_bytes(f, array)
-                del array
-            f.truncate(len(header) + data_size)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _write_atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(path, "wb") as f:
+        f.write(header)
+        # Request tensors in the caller's order (it may be streaming them from a source in
+        # that order), writing each at its place in the data section.
+        for spec in order:
+            array = _checked_array(spec, get_tensor(spec.name))
+            f.seek(len(header) + offsets[spec.name])
+            _write_bytes(f, array)
+            del array
+        f.truncate(len(header) + data_size)
 
 
 def write_safetensors(
@@ -500,19 +476,19 @@ def write_safetensors(
     Args:
       out_dir: destination directory (created if missing).
       specs: the tensors to write, in order; shards are filled greedily in this order and
-        ``get_tensor`` is called in this order, each name exactly once.
+        `get_tensor` is called in this order, each name exactly once.
       get_tensor: returns the array for a name; its shape and dtype must equal the spec's
         (jax arrays are accepted and copied to host). Only one returned array is alive at a time.
       max_shard_bytes: a new shard starts when the next tensor would push the current one past
         this; a tensor bigger than the limit gets a shard of its own.
-      metadata: the header's ``__metadata__``; defaults to ``{"format": "pt"}``. ``"format"`` is
+      metadata: the header's `__metadata__`; defaults to `{"format": "pt"}`. `"format"` is
         added when missing because transformers refuses safetensors files without it.
 
     Returns:
-      The written weight files in shard order. One shard is written as ``model.safetensors``;
-      several as ``model-0000i-of-0000N.safetensors`` plus ``model.safetensors.index.json``.
+      The written weight files in shard order. One shard is written as `model.safetensors`;
+      several as `model-0000i-of-0000N.safetensors` plus `model.safetensors.index.json`.
       Every file goes to a temporary name first and is renamed when complete (the index last, so
-      its presence means all shards are whole). Weight files and an index left in ``out_dir`` by a
+      its presence means all shards are whole). Weight files and an index left in `out_dir` by a
       previous export under these standard names, but not part of this one, are removed, so a
       loader can never mix two exports.
     """
@@ -536,15 +512,11 @@ def write_safetensors(
 
     out_dir.mkdir(parents=True, exist_ok=True)
     shards = _plan_shards(specs, max_shard_bytes)
-    names = (
-        [SINGLE_FILE_NAME]
-        if len(shards) == 1
-        else [shard_file_name(i, len(shards)) for i in range(len(shards))]
-    )
+    names = [SINGLE_FILE_NAME] if len(shards) == 1 else [shard_file_name(i, len(shards)) for i in range(len(shards))]
     written: list[Path] = []
     for shard, file_name in zip(shards, names):
         path = out_dir / file_name
-        _write_atomic_shard(path, _layout(shard), meta, shard, get_tensor)
+        _write_shard(path, _layout(shard), meta, shard, get_tensor)
         written.append(path)
 
     index_path = out_dir / INDEX_NAME
@@ -554,7 +526,7 @@ def write_safetensors(
             "metadata": {"total_size": sum(spec.nbytes for spec in specs)},
             "weight_map": dict(sorted(weight_map.items())),
         }
-        _write_atomic_text(index_path, json.dumps(index, indent=2) + "\n")
+        atomic_write(index_path, json.dumps(index, indent=2) + "\n")
     else:
         index_path.unlink(missing_ok=True)
     keep = set(names)

@@ -1,11 +1,11 @@
 """Training data: JSONL records, tokenization into examples, packing and resumable batching.
 
-``records`` reads and validates files, ``tokenize`` turns records into per-token examples for PRM
-or causal-LM training, ``packing`` packs examples into fixed-length rows, and ``pipeline`` builds
-the sharded, checkpointable training iterator and the evaluation batches.
+`records` reads and validates files, `tokenize` turns records into per-token examples for PRM
+or causal-LM training, `packing` packs examples into fixed-length rows, and `pipeline` builds the
+checkpointable training iterator and the evaluation batches.
 """
 
-from prm_jax.data.packing import BATCH_FIELDS, positions_from_segment_ids
+from prm_jax.data.packing import PACKED_FIELD_SPECS, positions_from_segment_ids
 from prm_jax.data.pipeline import (
     PipelineConfig,
     build_eval_batches,
@@ -21,18 +21,12 @@ from prm_jax.data.records import (
     read_prm_records,
     read_sft_records,
 )
-from prm_jax.data.tokenize import (
-    Example,
-    TokenizeConfig,
-    TokenizeStats,
-    tokenize_prm,
-    tokenize_sft,
-)
+from prm_jax.data.tokenize import Example, TokenizeConfig, TokenizeStats, tokenize_prm, tokenize_sft
 
 __all__ = [
-    "BATCH_FIELDS",
     "DataError",
     "Example",
+    "PACKED_FIELD_SPECS",
     "PRMRecord",
     "PipelineConfig",
     "SFTRecord",

@@ -1,25 +1,22 @@
-"""Training and evaluation input pipelines: shuffle, shard per process, pack, batch.
+"""Training and evaluation input pipelines: shuffle, pack, batch.
 
-Built on grain's ``MapDataset``/``IterDataset`` so that the training iterator is resumable: its
-state (:meth:`grain.DatasetIterator.get_state`) is a small JSON-serialisable dict that is saved
-with each checkpoint, and after :meth:`~grain.DatasetIterator.set_state` the iterator yields
+Built on grain's `MapDataset`/`IterDataset` so that the training iterator is resumable: its
+state (`grain.DatasetIterator.get_state`) is a small JSON-serialisable dict that is saved
+with each checkpoint, and after `grain.DatasetIterator.set_state` the iterator yields
 exactly the batches an uninterrupted run would have (the order is a pure function of the seed,
 the epoch and the position, and the packer re-packs deterministically). grain iterators also
 implement Orbax's checkpointable API, so the trainer can save them next to the model.
 
-Order of operations for training, per process:
+Order of operations for training:
 
-1. A global, seeded permutation of all examples per epoch (grain's index shuffle, reseeded each
-   epoch so epochs differ), computed lazily from the index: nothing is materialised.
-2. Process ``i`` of ``P`` takes positions ``i, i + P, i + 2P, ...`` of each epoch's order: the
-   shards are disjoint and together are exactly the epoch. (Shard sizes differ by at most one.)
-3. First-fit packing into rows of ``seq_len`` tokens (:mod:`prm_jax.data.packing`).
-4. Batching to ``rows_per_batch`` rows (this process's share of the global batch).
+1. A seeded permutation of all examples per epoch (grain's index shuffle, reseeded each epoch so
+   epochs differ), computed lazily from the index: nothing is materialised.
+2. First-fit packing into rows of `seq_len` tokens (`prm_jax.data.packing`).
+3. Batching to `rows_per_batch` rows: the global batch.
 
-Multi-process note: packing makes the number of batches per epoch data-dependent, so processes
-may reach the end of a finite run (``num_epochs`` set) after different numbers of batches. A
-sharded training loop, in which every process must take part in every step, should iterate
-forever (``num_epochs=None``, the default) and stop after a fixed number of steps.
+Every process of a multi-process run builds the same global batches (the order is a pure
+function of the seed) and places only the rows its devices hold (`prm_jax.training.trainer`),
+so the processes never disagree on a batch nor on when a finite run ends.
 """
 
 from __future__ import annotations
@@ -35,12 +32,8 @@ from typing import TYPE_CHECKING
 import grain
 import numpy as np
 
-from prm_jax.data.packing import example_features, pack_rows, padding_row, stack_rows
-from prm_jax.data.records import (
-    DataError,
-    iter_prm_records_with_lines,
-    iter_sft_records_with_lines,
-)
+from prm_jax.data.packing import example_features, pack_rows, stack_rows
+from prm_jax.data.records import DataError, iter_prm_records_with_lines, iter_sft_records_with_lines
 from prm_jax.data.tokenize import (
     Example,
     TokenizeConfig,
@@ -54,13 +47,7 @@ from prm_jax.data.tokenize import (
 if TYPE_CHECKING:  # transformers is heavy to import; only type checkers need it here.
     from transformers import PreTrainedTokenizerBase
 
-__all__ = [
-    "PipelineConfig",
-    "build_train_iterator",
-    "build_eval_batches",
-    "load_prm_examples",
-    "load_sft_examples",
-]
+__all__ = ["PipelineConfig", "build_train_iterator", "build_eval_batches", "load_prm_examples", "load_sft_examples"]
 
 Batch = dict[str, np.ndarray]
 
@@ -71,23 +58,19 @@ _IN_MEMORY = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    """Batching, shuffling and sharding of token examples.
+    """Batching and shuffling of token examples.
 
     Attributes:
-        seq_len: Tokens per row; every example must fit (``TokenizeConfig.max_length <=
-            seq_len``).
-        rows_per_batch: Rows per batch *on this process* (the global batch is this times
-            ``process_count``).
-        seed: Shuffle seed, in ``[0, 2**32)``; epoch ``e`` uses the permutation of ``seed + e``.
+        seq_len: Tokens per row; every example must fit (`TokenizeConfig.max_length <= seq_len`).
+        rows_per_batch: Rows per (global) batch.
+        seed: Shuffle seed, in `[0, 2**32)`; epoch `e` uses the permutation of `seed + e`.
         shuffle: Shuffle the examples (per epoch). Without it every epoch is in file order.
-        num_epochs: Passes over the data; ``None`` repeats forever.
-        packing: Pack several examples per row; ``False`` puts one example per row.
-        process_index: This process's index (``jax.process_index()``).
-        process_count: Number of processes (``jax.process_count()``).
+        num_epochs: Passes over the data; `None` repeats forever.
+        packing: Pack several examples per row; `False` puts one example per row.
         drop_remainder: Drop a final incomplete batch of a finite run; otherwise it is padded
-            with empty rows to ``rows_per_batch``.
+            with empty rows to `rows_per_batch`.
         num_packing_bins: Rows open at once in the first-fit packer (default
-            ``rows_per_batch``); more bins pack tighter but delay examples longer.
+            `rows_per_batch`); more bins pack tighter but delay examples longer.
     """
 
     seq_len: int
@@ -96,13 +79,11 @@ class PipelineConfig:
     shuffle: bool = True
     num_epochs: int | None = None
     packing: bool = True
-    process_index: int = 0
-    process_count: int = 1
     drop_remainder: bool = True
     num_packing_bins: int | None = None
 
     def __post_init__(self) -> None:
-        """Reject settings that would silently misbehave (e.g. overlapping process shards)."""
+        """Reject settings that would silently misbehave."""
         if self.seq_len < 1:
             raise ValueError(f"seq_len must be positive, got {self.seq_len}")
         if self.rows_per_batch < 1:
@@ -111,11 +92,6 @@ class PipelineConfig:
             raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
         if self.num_epochs is not None and self.num_epochs < 1:
             raise ValueError(f"num_epochs must be None or >= 1, got {self.num_epochs}")
-        if self.process_count < 1 or not 0 <= self.process_index < self.process_count:
-            raise ValueError(
-                f"need 0 <= process_index < process_count, got process_index="
-                f"{self.process_index}, process_count={self.process_count}"
-            )
         if self.num_packing_bins is not None and self.num_packing_bins < 1:
             raise ValueError(f"num_packing_bins must be positive, got {self.num_packing_bins}")
 
@@ -137,47 +113,31 @@ def _check_fits(examples: Sequence[Example], seq_len: int) -> None:
         )
 
 
-def _epoch_shard_indices(num_examples: int, cfg: PipelineConfig) -> grain.MapDataset:
-    """Lazy dataset of example indices: this process's slice of each (shuffled) epoch."""
-    n, p, i = num_examples, cfg.process_count, cfg.process_index
-    per_epoch = (n - i + p - 1) // p  # len(range(i, n, p))
-    if per_epoch == 0:
-        raise ValueError(
-            f"{n} examples cannot be sharded over {p} processes (process {i} would get none)"
-        )
-    if cfg.shuffle:
-        # Index k >= n reads epoch k // n, which grain reseeds with seed + epoch.
-        order: grain.MapDataset | None = grain.MapDataset.source(range(n)).shuffle(cfg.seed)
-    else:
-        order = None
-    total = sys.maxsize if cfg.num_epochs is None else per_epoch * cfg.num_epochs
-
-    def source_index(k: int) -> int:
-        epoch, j = divmod(k, per_epoch)
-        position = j * p + i
-        return int(order[epoch * n + position]) if order is not None else position
-
-    return grain.MapDataset.range(total).map(source_index)
+def _epoch_indices(n: int, cfg: PipelineConfig) -> grain.MapDataset:
+    """Lazy dataset of example indices, epoch after (shuffled) epoch."""
+    total = sys.maxsize if cfg.num_epochs is None else n * cfg.num_epochs
+    if not cfg.shuffle:
+        return grain.MapDataset.range(total).map(lambda k: k % n)
+    # Index k >= n reads epoch k // n, which grain reseeds with seed + epoch.
+    order = grain.MapDataset.source(range(n)).shuffle(cfg.seed)
+    return grain.MapDataset.range(total).map(lambda k: int(order[k]))
 
 
 def build_train_iterator(examples: Sequence[Example], cfg: PipelineConfig) -> grain.DatasetIterator:
-    """A resumable iterator of training batches for this process.
+    """A resumable iterator of training batches.
 
-    Each batch is a dict of ``[rows_per_batch, seq_len]`` numpy arrays (see
-    :data:`prm_jax.data.packing.BATCH_FIELDS`). Save ``iterator.get_state()`` (a JSON-
-    serialisable dict) with each checkpoint; ``set_state`` on a freshly built iterator (same
-    examples and config) resumes the exact batch sequence.
+    Each batch is a dict of `[rows_per_batch, seq_len]` numpy arrays (see
+    `prm_jax.data.packing.PACKED_FIELD_SPECS`). Save `iterator.get_state()` (a JSON-serialisable
+    dict) with each checkpoint; `set_state` on a freshly built iterator (same examples and
+    config) resumes the exact batch sequence.
 
     Raises:
-        ValueError: No examples, an example longer than ``seq_len``, or fewer examples than
-            processes.
+        ValueError: No examples, or an example longer than `seq_len`.
     """
     _check_fits(examples, cfg.seq_len)
-    indices = _epoch_shard_indices(len(examples), cfg)
+    indices = _epoch_indices(len(examples), cfg)
     features = indices.map(lambda k: example_features(examples[k])).to_iter_dataset(_IN_MEMORY)
-    rows = pack_rows(
-        features, cfg.seq_len, packing=cfg.packing, num_packing_bins=cfg.packing_bins
-    )
+    rows = pack_rows(features, cfg.seq_len, packing=cfg.packing, num_packing_bins=cfg.packing_bins)
     batches = rows.batch(
         cfg.rows_per_batch,
         drop_remainder=cfg.drop_remainder,
@@ -186,73 +146,42 @@ def build_train_iterator(examples: Sequence[Example], cfg: PipelineConfig) -> gr
     return iter(batches)
 
 
-def _eval_rows(examples: Sequence[Example], cfg: PipelineConfig) -> list[dict[str, np.ndarray]]:
-    features = (
-        grain.MapDataset.source(examples).map(example_features).to_iter_dataset(_IN_MEMORY)
-    )
-    return list(
-        pack_rows(features, cfg.seq_len, packing=cfg.packing, num_packing_bins=cfg.packing_bins)
-    )
-
-
 def build_eval_batches(examples: Sequence[Example], cfg: PipelineConfig) -> list[Batch]:
-    """All of this process's evaluation batches: one pass, in order, nothing dropped.
-
-    Process ``i`` takes examples ``i, i + P, ...``; every example lands in exactly one batch of
-    exactly one process. The last batch is padded with empty rows. Because sharded evaluation
-    steps are collective, every process returns the same number of batches: processes whose
-    share packs into fewer batches get trailing all-padding batches (``loss_mask`` 0), which
-    contribute nothing to metrics. ``shuffle``, ``num_epochs``, ``seed`` and
-    ``drop_remainder`` are ignored.
-    """
+    """All evaluation batches: one pass, in order, nothing dropped, the last one padded with empty
+    rows. `shuffle`, `num_epochs`, `seed` and `drop_remainder` are ignored."""
     _check_fits(examples, cfg.seq_len)
-    p, i = cfg.process_count, cfg.process_index
-    to_batches = partial(stack_rows, rows_per_batch=cfg.rows_per_batch)
-    own_rows = _eval_rows(examples[i::p], cfg) if len(examples) > i else []
-    batches = [
-        to_batches(own_rows[s : s + cfg.rows_per_batch])
-        for s in range(0, len(own_rows), cfg.rows_per_batch)
-    ]
-    num_batches = len(batches)
-    for other in range(p):
-        if other != i and len(examples) > other:
-            rows = len(_eval_rows(examples[other::p], cfg))
-            num_batches = max(num_batches, -(-rows // cfg.rows_per_batch))
-    for _ in range(num_batches - len(batches)):
-        batches.append(to_batches([padding_row(cfg.seq_len)]))
-    return batches
+    features = grain.MapDataset.source(examples).map(example_features).to_iter_dataset(_IN_MEMORY)
+    rows = list(pack_rows(features, cfg.seq_len, packing=cfg.packing, num_packing_bins=cfg.packing_bins))
+    to_batch = partial(stack_rows, rows_per_batch=cfg.rows_per_batch)
+    return [to_batch(rows[s : s + cfg.rows_per_batch]) for s in range(0, len(rows), cfg.rows_per_batch)]
 
 
 def load_prm_examples(
-    path: str | PathLike[str],
-    tokenizer: PreTrainedTokenizerBase,
-    tcfg: TokenizeConfig,
+    path: str | PathLike[str], tokenizer: PreTrainedTokenizerBase, tcfg: TokenizeConfig
 ) -> tuple[list[Example], TokenizeStats]:
     """Read, validate and tokenize a PRM JSONL file.
 
-    ``examples[k].example_index == k`` (positions in the returned list, after records that did
-    not fit were dropped), and ``examples[k].record_id`` is the record's ``id``.
+    `examples[k].example_index == k` (positions in the returned list, after records that did
+    not fit were dropped), and `examples[k].record_id` is the record's `id`.
 
     Raises:
-        ValueError: The separator is not a single token of ``tokenizer``.
+        ValueError: The separator is not a single token of `tokenizer`.
         DataError: An invalid record, or one that cannot be tokenized as configured (e.g. soft
-            labels with ``soft_labels=False``), with ``file:line``.
+            labels with `soft_labels=False`), with `file:line`.
     """
     check_separator(tokenizer, tcfg.separator)
     return _load_examples(path, iter_prm_records_with_lines(path), tokenize_prm, tokenizer, tcfg)
 
 
 def load_sft_examples(
-    path: str | PathLike[str],
-    tokenizer: PreTrainedTokenizerBase,
-    tcfg: TokenizeConfig,
+    path: str | PathLike[str], tokenizer: PreTrainedTokenizerBase, tcfg: TokenizeConfig
 ) -> tuple[list[Example], TokenizeStats]:
-    """Read, validate and tokenize an SFT JSONL file (see :func:`load_prm_examples`)."""
+    """Read, validate and tokenize an SFT JSONL file (see `load_prm_examples`)."""
     return _load_examples(path, iter_sft_records_with_lines(path), tokenize_sft, tokenizer, tcfg)
 
 
 def _load_examples(path, records_with_lines, tokenize, tokenizer, tcfg) -> tuple[list[Example], TokenizeStats]:
-    """Tokenize ``(line, record)`` pairs in order; a record's DataError is located at path:line."""
+    """Tokenize `(line, record)` pairs in order; a record's DataError is located at path:line."""
     stats = TokenizeStats()
     examples: list[Example] = []
     if tcfg.max_chars is None:

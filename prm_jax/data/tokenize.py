@@ -3,12 +3,12 @@
 Every example, whatever its task, carries the same per-token arrays so that one packing and
 batching pipeline and one batch layout serve both trainers:
 
-* ``loss_mask`` marks the supervised positions;
-* ``labels`` is the PRM target there (probability that the step is correct);
-* ``targets`` is the causal-LM target there (the next token id);
-* ``step_index`` says which step a PRM separator position closes (for per-step metrics).
+* `loss_mask` marks the supervised positions;
+* `labels` is the PRM target there (probability that the step is correct);
+* `targets` is the causal-LM target there (the next token id);
+* `step_index` says which step a PRM separator position closes (for per-step metrics).
 
-PRM examples follow Qwen2.5-Math-PRM exactly (:func:`prm_jax.tokenization.build_prm_input`): the
+PRM examples follow Qwen2.5-Math-PRM exactly (`prm_jax.tokenization.build_prm_input`): the
 chat layout with the separator after each step, supervision at exactly the separator positions,
 and, by default, no steps after the first erroneous one (the paper discards them: once a step is
 wrong, whether later steps are "correct" is ill-defined, and keeping them teaches the model to
@@ -23,26 +23,12 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from prm_jax.data.records import DataError, PRMRecord, SFTRecord
-from prm_jax.tokenization import (
-    STEP_SEPARATOR,
-    SYSTEM_PROMPT,
-    build_prm_input,
-    separator_token_id,
-)
+from prm_jax.tokenization import STEP_SEPARATOR, SYSTEM_PROMPT, build_prm_input, render_chat, separator_token_id
 
 if TYPE_CHECKING:  # transformers is heavy to import; only type checkers need it here.
     from transformers import PreTrainedTokenizerBase
 
-__all__ = [
-    "TokenizeConfig",
-    "TokenizeStats",
-    "Example",
-    "tokenize_prm",
-    "tokenize_sft",
-    "render_sft_prompt",
-    "check_separator",
-    "char_cap",
-]
+__all__ = ["TokenizeConfig", "TokenizeStats", "Example", "tokenize_prm", "tokenize_sft", "check_separator", "char_cap"]
 
 
 @dataclass(frozen=True)
@@ -50,26 +36,26 @@ class TokenizeConfig:
     """How records become token examples.
 
     Attributes:
-        max_length: Longest example in tokens; it must not exceed the training ``seq_len`` (an
+        max_length: Longest example in tokens; it must not exceed the training `seq_len` (an
             example is never split across packed rows).
         soft_labels: Train PRMs on the records' soft labels (the target is a probability; the
-            loss is the training config's ``train.loss``, MSE in the paper). When ``False`` the labels must already be hard 0/1; a soft value is an
+            loss is the training config's `train.loss`, MSE in the paper). When `False` the labels must already be hard 0/1; a soft value is an
             error rather than silently binarised, because the right binarisation depends on how
             the labels were made (the paper's Monte Carlo rule is "at least one correct
-            completion", i.e. ``> 0``, not ``>= 0.5``) and only the producer knows that.
+            completion", i.e. `> 0`, not `>= 0.5`) and only the producer knows that.
         drop_after_first_error: Remove every step after the first negative one from the input
             (the paper's recipe), so the model never sees or scores them.
-        negative_threshold: A step is negative when its label is ``<= negative_threshold``. The
+        negative_threshold: A step is negative when its label is `<= negative_threshold`. The
             default 0.0 is the paper's rule for hard and soft labels alike: the first error is the
-            first step labelled 0 (no correct completion), so the soft ``[1, 0.25, 0.5, 0]`` keeps
+            first step labelled 0 (no correct completion), so the soft `[1, 0.25, 0.5, 0]` keeps
             all four steps. Raise it (below 1) only to binarise soft labels differently.
-        overlong: What to do with an example longer than ``max_length``: ``"truncate"`` keeps
+        overlong: What to do with an example longer than `max_length`: `"truncate"` keeps
             the longest prefix of complete steps (PRM) or of the completion (SFT);
-            ``"drop"`` skips the example.
+            `"drop"` skips the example.
         separator: The step separator; must be a single token of the tokenizer.
-        max_chars: Text longer than this many characters cannot fit ``max_length`` tokens (see
-            :func:`char_cap`); such text is cut (steps, completion) or dropped *before* it is
-            tokenized, so refusing a huge record costs no more than a normal one. ``None``: no
+        max_chars: Text longer than this many characters cannot fit `max_length` tokens (see
+            `char_cap`); such text is cut (steps, completion) or dropped *before* it is
+            tokenized, so refusing a huge record costs no more than a normal one. `None`: no
             pre-check (the file loaders fill it in from the tokenizer).
     """
 
@@ -101,20 +87,20 @@ class TokenizeStats:
     """Counts of what tokenization kept and removed, for the trainer to log.
 
     Silent data loss (overlong examples dropped, steps removed) changes what a run trains on, so
-    every removal is counted. Pass one instance to many ``tokenize_*`` calls; ``merge`` combines
+    every removal is counted. Pass one instance to many `tokenize_*` calls; `merge` combines
     the stats of several files or processes.
 
     Attributes:
-        seen: Records offered to a ``tokenize_*`` function.
-        kept: Examples returned (not ``None``).
+        seen: Records offered to a `tokenize_*` function.
+        kept: Examples returned (not `None`).
         truncated: Kept examples that lost steps (PRM) or completion tokens (SFT) to
-            ``max_length``.
-        dropped_overlong: Records returned as ``None`` because they did not fit ``max_length``
-            (``overlong="drop"``, or not even one step / one completion token fits).
+            `max_length`.
+        dropped_overlong: Records returned as `None` because they did not fit `max_length`
+            (`overlong="drop"`, or not even one step / one completion token fits).
         steps_dropped_after_error: PRM steps removed because they follow the first negative step.
         steps_dropped_overlong: PRM steps removed by truncation (including those of dropped
             records).
-        supervised_positions: Total positions with ``loss_mask == 1`` in the kept examples.
+        supervised_positions: Total positions with `loss_mask == 1` in the kept examples.
         tokens: Total tokens in the kept examples (for padding/packing efficiency).
     """
 
@@ -128,7 +114,7 @@ class TokenizeStats:
     tokens: int = 0
 
     def merge(self, other: TokenizeStats) -> TokenizeStats:
-        """Add ``other``'s counts into this one (in place) and return ``self``."""
+        """Add `other`'s counts into this one (in place) and return `self`."""
         for f in fields(self):
             setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
         return self
@@ -140,7 +126,7 @@ class TokenizeStats:
 
 @dataclass
 class Example:
-    """One tokenized example: equal-length 1-D arrays (length ``L <= max_length``).
+    """One tokenized example: equal-length 1-D arrays (length `L <= max_length`).
 
     Attributes:
         input_ids: int32 token ids.
@@ -153,7 +139,7 @@ class Example:
             and for SFT.
         example_index: Which example this is (the loaders use its index in their returned list),
             carried into batches so outputs can be traced back to records.
-        record_id: The source record's ``id``, when known.
+        record_id: The source record's `id`, when known.
     """
 
     input_ids: np.ndarray
@@ -183,9 +169,7 @@ class Example:
             if length is None:
                 length = value.shape[0]
             elif value.shape[0] != length:
-                raise ValueError(
-                    f"Example.{name} has length {value.shape[0]}, input_ids has {length}"
-                )
+                raise ValueError(f"Example.{name} has length {value.shape[0]}, input_ids has {length}")
             setattr(self, name, value)
         if length == 0:
             raise ValueError("Example must hold at least one token")
@@ -220,18 +204,18 @@ _CHAR_CAP_SAFETY = 2
 
 
 def char_cap(tokenizer: PreTrainedTokenizerBase, max_length: int) -> int:
-    """Characters beyond which a text is certainly longer than ``max_length`` tokens.
+    """Characters beyond which a text is certainly longer than `max_length` tokens.
 
-    No token of the vocabulary (added tokens included) spells more than ``L`` characters, so a
-    text of ``n`` characters needs at least ``n / L`` tokens; with a safety factor for
-    normalizers the cap is ``max_length * L * 2``: generous, and still microseconds to apply.
+    No token of the vocabulary (added tokens included) spells more than `L` characters, so a
+    text of `n` characters needs at least `n / L` tokens; with a safety factor for
+    normalizers the cap is `max_length * L * 2`: generous, and still microseconds to apply.
     """
     longest = max((len(token) for token in tokenizer.get_vocab()), default=1)
     return max_length * max(longest, 1) * _CHAR_CAP_SAFETY
 
 
 def _steps_within_chars(problem: str, steps: tuple[str, ...], cap: int) -> int:
-    """How many leading steps fit ``cap`` characters together with the problem."""
+    """How many leading steps fit `cap` characters together with the problem."""
     used = len(problem)
     for i, step in enumerate(steps):
         used += len(step) + 1  # the separator counts at least one character
@@ -241,11 +225,7 @@ def _steps_within_chars(problem: str, steps: tuple[str, ...], cap: int) -> int:
 
 
 def _prm_arrays(
-    input_ids: list[int],
-    positions: list[int],
-    labels: tuple[float, ...],
-    example_index: int,
-    record_id: str,
+    input_ids: list[int], positions: list[int], labels: tuple[float, ...], example_index: int, record_id: str
 ) -> Example:
     length = len(input_ids)
     loss_mask = np.zeros(length, np.float32)
@@ -276,26 +256,26 @@ def tokenize_prm(
 ) -> Example | None:
     """Tokenize a PRM record in the Qwen2.5-Math-PRM layout; supervise the separator positions.
 
-    Steps after the first negative one are removed first (``cfg.drop_after_first_error``). Then,
-    if the last kept separator lies beyond ``max_length``: ``"truncate"`` rebuilds the input with
+    Steps after the first negative one are removed first (`cfg.drop_after_first_error`). Then,
+    if the last kept separator lies beyond `max_length`: `"truncate"` rebuilds the input with
     the longest prefix of complete steps whose separators fit (each kept step keeps its label;
-    a step cut in the middle would have no separator and no label), ``"drop"`` returns ``None``.
+    a step cut in the middle would have no separator and no label), `"drop"` returns `None`.
     Tokens *after* the last separator (the template's end-of-turn) carry no supervision and,
     under causal attention, cannot change the separators' outputs; they are clipped to
-    ``max_length`` in both modes without counting as truncation.
+    `max_length` in both modes without counting as truncation.
 
     Args:
         record: The record.
-        tokenizer: A tokenizer in which ``cfg.separator`` is a single token.
+        tokenizer: A tokenizer in which `cfg.separator` is a single token.
         cfg: Tokenization settings.
-        example_index: Stored in the example (see :class:`Example`).
+        example_index: Stored in the example (see `Example`).
         stats: Updated in place when given.
 
     Returns:
-        The example, or ``None`` when it does not fit (counted in ``stats``).
+        The example, or `None` when it does not fit (counted in `stats`).
 
     Raises:
-        DataError: Soft labels with ``cfg.soft_labels=False``; the separator occurs inside the
+        DataError: Soft labels with `cfg.soft_labels=False`; the separator occurs inside the
             problem or a step; the tokenizer/template does not yield one separator per step.
     """
     stats = stats if stats is not None else TokenizeStats()
@@ -311,9 +291,7 @@ def tokenize_prm(
         )
     steps = record.steps
     if cfg.drop_after_first_error:
-        first_bad = next(
-            (i for i, v in enumerate(labels) if v <= cfg.negative_threshold), None
-        )
+        first_bad = next((i for i, v in enumerate(labels) if v <= cfg.negative_threshold), None)
         if first_bad is not None and first_bad + 1 < len(steps):
             stats.steps_dropped_after_error += len(steps) - (first_bad + 1)
             steps = steps[: first_bad + 1]
@@ -357,39 +335,11 @@ def tokenize_prm(
         input_ids, positions = rebuilt.input_ids, rebuilt.separator_positions
     input_ids = input_ids[: cfg.max_length]
 
-    example = _prm_arrays(
-        input_ids, positions, labels, example_index, record.id
-    )
+    example = _prm_arrays(input_ids, positions, labels, example_index, record.id)
     stats.kept += 1
     stats.supervised_positions += len(positions)
     stats.tokens += len(input_ids)
     return example
-
-
-def render_sft_prompt(
-    tokenizer: PreTrainedTokenizerBase, prompt: str, *, system_prompt: str = SYSTEM_PROMPT
-) -> str:
-    """The prompt text a completion follows: chat layout with an open assistant turn.
-
-    system + user + generation prompt with the chat template; without one, the same plain
-    layout :func:`prm_jax.tokenization.build_prm_input` falls back to
-    (``f"{system_prompt}\\n\\n{prompt}\\n\\n"``), so generation and training agree.
-    """
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(
-            [
-                {"role": "system", "content": system_prompt},
-                {"role": "user", "content": prompt},
-            ],
-            tokenize=False,
-            add_generation_prompt=True,
-        )
-        if not isinstance(text, str):
-            raise TypeError(
-                f"apply_chat_template(tokenize=False) returned {type(text).__name__}, expected str"
-            )
-        return text
-    return f"{system_prompt}\n\n{prompt}\n\n"
 
 
 def tokenize_sft(
@@ -401,16 +351,17 @@ def tokenize_sft(
 ) -> Example | None:
     """Tokenize a prompt/completion pair for next-token training on the completion only.
 
-    ``input_ids = prompt_ids + completion_ids + [eos]``, prompt and completion encoded
-    separately (``add_special_tokens=False``) exactly as generation sees them: the model is fed
-    the rendered prompt and produces completion tokens after it. Position ``t`` is supervised
-    when ``input_ids[t + 1]`` is a completion token or the EOS, with ``targets[t] =
-    input_ids[t + 1]``: so the last prompt token predicts the first completion token and the EOS
+    `input_ids = prompt_ids + completion_ids + [eos]`, prompt and completion encoded
+    separately (`add_special_tokens=False`) exactly as generation sees them: the model is fed
+    the rendered prompt (`render_chat` of system `SYSTEM_PROMPT` and user `prompt`, the
+    assistant turn open; synthesis's default policy prompt) and produces completion tokens after it. Position `t` is supervised
+    when `input_ids[t + 1]` is a completion token or the EOS, with `targets[t] =
+    input_ids[t + 1]`: so the last prompt token predicts the first completion token and the EOS
     is learnt as the end.
 
-    Over-long pairs: ``"truncate"`` keeps the prompt and cuts the completion (the EOS goes
-    first); ``"drop"`` returns ``None``. A prompt leaving no room for one completion token
-    returns ``None`` in both modes.
+    Over-long pairs: `"truncate"` keeps the prompt and cuts the completion (the EOS goes
+    first); `"drop"` returns `None`. A prompt leaving no room for one completion token
+    returns `None` in both modes.
 
     Raises:
         DataError: The tokenizer has no EOS token (the model could never learn to stop).
@@ -419,9 +370,7 @@ def tokenize_sft(
     stats.seen += 1
     eos_id = tokenizer.eos_token_id
     if eos_id is None:
-        raise DataError(
-            "the tokenizer has no eos_token; SFT needs one to teach the model to stop"
-        )
+        raise DataError("the tokenizer has no eos_token; SFT needs one to teach the model to stop")
     completion = record.completion
     if cfg.max_chars is not None:
         # Text past the cap cannot fit: drop or cut it before tokenizing it all.
@@ -430,9 +379,8 @@ def tokenize_sft(
             stats.dropped_overlong += 1
             return None
         completion = completion[: cfg.max_chars - len(record.prompt)]
-    prompt_ids = list(
-        tokenizer.encode(render_sft_prompt(tokenizer, record.prompt), add_special_tokens=False)
-    )
+    prompt_text = render_chat(tokenizer, [{"role": "user", "content": record.prompt}], system_prompt=SYSTEM_PROMPT)
+    prompt_ids = list(tokenizer.encode(prompt_text, add_special_tokens=False))
     completion_ids = list(tokenizer.encode(completion, add_special_tokens=False))
     completion_ids.append(int(eos_id))
     input_ids = prompt_ids + completion_ids

@@ -4,21 +4,21 @@
   wrong step, wherever that is; a model that drifted towards outcome scoring puts it on the
   **final step**, where the answer is (the paper's Fig. 8: 17.5% of responses for
   Qwen2.5-Math-PRM-7B and 18.0% for 72B, against Skywork-PRM-7B 42.2%, Math-Shepherd-PRM-7B 44.5%
-  and the implicit EurusPRMs 52.9% and 54.6%). :func:`min_position_stats` reports that share
+  and the implicit EurusPRMs 52.9% and 54.6%). `min_position_stats` reports that share
   and a histogram of the minimum's relative position (0 = first step, 1 = final step).
   Responses with a single step are excluded (their minimum is trivially the final step) and
   counted; ties go to the **first** minimal step (an earlier step as low as the final one means
   the final step is not where the model singled out a problem).
 * **Correct answer, flawed process.** ProcessBench solutions whose final answer is right but whose
-  process has an error (``final_answer_correct`` and ``label != -1``) are what an outcome-biased
-  model misses. :func:`flawed_process_detection` reports, per subset, the share the PRM flags
-  with any error (``flagged``) and with the exact first wrong step (``exact``), and their
-  unweighted mean over subsets as the paper's Table 5 does (``pooled_*``: every solution once).
+  process has an error (`final_answer_correct` and `label != -1`) are what an outcome-biased
+  model misses. `flawed_process_detection` reports, per subset, the share the PRM flags
+  with any error (`flagged`) and with the exact first wrong step (`exact`), and their
+  unweighted mean over subsets as the paper's Table 5 does (`pooled_*`: every solution once).
 * **Calibration.** Where steps have labels (ProcessBench: steps before the first error are correct,
   the first error is wrong, later steps are unlabelled; every step of an error-free solution is
-  correct) the step reward should be the probability of correctness. :func:`calibration` bins
+  correct) the step reward should be the probability of correctness. `calibration` bins
   rewards into equal-width bins and reports per-bin mean reward, accuracy and count, and the
-  expected calibration error ``ECE = sum_b n_b / N * |accuracy_b - mean_reward_b|``. Labelled
+  expected calibration error `ECE = sum_b n_b / N * |accuracy_b - mean_reward_b|`. Labelled
   steps are mostly correct ones (every step before the first error), so read ECE next to the
   per-bin counts.
 """
@@ -89,7 +89,7 @@ class FlawedProcessSubset:
 @dataclasses.dataclass(frozen=True)
 class FlawedProcessDetection:
     """Per-subset detection and its unweighted mean over subsets (the paper's Table 5 averages
-    subsets, so GSM8K's 400 solutions weigh as much as OmniMath's 1000); ``pooled_*`` count every
+    subsets, so GSM8K's 400 solutions weigh as much as OmniMath's 1000); `pooled_*` count every
     solution once, a different (size-weighted) figure kept for reference."""
 
     n: int  # correct final answer, label != -1, over all subsets
@@ -107,11 +107,9 @@ def _mean(values: Sequence[float]) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
-def flawed_process_detection(
-    items: Iterable[tuple[str, bool | None, int, int | None]],
-) -> FlawedProcessDetection:
-    """From ``(subset, final_answer_correct, label, prediction)``: detection on correct-answer,
-    flawed-process solutions. Records without ``final_answer_correct`` are skipped; a ``None``
+def flawed_process_detection(items: Iterable[tuple[str, bool | None, int, int | None]]) -> FlawedProcessDetection:
+    """From `(subset, final_answer_correct, label, prediction)`: detection on correct-answer,
+    flawed-process solutions. Records without `final_answer_correct` are skipped; a `None`
     prediction (no verdict) counts as not flagged."""
     counts: dict[str, list[int]] = {}  # subset -> [n, flagged, exact]
     for subset, final_correct, label, prediction in items:
@@ -135,7 +133,7 @@ def flawed_process_detection(
 
 
 def labelled_steps(rewards: Sequence[float], label: int) -> Iterable[tuple[float, int]]:
-    """``(reward, correct)`` for the steps a first-error label decides (see the module docstring)."""
+    """`(reward, correct)` for the steps a first-error label decides (see the module docstring)."""
     last = len(rewards) - 1 if label == -1 else label
     for i in range(last + 1):
         yield float(rewards[i]), int(label == -1 or i < label)
@@ -155,7 +153,7 @@ class Calibration:
 
 
 def calibration(steps: Iterable[tuple[float, int]], bins: int = 10) -> Calibration:
-    """Reliability bins and ECE of ``(reward, correct)`` pairs; rewards of exactly 1.0 fall in the
+    """Reliability bins and ECE of `(reward, correct)` pairs; rewards of exactly 1.0 fall in the
     last bin."""
     pairs = np.asarray(list(steps), dtype=np.float64).reshape(-1, 2)
     rewards, correct = pairs[:, 0], pairs[:, 1]

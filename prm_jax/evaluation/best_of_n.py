@@ -3,14 +3,14 @@
 For each problem a policy sampled N responses, each graded correct or not. A PRM scores a
 response by aggregating its step rewards:
 
-* ``product``: the product of step rewards (the paper's default; ranked in log space, the sum of
-  ``log(reward)``, so long responses do not all underflow to a tied 0.0),
-* ``min``: the weakest step,
-* ``last``: the final step's reward (an outcome-style score),
-* ``mean``: the average step reward.
+* `product`: the product of step rewards (the paper's default; ranked in log space, the sum of
+  `log(reward)`, so long responses do not all underflow to a tied 0.0),
+* `min`: the weakest step,
+* `last`: the final step's reward (an outcome-style score),
+* `mean`: the average step reward.
 
-``prm@N`` is the accuracy of the top-scored response. Baselines: ``maj@N``, the accuracy of the
-most common final answer (self-consistency), and ``pass@N``, whether any response is correct (the
+`prm@N` is the accuracy of the top-scored response. Baselines: `maj@N`, the accuracy of the
+most common final answer (self-consistency), and `pass@N`, whether any response is correct (the
 ceiling any selector can reach). Results are per dataset and averaged **unweighted** over datasets,
 as the paper averages its seven benchmarks.
 
@@ -21,15 +21,15 @@ Deterministic tie-breaking (documented because it changes numbers on small N):
 * a response without an extractable answer does not vote; if none has one, maj@N counts the
   problem as wrong;
 * the voted answer's correctness is that of its first (lowest-index) response; if responses in
-  the same answer class disagree on ``correct`` (a grader that compares differently), the
-  problem is counted in ``n_inconsistent_votes`` so such data can be spotted.
+  the same answer class disagree on `correct` (a grader that compares differently), the
+  problem is counted in `n_inconsistent_votes` so such data can be spotted.
 
-Final answers for voting: a response's ``final_answer`` field when present (what the grader
-extracted), else the last ``\\boxed{}`` of its last step (``prm_jax.critique.last_boxed``).
+Final answers for voting: a response's `final_answer` field when present (what the grader
+extracted), else the last `\\boxed{}` of its last step (`prm_jax.critique.last_boxed`).
 Answers vote together when they are equal **as the grader compares them**
-(:func:`prm_jax.answers.equivalent_answers`, math-verify: ``0.5``, ``\\frac12`` and
-``\\frac {1} {2}`` are one vote): each answer joins the class of the first earlier answer it equals
-(that answer plays the gold), else opens its own class (:func:`answer_classes`).
+(`prm_jax.answers.equivalent_answers`, math-verify: `0.5`, `\\frac12` and
+`\\frac {1} {2}` are one vote): each answer joins the class of the first earlier answer it equals
+(that answer plays the gold), else opens its own class (`answer_classes`).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ _LOG_FLOOR = 1e-30  # log(0) would make every response containing a 0.0 step tie
 
 
 def aggregate(rewards: Sequence[float], how: str) -> float:
-    """One response score from its step rewards; ``product`` is returned as the log-product."""
+    """One response score from its step rewards; `product` is returned as the log-product."""
     if not rewards:
         raise ValueError("a response needs at least one step reward")
     values = np.asarray(rewards, dtype=np.float64)
@@ -100,7 +100,7 @@ def normalize_answer(answer: str | None) -> str | None:
 
 
 def response_answer(response: BoNResponse) -> str | None:
-    """The answer a response votes for: its ``final_answer``, else the last box of its last step."""
+    """The answer a response votes for: its `final_answer`, else the last box of its last step."""
     if response.final_answer is not None:
         return normalize_answer(response.final_answer)
     return normalize_answer(last_boxed(response.steps[-1]))
@@ -127,7 +127,7 @@ def answer_classes(
 
 def majority_vote(answers: Sequence[Hashable | None]) -> int | None:
     """Index of the response representing the most common answer (first occurrence on ties);
-    ``answers`` are compared with ``==`` (pass :func:`answer_classes` to vote on equivalence)."""
+    `answers` are compared with `==` (pass `answer_classes` to vote on equivalence)."""
     counts = Counter(a for a in answers if a is not None)
     if not counts:
         return None
@@ -158,8 +158,8 @@ def score_problem(
     equivalent: Callable[[str, str], bool] = equivalent_answers,
 ) -> ProblemOutcome:
     """Best-of-N decisions for one problem from its responses' correctness, answers
-    (:func:`response_answer`) and step rewards, all in response order; answers vote by
-    ``equivalent`` (see :func:`answer_classes`)."""
+    (`response_answer`) and step rewards, all in response order; answers vote by
+    `equivalent` (see `answer_classes`)."""
     if not len(correct) == len(answers) == len(rewards):
         raise ValueError(f"{len(correct)} correctness flags, {len(answers)} answers, {len(rewards)} reward lists")
     if not correct:
@@ -241,5 +241,5 @@ def bon_scores(
 
 
 def product_score(log_product: float) -> float:
-    """The product of step rewards from the log-product ``aggregate(..., "product")`` returns."""
+    """The product of step rewards from the log-product `aggregate(..., "product")` returns."""
     return math.exp(log_product)

@@ -3,25 +3,25 @@
 A critic (a PRM through a threshold, an LLM through the critique prompt, or any external system
 through a predictions file) names the earliest wrong step of each solution, or -1. Per subset:
 
-* ``acc_err``: accuracy on solutions with an error (``label != -1``), the prediction must be the
+* `acc_err`: accuracy on solutions with an error (`label != -1`), the prediction must be the
   exact step;
-* ``acc_ok``: accuracy on error-free solutions (``label == -1``), the prediction must be -1;
-* ``f1 = 2 * acc_err * acc_ok / (acc_err + acc_ok)``, and the headline ``average_f1`` is the
+* `acc_ok`: accuracy on error-free solutions (`label == -1`), the prediction must be -1;
+* `f1 = 2 * acc_err * acc_ok / (acc_err + acc_ok)`, and the headline `average_f1` is the
   **unweighted** mean of the subset F1s (GSM8K's 400 records weigh as much as Omni-MATH's 1,000).
 
-Conventions (kept from :mod:`prm_jax.metrics`, which training-time eval shares):
+Conventions (kept from `prm_jax.metrics`, which training-time eval shares):
 
-* a subset with an empty class has that class's accuracy undefined (``nan``, written as ``null``
+* a subset with an empty class has that class's accuracy undefined (`nan`, written as `null`
   in results.json) and **F1 = 0**: it cannot show that a critic does both jobs, and the harmonic
-  mean treats the missing side as failed rather than skipping it; ``acc_err + acc_ok == 0`` also
+  mean treats the missing side as failed rather than skipping it; `acc_err + acc_ok == 0` also
   gives F1 = 0;
-* a record without a usable verdict (an unparseable critic answer, a ``null`` prediction) is
-  counted in ``n_unparseable`` and scored as wrong on whichever side its label falls.
+* a record without a usable verdict (an unparseable critic answer, a `null` prediction) is
+  counted in `n_unparseable` and scored as wrong on whichever side its label falls.
 
 Threshold sweep (how ProcessBench treats PRMs whose scale is not centred on 0.5): the threshold that
 maximises F1 on one subset (GSM8K by convention) is applied to every subset. The search is exact:
 for one solution, "first step with reward < t equals the label" holds on one interval of t
-(``prefix_min[label] < t <= prefix_min[label - 1]``; ``t <= min(rewards)`` for error-free ones), so
+(`prefix_min[label] < t <= prefix_min[label - 1]`; `t <= min(rewards)` for error-free ones), so
 F1 is piecewise constant with breakpoints at prefix minima, and every piece is tried.
 """
 
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -44,7 +43,6 @@ __all__ = [
     "predict_first_error",
     "subset_scores",
     "processbench_scores",
-    "majority_verdict",
     "ThresholdSweep",
     "f1_at_thresholds",
     "f1_curves",
@@ -82,12 +80,12 @@ class ProcessBenchScores:
 
 
 def predict_first_error(rewards: Sequence[float], threshold: float = DEFAULT_THRESHOLD) -> int:
-    """The PRM's verdict: the first step whose reward is below ``threshold``, else -1."""
+    """The PRM's verdict: the first step whose reward is below `threshold`, else -1."""
     return first_error_index(rewards, threshold)
 
 
 def subset_scores(pairs: Iterable[tuple[int | None, int]]) -> SubsetScores:
-    """Scores ``(prediction, label)`` pairs; a ``None`` prediction is unparseable (wrong)."""
+    """Scores `(prediction, label)` pairs; a `None` prediction is unparseable (wrong)."""
     unparseable = 0
     checked: list[tuple[int, int]] = []
     for prediction, label in pairs:
@@ -100,26 +98,13 @@ def subset_scores(pairs: Iterable[tuple[int | None, int]]) -> SubsetScores:
 
 
 def processbench_scores(rows: Iterable[tuple[str, int | None, int]]) -> ProcessBenchScores:
-    """Scores ``(subset, prediction, label)`` rows; subsets keep the order they first appear in."""
+    """Scores `(subset, prediction, label)` rows; subsets keep the order they first appear in."""
     by_subset: dict[str, list[tuple[int | None, int]]] = {}
     for subset, prediction, label in rows:
         by_subset.setdefault(subset, []).append((prediction, label))
     subsets = {name: subset_scores(pairs) for name, pairs in by_subset.items()}
     average = float(np.mean([s.f1 for s in subsets.values()])) if subsets else float("nan")
     return ProcessBenchScores(subsets, average)
-
-
-def majority_verdict(verdicts: Sequence[int | None]) -> int | None:
-    """Majority vote over a critic's sampled verdicts; ``None`` when none was parseable.
-
-    Unparseable samples do not vote. Ties go to the verdict that appeared first among the samples
-    (sample order is the seed order, so the result is deterministic).
-    """
-    counts = Counter(v for v in verdicts if v is not None)
-    if not counts:
-        return None
-    best = max(counts.values())
-    return next(v for v in verdicts if v is not None and counts[v] == best)
 
 
 # ---------------------------------------------------------------------------- threshold sweep
@@ -134,7 +119,7 @@ class _Intervals:
     ok_high: np.ndarray  # error-free solutions: correct iff t <= ok_high
 
     @classmethod
-    def build(cls, items: Iterable[tuple[Sequence[float], int]]) -> "_Intervals":
+    def build(cls, items: Iterable[tuple[Sequence[float], int]]) -> _Intervals:
         low, high, ok = [], [], []
         for rewards, label in items:
             prefix_min = np.minimum.accumulate(np.asarray(rewards, dtype=np.float64))
@@ -211,7 +196,7 @@ def f1_curves(
 def sweep_threshold(
     rewards_by_subset: Mapping[str, Sequence[tuple[Sequence[float], int]]], tuned_on: str
 ) -> ThresholdSweep:
-    """Tune the threshold on ``tuned_on`` (max F1) and score every subset with it.
+    """Tune the threshold on `tuned_on` (max F1) and score every subset with it.
 
     Ties between equally good thresholds go to the one closest to the default 0.5, then to the
     smaller one, so the result does not depend on the order of candidates.

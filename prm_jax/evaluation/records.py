@@ -2,13 +2,13 @@
 
 Evaluation runs are expensive (a 7B PRM over 3,400 ProcessBench solutions, or 8 responses for
 thousands of problems), so every record is validated while it is streamed, before any of it reaches
-an accelerator, and a bad record is reported as ``file:line: field 'name': reason`` (an
-:class:`EvaluationDataError`, a ``ValueError``).
+an accelerator, and a bad record is reported as `file:line: field 'name': reason` (an
+`EvaluationDataError`, a `ValueError`).
 
-Container formats (sniffed from the content, not the extension, because ``datasets``' ``to_json``
-writes JSON Lines into ``.json`` files by default):
+Container formats (sniffed from the content, not the extension, because `datasets`' `to_json`
+writes JSON Lines into `.json` files by default):
 
-* **JSON Lines**: one object per line, UTF-8, blank lines skipped;
+* **JSON Lines**, read by `prm_jax.jsonl` like every other record file;
 * **a JSON array** of objects (how the official ProcessBench release stores each subset); it is
   decoded one element at a time, so memory stays at one record plus a read buffer. Error
   locations name the line where the element starts and its index in the array.
@@ -18,14 +18,14 @@ one run reads, because predictions and outputs are joined on them.
 
 Schemas (one per file; each reader accepts exactly one):
 
-* ProcessBench: ``{"id", "problem", "steps": [str, ...], "label": int, "generator"?: str,
-  "final_answer_correct"?: bool, "subset"?: str}``; ``label`` is the index of the earliest wrong
-  step or -1, so ``-1 <= label < len(steps)``. Without ``subset`` the subset is the file's stem
-  (``gsm8k.json`` -> ``gsm8k``).
-* Best-of-N: ``{"id", "problem", "answer": str | number, "responses": [{"steps": [str, ...],
-  "correct": bool, "final_answer"?: str | null}, ...], "dataset"?: str}``; without ``dataset``
+* ProcessBench: `{"id", "problem", "steps": [str, ...], "label": int, "generator"?: str,
+  "final_answer_correct"?: bool, "subset"?: str}`; `label` is the index of the earliest wrong
+  step or -1, so `-1 <= label < len(steps)`. Without `subset` the subset is the file's stem
+  (`gsm8k.json` -> `gsm8k`).
+* Best-of-N: `{"id", "problem", "answer": str | number, "responses": [{"steps": [str, ...],
+  "correct": bool, "final_answer"?: str | null}, ...], "dataset"?: str}`; without `dataset`
   the dataset is the file's stem.
-* Predictions (any external critic): ``{"id", "pred": int | null}``; ``null`` means the critic
+* Predictions (any external critic): `{"id", "pred": int | null}`; `null` means the critic
   gave no usable verdict (counted as unparseable and scored as wrong).
 """
 
@@ -34,13 +34,13 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
-from prm_jax.data.records import DataError, json_type_name
+from prm_jax.jsonl import DataError, Fields, iter_objects, json_type_name, too_long
 
 __all__ = [
     "EvaluationDataError",
@@ -59,6 +59,7 @@ PathLikeStr = str | PathLike[str]
 T = TypeVar("T")
 
 _READ_CHUNK = 1 << 20  # bytes per read when streaming a JSON array
+_KNOB = "--max_record_bytes"
 
 
 #: Longest record (one JSONL line, one JSON array element) read by default: a ProcessBench record
@@ -68,59 +69,10 @@ MAX_RECORD_BYTES = 16 * 2**20
 
 
 class EvaluationDataError(DataError):
-    """An evaluation input is invalid; the message says where (``file:line``) and which field."""
-
-
-# ---------------------------------------------------------------------------- field checks
-
-
-def _require(obj: dict[str, Any], name: str) -> Any:
-    if name not in obj:
-        raise EvaluationDataError("missing", field=name)
-    return obj[name]
-
-
-def _string(value: Any, name: str, *, non_empty: bool = False) -> str:
-    if not isinstance(value, str):
-        raise EvaluationDataError(f"expected a string, got {json_type_name(value)}", field=name)
-    if non_empty and not value.strip():
-        raise EvaluationDataError("must be a non-empty string", field=name)
-    return value
-
-
-def _integer(value: Any, name: str) -> int:
-    # bool is an int in Python; a producer writing `true` for an index has a bug worth naming.
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise EvaluationDataError(f"expected an integer, got {json_type_name(value)}", field=name)
-    return value
-
-
-def _boolean(value: Any, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise EvaluationDataError(f"expected true or false, got {json_type_name(value)}", field=name)
-    return value
-
-
-def _steps(value: Any, name: str = "steps") -> tuple[str, ...]:
-    if isinstance(value, (str, bytes)) or not isinstance(value, list):
-        raise EvaluationDataError(f"expected an array of step strings, got {json_type_name(value)}", field=name)
-    if not value:
-        raise EvaluationDataError("the step list is empty; a solution needs at least one step", field=name)
-    for i, step in enumerate(value):
-        if not isinstance(step, str):
-            raise EvaluationDataError(f"step {i} is a {json_type_name(step)}, expected a string", field=name)
-    return tuple(value)
+    """An evaluation input is invalid; the message says where (`file:line`) and which field."""
 
 
 # ---------------------------------------------------------------------------- containers
-
-
-def _decode_line(raw: bytes, path: PathLikeStr, line_number: int) -> str:
-    try:
-        # utf-8-sig on the first line tolerates a byte-order mark written by some editors.
-        return raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
-    except UnicodeDecodeError as e:
-        raise EvaluationDataError(f"not valid UTF-8 ({e.reason} at byte {e.start})", path=path, line=line_number) from e
 
 
 def _first_char(path: Path) -> str | None:
@@ -133,33 +85,7 @@ def _first_char(path: Path) -> str | None:
     return None
 
 
-def _too_long(path: PathLikeStr, line: int, limit: int) -> EvaluationDataError:
-    return EvaluationDataError(
-        f"record is longer than the limit of {limit} bytes (--max_record_bytes); it is refused before it is "
-        "parsed or tokenized. Raise the limit if such records are intended", path=path, line=line)
-
-
-def _iter_jsonl(path: Path, max_record_bytes: int) -> Iterator[tuple[str, Any]]:
-    # Binary mode, decoded line by line: a text-mode reader decodes ahead in chunks and would
-    # blame an invalid byte on the wrong line. A line longer than the limit is refused after
-    # reading at most the limit (never held, parsed or tokenized whole).
-    with open(path, "rb") as f:
-        line_number = 0
-        while raw := f.readline(max_record_bytes + 1):
-            line_number += 1
-            if len(raw) > max_record_bytes and not raw.endswith(b"\n"):
-                raise _too_long(path, line_number, max_record_bytes)
-            line = _decode_line(raw, path, line_number)
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise EvaluationDataError(f"malformed JSON: {e.msg} (column {e.colno})", path=path, line=line_number) from e
-            yield f"{path}:{line_number}", obj
-
-
-def _iter_json_array(path: Path, max_record_bytes: int) -> Iterator[tuple[str, Any]]:
+def _iter_json_array(path: Path, max_record_bytes: int) -> Iterator[tuple[int, Any]]:
     """Decode a top-level JSON array element by element from a bounded read buffer.
 
     Only the element being decoded (plus at most one read chunk) is held in memory; consumed
@@ -181,7 +107,7 @@ def _iter_json_array(path: Path, max_record_bytes: int) -> Iterator[tuple[str, A
                 text = utf8.decode(raw, final=not raw)
             except UnicodeDecodeError as e:
                 where = line + buffer.count("\n", position)
-                raise EvaluationDataError(f"not valid UTF-8 ({e.reason})", path=path, line=where) from e
+                raise DataError(f"not valid UTF-8 ({e.reason})", path=path, line=where) from e
             eof = not raw
             if position > _READ_CHUNK:  # drop consumed text so the buffer stays bounded
                 buffer, position = buffer[position:], 0
@@ -201,22 +127,22 @@ def _iter_json_array(path: Path, max_record_bytes: int) -> Iterator[tuple[str, A
                     return None
 
         if skip_space() != "[":
-            raise EvaluationDataError("expected a JSON array", path=path, line=line)
+            raise DataError("expected a JSON array", path=path, line=line)
         position += 1
         index = 0
         while True:
             char = skip_space()
             if char is None:
-                raise EvaluationDataError("malformed JSON array: missing closing ']'", path=path, line=line)
+                raise DataError("malformed JSON array: missing closing ']'", path=path, line=line)
             if index > 0:
                 if char == "]":
                     break
                 if char != ",":
-                    raise EvaluationDataError(f"malformed JSON array: expected ',' or ']', got {char!r}", path=path, line=line)
+                    raise DataError(f"malformed JSON array: expected ',' or ']', got {char!r}", path=path, line=line)
                 position += 1
                 char = skip_space()
                 if char is None:
-                    raise EvaluationDataError("malformed JSON array: missing closing ']'", path=path, line=line)
+                    raise DataError("malformed JSON array: missing closing ']'", path=path, line=line)
             elif char == "]":
                 break
             while True:
@@ -228,28 +154,27 @@ def _iter_json_array(path: Path, max_record_bytes: int) -> Iterator[tuple[str, A
                     # until the element is complete or the file ends.
                     into_element = e.pos - position  # fill() may shift the buffer
                     if len(buffer) - position > max_record_bytes:
-                        raise _too_long(path, line, max_record_bytes) from None
+                        raise too_long(max_record_bytes, path=path, line=line, what="record", knob=_KNOB) from None
                     if not fill():
                         where = line + buffer.count("\n", position, position + into_element)
-                        raise EvaluationDataError(f"malformed JSON: {e.msg} (element {index})", path=path, line=where) from e
+                        raise DataError(f"malformed JSON: {e.msg} (element {index})", path=path, line=where) from e
             if end - position > max_record_bytes:
-                raise _too_long(path, line, max_record_bytes)
-            yield f"{path}:{line}", obj
+                raise too_long(max_record_bytes, path=path, line=line, what="record", knob=_KNOB)
+            yield line, obj
             line += buffer.count("\n", position, end)
             position = end
             index += 1
         position += 1
         if skip_space() is not None:
-            raise EvaluationDataError("unexpected content after the closing ']'", path=path, line=line)
+            raise DataError("unexpected content after the closing ']'", path=path, line=line)
 
 
 def iter_json_objects(
     path: PathLikeStr, max_record_bytes: int = MAX_RECORD_BYTES
-) -> Iterator[tuple[str, dict[str, Any]]]:
-    """``(location, object)`` for each record of a JSON Lines file or a JSON array file.
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """`(line, object)` for each record of a JSON Lines file or a JSON array file.
 
-    ``location`` is ``"path:line"`` (plus the element index for arrays), used in every later
-    error about the record.
+    `line` is where the record starts, used in every later error about the record.
     """
     path = Path(path)
     if not path.is_file():
@@ -257,16 +182,18 @@ def iter_json_objects(
     first = _first_char(path)
     if first is None:
         return
-    items = _iter_json_array(path, max_record_bytes) if first == "[" else _iter_jsonl(path, max_record_bytes)
-    for location, obj in items:
+    if first != "[":
+        yield from iter_objects(path, max_line_bytes=max_record_bytes, knob=_KNOB)
+        return
+    for line, obj in _iter_json_array(path, max_record_bytes):
         if not isinstance(obj, dict):
-            raise EvaluationDataError(f"expected a JSON object, got {json_type_name(obj)}", path=location)
-        yield location, obj
+            raise DataError(f"expected a JSON object, got {json_type_name(obj)}", path=path, line=line)
+        yield line, obj
 
 
 def input_files(path: PathLikeStr) -> list[Path]:
-    """The data files a ``--data`` argument names: the file itself, or a directory's
-    ``*.jsonl``/``*.json`` files sorted by name (hidden files skipped; so ``gsm8k, math, olympiadbench, omnimath``
+    """The data files a `--data` argument names: the file itself, or a directory's
+    `*.jsonl`/`*.json` files sorted by name (hidden files skipped; so `gsm8k, math, olympiadbench, omnimath`
     come out in ProcessBench's own order)."""
     path = Path(path)
     if path.is_file():
@@ -286,25 +213,30 @@ def _subset_name(path: Path) -> str:
 
 
 def _validated(
-    files: Iterable[Path], parse: Callable[[dict[str, Any], str], T], id_of: Callable[[T], str],
-    max_record_bytes: int = MAX_RECORD_BYTES,
+    files: Iterable[Path], parse: Callable[[Fields, str], T], max_record_bytes: int = MAX_RECORD_BYTES
 ) -> Iterator[T]:
-    """Parse every object of every file; field errors get the location; ids must be unique."""
+    """Parse every object of every file; ids must be unique; every error is an `EvaluationDataError`."""
     seen: dict[str, str] = {}
-    for path in files:
-        for location, obj in iter_json_objects(path, max_record_bytes):
-            try:
-                record = parse(obj, _subset_name(path))
-            except EvaluationDataError as e:
-                raise EvaluationDataError(e.message, path=location, field=e.field) from None
-            record_id = id_of(record)
-            if record_id in seen:
-                raise EvaluationDataError(
-                    f"duplicate id {record_id!r} (first seen at {seen[record_id]}); ids must be unique across all inputs",
-                    path=location, field="id",
-                )
-            seen[record_id] = location
-            yield dataclasses.replace(record, source=location)
+    try:
+        for path in files:
+            for line, obj in iter_json_objects(path, max_record_bytes):
+                try:
+                    record = parse(Fields(obj), _subset_name(path))
+                except DataError as e:
+                    raise e.located(path, line) from None
+                location = f"{path}:{line}"
+                if record.id in seen:
+                    raise DataError(
+                        f"duplicate id {record.id!r} (first seen at {seen[record.id]}); ids must be unique across all "
+                        "inputs",
+                        path=path,
+                        line=line,
+                        field="id",
+                    )
+                seen[record.id] = location
+                yield dataclasses.replace(record, source=location)
+    except DataError as e:  # the containers and the shared field checks raise the base type
+        raise EvaluationDataError(e.message, path=e.path, line=e.line, field=e.field) from e.__cause__
 
 
 # ---------------------------------------------------------------------------- ProcessBench
@@ -315,15 +247,15 @@ class ProcessBenchRecord:
     """One ProcessBench solution with the index of its earliest wrong step.
 
     Attributes:
-        id: Unique id (official ids look like ``"gsm8k-12"``).
-        subset: Which subset it is scored in (the ``subset`` field, else the file's stem).
+        id: Unique id (official ids look like `"gsm8k-12"`).
+        subset: Which subset it is scored in (the `subset` field, else the file's stem).
         problem: The problem statement.
         steps: The solution's paragraphs, as given.
         label: Earliest wrong step, or -1 when every step is right.
         final_answer_correct: Whether the final answer matches the reference (None if the file
-            does not say); correct answers with ``label != -1`` are the "flawed process" cases.
+            does not say); correct answers with `label != -1` are the "flawed process" cases.
         generator: The policy that wrote the solution (metadata).
-        source: ``path:line`` of the record, for later error messages.
+        source: `path:line` of the record, for later error messages.
     """
 
     id: str
@@ -344,22 +276,19 @@ class ProcessBenchRecord:
             )
 
 
-def _parse_processbench(obj: dict[str, Any], default_subset: str) -> ProcessBenchRecord:
-    record_id = _string(_require(obj, "id"), "id", non_empty=True)
-    problem = _string(_require(obj, "problem"), "problem")
-    steps = _steps(_require(obj, "steps"))
-    label = _integer(_require(obj, "label"), "label")
-    subset = _string(obj["subset"], "subset", non_empty=True) if "subset" in obj else default_subset
-    final = obj.get("final_answer_correct")
-    final = None if final is None else _boolean(final, "final_answer_correct")
-    generator = obj.get("generator")
-    generator = "" if generator is None else _string(generator, "generator")
+def _parse_processbench(f: Fields, default_subset: str) -> ProcessBenchRecord:
+    record_id, problem = f.string("id", non_empty=True), f.string("problem")
+    steps = f.strings("steps", item="step", non_empty=True)
+    label = f.integer("label")
+    subset = f.string("subset", non_empty=True) if "subset" in f.obj else default_subset
+    final = f.boolean("final_answer_correct", optional=True)
+    generator = f.string("generator", optional=True) or ""
     return ProcessBenchRecord(record_id, subset, problem, steps, label, final, generator)
 
 
 def read_processbench(path: PathLikeStr, *, max_record_bytes: int = MAX_RECORD_BYTES) -> Iterator[ProcessBenchRecord]:
     """Stream ProcessBench records from a file or a directory of subset files, validated."""
-    yield from _validated(input_files(path), _parse_processbench, lambda r: r.id, max_record_bytes)
+    yield from _validated(input_files(path), _parse_processbench, max_record_bytes)
 
 
 # ---------------------------------------------------------------------------- Best-of-N
@@ -387,43 +316,34 @@ class BoNRecord:
     source: str = ""
 
 
-def _parse_response(obj: Any, index: int) -> BoNResponse:
-    field = f"responses[{index}]"
-    if not isinstance(obj, dict):
-        raise EvaluationDataError(f"expected an object, got {json_type_name(obj)}", field=field)
-    if "steps" not in obj:
-        raise EvaluationDataError("missing", field=f"{field}.steps")
-    steps = _steps(obj["steps"], f"{field}.steps")
-    if "correct" not in obj:
-        raise EvaluationDataError("missing", field=f"{field}.correct")
-    correct = _boolean(obj["correct"], f"{field}.correct")
-    final = obj.get("final_answer")
-    if final is not None:
-        if isinstance(final, bool) or not isinstance(final, (str, int, float)):
-            raise EvaluationDataError(f"expected a string, number or null, got {json_type_name(final)}", field=f"{field}.final_answer")
-        final = str(final)
+def _scalar(f: Fields, key: str, expected: str) -> str:
+    """A string or a number (an answer), as text."""
+    value = f.get(key)
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise f.fail(key, f"expected {expected}, got {json_type_name(value)}")
+    return str(value)
+
+
+def _parse_response(f: Fields) -> BoNResponse:
+    steps = f.strings("steps", item="step", non_empty=True)
+    correct = f.boolean("correct")
+    final = None if f.absent("final_answer") else _scalar(f, "final_answer", "a string, number or null")
     return BoNResponse(steps, correct, final)
 
 
-def _parse_bon(obj: dict[str, Any], default_dataset: str) -> BoNRecord:
-    record_id = _string(_require(obj, "id"), "id", non_empty=True)
-    problem = _string(_require(obj, "problem"), "problem")
-    answer = _require(obj, "answer")
-    if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
-        raise EvaluationDataError(f"expected a string or number, got {json_type_name(answer)}", field="answer")
-    responses = _require(obj, "responses")
-    if not isinstance(responses, list):
-        raise EvaluationDataError(f"expected an array of responses, got {json_type_name(responses)}", field="responses")
+def _parse_bon(f: Fields, default_dataset: str) -> BoNRecord:
+    record_id, problem = f.string("id", non_empty=True), f.string("problem")
+    answer = _scalar(f, "answer", "a string or number")
+    responses = f.objects("responses", of="responses")
     if not responses:
-        raise EvaluationDataError("no responses; Best-of-N needs at least one", field="responses")
-    dataset = _string(obj["dataset"], "dataset", non_empty=True) if "dataset" in obj else default_dataset
-    parsed = tuple(_parse_response(r, i) for i, r in enumerate(responses))
-    return BoNRecord(record_id, dataset, problem, str(answer), parsed)
+        raise f.fail("responses", "no responses; Best-of-N needs at least one")
+    dataset = f.string("dataset", non_empty=True) if "dataset" in f.obj else default_dataset
+    return BoNRecord(record_id, dataset, problem, answer, tuple(_parse_response(r) for r in responses))
 
 
 def read_bon(path: PathLikeStr, *, max_record_bytes: int = MAX_RECORD_BYTES) -> Iterator[BoNRecord]:
     """Stream Best-of-N records from a file or a directory of per-dataset files, validated."""
-    yield from _validated(input_files(path), _parse_bon, lambda r: r.id, max_record_bytes)
+    yield from _validated(input_files(path), _parse_bon, max_record_bytes)
 
 
 # ---------------------------------------------------------------------------- predictions
@@ -438,16 +358,15 @@ class Prediction:
     source: str = ""
 
 
-def _parse_prediction(obj: dict[str, Any], _: str) -> Prediction:
-    record_id = _string(_require(obj, "id"), "id", non_empty=True)
-    pred = _require(obj, "pred")
+def _parse_prediction(f: Fields, _: str) -> Prediction:
+    record_id, pred = f.string("id", non_empty=True), f.get("pred")
     if pred is not None:
-        pred = _integer(pred, "pred")
+        pred = f.integer("pred")
         if pred < -1:
-            raise EvaluationDataError(f"{pred} is not a step index (expected -1, a step index, or null)", field="pred")
+            raise f.fail("pred", f"{pred} is not a step index (expected -1, a step index, or null)")
     return Prediction(record_id, pred)
 
 
 def read_predictions(path: PathLikeStr) -> Iterator[Prediction]:
-    """Stream ``{id, pred}`` predictions (one file, JSON Lines or a JSON array), validated."""
-    yield from _validated([Path(path)], _parse_prediction, lambda r: r.id)
+    """Stream `{id, pred}` predictions (one file, JSON Lines or a JSON array), validated."""
+    yield from _validated([Path(path)], _parse_prediction)

@@ -1,11 +1,11 @@
 """Evaluation outputs: results.json, results.md, predictions.jsonl and PNG plots.
 
-* ``results.json`` is strict JSON: undefined values (``nan``, e.g. the accuracy of an empty class)
-  are written as ``null`` and ``allow_nan=False`` guarantees no ``NaN`` token slips through, so any
+* `results.json` is strict JSON: undefined values (`nan`, e.g. the accuracy of an empty class)
+  are written as `null` and `allow_nan=False` guarantees no `NaN` token slips through, so any
   JSON parser (jq, JavaScript, pandas) reads it. Accuracies are fractions in [0, 1].
-* ``results.md`` shows percentages with one decimal, as the paper's tables do; ``-`` marks an
+* `results.md` shows percentages with one decimal, as the paper's tables do; `-` marks an
   undefined value.
-* ``predictions.jsonl`` has one line per record (rewards, verdicts, selections) so a run can be
+* `predictions.jsonl` has one line per record (rewards, verdicts, selections) so a run can be
   inspected and re-scored without the model.
 * Plots use matplotlib's Agg backend (no display needed on cluster nodes).
 
@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-from decimal import ROUND_HALF_UP, Decimal
 from collections.abc import Iterable, Mapping, Sequence
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
+
+from prm_jax.files import atomic_file, atomic_write, atomic_write_lines
 
 __all__ = [
     "json_safe",
@@ -37,7 +38,7 @@ __all__ = [
 
 
 def json_safe(value: Any) -> Any:
-    """``value`` with every non-finite float replaced by None (JSON ``null``), recursively."""
+    """`value` with every non-finite float replaced by None (JSON `null`), recursively."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, Mapping):
@@ -49,39 +50,22 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def write_json(path: str | Path, data: Any) -> None:
-    _atomic_write(
-        Path(path), lambda f: f.write(json.dumps(json_safe(data), indent=2, allow_nan=False, ensure_ascii=False) + "\n")
-    )
+    text = json.dumps(json_safe(data), indent=2, allow_nan=False, ensure_ascii=False)
+    atomic_write(path, text + "\n")
 
 
 def write_jsonl(path: str | Path, rows: Iterable[Any]) -> None:
-    def write(f: Any) -> None:
-        for row in rows:
-            f.write(json.dumps(json_safe(row), allow_nan=False, ensure_ascii=False) + "\n")
-
-    _atomic_write(Path(path), write)
+    atomic_write_lines(path, (json.dumps(json_safe(row), allow_nan=False, ensure_ascii=False) for row in rows))
 
 
 def write_text(path: str | Path, text: str) -> None:
-    _atomic_write(Path(path), lambda f: f.write(text))
+    atomic_write(path, text)
 
 
 def percent(value: float | None) -> str:
-    """A fraction as a percentage with one decimal, rounded half up (``2/3 -> "66.7"``,
-    ``0.7345 -> "73.5"``); ``-`` when undefined."""
+    """A fraction as a percentage with one decimal, rounded half up (`2/3 -> "66.7"`,
+    `0.7345 -> "73.5"`); `-` when undefined."""
     if value is None or not math.isfinite(value):
         return "-"
     # Half-up on the decimal value (0.7345 -> 73.5), not on its binary approximation (73.4499...).
@@ -111,7 +95,11 @@ def processbench_markdown(results: Mapping[str, Any]) -> str:
             ["error acc", *(percent(block["subsets"][n]["acc_err"]) for n in names), ""],
             ["correct acc", *(percent(block["subsets"][n]["acc_ok"]) for n in names), ""],
             ["F1", *(percent(block["subsets"][n]["f1"]) for n in names), percent(block["average_f1"])],
-            ["n (error / correct)", *(f"{block['subsets'][n]['n_err']} / {block['subsets'][n]['n_ok']}" for n in names), ""],
+            [
+                "n (error / correct)",
+                *(f"{block['subsets'][n]['n_err']} / {block['subsets'][n]['n_ok']}" for n in names),
+                "",
+            ],
         ]
         if any(block["subsets"][n].get("n_unparseable") for n in names):
             rows.append(["unparseable", *(str(block["subsets"][n]["n_unparseable"]) for n in names), ""])
@@ -120,17 +108,14 @@ def processbench_markdown(results: Mapping[str, Any]) -> str:
     parts += [scores_table(results), ""]
     sweep = results.get("threshold_sweep")
     if sweep:
-        parts += [
-            f"## Threshold tuned on {sweep['tuned_on']}: {sweep['threshold']:.4g}",
-            "",
-            scores_table(sweep),
-            "",
-        ]
+        parts += [f"## Threshold tuned on {sweep['tuned_on']}: {sweep['threshold']:.4g}", "", scores_table(sweep), ""]
     analyses = results.get("analyses") or {}
     if analyses:
         parts += ["## Analyses", ""]
         parts += _analyses_lines(analyses)
-    parts.append("Accuracies in %; F1 = 2·acc_err·acc_ok/(acc_err+acc_ok), 0 when a class is empty; average = unweighted mean of subset F1s.")
+    parts.append(
+        "Accuracies in %; F1 = 2·acc_err·acc_ok/(acc_err+acc_ok), 0 when a class is empty; average = unweighted mean of subset F1s."
+    )
     return "\n".join(parts) + "\n"
 
 
@@ -150,8 +135,9 @@ def _analyses_lines(analyses: Mapping[str, Any]) -> list[str]:
             f"(pooled over solutions: {percent(flawed['pooled_exact'])}%)."
         )
         if flawed.get("subsets"):
-            lines.append("  " + ", ".join(
-                f"{name} {percent(d['exact'])}% of {d['n']}" for name, d in flawed["subsets"].items()))
+            lines.append(
+                "  " + ", ".join(f"{name} {percent(d['exact'])}% of {d['n']}" for name, d in flawed["subsets"].items())
+            )
     cal = analyses.get("calibration")
     if cal:
         ece = "-" if cal["ece"] is None or not math.isfinite(cal["ece"]) else f"{cal['ece']:.4f}"
@@ -169,9 +155,8 @@ def _pyplot() -> Any:
 
 
 def _save(fig: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=120, bbox_inches="tight")
 
 
 def _plot_min_position(plt: Any, minimum: Mapping[str, Any], path: Path, title: str) -> None:
@@ -202,7 +187,9 @@ def _plot_calibration(plt: Any, cal: Mapping[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_processbench(results: Mapping[str, Any], out_dir: str | Path, curves: Mapping[str, Any] | None = None) -> list[Path]:
+def plot_processbench(
+    results: Mapping[str, Any], out_dir: str | Path, curves: Mapping[str, Any] | None = None
+) -> list[Path]:
     """F1 by subset (with both accuracies), the threshold curve, min position and calibration."""
     plt = _pyplot()
     out_dir = Path(out_dir)
@@ -270,7 +257,12 @@ def bon_markdown(results: Mapping[str, Any]) -> str:
         k_rows = [["maj", *(percent(by_k[k]["maj_at_n"]) for k in ks)]]
         k_rows += [[f"prm ({how})", *(percent(by_k[k]["prm_at_n"][how]) for k in ks)] for how in aggregations]
         k_rows.append(["pass", *(percent(by_k[k]["pass_at_n"]) for k in ks)])
-        parts += ["## Average over datasets by k (first k responses)", "", _table(["method", *(f"@{k}" for k in ks)], k_rows), ""]
+        parts += [
+            "## Average over datasets by k (first k responses)",
+            "",
+            _table(["method", *(f"@{k}" for k in ks)], k_rows),
+            "",
+        ]
     if results["average"].get("n_inconsistent_votes"):
         parts.append(
             f"Note: {results['average']['n_inconsistent_votes']} problems had responses with the same answer but "

@@ -1,17 +1,18 @@
 """One evaluation run from a config: load the model (or critic), run the task, write the outputs.
 
-``launch/evaluate.py`` maps its flags onto :class:`EvaluationConfig` and calls :func:`run_evaluation`;
-the same call works from Python or a notebook. Modes:
+`launch/evaluate.py` defines one flag per `EvaluationConfig` field (default, type and choices
+read from the field) and calls `run_evaluation`; the same call works from Python or a notebook.
+Modes:
 
-* ``task="processbench"`` with ``model`` (a PRM: Orbax checkpoint or Hugging Face directory),
-  ``critic_model`` (a causal LM critic, ProcessBench's critique prompt), or ``predictions`` (an
-  ``{id, pred}`` file from any external critic; no model is loaded);
-* ``task="bon"`` with ``model``.
+* `task="processbench"` with `model` (a PRM: Orbax checkpoint or Hugging Face directory),
+  `critic_model` (a causal LM critic, ProcessBench's critique prompt), or `predictions` (an
+  `{id, pred}` file from any external critic; no model is loaded);
+* `task="bon"` with `model`.
 
-``backend="jax"`` scores with :class:`~prm_jax.evaluation.scorer.BatchedScorer` and generates with
-:class:`~prm_jax.generation.jax_sampler.JaxSampler` on a ``(data, fsdp, tensor)`` mesh;
-``backend="vllm"`` uses ``VLLMStepScorer`` / ``VLLMBackend`` on a Hugging Face directory (GPU only,
-optional dependency). Only process 0 writes outputs in a multi-process run.
+`backend="jax"` scores with `prm_jax.evaluation.scorer.BatchedScorer` and generates with
+`prm_jax.generation.jax_sampler.JaxSampler` on a `(data, fsdp, tensor)` mesh; `backend="vllm"`
+uses `VLLMStepScorer` / `VLLMBackend` on a Hugging Face directory (GPU only, optional dependency).
+Only process 0 writes outputs in a multi-process run.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import jax
 from prm_jax.evaluation.best_of_n import AGGREGATIONS
 from prm_jax.evaluation.processbench import DEFAULT_THRESHOLD
 from prm_jax.evaluation.records import MAX_RECORD_BYTES, read_bon, read_processbench
+from prm_jax.evaluation.scorer import BatchedScorer, BucketConfig
 from prm_jax.evaluation.tasks import (
     OVER_LENGTH,
     EvaluationOutput,
@@ -46,7 +48,7 @@ _log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class EvaluationConfig:
-    """Everything one run needs; field names match ``launch.evaluate``'s flags."""
+    """Everything one run needs, with its defaults; `launch.evaluate` makes each field a flag."""
 
     task: Literal["processbench", "bon"]
     data: str
@@ -65,12 +67,12 @@ class EvaluationConfig:
     max_length: int | None = None  # the trained context; None: max_position_embeddings; 0: no limit
     over_length: Literal["score", "skip"] = "score"  # inputs past max_length: score anyway, or skip the record
     # JAX model and batching
-    dtype: str = "bfloat16"
-    param_dtype: str | None = "bfloat16"
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    param_dtype: Literal["bfloat16", "float32"] | None = "bfloat16"  # None: the checkpoint's (HF: float32)
     mesh_shape: dict[str, int] = dataclasses.field(default_factory=lambda: {"fsdp": -1})
-    tokens_per_batch: int = 16384
-    max_rows: int = 64
-    min_length: int = 64
+    tokens_per_batch: int = BucketConfig.tokens_per_batch  # the scorer's defaults, stated there
+    max_rows: int = BucketConfig.max_rows
+    min_length: int = BucketConfig.min_length
     window: int = 4096
     max_record_bytes: int = MAX_RECORD_BYTES  # longer records are refused at read, before tokenizing
     # critic sampling
@@ -97,7 +99,9 @@ class EvaluationConfig:
             problems.append(f"task={self.task!r}; choose processbench or bon")
         sources = [n for n in ("model", "critic_model", "predictions") if getattr(self, n)]
         if self.task == "processbench" and len(sources) != 1:
-            problems.append(f"processbench needs exactly one of model, critic_model, predictions (got {sources or 'none'})")
+            problems.append(
+                f"processbench needs exactly one of model, critic_model, predictions (got {sources or 'none'})"
+            )
         if self.task == "bon" and sources != ["model"]:
             problems.append(f"bon needs model (a PRM) and no critic_model/predictions (got {sources or 'none'})")
         if self.backend not in ("jax", "vllm"):
@@ -105,7 +109,9 @@ class EvaluationConfig:
         if not 0.0 <= self.threshold <= 1.0:
             problems.append(f"threshold={self.threshold} must be in [0, 1]")
         if self.critic_samples > 1 and self.critic_temperature == 0:
-            problems.append("critic_samples > 1 with temperature 0 would vote over identical greedy answers; set a temperature")
+            problems.append(
+                "critic_samples > 1 with temperature 0 would vote over identical greedy answers; set a temperature"
+            )
         unknown = [a for a in self.aggregations if a not in AGGREGATIONS]
         if unknown or not self.aggregations:
             problems.append(f"aggregations {list(self.aggregations)}: choose from {list(AGGREGATIONS)}")
@@ -125,8 +131,17 @@ class EvaluationConfig:
         problems = []
         if self.max_length is not None and self.max_length < 0:
             problems.append(f"max_length={self.max_length} must be >= 0 (0: no limit)")
-        positive = ("tokens_per_batch", "max_rows", "min_length", "critic_samples", "critic_max_tokens", "critic_batch",
-                    "tensor_parallel_size", "window", "max_record_bytes")
+        positive = (
+            "tokens_per_batch",
+            "max_rows",
+            "min_length",
+            "critic_samples",
+            "critic_max_tokens",
+            "critic_batch",
+            "tensor_parallel_size",
+            "window",
+            "max_record_bytes",
+        )
         problems += [f"{name}={getattr(self, name)} must be >= 1" for name in positive if getattr(self, name) < 1]
         if self.critic_temperature < 0:
             problems.append(f"critic_temperature={self.critic_temperature} must be >= 0")
@@ -143,14 +158,22 @@ class EvaluationConfig:
 
     def input_paths(self) -> dict[str, str | None]:
         """The paths this run reads, by flag name."""
-        return {"data": self.data, "model": self.model, "tokenizer": self.tokenizer, "predictions": self.predictions,
-                "critic_model": self.critic_model}
+        return {
+            "data": self.data,
+            "model": self.model,
+            "tokenizer": self.tokenizer,
+            "predictions": self.predictions,
+            "critic_model": self.critic_model,
+        }
 
 
 def input_problems(config: EvaluationConfig) -> list[str]:
     """Inputs that do not exist, and an output folder that is, holds or lies inside an input."""
-    problems = [f"{name}={value} does not exist" for name, value in config.input_paths().items()
-                if value and not Path(value).exists()]
+    problems = [
+        f"{name}={value} does not exist"
+        for name, value in config.input_paths().items()
+        if value and not Path(value).exists()
+    ]
     overlaps = overlapping_inputs(config.input_paths(), config.out, "out")
     return problems + [f"{p}; choose an --out of its own" for p in overlaps]
 
@@ -163,7 +186,7 @@ def check_inputs(config: EvaluationConfig) -> None:
 
 
 def check_tune_subset(records: list[Any], tune_on: str | None) -> None:
-    """``tune_threshold_on`` names a subset present in the data (checked before any scoring)."""
+    """`tune_threshold_on` names a subset present in the data (checked before any scoring)."""
     if tune_on is None:
         return
     subsets = sorted({r.subset for r in records})
@@ -172,7 +195,7 @@ def check_tune_subset(records: list[Any], tune_on: str | None) -> None:
 
 
 def parse_mesh_shape(text: str) -> dict[str, int]:
-    """``"data=2,fsdp=-1"`` -> ``{"data": 2, "fsdp": -1}`` (axes of ``prm_jax.sharding.make_mesh``)."""
+    """`"data=2,fsdp=-1"` -> `{"data": 2, "fsdp": -1}` (axes of `prm_jax.sharding.make_mesh`)."""
     shape: dict[str, int] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, _, value = part.partition("=")
@@ -199,31 +222,38 @@ def _max_length(config: EvaluationConfig, model_config: Any | None) -> int | Non
 
 def _prm_scorer(config: EvaluationConfig) -> tuple[Any, Any, int | None]:
     """(scorer, tokenizer, max_length) for a PRM."""
-    from prm_jax.evaluation.model_loading import checkpoint_kind, load_model, load_tokenizer
+    from prm_jax.evaluation.model_loading import load_tokenizer
+    from prm_jax.weights import checkpoint_kind, load_model
 
     tokenizer = load_tokenizer(config.model, config.tokenizer)
     if config.backend == "vllm":
         if checkpoint_kind(config.model) != "hf":
-            raise ValueError(f"{config.model}: vLLM serves Hugging Face directories; export it with launch.convert first")
+            raise ValueError(
+                f"{config.model}: vLLM serves Hugging Face directories; export it with launch.convert first"
+            )
         from prm_jax.generation.vllm_backend import VLLMStepScorer
 
         scorer = VLLMStepScorer(
-            config.model, tokenizer=config.tokenizer, tensor_parallel_size=config.tensor_parallel_size,
-            gpu_memory_utilization=config.gpu_memory_utilization, seed=config.seed,
+            config.model,
+            tokenizer=config.tokenizer,
+            tensor_parallel_size=config.tensor_parallel_size,
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            seed=config.seed,
             trust_remote_code=config.trust_remote_code,
         )
         return scorer, tokenizer, _max_length(config, None)
-    from prm_jax.evaluation.scorer import BatchedScorer, BucketConfig
-
     mesh = _mesh(config)
     model = load_model(config.model, mesh=mesh, head="prm", dtype=config.dtype, param_dtype=config.param_dtype)
     pad_id = getattr(tokenizer, "pad_token_id", None) or 0
-    buckets = BucketConfig(min_length=config.min_length, tokens_per_batch=config.tokens_per_batch, max_rows=config.max_rows)
+    buckets = BucketConfig(
+        min_length=config.min_length, tokens_per_batch=config.tokens_per_batch, max_rows=config.max_rows
+    )
     return BatchedScorer(model, mesh=mesh, config=buckets, pad_id=pad_id), tokenizer, _max_length(config, model.config)
 
 
 def _critic_backend(config: EvaluationConfig) -> Any:
-    from prm_jax.evaluation.model_loading import checkpoint_kind, load_model, load_tokenizer
+    from prm_jax.evaluation.model_loading import load_tokenizer
+    from prm_jax.weights import checkpoint_kind, load_model
 
     if config.backend == "vllm":
         if checkpoint_kind(config.critic_model) != "hf":
@@ -231,8 +261,11 @@ def _critic_backend(config: EvaluationConfig) -> Any:
         from prm_jax.generation.vllm_backend import VLLMBackend
 
         return VLLMBackend(
-            config.critic_model, tokenizer=config.tokenizer, tensor_parallel_size=config.tensor_parallel_size,
-            gpu_memory_utilization=config.gpu_memory_utilization, seed=config.seed,
+            config.critic_model,
+            tokenizer=config.tokenizer,
+            tensor_parallel_size=config.tensor_parallel_size,
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            seed=config.seed,
             trust_remote_code=config.trust_remote_code,
         )
     from prm_jax.generation.jax_sampler import JaxSampler, SamplerConfig
@@ -258,8 +291,11 @@ def run_evaluation(config: EvaluationConfig) -> EvaluationOutput:
         elif config.critic_model:
             backend = _critic_backend(config)
             params = SamplingParams(
-                n=config.critic_samples, temperature=config.critic_temperature, top_p=config.critic_top_p,
-                max_tokens=config.critic_max_tokens, seed=config.seed,
+                n=config.critic_samples,
+                temperature=config.critic_temperature,
+                top_p=config.critic_top_p,
+                max_tokens=config.critic_max_tokens,
+                seed=config.seed,
             )
             output = processbench_with_critic(
                 records, backend, params, batch_size=config.critic_batch, official_parse=config.official_parse
@@ -267,14 +303,26 @@ def run_evaluation(config: EvaluationConfig) -> EvaluationOutput:
         else:
             scorer, tokenizer, max_length = _prm_scorer(config)
             output = processbench_with_prm(
-                records, scorer, tokenizer, threshold=config.threshold, tune_on=config.tune_threshold_on,
-                max_length=max_length, over_length=config.over_length, window=config.window,
+                records,
+                scorer,
+                tokenizer,
+                threshold=config.threshold,
+                tune_on=config.tune_threshold_on,
+                max_length=max_length,
+                over_length=config.over_length,
+                window=config.window,
             )
     else:
         scorer, tokenizer, max_length = _prm_scorer(config)
         output = bon_with_prm(
-            read_bon(config.data, max_record_bytes=config.max_record_bytes), scorer, tokenizer, aggregations=config.aggregations, ks=config.bon_k,
-            max_length=max_length, over_length=config.over_length, window=config.window,
+            read_bon(config.data, max_record_bytes=config.max_record_bytes),
+            scorer,
+            tokenizer,
+            aggregations=config.aggregations,
+            ks=config.bon_k,
+            max_length=max_length,
+            over_length=config.over_length,
+            window=config.window,
         )
     output.results["run"] = {
         "data": str(config.data),
@@ -297,7 +345,9 @@ def summary_line(results: dict[str, Any]) -> str:
         line = f"ProcessBench ({results['mode']}) F1: {subsets}; average {100 * results['average_f1']:.1f}"
         sweep = results.get("threshold_sweep")
         if sweep:
-            line += f" | tuned on {sweep['tuned_on']} (t={sweep['threshold']:.3g}): average {100 * sweep['average_f1']:.1f}"
+            line += (
+                f" | tuned on {sweep['tuned_on']} (t={sweep['threshold']:.3g}): average {100 * sweep['average_f1']:.1f}"
+            )
         return line
     average = results["average"]
     prm = ", ".join(f"{k} {100 * v:.1f}" for k, v in average["prm_at_n"].items())

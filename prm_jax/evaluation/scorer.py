@@ -1,22 +1,22 @@
 """Batched, length-bucketed, sharded step scoring for evaluation sets.
 
-``prm_jax.scoring.score_prm_inputs`` scores one batch as given; an evaluation set is thousands of
+`prm_jax.scoring.score_prm_inputs` scores one batch as given; an evaluation set is thousands of
 solutions of very different lengths (a 3-step GSM8K answer next to a 40-step OlympiadBench proof),
 so scoring it in file order would pad everything to the longest neighbour and compile a new
-program for every new shape. :class:`BatchedScorer` therefore
+program for every new shape. `BatchedScorer` therefore
 
 * sorts the inputs of a call by length (longest first, so an out-of-memory batch shows up at
-  once); :func:`score_stream` feeds a long stream through in windows, so host memory does not grow
+  once); `score_stream` feeds a long stream through in windows, so host memory does not grow
   with the evaluation set,
 * pads each batch to a **length bucket** from a fixed geometric ladder (powers of two and 1.5x
-  powers of two from ``min_length``: at most a third of a batch is padding, and the number of
+  powers of two from `min_length`: at most a third of a batch is padding, and the number of
   distinct lengths is logarithmic in the longest sequence),
-* sizes batches by a token budget (``rows = tokens_per_batch / bucket``, a power of two that
+* sizes batches by a token budget (`rows = tokens_per_batch / bucket`, a power of two that
   divides by the data-parallel mesh size), and pads a short final batch only up to the next power
   of two rows, so the set of compiled shapes stays small and is reused across calls,
-* runs one jitted forward with explicit shardings (rows over the ``data``/``fsdp`` mesh axes,
+* runs one jitted forward with explicit shardings (rows over the `data`/`fsdp` mesh axes,
   parameters as restored) that gathers the hidden states at the step separators before the PRM
-  head, so only ``[rows, steps]`` rewards come back to the host, replicated so every process of a
+  head, so only `[rows, steps]` rewards come back to the host, replicated so every process of a
   multi-host run can read them.
 
 Rewards equal an unpadded forward (padding is a separate segment the real tokens never attend to).
@@ -46,9 +46,9 @@ K = TypeVar("K")
 
 
 class StepScorer(Protocol):
-    """What evaluation needs from a scorer: ``score(inputs) -> one reward list per input``.
+    """What evaluation needs from a scorer: `score(inputs) -> one reward list per input`.
 
-    Implemented by :class:`BatchedScorer` (JAX) and ``prm_jax.generation.vllm_backend.VLLMStepScorer``.
+    Implemented by `BatchedScorer` (JAX) and `prm_jax.generation.vllm_backend.VLLMStepScorer`.
     """
 
     def score(self, inputs: Sequence[PRMInput]) -> list[list[float]]:
@@ -104,7 +104,7 @@ class ScoringStats:
 
 
 def length_bucket(length: int, min_length: int) -> int:
-    """Smallest value of the ladder min_length * {1, 1.5, 2, 3, 4, 6, 8, ...} that holds ``length``."""
+    """Smallest value of the ladder min_length * {1, 1.5, 2, 3, 4, 6, 8, ...} that holds `length`."""
     base = min_length
     while True:
         if length <= base:
@@ -139,7 +139,7 @@ class BatchedScorer:
         config: BucketConfig | None = None,
         pad_id: int = 0,
     ) -> None:
-        """``mesh`` defaults to one device; parameters not already laid out for it under ``rules``
+        """`mesh` defaults to one device; parameters not already laid out for it under `rules`
         (e.g. a model restored without a mesh) are moved onto it once, here."""
         if model.score is None:
             raise ValueError("the model has no PRM head (with_prm_head=False); it cannot score steps")
@@ -181,7 +181,7 @@ class BatchedScorer:
         return _round_up(rows, self.row_multiple)
 
     def _plan(self, lengths: Sequence[int]) -> list[tuple[int, list[int]]]:
-        """[(length bucket, indices)] batches, longest first; indices into ``lengths``."""
+        """[(length bucket, indices)] batches, longest first; indices into `lengths`."""
         order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
         batches: list[tuple[int, list[int]]] = []
         current: list[int] = []
@@ -224,7 +224,7 @@ class BatchedScorer:
         """One reward per step for each input, in input order.
 
         Every batch is dispatched before any result is fetched, so padding the next batch on the
-        host overlaps the device running the previous one; results are only ``[rows, steps]``.
+        host overlaps the device running the previous one; results are only `[rows, steps]`.
         """
         inputs = list(inputs)
         start = time.perf_counter()
@@ -246,8 +246,8 @@ class BatchedScorer:
 def score_stream(
     scorer: StepScorer, items: Iterable[tuple[K, PRMInput]], window: int = 4096
 ) -> Iterator[tuple[K, list[float]]]:
-    """``(key, rewards)`` for a stream of ``(key, input)``, in order, scoring ``window`` inputs per
-    :meth:`StepScorer.score` call (each window is sorted and bucketed on its own)."""
+    """`(key, rewards)` for a stream of `(key, input)`, in order, scoring `window` inputs per
+    `StepScorer.score` call (each window is sorted and bucketed on its own)."""
     keys: list[K] = []
     inputs: list[PRMInput] = []
     for key, x in items:

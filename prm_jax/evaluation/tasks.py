@@ -1,24 +1,24 @@
 """The evaluation tasks end to end: records in, results and per-record predictions out.
 
 Each task streams its records once, keeps only what scoring needs (ids, labels, rewards; never the
-text once it is tokenized) and returns an :class:`EvaluationOutput`, which :func:`write_outputs`
-turns into ``results.json``, ``results.md``, ``predictions.jsonl`` and plots. The scorer is any
-:class:`~prm_jax.evaluation.scorer.StepScorer` (the JAX :class:`BatchedScorer`, or vLLM's STEP
-pooling scorer) and the critic any :class:`~prm_jax.generation.GenerationBackend`, so the same
+text once it is tokenized) and returns an `EvaluationOutput`, which `write_outputs`
+turns into `results.json`, `results.md`, `predictions.jsonl` and plots. The scorer is any
+`prm_jax.evaluation.scorer.StepScorer` (the JAX `BatchedScorer`, or vLLM's STEP
+pooling scorer) and the critic any `prm_jax.generation.GenerationBackend`, so the same
 task code runs on CPU, TPU and GPU.
 
-results.json layouts (accuracies are fractions; undefined values are ``null``):
+results.json layouts (accuracies are fractions; undefined values are `null`):
 
-* ProcessBench: ``{"task": "processbench", "mode": "prm" | "critic" | "predictions",
+* ProcessBench: `{"task": "processbench", "mode": "prm" | "critic" | "predictions",
   "threshold": float | null, "subsets": {name: {"f1", "acc_err", "acc_ok", "n_err", "n_ok",
   "n_unparseable"}}, "average_f1": float, "threshold_sweep"?: {"tuned_on", "threshold",
   "subsets", "average_f1"}, "analyses": {"min_position"?, "flawed_process", "calibration"?},
   "scoring"?: {...throughput...}, "critic"?: {...sampling...}, "over_length"?: {"max_length",
-  "policy", "n_inputs", "n_skipped", "longest", "by_group"}}``
-* Best-of-N: ``{"task": "bon", "aggregations": [...], "datasets": {name: {"n_problems",
+  "policy", "n_inputs", "n_skipped", "longest", "by_group"}}`
+* Best-of-N: `{"task": "bon", "aggregations": [...], "datasets": {name: {"n_problems",
   "n_responses", "n", "prm_at_n": {aggregation: acc}, "maj_at_n", "pass_at_n",
   "n_inconsistent_votes"}}, "average": {same keys, unweighted over datasets}, "by_k"?: {k:
-  average}, "analyses": {"min_position"}, "over_length": {...as above...}, "scoring"?: {...}}``
+  average}, "analyses": {"min_position"}, "over_length": {...as above...}, "scoring"?: {...}}`
 """
 
 from __future__ import annotations
@@ -29,24 +29,18 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from prm_jax.critique import critique_messages, parse_first_error
+from prm_jax.critique import critic_vote, critique_messages, parse_first_error
 from prm_jax.evaluation import report
 from prm_jax.evaluation.analyses import calibration, flawed_process_detection, labelled_steps, min_position_stats
 from prm_jax.evaluation.best_of_n import AGGREGATIONS, bon_scores, response_answer, score_problem
 from prm_jax.evaluation.processbench import (
     DEFAULT_THRESHOLD,
     f1_curves,
-    majority_verdict,
     predict_first_error,
     processbench_scores,
     sweep_threshold,
 )
-from prm_jax.evaluation.records import (
-    BoNRecord,
-    EvaluationDataError,
-    ProcessBenchRecord,
-    read_predictions,
-)
+from prm_jax.evaluation.records import BoNRecord, EvaluationDataError, ProcessBenchRecord, read_predictions
 from prm_jax.evaluation.scorer import BatchedScorer, StepScorer, score_stream
 from prm_jax.generation.types import GenerationBackend, SamplingParams
 from prm_jax.tokenization import PRMInput, build_prm_input
@@ -76,22 +70,22 @@ class EvaluationOutput:
 
 
 def prepare_input(tokenizer: Any, problem: str, steps: Sequence[str], *, source: str) -> PRMInput:
-    """Tokenize one solution in the PRM layout; problems are reported at the record's ``path:line``."""
+    """Tokenize one solution in the PRM layout; problems are reported at the record's `path:line`."""
     try:
         return build_prm_input(tokenizer, problem, list(steps))
     except (TypeError, ValueError) as e:
         raise EvaluationDataError(str(e), path=source, field="steps") from None
 
 
-#: What to do with an input longer than the model's context (``max_length``): ``score`` it anyway
-#: (RoPE positions extrapolate, and the model card's own code scores any length) or ``skip`` its
-#: record. Either way the over-long inputs are counted in results.json (``over_length``).
+#: What to do with an input longer than the model's context (`max_length`): `score` it anyway
+#: (RoPE positions extrapolate, and the model card's own code scores any length) or `skip` its
+#: record. Either way the over-long inputs are counted in results.json (`over_length`).
 OVER_LENGTH = ("score", "skip")
 
 
 @dataclasses.dataclass
 class OverLengthCount:
-    """Inputs longer than ``max_length`` tokens and what was done with them."""
+    """Inputs longer than `max_length` tokens and what was done with them."""
 
     max_length: int | None
     policy: str
@@ -105,7 +99,7 @@ class OverLengthCount:
             raise ValueError(f"over_length={self.policy!r}; choose one of {list(OVER_LENGTH)}")
 
     def check(self, x: PRMInput, group: str) -> bool:
-        """Count ``x`` if it is over-long; True when it is."""
+        """Count `x` if it is over-long; True when it is."""
         if self.max_length is None or len(x.input_ids) <= self.max_length:
             return False
         self.n_inputs += 1
@@ -120,7 +114,10 @@ class OverLengthCount:
         if self.n_inputs:
             _log.warning(
                 "%d %s(s) longer than max_length=%d tokens (longest %d): %s",
-                self.n_inputs, unit, self.max_length, self.longest,
+                self.n_inputs,
+                unit,
+                self.max_length,
+                self.longest,
                 f"{self.n_skipped} record(s) skipped" if self.policy == "skip" else "scored past the trained context",
             )
 
@@ -156,11 +153,11 @@ def processbench_with_prm(
     over_length: str = "score",
     window: int = 4096,
 ) -> EvaluationOutput:
-    """ProcessBench with a PRM: rewards per step, the first below ``threshold`` is the verdict.
+    """ProcessBench with a PRM: rewards per step, the first below `threshold` is the verdict.
 
-    ``tune_on`` adds the threshold sweep (best threshold on that subset, applied to all).
-    Inputs longer than ``max_length`` tokens are scored or skipped per ``over_length`` (see
-    :data:`OVER_LENGTH`), and counted in ``results["over_length"]``.
+    `tune_on` adds the threshold sweep (best threshold on that subset, applied to all).
+    Inputs longer than `max_length` tokens are scored or skipped per `over_length` (see
+    `OVER_LENGTH`), and counted in `results["over_length"]`.
     """
     too_long = OverLengthCount(max_length, over_length)
 
@@ -224,10 +221,10 @@ def processbench_with_critic(
     keep_texts: bool = True,
     official_parse: bool = False,
 ) -> EvaluationOutput:
-    """ProcessBench with an LLM critic: the critique prompt, ``params.n`` samples per solution,
-    verdict = last ``\\boxed{}`` index, majority vote over samples (see
-    :func:`~prm_jax.evaluation.processbench.majority_verdict`). ``official_parse`` reads verdicts
-    exactly as ProcessBench's ``extract_answer`` does (see :func:`prm_jax.critique.classify_verdict`)."""
+    """ProcessBench with an LLM critic: the critique prompt, `params.n` samples per solution,
+    verdict = last `\\boxed{}` index, one verdict from the samples by `prm_jax.critique.critic_vote`
+    (the vote synthesis's judge uses). `official_parse` reads verdicts exactly as ProcessBench's
+    `extract_answer` does (see `prm_jax.critique.classify_verdict`)."""
     rows: list[dict[str, Any]] = []
     samples = unparseable_samples = truncated = 0
 
@@ -239,7 +236,7 @@ def processbench_with_critic(
             samples += len(verdicts)
             unparseable_samples += sum(v is None for v in verdicts)
             truncated += sum(c.finish_reason == "length" for c in out.completions)
-            pred = majority_verdict(verdicts)
+            pred = critic_vote(verdicts)
             row: dict[str, Any] = {
                 "id": r.id,
                 "subset": r.subset,
@@ -286,16 +283,13 @@ def processbench_with_critic(
 
 
 def processbench_with_predictions(
-    records: Iterable[ProcessBenchRecord],
-    predictions_path: str | Path,
-    *,
-    missing: Literal["error", "wrong"] = "error",
+    records: Iterable[ProcessBenchRecord], predictions_path: str | Path, *, missing: Literal["error", "wrong"] = "error"
 ) -> EvaluationOutput:
-    """ProcessBench for an external critic's ``{id, pred}`` file.
+    """ProcessBench for an external critic's `{id, pred}` file.
 
     Every prediction must name a record of the data (unknown ids are an error listing them) and be
     a valid index for that record; records without a prediction are an error too, unless
-    ``missing="wrong"`` scores them as wrong (counted in ``n_unparseable`` and ``n_missing``).
+    `missing="wrong"` scores them as wrong (counted in `n_unparseable` and `n_missing`).
     """
     meta = {r.id: r for r in _light_processbench(records)}
     if not meta:
@@ -309,18 +303,23 @@ def processbench_with_predictions(
         n_steps = meta[p.id].n_steps
         if p.pred is not None and p.pred >= n_steps:
             raise EvaluationDataError(
-                f"prediction {p.pred} is out of range for record {p.id!r} with {n_steps} steps", path=p.source, field="pred"
+                f"prediction {p.pred} is out of range for record {p.id!r} with {n_steps} steps",
+                path=p.source,
+                field="pred",
             )
         predictions[p.id] = p.pred
     if unknown:
         raise EvaluationDataError(
-            f"{len(unknown)} prediction(s) for ids not in the data: {_preview(unknown)}", path=predictions_path, field="id"
+            f"{len(unknown)} prediction(s) for ids not in the data: {_preview(unknown)}",
+            path=predictions_path,
+            field="id",
         )
     absent = [i for i in meta if i not in predictions]
     if absent and missing == "error":
         raise EvaluationDataError(
             f"no prediction for {len(absent)} record(s): {_preview(absent)} (pass --missing=wrong to score them as wrong)",
-            path=predictions_path, field="id",
+            path=predictions_path,
+            field="id",
         )
     rows = []
     for record_id, r in meta.items():
@@ -392,10 +391,10 @@ def bon_with_prm(
 ) -> EvaluationOutput:
     """Best-of-N with a PRM: score every response, select per aggregation, compare with maj/pass.
 
-    ``ks`` also reports every metric using only each problem's first k responses (a curve over N;
-    prefixes of the sampled order, not fresh draws). Responses longer than ``max_length`` tokens
-    are scored, or (``over_length="skip"``) their whole problem is left out, so prm@N, maj@N and
-    pass@N stay computed on the same problems; counted in ``results["over_length"]``.
+    `ks` also reports every metric using only each problem's first k responses (a curve over N;
+    prefixes of the sampled order, not fresh draws). Responses longer than `max_length` tokens
+    are scored, or (`over_length="skip"`) their whole problem is left out, so prm@N, maj@N and
+    pass@N stay computed on the same problems; counted in `results["over_length"]`.
     """
     too_long = OverLengthCount(max_length, over_length)
     for how in aggregations:
@@ -414,7 +413,12 @@ def bon_with_prm(
                 too_long.n_skipped += 1
                 continue
             problems.append(
-                _Problem(r.id, r.dataset, tuple(x.correct for x in r.responses), tuple(response_answer(x) for x in r.responses))
+                _Problem(
+                    r.id,
+                    r.dataset,
+                    tuple(x.correct for x in r.responses),
+                    tuple(response_answer(x) for x in r.responses),
+                )
             )
             for j, x in enumerate(prepared):
                 yield (len(problems) - 1, j), x
@@ -474,7 +478,7 @@ def bon_with_prm(
 
 
 def write_outputs(out_dir: str | Path, output: EvaluationOutput, *, plots: bool = True) -> list[Path]:
-    """results.json, results.md, predictions.jsonl and the task's PNG plots under ``out_dir``."""
+    """results.json, results.md, predictions.jsonl and the task's PNG plots under `out_dir`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = output.results

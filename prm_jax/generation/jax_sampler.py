@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,14 +27,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from prm_jax.generation.types import (
-    Completion,
-    Prompt,
-    RequestOutput,
-    SamplingParams,
-    per_prompt_params,
-    render_prompt,
-)
+from prm_jax.generation.types import Completion, Prompt, RequestOutput, SamplingParams, per_prompt_params, render_prompt
 from prm_jax.models.transformer import KVCache, Transformer
 from prm_jax.sharding import logical_to_partition_spec
 
@@ -154,7 +147,9 @@ class JaxSampler:
         self.context_length = model.config.max_position_embeddings
         self.graphdef, self.state = nnx.split(model)
         self.stats = SamplerStats()
-        self.eos_ids = tuple(sorted(_as_ids(getattr(tokenizer, "eos_token_id", None)) | _as_ids(model.config.eos_token_id)))
+        self.eos_ids = tuple(
+            sorted(_as_ids(getattr(tokenizer, "eos_token_id", None)) | _as_ids(model.config.eos_token_id))
+        )
         self._row_multiple = 1
         if mesh is not None:
             spec = logical_to_partition_spec(("activation_batch",), None, mesh)
@@ -227,8 +222,8 @@ class JaxSampler:
         tokens = np.full((prefill_batch, prompt_len), cfg.pad_id, np.int32)
         segments = np.zeros((prefill_batch, prompt_len), np.int32)
         for r, ids in enumerate(prefill_prompts):
-            tokens[r, prompt_len - len(ids):] = ids
-            segments[r, prompt_len - len(ids):] = 1
+            tokens[r, prompt_len - len(ids) :] = ids
+            segments[r, prompt_len - len(ids) :] = 1
         positions = np.maximum(np.cumsum(segments, axis=1) - 1, 0).astype(np.int32)
         logits, cache = _prefill(
             self.graphdef, self.state, self._place(tokens), self._place(positions), self._place(segments), slots=slots
@@ -267,10 +262,17 @@ class JaxSampler:
         for r, row in enumerate(group):
             positions[r] = len(prompt_ids[row.prompt])
         done = np.zeros(batch, bool)
-        done[len(group):] = True
+        done[len(group) :] = True
         initial_done = done
         generated = np.zeros(batch, np.int32)
-        state = (cache, logits, jnp.int32(prompt_len), self._place(positions), self._place(initial_done), self._place(generated))
+        state = (
+            cache,
+            logits,
+            jnp.int32(prompt_len),
+            self._place(positions),
+            self._place(initial_done),
+            self._place(generated),
+        )
         out_tokens = [[] for _ in group]
         stop_hits: dict[int, str] = {}
         steps = cfg.chunk_size  # fixed: one compiled decode program per shape bucket
@@ -296,7 +298,10 @@ class JaxSampler:
                 break
             state = (carry[0], carry[1], carry[2], carry[3], self._place(done), carry[5])
         self.stats.generated_tokens += sum(len(t) for t in out_tokens)
-        return {(row.prompt, row.sample): self._completion(out_tokens[r], row.params, stop_hits.get(r)) for r, row in enumerate(group)}
+        return {
+            (row.prompt, row.sample): self._completion(out_tokens[r], row.params, stop_hits.get(r))
+            for r, row in enumerate(group)
+        }
 
     # ------------------------------------------------------------------ host-side text
 

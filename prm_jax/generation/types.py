@@ -1,7 +1,7 @@
 """The generation interface every backend implements.
 
-A request is a prompt (token ids, or chat messages rendered with the tokenizer's chat template, or
-plain text) plus `SamplingParams`; the answer is, per prompt, `n` completions with text, token ids
+A request is a prompt (token ids, or chat messages rendered by `prm_jax.tokenization.render_chat`,
+or plain text) plus `SamplingParams`; the answer is, per prompt, `n` completions with text, token ids
 and a finish reason. Seeds: completion j of a request with seed s draws from seed s + j, so n
 samples of one request equal n single-sample requests with seeds s..s+n-1 (and vLLM's per-child
 seeding has the same shape), which is what makes prefix sharing checkable.
@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal, Mapping, Protocol, Sequence, Union
+from collections.abc import Mapping, Sequence
+from typing import Literal, Protocol
+
+from prm_jax.tokenization import render_chat
 
 FinishReason = Literal["stop", "length"]
 Message = Mapping[str, str]
-Prompt = Union[Sequence[int], Sequence[Message], str]
+Prompt = Sequence[int] | Sequence[Message] | str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,9 +82,8 @@ class GenerationBackend(Protocol):
 def render_prompt(tokenizer, prompt: Prompt, *, system_prompt: str | None = None) -> list[int]:
     """Token ids of a prompt.
 
-    Token ids pass through; a string is encoded as is; chat messages go through the chat template
-    with the generation prompt appended, or, without a template, a plain layout of the message
-    contents separated by blank lines (ending with a blank line, where the answer starts).
+    Token ids pass through; a string is encoded as is; chat messages are rendered by
+    `prm_jax.tokenization.render_chat` (its system-prompt, assistant-turn and plain-layout rules).
     """
     if isinstance(prompt, str):
         return list(tokenizer.encode(prompt, add_special_tokens=False))
@@ -92,19 +94,11 @@ def render_prompt(tokenizer, prompt: Prompt, *, system_prompt: str | None = None
         return [int(t) for t in items]
     if not all(isinstance(m, Mapping) and "role" in m and "content" in m for m in items):
         raise TypeError("a prompt is token ids, a string, or a list of {'role', 'content'} messages")
-    messages = [dict(m) for m in items]
-    if system_prompt is not None and messages[0]["role"] != "system":
-        messages.insert(0, {"role": "system", "content": system_prompt})
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    else:
-        text = "\n\n".join(m["content"] for m in messages) + "\n\n"
+    text = render_chat(tokenizer, items, system_prompt=system_prompt)
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
-def per_prompt_params(
-    params: SamplingParams | Sequence[SamplingParams], count: int
-) -> list[SamplingParams]:
+def per_prompt_params(params: SamplingParams | Sequence[SamplingParams], count: int) -> list[SamplingParams]:
     if isinstance(params, SamplingParams):
         return [params] * count
     params = list(params)

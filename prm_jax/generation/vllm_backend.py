@@ -1,24 +1,24 @@
 """vLLM backends (GPU): sampling for the data pipeline and fast step scoring of exported PRMs.
 
-vLLM is an optional extra (``pip install 'prm-jax[vllm]'``); this is the only module that imports
-it, and it does so lazily inside the constructors, so importing ``prm_jax.generation`` never needs
-it. Written against vLLM's current offline API (``vllm.LLM``, ``vllm.SamplingParams``,
-``vllm.TokensPrompt``, ``vllm.config.PoolerConfig``; vLLM >= 0.11 for ``runner=``/``pooler_config=``):
+vLLM is an optional extra (`pip install 'prm-jax[vllm]'`); this is the only module that imports
+it, and it does so lazily inside the constructors, so importing `prm_jax.generation` never needs
+it. Written against vLLM's current offline API (`vllm.LLM`, `vllm.SamplingParams`,
+`vllm.TokensPrompt`, `vllm.config.PoolerConfig`; vLLM >= 0.11 for `runner=`/`pooler_config=`):
 
-* :class:`VLLMBackend` implements :class:`~prm_jax.generation.types.GenerationBackend`. Prompts
-  are rendered to token ids here (same :func:`render_prompt` as every backend) and sent as
-  ``TokensPrompt``s; each prompt becomes exactly **one** request with ``n = k`` so its prefix is
-  prefilled once and the k samples share it (vLLM fans ``n`` out into child requests after the
+* `VLLMBackend` implements `GenerationBackend`. Prompts
+  are rendered to token ids here (same `render_prompt` as every backend) and sent as
+  `TokensPrompt`s; each prompt becomes exactly **one** request with `n = k` so its prefix is
+  prefilled once and the k samples share it (vLLM fans `n` out into child requests after the
   prompt; prefix caching also shares prefixes across requests).
-* :class:`VLLMStepScorer` serves a Qwen2.5-Math-PRM-layout checkpoint (what
-  :func:`prm_jax.conversion.hf_checkpoint.orbax_to_hf` writes) with ``runner="pooling"`` and STEP
-  pooling on the step separator, and returns one reward per step: ``softmax(logits)[1]`` at each
+* `VLLMStepScorer` serves a Qwen2.5-Math-PRM-layout checkpoint (what
+  `prm_jax.conversion.hf_checkpoint.orbax_to_hf` writes) with `runner="pooling"` and STEP
+  pooling on the step separator, and returns one reward per step: `softmax(logits)[1]` at each
   separator, exactly what the JAX model and the transformers remote code compute.
 
-Seeds: our interface defines completion ``j`` of a request with seed ``s`` to draw from seed
-``s + j``. vLLM (``vllm/v1/engine/parallel_sampling.py``) gives child ``j`` of an ``n > 1``
-request the seed ``seed + j`` as well, so the *scheme* is the same: a request with ``n = k`` and
-seed ``s`` equals ``k`` requests with ``n = 1`` and seeds ``s .. s+k-1``. The *samples* are not
+Seeds: our interface defines completion `j` of a request with seed `s` to draw from seed
+`s + j`. vLLM (`vllm/v1/engine/parallel_sampling.py`) gives child `j` of an `n > 1`
+request the seed `seed + j` as well, so the *scheme* is the same: a request with `n = k` and
+seed `s` equals `k` requests with `n = 1` and seeds `s .. s+k-1`. The *samples* are not
 identical to the JAX backend's (different RNGs and kernels), which is expected; within vLLM a
 seeded request is reproducible up to batch-dependent floating-point differences.
 """
@@ -27,19 +27,13 @@ from __future__ import annotations
 
 import importlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
-from prm_jax.generation.types import (
-    Completion,
-    Prompt,
-    RequestOutput,
-    SamplingParams,
-    per_prompt_params,
-    render_prompt,
-)
+from prm_jax.generation.types import Completion, Prompt, RequestOutput, SamplingParams, per_prompt_params, render_prompt
 from prm_jax.tokenization import STEP_SEPARATOR, PRMInput, separator_token_id
 
 __all__ = ["VLLMBackend", "VLLMStepScorer", "to_request_output", "to_vllm_sampling_params"]
@@ -52,7 +46,7 @@ _FINISH_REASONS = {"stop": "stop", "length": "length"}
 
 
 def _import_vllm():
-    """``vllm`` with its ``config`` submodule loaded (tests replace this with a fake module)."""
+    """`vllm` with its `config` submodule loaded (tests replace this with a fake module)."""
     try:
         vllm = importlib.import_module("vllm")
         importlib.import_module("vllm.config")
@@ -66,17 +60,17 @@ def _is_greedy(params: SamplingParams) -> bool:
 
 
 def to_vllm_sampling_params(params: SamplingParams, vllm_module: Any):
-    """Our :class:`SamplingParams` as a ``vllm.SamplingParams`` (built from ``vllm_module``).
+    """Our `SamplingParams` as a `vllm.SamplingParams` (built from `vllm_module`).
 
-    * ``top_k = 0`` (off) is passed as 0, which vLLM documents as "consider all tokens"
+    * `top_k = 0` (off) is passed as 0, which vLLM documents as "consider all tokens"
       (it still accepts -1 but prefers 0).
-    * ``max_tokens`` is always set (vLLM's default is 16).
-    * ``seed`` is the request seed; vLLM derives child ``j``'s seed as ``seed + j``.
-    * Greedy (``temperature == 0``): vLLM rejects ``n > 1`` with greedy sampling, and all greedy
-      completions are identical anyway, so the vLLM request asks for ``n = 1`` and
-      :func:`to_request_output` repeats that completion ``params.n`` times.
+    * `max_tokens` is always set (vLLM's default is 16).
+    * `seed` is the request seed; vLLM derives child `j`'s seed as `seed + j`.
+    * Greedy (`temperature == 0`): vLLM rejects `n > 1` with greedy sampling, and all greedy
+      completions are identical anyway, so the vLLM request asks for `n = 1` and
+      `to_request_output` repeats that completion `params.n` times.
     * Text is decoded without special tokens and stop strings are cut from it, as our
-      :class:`Completion` specifies. vLLM itself rejects ``temperature > 2``.
+      `Completion` specifies. vLLM itself rejects `temperature > 2`.
     """
     return vllm_module.SamplingParams(
         n=1 if _is_greedy(params) else params.n,
@@ -94,7 +88,7 @@ def to_vllm_sampling_params(params: SamplingParams, vllm_module: Any):
 
 
 def to_request_output(vllm_output: Any, params: SamplingParams, prompt_token_ids: Sequence[int]) -> RequestOutput:
-    """One vLLM ``RequestOutput`` as ours; raises if a completion did not finish normally."""
+    """One vLLM `RequestOutput` as ours; raises if a completion did not finish normally."""
     outputs = sorted(vllm_output.outputs, key=lambda o: getattr(o, "index", 0))
     expected = 1 if _is_greedy(params) else params.n
     if len(outputs) != expected:
@@ -129,21 +123,21 @@ def _load_tokenizer(name_or_path: str, trust_remote_code: bool):
 
 
 class VLLMBackend:
-    """:class:`GenerationBackend` on a vLLM engine (one process, ``tensor_parallel_size`` GPUs).
+    """`GenerationBackend` on a vLLM engine (one process, `tensor_parallel_size` GPUs).
 
-    Data parallelism: ``vllm.LLM`` refuses ``data_parallel_size > 1`` in a single process (it
+    Data parallelism: `vllm.LLM` refuses `data_parallel_size > 1` in a single process (it
     would hang; vLLM points to its multi-process example instead). Run one process per replica,
-    each pinned to its GPUs with ``CUDA_VISIBLE_DEVICES`` and given its own shard of the prompts,
+    each pinned to its GPUs with `CUDA_VISIBLE_DEVICES` and given its own shard of the prompts,
     and concatenate the outputs.
 
     Args:
         model: HF model directory or hub name.
-        tokenizer: Tokenizer directory or name when it differs from ``model``; the same tokenizer
-            renders prompts here (``self.tokenizer``) and decodes inside vLLM.
+        tokenizer: Tokenizer directory or name when it differs from `model`; the same tokenizer
+            renders prompts here (`self.tokenizer`) and decodes inside vLLM.
         tensor_parallel_size, gpu_memory_utilization, max_model_len, dtype,
-        enable_prefix_caching, seed: passed to ``vllm.LLM``.
-        **engine_kwargs: any other ``vllm.LLM`` / ``EngineArgs`` keyword (e.g. ``enforce_eager``,
-            ``trust_remote_code``, ``max_num_seqs``).
+        enable_prefix_caching, seed: passed to `vllm.LLM`.
+        **engine_kwargs: any other `vllm.LLM` / `EngineArgs` keyword (e.g. `enforce_eager`,
+            `trust_remote_code`, `max_num_seqs`).
     """
 
     def __init__(
@@ -178,7 +172,7 @@ class VLLMBackend:
     def generate(
         self, prompts: Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams]
     ) -> list[RequestOutput]:
-        """One :class:`RequestOutput` per prompt, in order; one vLLM request (``n = k``) per prompt."""
+        """One `RequestOutput` per prompt, in order; one vLLM request (`n = k`) per prompt."""
         prompts = list(prompts)
         all_params = per_prompt_params(params, len(prompts))
         if not prompts:
@@ -193,8 +187,8 @@ class VLLMBackend:
 
 
 def _separator_id_from_checkpoint(model: str, tokenizer: str | None, trust_remote_code: bool) -> int:
-    """The step separator id: ``config.json["step_separator_id"]`` (our exports), else the tokenizer's
-    single-token ``<extra_0>`` (released Qwen2.5-Math-PRM checkpoints), else an error."""
+    """The step separator id: `config.json["step_separator_id"]` (our exports), else the tokenizer's
+    single-token `<extra_0>` (released Qwen2.5-Math-PRM checkpoints), else an error."""
     config_path = Path(model) / "config.json"
     if config_path.is_file():
         value = json.loads(config_path.read_text(encoding="utf-8")).get("step_separator_id")
@@ -221,21 +215,21 @@ class VLLMStepScorer:
 
     The engine runs ``LLM(model, runner="pooling", pooler_config=PoolerConfig(pooling_type="STEP",
     step_tag_id=<separator id>))``: the model's head gives 2 logits per token, STEP pooling keeps
-    the rows at tokens equal to ``step_tag_id``, and the classifier activation (softmax over the 2
-    labels) turns them into ``[num_steps, 2]`` probabilities; column 1 is the step reward. The
+    the rows at tokens equal to `step_tag_id`, and the classifier activation (softmax over the 2
+    labels) turns them into `[num_steps, 2]` probabilities; column 1 is the step reward. The
     separator id is set explicitly because recent vLLM versions no longer default it to 151651
-    (without it STEP pooling returns every token). ``returned_token_ids`` is left unset: it
+    (without it STEP pooling returns every token). `returned_token_ids` is left unset: it
     selects vocabulary columns for LM-head PRMs such as Math-Shepherd, while this head already
     has exactly 2 outputs.
 
     Args:
-        model: Exported PRM directory (``orbax_to_hf``) or a released Qwen2.5-Math-PRM name.
-        step_separator_id: Token id of the separator; read from ``config.json``'s
-            ``step_separator_id`` (written by ``orbax_to_hf`` with a tokenizer), else from the
-            tokenizer's ``<extra_0>``.
-        tokenizer: Tokenizer directory or name when it differs from ``model`` (only used to find
+        model: Exported PRM directory (`orbax_to_hf`) or a released Qwen2.5-Math-PRM name.
+        step_separator_id: Token id of the separator; read from `config.json`'s
+            `step_separator_id` (written by `orbax_to_hf` with a tokenizer), else from the
+            tokenizer's `<extra_0>`.
+        tokenizer: Tokenizer directory or name when it differs from `model` (only used to find
             the separator id).
-        **engine_kwargs: any other ``vllm.LLM`` / ``EngineArgs`` keyword.
+        **engine_kwargs: any other `vllm.LLM` / `EngineArgs` keyword.
     """
 
     def __init__(
@@ -275,7 +269,8 @@ class VLLMStepScorer:
         # vLLM >= 0.11.1 names the per-token task "token_classify"; earlier builds called it "encode".
         supported = getattr(self.llm, "supported_tasks", None)
         self._pooling_task = (
-            "encode" if supported is not None and "token_classify" not in supported and "encode" in supported
+            "encode"
+            if supported is not None and "token_classify" not in supported and "encode" in supported
             else "token_classify"
         )
 

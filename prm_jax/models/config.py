@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import jax.numpy as jnp
 
 # Architectures whose checkpoints map onto our decoder without changes to the math.
-SUPPORTED_ARCHITECTURES = (
-    "Qwen2ForCausalLM",
-    "Qwen2ForProcessRewardModel",
-    "LlamaForCausalLM",
-)
+SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM", "Qwen2ForProcessRewardModel", "LlamaForCausalLM")
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 # "auto" lets jax.nn.dot_product_attention choose; in jax 0.10 that is always the XLA kernel.
@@ -34,15 +31,29 @@ class UnsupportedCheckpointError(ValueError):
 
 # config.json fields we read, by the JSON type they must have (bool is never an int here).
 _POSITIVE_INT_FIELDS = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "head_dim", "max_position_embeddings", "num_labels",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
+    "num_labels",
 )
 _POSITIVE_FLOAT_FIELDS = ("rope_theta", "rms_norm_eps")
 _BOOL_FIELDS = ("attention_bias", "tie_word_embeddings", "use_sliding_window", "mlp_bias")
 _OPTIONAL_INT_FIELDS = ("bos_token_id",)
 # Fields whose null means "the default" (head_dim: hidden_size // heads; kv heads: all heads).
-_NULLABLE_FIELDS = ("num_key_value_heads", "head_dim", "bos_token_id", "eos_token_id", "attention_bias",
-                    "use_sliding_window", "mlp_bias")
+_NULLABLE_FIELDS = (
+    "num_key_value_heads",
+    "head_dim",
+    "bos_token_id",
+    "eos_token_id",
+    "attention_bias",
+    "use_sliding_window",
+    "mlp_bias",
+)
 
 
 def _is_int(value: Any) -> bool:
@@ -131,9 +142,7 @@ class ModelConfig:
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy={self.remat_policy!r}; choose one of {REMAT_POLICIES}")
         if self.attention_impl not in ATTENTION_IMPLEMENTATIONS:
-            raise ValueError(
-                f"attention_impl={self.attention_impl!r}; choose one of {ATTENTION_IMPLEMENTATIONS}"
-            )
+            raise ValueError(f"attention_impl={self.attention_impl!r}; choose one of {ATTENTION_IMPLEMENTATIONS}")
         for field in ("dtype", "param_dtype"):
             if getattr(self, field) not in _DTYPES:
                 raise ValueError(f"{field}={getattr(self, field)!r}; choose one of {list(_DTYPES)}")
@@ -146,7 +155,7 @@ class ModelConfig:
     def parameter_dtype(self) -> jnp.dtype:
         return _DTYPES[self.param_dtype]
 
-    def replace(self, **changes: Any) -> "ModelConfig":
+    def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def num_parameters(self) -> int:
@@ -173,7 +182,7 @@ class ModelConfig:
     # ------------------------------------------------------------------ Hugging Face config.json
 
     @classmethod
-    def from_hf_dict(cls, hf: Mapping[str, Any], source: str = "config.json", **overrides: Any) -> "ModelConfig":
+    def from_hf_dict(cls, hf: Mapping[str, Any], source: str = "config.json", **overrides: Any) -> ModelConfig:
         """Reads a Hugging Face config dict (transformers 4.x or 5.x style).
 
         `source` names the file in error messages. Runtime fields and head choices come from
@@ -190,13 +199,7 @@ class ModelConfig:
             raise UnsupportedCheckpointError(
                 f"{source}: architectures={unsupported} not supported (supported: {SUPPORTED_ARCHITECTURES})"
             )
-        required = (
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-        )
+        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
         missing = [k for k in required if k not in hf]
         if missing:
             raise ValueError(f"{source}: missing required field(s) {missing}")
@@ -224,15 +227,10 @@ class ModelConfig:
 
         if model_type == "llama" and (hf.get("attention_bias") or hf.get("mlp_bias")):
             # Llama's attention_bias also puts a bias on o_proj, which this decoder does not have.
-            raise UnsupportedCheckpointError(
-                f"{source}: Llama with attention_bias/mlp_bias=true is not supported"
-            )
+            raise UnsupportedCheckpointError(f"{source}: Llama with attention_bias/mlp_bias=true is not supported")
         n_heads = int(hf["num_attention_heads"])
         is_prm = "Qwen2ForProcessRewardModel" in architectures
-        defaults: dict[str, Any] = {
-            "with_lm_head": not is_prm,
-            "with_prm_head": True,
-        }
+        defaults: dict[str, Any] = {"with_lm_head": not is_prm, "with_prm_head": True}
         defaults.update(overrides)
         attention_bias = hf.get("attention_bias", model_type == "qwen2")
         return cls(
@@ -257,7 +255,7 @@ class ModelConfig:
         )
 
     @classmethod
-    def from_hf_file(cls, path: str | Path, **overrides: Any) -> "ModelConfig":
+    def from_hf_file(cls, path: str | Path, **overrides: Any) -> ModelConfig:
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
@@ -333,7 +331,7 @@ class ModelConfig:
         return data
 
     @classmethod
-    def from_json_dict(cls, data: Mapping[str, Any], **overrides: Any) -> "ModelConfig":
+    def from_json_dict(cls, data: Mapping[str, Any], **overrides: Any) -> ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -1,8 +1,11 @@
 """Flax NNX decoder for the Qwen2 / Llama family with a causal-LM head and a PRM step head.
 
-Layout follows the Hugging Face modules one to one (`model.layers[i].self_attn.q_proj`, ...) so the
-checkpoint mapping stays a table. Projections are stored head-major (`[embed, heads, head_dim]`)
-so tensor parallelism can split heads; the HF `[out, in]` matrices are reshaped on conversion.
+Parameter paths read like the Hugging Face names: `model.layers.0.self_attn.q_proj.kernel` is HF's
+`model.layers.0.self_attn.q_proj.weight` (a `kernel` or `embedding` leaf is HF's `weight`). Layouts
+differ: kernels are `[in, out]` where torch stores `[out, in]`, and attention projections are
+head-major (`[embed, heads, head_dim]`) so tensor parallelism can split heads. The PRM head's leaves
+are the one naming exception (HF's `score` is a `Sequential`: `score.0`, `score.2`);
+`conversion.hf_mapping` holds the layouts and that exception.
 
 Sequences are described by `segment_ids` (0 = padding, 1..k = packed examples) and per-token
 `positions`; attention never crosses segments, which covers left/right padding and packing with
@@ -12,7 +15,7 @@ one mask.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -100,7 +103,7 @@ class KVCache:
     segments: jax.Array
 
     @classmethod
-    def empty(cls, config: ModelConfig, batch: int, slots: int, dtype: jnp.dtype | None = None) -> "KVCache":
+    def empty(cls, config: ModelConfig, batch: int, slots: int, dtype: jnp.dtype | None = None) -> KVCache:
         shape = (batch, slots, config.num_key_value_heads, config.head_dim)
         dtype = dtype or config.compute_dtype
         layers = range(config.num_hidden_layers)
@@ -110,11 +113,9 @@ class KVCache:
             jnp.zeros((batch, slots), jnp.int32),
         )
 
-    def take_rows(self, rows: jax.Array) -> "KVCache":
+    def take_rows(self, rows: jax.Array) -> KVCache:
         """The cache of selected rows (e.g. one prefilled prompt repeated for its n samples)."""
-        return KVCache(
-            tuple(k[rows] for k in self.keys), tuple(v[rows] for v in self.values), self.segments[rows]
-        )
+        return KVCache(tuple(k[rows] for k in self.keys), tuple(v[rows] for v in self.values), self.segments[rows])
 
 
 # ---------------------------------------------------------------------------- layers
@@ -137,8 +138,7 @@ class Embedding(nnx.Module):
     def __init__(self, config: ModelConfig, rngs: nnx.Rngs | None):
         self.compute_dtype = config.compute_dtype
         self.embedding = _param(
-            rngs, _KERNEL_INIT, (config.vocab_size, config.hidden_size), ("vocab", "embed"),
-            config.parameter_dtype,
+            rngs, _KERNEL_INIT, (config.vocab_size, config.hidden_size), ("vocab", "embed"), config.parameter_dtype
         )
 
     def __call__(self, ids: jax.Array) -> jax.Array:
@@ -149,37 +149,43 @@ class Embedding(nnx.Module):
         return jnp.einsum("bte,ve->btv", x, self.embedding[...].astype(x.dtype))
 
 
+class Projection(nnx.Module):
+    """The parameters of one HF `nn.Linear` (`kernel`, optional `bias`), so paths read like HF names."""
+
+    def __init__(self, kernel: nnx.Param, bias: nnx.Param | None = None):
+        self.kernel = kernel
+        self.bias = bias
+
+
 class Attention(nnx.Module):
     def __init__(self, config: ModelConfig, rngs: nnx.Rngs | None):
-        e, n, k, d = (
-            config.hidden_size,
-            config.num_attention_heads,
-            config.num_key_value_heads,
-            config.head_dim,
-        )
+        e, n, k, d = (config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim)
         pd = config.parameter_dtype
         self.config = config
-        self.q_kernel = _param(rngs, _KERNEL_INIT, (e, n, d), ("embed", "heads", "head_dim"), pd)
-        self.k_kernel = _param(rngs, _KERNEL_INIT, (e, k, d), ("embed", "kv_heads", "head_dim"), pd)
-        self.v_kernel = _param(rngs, _KERNEL_INIT, (e, k, d), ("embed", "kv_heads", "head_dim"), pd)
-        self.o_kernel = _param(rngs, _KERNEL_INIT, (n, d, e), ("heads", "head_dim", "embed"), pd)
+        wq = _param(rngs, _KERNEL_INIT, (e, n, d), ("embed", "heads", "head_dim"), pd)
+        wk = _param(rngs, _KERNEL_INIT, (e, k, d), ("embed", "kv_heads", "head_dim"), pd)
+        wv = _param(rngs, _KERNEL_INIT, (e, k, d), ("embed", "kv_heads", "head_dim"), pd)
+        wo = _param(rngs, _KERNEL_INIT, (n, d, e), ("heads", "head_dim", "embed"), pd)
+        # Biases are drawn after all kernels, so a seed initialises what it did before these names.
+        biases = [None] * 3
         if config.attention_bias:
-            self.q_bias = _param(rngs, _zeros, (n, d), ("heads", "head_dim"), pd)
-            self.k_bias = _param(rngs, _zeros, (k, d), ("kv_heads", "head_dim"), pd)
-            self.v_bias = _param(rngs, _zeros, (k, d), ("kv_heads", "head_dim"), pd)
-        else:
-            self.q_bias = self.k_bias = self.v_bias = None
+            biases = [
+                _param(rngs, _zeros, (h, d), (axis, "head_dim"), pd)
+                for h, axis in ((n, "heads"), (k, "kv_heads"), (k, "kv_heads"))
+            ]
+        self.q_proj, self.k_proj, self.v_proj = (Projection(w, b) for w, b in zip((wq, wk, wv), biases))
+        self.o_proj = Projection(wo)
 
-    def _project(self, x: jax.Array, kernel: nnx.Param, bias: nnx.Param | None) -> jax.Array:
-        y = jnp.einsum("bte,end->btnd", x, kernel[...].astype(x.dtype))
-        if bias is not None:
-            y = y + bias[...].astype(x.dtype)
+    def _project(self, x: jax.Array, proj: Projection) -> jax.Array:
+        y = jnp.einsum("bte,end->btnd", x, proj.kernel[...].astype(x.dtype))
+        if proj.bias is not None:
+            y = y + proj.bias[...].astype(x.dtype)
         return y
 
     def _qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        q = apply_rotary(self._project(x, self.q_kernel, self.q_bias), cos, sin)
-        k = apply_rotary(self._project(x, self.k_kernel, self.k_bias), cos, sin)
-        v = self._project(x, self.v_kernel, self.v_bias)
+        q = apply_rotary(self._project(x, self.q_proj), cos, sin)
+        k = apply_rotary(self._project(x, self.k_proj), cos, sin)
+        v = self._project(x, self.v_proj)
         q = logical_constraint(q, ("activation_batch", "activation_length", "activation_heads", None))
         k = logical_constraint(k, ("activation_batch", "activation_length", "activation_kv_heads", None))
         v = logical_constraint(v, ("activation_batch", "activation_length", "activation_kv_heads", None))
@@ -188,15 +194,21 @@ class Attention(nnx.Module):
     def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
         impl = None if self.config.attention_impl == "auto" else self.config.attention_impl
         out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
-        return jnp.einsum("btnd,nde->bte", out, self.o_kernel[...].astype(q.dtype))
+        return jnp.einsum("btnd,nde->bte", out, self.o_proj.kernel[...].astype(q.dtype))
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
         q, k, v = self._qkv(x, cos, sin)
         return self._attend(q, k, v, mask)
 
     def call_with_cache(
-        self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
-        cache_k: jax.Array, cache_v: jax.Array, write_index: jax.Array,
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        mask: jax.Array,
+        cache_k: jax.Array,
+        cache_v: jax.Array,
+        write_index: jax.Array,
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Writes this chunk's keys/values at `write_index` and attends over the whole cache."""
         q, k, v = self._qkv(x, cos, sin)
@@ -209,17 +221,15 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     def __init__(self, config: ModelConfig, rngs: nnx.Rngs | None):
         e, i, pd = config.hidden_size, config.intermediate_size, config.parameter_dtype
-        self.gate_kernel = _param(rngs, _KERNEL_INIT, (e, i), ("embed", "mlp"), pd)
-        self.up_kernel = _param(rngs, _KERNEL_INIT, (e, i), ("embed", "mlp"), pd)
-        self.down_kernel = _param(rngs, _KERNEL_INIT, (i, e), ("mlp", "embed"), pd)
+        self.gate_proj = Projection(_param(rngs, _KERNEL_INIT, (e, i), ("embed", "mlp"), pd))
+        self.up_proj = Projection(_param(rngs, _KERNEL_INIT, (e, i), ("embed", "mlp"), pd))
+        self.down_proj = Projection(_param(rngs, _KERNEL_INIT, (i, e), ("mlp", "embed"), pd))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        gate = x @ self.gate_kernel[...].astype(x.dtype)
-        up = x @ self.up_kernel[...].astype(x.dtype)
-        hidden = logical_constraint(
-            jax.nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp")
-        )
-        return hidden @ self.down_kernel[...].astype(x.dtype)
+        gate = x @ self.gate_proj.kernel[...].astype(x.dtype)
+        up = x @ self.up_proj.kernel[...].astype(x.dtype)
+        hidden = logical_constraint(jax.nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp"))
+        return hidden @ self.down_proj.kernel[...].astype(x.dtype)
 
 
 class DecoderLayer(nnx.Module):
@@ -260,10 +270,7 @@ class Decoder(nnx.Module):
         self.norm = RMSNorm(config.hidden_size, config, rngs)
 
     def __call__(
-        self,
-        input_ids: jax.Array,
-        segment_ids: jax.Array | None = None,
-        positions: jax.Array | None = None,
+        self, input_ids: jax.Array, segment_ids: jax.Array | None = None, positions: jax.Array | None = None
     ) -> jax.Array:
         if segment_ids is None:
             segment_ids = jnp.ones_like(input_ids, dtype=jnp.int32)
@@ -284,13 +291,8 @@ class Decoder(nnx.Module):
         return self.norm(x)
 
     def call_with_cache(
-        self,
-        input_ids: jax.Array,
-        positions: jax.Array,
-        segment_ids: jax.Array,
-        cache: "KVCache",
-        write_index: jax.Array,
-    ) -> tuple[jax.Array, "KVCache"]:
+        self, input_ids: jax.Array, positions: jax.Array, segment_ids: jax.Array, cache: KVCache, write_index: jax.Array
+    ) -> tuple[jax.Array, KVCache]:
         """Runs new tokens [B, t] against a KV cache (prefill when the cache is empty, else decode).
 
         The new tokens occupy cache slots write_index..write_index+t-1 with their `segment_ids`
@@ -317,8 +319,7 @@ class Decoder(nnx.Module):
 class LMHead(nnx.Module):
     def __init__(self, config: ModelConfig, rngs: nnx.Rngs | None):
         self.kernel = _param(
-            rngs, _KERNEL_INIT, (config.hidden_size, config.vocab_size), ("embed", "vocab"),
-            config.parameter_dtype,
+            rngs, _KERNEL_INIT, (config.hidden_size, config.vocab_size), ("embed", "vocab"), config.parameter_dtype
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -343,9 +344,11 @@ class StepHead(nnx.Module):
 class Transformer(nnx.Module):
     """Backbone plus the heads the config asks for.
 
-    `model(ids, segment_ids, positions)` returns final hidden states; `lm_logits` and
-    `step_logits` apply the heads (fp32 outputs), so a training step runs the backbone once and
-    only the head it needs.
+    `model` is the decoder stack (embedding, layers, final norm); it mirrors HF's
+    `Qwen2ForCausalLM.model` so that parameter paths equal HF names (`model.layers.0...`), which is
+    why it is not called `decoder`. Calling the transformer returns final hidden states;
+    `lm_logits` and `step_logits` apply the heads (fp32 outputs), so a training step runs the
+    backbone once and only the head it needs.
     """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs | None):
@@ -353,16 +356,11 @@ class Transformer(nnx.Module):
             raise ValueError("a model needs at least one head (with_lm_head or with_prm_head)")
         self.config = config
         self.model = Decoder(config, rngs)
-        self.lm_head = (
-            LMHead(config, rngs) if config.with_lm_head and not config.tie_word_embeddings else None
-        )
+        self.lm_head = LMHead(config, rngs) if config.with_lm_head and not config.tie_word_embeddings else None
         self.score = StepHead(config, rngs) if config.with_prm_head else None
 
     def __call__(
-        self,
-        input_ids: jax.Array,
-        segment_ids: jax.Array | None = None,
-        positions: jax.Array | None = None,
+        self, input_ids: jax.Array, segment_ids: jax.Array | None = None, positions: jax.Array | None = None
     ) -> jax.Array:
         return self.model(input_ids, segment_ids, positions)
 

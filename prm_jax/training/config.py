@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
 
 import ml_collections
+
+from prm_jax.config_checks import MISSING, ConfigChecker
+from prm_jax.tiny_tokenizer import TINY_VOCAB_SIZE
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -18,7 +20,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.seed = 0
 
     c.model = ml_collections.ConfigDict()
-    c.model.init_from = ""  # Orbax model checkpoint (launch.convert output or a training step dir)
+    c.model.init_from = ""  # Hugging Face directory or Orbax model checkpoint (launch.convert output, a step dir)
     c.model.dtype = "bfloat16"  # compute dtype
     c.model.param_dtype = "float32"  # master weights and optimizer state
     c.model.remat_policy = "dots_no_batch"  # none | full | dots | dots_no_batch
@@ -26,9 +28,17 @@ def default_config() -> ml_collections.ConfigDict:
     # Architecture for a model trained from scratch (ignored with init_from).
     c.model.arch = ml_collections.ConfigDict(
         dict(
-            vocab_size=404, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=10000.0,
-            rms_norm_eps=1e-6, max_position_embeddings=4096, attention_bias=True,
+            vocab_size=TINY_VOCAB_SIZE,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            rope_theta=10000.0,
+            rms_norm_eps=1e-6,
+            max_position_embeddings=4096,
+            attention_bias=True,
             tie_word_embeddings=False,
         )
     )
@@ -94,13 +104,19 @@ OVERLONG = ("truncate", "drop")
 SYNTHETIC = ("", "arithmetic")
 MESH_AXES = ("data", "fsdp", "tensor")
 _ARCH_POSITIVE_INTS = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "head_dim", "max_position_embeddings",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
 )
 
 
 class ConfigError(ValueError):
-    """A training config has invalid values; ``problems`` lists them, one line each."""
+    """A training config has invalid values; `problems` lists them, one line each."""
 
     def __init__(self, problems: list[str]) -> None:
         self.problems = list(problems)
@@ -112,7 +128,7 @@ class ConfigError(ValueError):
 
 def seq_len_problem(seq_len: int, max_position_embeddings: int) -> str | None:
     """Packed rows longer than the model's context: one example may fill a row, and positions past
-    ``max_position_embeddings`` were never trained (the released model does not support them)."""
+    `max_position_embeddings` were never trained (the released model does not support them)."""
     if seq_len <= max_position_embeddings:
         return None
     return (
@@ -122,108 +138,14 @@ def seq_len_problem(seq_len: int, max_position_embeddings: int) -> str | None:
     )
 
 
-class _Checker:
-    """Collects problems; each check reads one field and names it in its message."""
-
-    def __init__(self, config: ml_collections.ConfigDict) -> None:
-        self.config = config
-        self.problems: list[str] = []
-
-    def get(self, dotted: str) -> Any:
-        node: Any = self.config
-        for name in dotted.split("."):
-            if name not in node:
-                return _MISSING
-            node = node[name]
-        return node
-
-    def add(self, dotted: str, value: Any, requirement: str) -> None:
-        self.problems.append(f"--config.{dotted}={_show(value)}: {requirement}")
-
-    def integer(self, dotted: str, minimum: int | None = None) -> int | None:
-        value = self.get(dotted)
-        if isinstance(value, bool) or not isinstance(value, int):
-            self.add(dotted, value, "must be an integer" + (f" >= {minimum}" if minimum is not None else ""))
-            return None
-        if minimum is not None and value < minimum:
-            self.add(dotted, value, f"must be >= {minimum}")
-            return None
-        return value
-
-    def number(self, dotted: str, low: float | None = None, high: float | None = None, *,
-               low_open: bool = False, high_open: bool = False) -> float | None:
-        value = self.get(dotted)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            self.add(dotted, value, "must be a finite number")
-            return None
-        too_low = low is not None and (value <= low if low_open else value < low)
-        too_high = high is not None and (value >= high if high_open else value > high)
-        if too_low or too_high:
-            lo = "" if low is None else f"{'(' if low_open else '['}{low}"
-            hi = "" if high is None else f"{high}{')' if high_open else ']'}"
-            self.add(dotted, value, f"must be in {lo or '(-inf'}, {hi or 'inf)'}")
-            return None
-        return float(value)
-
-    def choice(self, dotted: str, choices: tuple[str, ...]) -> str | None:
-        value = self.get(dotted)
-        if value not in choices:
-            self.add(dotted, value, f"choose one of {', '.join(repr(c) for c in choices)}")
-            return None
-        return value
-
-    def boolean(self, dotted: str) -> None:
-        value = self.get(dotted)
-        if not isinstance(value, bool):
-            self.add(dotted, value, "must be true or false")
-
-    def path(self, dotted: str, kind: str, *, required: bool, hint: str = "") -> None:
-        value = self.get(dotted)
-        if value in ("", None, _MISSING):
-            if required:
-                self.add(dotted, "", f"is required{': ' + hint if hint else ''}")
-            return
-        if not isinstance(value, str):
-            self.add(dotted, value, "must be a path string")
-            return
-        path = Path(value)
-        if kind == "file":
-            if not path.exists():
-                self.add(dotted, value, "no such file")
-            elif not path.is_file():
-                self.add(dotted, value, "is not a file")
-            elif path.stat().st_size == 0:
-                self.add(dotted, value, "the file is empty: it holds no training records")
-        elif not path.is_dir():
-            self.add(dotted, value, "no such directory" if not path.exists() else "is not a directory")
-        elif kind == "tokenizer" and not any((path / name).is_file() for name in _TOKENIZER_FILES):
-            self.add(dotted, value, f"holds no Hugging Face tokenizer (none of {', '.join(_TOKENIZER_FILES)})")
-
-
-#: A Hugging Face tokenizer directory has at least one of these (save_pretrained writes the first).
-_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.json", "tokenizer.model")
-
-
-class _Missing:
-    def __repr__(self) -> str:
-        return "<missing>"
-
-
-_MISSING = _Missing()
-
-
-def _show(value: Any) -> str:
-    return value if isinstance(value, str) else repr(value)
-
-
 def validate(config: ml_collections.ConfigDict, *, device_count: int | None = None) -> list[str]:
     """Every problem of a training config, one line each; [] when it is valid.
 
     Cheap and side-effect free: no data is read (paths are only stat-ed), nothing is written.
-    ``device_count`` (``jax.device_count()``) enables the mesh checks. With ``data.synthetic``
+    `device_count` (`jax.device_count()`) enables the mesh checks. With `data.synthetic`
     set, an empty train file and tokenizer directory are allowed (the generator fills them in).
     """
-    c = _Checker(config)
+    c = ConfigChecker(config)
     objective = c.choice("objective", OBJECTIVES)
     c.integer("seed", 0)
     _validate_model(c)
@@ -239,19 +161,21 @@ def warnings(config: ml_collections.ConfigDict) -> list[str]:
     """Legal but probably unintended settings, logged at the start of a run."""
     warmup, num_steps = config.optimizer.warmup_steps, config.train.num_steps
     if isinstance(warmup, int) and isinstance(num_steps, int) and warmup > num_steps > 0:
-        return [f"optimizer.warmup_steps={warmup} > train.num_steps={num_steps}: the learning rate never reaches "
-                f"its peak {config.optimizer.learning_rate}"]
+        return [
+            f"optimizer.warmup_steps={warmup} > train.num_steps={num_steps}: the learning rate never reaches "
+            f"its peak {config.optimizer.learning_rate}"
+        ]
     return []
 
 
 def check(config: ml_collections.ConfigDict, *, device_count: int | None = None) -> None:
-    """Raise :class:`ConfigError` listing every problem of ``config``."""
+    """Raise `ConfigError` listing every problem of `config`."""
     problems = validate(config, device_count=device_count)
     if problems:
         raise ConfigError(problems)
 
 
-def _validate_model(c: _Checker) -> None:
+def _validate_model(c: ConfigChecker) -> None:
     from prm_jax.models.config import _DTYPES, ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
 
     for field in ("model.dtype", "model.param_dtype"):
@@ -273,23 +197,23 @@ def _validate_model(c: _Checker) -> None:
     c.boolean("model.arch.tie_word_embeddings")
 
 
-def _max_position_embeddings(c: _Checker) -> int | None:
+def _max_position_embeddings(c: ConfigChecker) -> int | None:
     init_from = c.get("model.init_from")
     if not init_from:
         value = c.get("model.arch.max_position_embeddings")
         return value if isinstance(value, int) and not isinstance(value, bool) else None
     if not Path(init_from).is_dir():
         return None  # reported by the path check
-    from prm_jax.checkpoint import read_model_config
+    from prm_jax.weights import read_config
 
     try:
-        return read_model_config(init_from).max_position_embeddings
+        return read_config(init_from).max_position_embeddings
     except (OSError, ValueError, KeyError, TypeError) as error:
-        c.add("model.init_from", init_from, f"not a readable model checkpoint ({error})")
+        c.add("model.init_from", init_from, f"not a readable model checkpoint, Orbax or Hugging Face ({error})")
         return None
 
 
-def _validate_data(c: _Checker) -> None:
+def _validate_data(c: ConfigChecker) -> None:
     c.choice("data.synthetic", SYNTHETIC)
     synthetic = bool(c.get("data.synthetic"))  # even a misspelt generator: one problem, not three
     c.path("data.train_file", "file", required=not synthetic, hint="a JSONL file of training records")
@@ -310,10 +234,10 @@ def _validate_data(c: _Checker) -> None:
         c.add("data.separator", separator, "must be a non-empty string (the step separator token)")
 
 
-def _validate_train(c: _Checker, objective: str | None) -> None:
+def _validate_train(c: ConfigChecker, objective: str | None) -> None:
     from prm_jax.training.losses import PRM_LOSSES
 
-    num_steps = c.integer("train.num_steps", 1)
+    c.integer("train.num_steps", 1)
     rows = c.integer("train.global_batch_rows", 1)
     accum = c.integer("train.grad_accum_steps", 1)
     if rows and accum and rows % accum:
@@ -331,7 +255,7 @@ def _validate_train(c: _Checker, objective: str | None) -> None:
     c.integer("optimizer.warmup_steps", 0)
 
 
-def _validate_optimizer(c: _Checker) -> None:
+def _validate_optimizer(c: ConfigChecker) -> None:
     c.number("optimizer.learning_rate", 0.0, low_open=True)
     c.number("optimizer.end_learning_rate_ratio", 0.0, 1.0)
     c.choice("optimizer.schedule", SCHEDULES)
@@ -342,17 +266,19 @@ def _validate_optimizer(c: _Checker) -> None:
     c.number("optimizer.grad_clip_norm")  # <= 0 disables clipping
 
 
-def _validate_checkpoint(c: _Checker) -> None:
+def _validate_checkpoint(c: ConfigChecker) -> None:
     c.integer("checkpoint.save_every", 1)
     keep = c.get("checkpoint.max_to_keep")
     if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
-        c.add("checkpoint.max_to_keep", keep, "must be >= 1 (0 would delete every checkpoint, the final model included)")
+        c.add(
+            "checkpoint.max_to_keep", keep, "must be >= 1 (0 would delete every checkpoint, the final model included)"
+        )
     c.boolean("checkpoint.async_save")
 
 
-def _validate_mesh(c: _Checker, device_count: int | None) -> None:
+def _validate_mesh(c: ConfigChecker, device_count: int | None) -> None:
     mesh = c.get("mesh")
-    if mesh is _MISSING or not hasattr(mesh, "items"):
+    if mesh is MISSING or not hasattr(mesh, "items"):
         c.add("mesh", mesh, f"must map {MESH_AXES} to sizes")
         return
     unknown = sorted(set(mesh.keys()) - set(MESH_AXES))
@@ -386,7 +312,8 @@ def _validate_mesh(c: _Checker, device_count: int | None) -> None:
         shards = sizes["data"] * sizes["fsdp"]
         if (rows // accum) % shards:
             c.add(
-                "train.global_batch_rows", rows,
+                "train.global_batch_rows",
+                rows,
                 f"a microbatch of {rows // accum} rows (/ grad_accum_steps={accum}) must divide over "
                 f"mesh data x fsdp = {shards} devices",
             )

@@ -30,8 +30,11 @@ PEAK_BF16_FLOPS = (
 
 def matmul_parameters(config: ModelConfig, objective: str) -> int:
     h, i, n, k, d = (
-        config.hidden_size, config.intermediate_size, config.num_attention_heads,
-        config.num_key_value_heads, config.head_dim,
+        config.hidden_size,
+        config.intermediate_size,
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        config.head_dim,
     )
     per_layer = h * n * d + 2 * h * k * d + n * d * h + 3 * h * i
     total = config.num_hidden_layers * per_layer

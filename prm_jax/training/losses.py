@@ -7,7 +7,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-
 PRM_LOSSES = ("cross_entropy", "mse")
 
 
@@ -17,8 +16,8 @@ def prm_loss_sums(
     """The step head's loss at supervised positions against p = probability that the step is
     correct (0/1 for hard labels, anything in [0, 1] for soft labels).
 
-    ``cross_entropy``: against ``[1 - p, p]`` (plain two-class cross-entropy for hard labels).
-    ``mse``: ``(softmax(logits)[1] - p)^2``, the regression the paper used for soft labels.
+    `cross_entropy`: against `[1 - p, p]` (plain two-class cross-entropy for hard labels).
+    `mse`: `(softmax(logits)[1] - p)^2`, the regression the paper used for soft labels.
     """
     if loss not in PRM_LOSSES:
         raise ValueError(f"loss={loss!r}; choose one of {PRM_LOSSES}")

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
+
+from prm_jax.files import atomic_write_lines
 
 
 class MetricsWriter:
@@ -34,9 +36,7 @@ class MetricsWriter:
                 continue  # a line cut by a kill
             if step is not None and record.get("step", 0) <= step:
                 keep.append(line)
-        tmp = self.jsonl_path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, self.jsonl_path)
+        atomic_write_lines(self.jsonl_path, keep)
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
         if not self.enabled:

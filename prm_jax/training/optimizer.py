@@ -10,16 +10,27 @@ import optax
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-    learning_rate: float = 1e-5
-    end_learning_rate_ratio: float = 0.1  # final lr = ratio * peak
-    warmup_steps: int = 0
-    total_steps: int = 1000
-    schedule: str = "cosine"  # cosine | linear | constant
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    grad_clip_norm: float = 1.0  # <= 0 disables clipping
+    """The `optimizer` section of the training config plus `total_steps` (`train.num_steps`).
+
+    No field has a default here: the training config tree (`prm_jax.training.config`) states them
+    once, and the trainer builds this from it.
+
+    Attributes:
+        end_learning_rate_ratio: Final learning rate as a fraction of the peak.
+        schedule: "cosine", "linear" or "constant", after the linear warmup.
+        grad_clip_norm: Global-norm clipping; <= 0 disables it.
+    """
+
+    learning_rate: float
+    end_learning_rate_ratio: float
+    warmup_steps: int
+    total_steps: int
+    schedule: str
+    b1: float
+    b2: float
+    eps: float
+    weight_decay: float
+    grad_clip_norm: float
 
 
 def learning_rate_schedule(cfg: OptimizerConfig) -> optax.Schedule:
@@ -56,8 +67,12 @@ def build_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
         parts.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
     parts.append(
         optax.adamw(
-            learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-            weight_decay=cfg.weight_decay, mask=_decay_mask,
+            learning_rate_schedule(cfg),
+            b1=cfg.b1,
+            b2=cfg.b2,
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+            mask=_decay_mask,
         )
     )
     return optax.chain(*parts)

@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from prm_jax.checkpoint import read_checkpoint_metadata
 from prm_jax.data.pipeline import (
     PipelineConfig,
     build_eval_batches,
@@ -24,7 +25,6 @@ from prm_jax.tokenization import prepare_step_separator
 from prm_jax.training.config import check as check_config
 from prm_jax.training.config import seq_len_problem
 from prm_jax.training.config import warnings as config_warnings
-from prm_jax.checkpoint import read_checkpoint_metadata
 from prm_jax.training.run_record import check_and_record as check_resume_config
 from prm_jax.training.run_record import committed_steps
 from prm_jax.training.trainer import Trainer, TrainResult, check_same_separator, training_model_config
@@ -64,7 +64,10 @@ def prepare_run_tokenizer(
         _save_tokenizer(tokenizer, target)
     _log.info(
         "step separator %r is token id %d (%s); tokenizer saved to %s",
-        separator, step_separator.token_id, step_separator.origin, target,
+        separator,
+        step_separator.token_id,
+        step_separator.origin,
+        target,
     )
     return tokenizer, {**step_separator.to_json_dict(), "dir": str(target)}
 
@@ -77,7 +80,7 @@ def check_seq_len(seq_len: int, max_position_embeddings: int) -> None:
 
 
 def _load_tokenizer(tokenizer_dir: str) -> Any:
-    """The Hugging Face tokenizer in ``tokenizer_dir``; a directory without one is a config error."""
+    """The Hugging Face tokenizer in `tokenizer_dir`; a directory without one is a config error."""
     from transformers import AutoTokenizer
 
     try:
@@ -143,7 +146,9 @@ def train_from_config(config: ml_collections.ConfigDict, workdir: Path) -> Train
     eval_batches = None
     if config.data.eval_file:
         eval_examples, _ = load(config.data.eval_file, tokenizer, tokenize_config)
-        eval_batches = build_eval_batches(eval_examples, dataclasses.replace(pipeline_config, shuffle=False, num_epochs=1))
+        eval_batches = build_eval_batches(
+            eval_examples, dataclasses.replace(pipeline_config, shuffle=False, num_epochs=1)
+        )
     # Inputs are valid: only now does the workdir get its record and tokenizer.
     check_resume_config(config, workdir, write=jax.process_index() == 0, current=run_record)
     if tokenizer_record is not None:

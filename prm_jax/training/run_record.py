@@ -22,15 +22,23 @@ from typing import Any
 import ml_collections
 
 from prm_jax.data.records import file_sha256
+from prm_jax.files import atomic_write_json
 
 RECORD_FILE = "config.json"
 CHANGES_FILE = "config_changes.jsonl"
 
 #: Dotted fields (or prefixes ending in ".") that may differ on resume.
 RUNTIME_FIELDS = (
-    "model.dtype", "model.param_dtype", "model.remat_policy", "model.attention_impl",
-    "train.log_every", "train.eval_every", "train.progress", "train.peak_flops_per_device",
-    "train.grad_accum_steps", "train.allow_config_change",
+    "model.dtype",
+    "model.param_dtype",
+    "model.remat_policy",
+    "model.attention_impl",
+    "train.log_every",
+    "train.eval_every",
+    "train.progress",
+    "train.peak_flops_per_device",
+    "train.grad_accum_steps",
+    "train.allow_config_change",
     "checkpoint.",
     "mesh.",
     "data.eval_file",
@@ -104,17 +112,12 @@ def config_changes(recorded: dict[str, Any], current: dict[str, Any]) -> dict[st
     }
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def check_and_record(config: ml_collections.ConfigDict, workdir: Path, *, write: bool = True,
-                     current: dict[str, Any] | None = None) -> dict[str, Any]:
+def check_and_record(
+    config: ml_collections.ConfigDict, workdir: Path, *, write: bool = True, current: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Refuse a resume whose data or hyper-parameters differ from the record (see module doc),
-    then write the record. ``write=False`` (processes other than 0) only checks. Returns the record
-    of ``config``; pass it back as ``current`` to check again without hashing the data again."""
+    then write the record. `write=False` (processes other than 0) only checks. Returns the record
+    of `config`; pass it back as `current` to check again without hashing the data again."""
     workdir = Path(workdir)
     record = workdir / RECORD_FILE
     current = _as_json(config) if current is None else current
@@ -124,7 +127,9 @@ def check_and_record(config: ml_collections.ConfigDict, workdir: Path, *, write:
         try:
             recorded = json.loads(record.read_text())
         except json.JSONDecodeError as error:
-            raise ConfigChangeError(f"{record}: unreadable run record ({error}); restore it or use a new workdir") from None
+            raise ConfigChangeError(
+                f"{record}: unreadable run record ({error}); restore it or use a new workdir"
+            ) from None
         changes = config_changes(recorded, current)
         fixed = {f: v for f, v in changes.items() if _matches(f, FIXED_FIELDS)}
         if fixed:
@@ -146,7 +151,7 @@ def check_and_record(config: ml_collections.ConfigDict, workdir: Path, *, write:
         with (workdir / CHANGES_FILE).open("a") as f:
             f.write(json.dumps(entry, sort_keys=True) + "\n")
     if changes or not steps or not record.is_file():
-        _write_atomic(record, json.dumps(current, indent=2, sort_keys=True) + "\n")
+        atomic_write_json(record, current)
     return current
 
 

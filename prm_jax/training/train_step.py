@@ -1,21 +1,21 @@
 """The jitted train and eval steps: pure functions of (params, opt_state, batch).
 
-Parameters are a plain params tree (see `models.factory.params_tree`) in the parameter dtype
-(fp32 master weights); the model casts them to the compute dtype inside the forward pass, so
+Parameters are the parameter tree (`models.factory`) in the parameter dtype (fp32 master
+weights); the model casts them to the compute dtype inside the forward pass, so
 gradients and optimizer state stay fp32. Losses are normalised by the global number of
 supervised positions in the whole batch, which makes gradient accumulation exact.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from prm_jax.models.factory import model_from_params_tree
 from prm_jax.models.transformer import step_rewards
 from prm_jax.training.losses import PRM_LOSSES, lm_loss_sums, prm_loss_sums
 
@@ -23,11 +23,8 @@ Batch = dict[str, jax.Array]
 OBJECTIVES = ("prm", "lm")
 
 
-def _loss_sums(
-    graphdef: nnx.GraphDef, abstract_state: nnx.State, objective: str, params: Any, batch: Batch,
-    loss: str = "cross_entropy",
-):
-    model = model_from_params_tree(graphdef, abstract_state, params)
+def _loss_sums(graphdef: nnx.GraphDef, objective: str, params: Any, batch: Batch, loss: str = "cross_entropy"):
+    model = nnx.merge(graphdef, params)
     hidden = model(batch["input_ids"], batch["segment_ids"], batch["positions"])
     if objective == "prm":
         return prm_loss_sums(model.step_logits(hidden), batch["labels"], batch["loss_mask"], loss), hidden, model
@@ -45,7 +42,6 @@ def _microbatches(batch: Batch, count: int) -> Batch:
 
 def make_train_step(
     graphdef: nnx.GraphDef,
-    abstract_state: nnx.State,
     optimizer: optax.GradientTransformation,
     *,
     objective: str,
@@ -65,13 +61,14 @@ def make_train_step(
         total_weight = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
 
         def loss_fn(p, microbatch):
-            sums = _loss_sums(graphdef, abstract_state, objective, p, microbatch, loss)[0]
+            sums = _loss_sums(graphdef, objective, p, microbatch, loss)[0]
             return sums["loss_sum"] / total_weight, sums
 
         grad_fn = jax.grad(loss_fn, has_aux=True)
         if grad_accum_steps == 1:
             grads, sums = grad_fn(params, batch)
         else:
+
             def accumulate(carry, microbatch):
                 grads_acc, sums_acc = carry
                 grads, sums = grad_fn(params, microbatch)
@@ -79,9 +76,7 @@ def make_train_step(
 
             zeros = jax.tree.map(jnp.zeros_like, params)
             zero_sums = {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "weight", "correct")}
-            (grads, sums), _ = jax.lax.scan(
-                accumulate, (zeros, zero_sums), _microbatches(batch, grad_accum_steps)
-            )
+            (grads, sums), _ = jax.lax.scan(accumulate, (zeros, zero_sums), _microbatches(batch, grad_accum_steps))
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
@@ -102,11 +97,11 @@ def make_train_step(
     return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef, abstract_state: nnx.State, *, objective: str, loss: str = "cross_entropy"):
+def make_eval_step(graphdef: nnx.GraphDef, *, objective: str, loss: str = "cross_entropy"):
     """Loss sums plus, for the PRM objective, the step reward at every position."""
 
     def eval_step(params, batch: Batch):
-        sums, hidden, model = _loss_sums(graphdef, abstract_state, objective, params, batch, loss)
+        sums, hidden, model = _loss_sums(graphdef, objective, params, batch, loss)
         if objective == "prm":
             rewards = step_rewards(model.step_logits(hidden))
         else:

@@ -34,32 +34,25 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from prm_jax.checkpoint import (
-    CONFIG_ITEM,
-    PARAMS_ITEM,
-    checkpoint_metadata,
-    params_to_tree,
-    read_checkpoint_metadata,
-    read_model_config,
-    restore_params,
-)
+from prm_jax.checkpoint import CONFIG_ITEM, LAYOUT_VERSION, PARAMS_ITEM, checkpoint_metadata, read_checkpoint_metadata
 from prm_jax.metrics import first_error_index, step_error_scores
 from prm_jax.models.config import ModelConfig
-from prm_jax.models.factory import abstract_model, create_model, param_specs, params_tree
-from prm_jax.models.transformer import LMHead, StepHead
+from prm_jax.models.factory import abstract_model, abstract_params, create_model, params_of
 from prm_jax.models.vocab import grow_vocab_axis, padded_vocab_size, vocab_axes
-from prm_jax.sharding import logical_to_partition_spec, make_mesh, state_shardings
+from prm_jax.sharding import logical_to_partition_spec, make_mesh
 from prm_jax.training import flops
 from prm_jax.training.metrics_writer import MetricsWriter
 from prm_jax.training.optimizer import OptimizerConfig, build_optimizer, learning_rate_schedule
 from prm_jax.training.train_step import make_eval_step, make_train_step
+from prm_jax.weights import load_weights, read_config, source_dtype
 
 _log = logging.getLogger(__name__)
 
 OPT_STATE_ITEM = "opt_state"
 DATA_ITER_ITEM = "data_iter"
 TRAINER_STATE_ITEM = "trainer_state"
-BATCH_FIELDS = ("input_ids", "segment_ids", "positions", "loss_mask", "labels", "targets")
+# The batch fields the jitted steps take; the others (example and step indices) stay on the host.
+STEP_INPUT_FIELDS = ("input_ids", "segment_ids", "positions", "loss_mask", "labels", "targets")
 
 
 class TrainingError(RuntimeError):
@@ -83,7 +76,7 @@ _RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "attention_impl")
 def training_model_config(
     config: ml_collections.ConfigDict, tokenizer_record: dict[str, Any] | None = None
 ) -> ModelConfig:
-    """The ModelConfig to train: from `model.init_from`'s metadata or `model.arch`, heads per objective.
+    """The ModelConfig to train: from `model.init_from`'s config (Orbax or HF) or `model.arch`, heads per objective.
 
     With the run's `tokenizer_record`, a separator the run added to the tokenizer (origin "added")
     gets an embedding row: the vocabulary grows (`padded_vocab_size`) only when the id falls outside
@@ -92,7 +85,7 @@ def training_model_config(
     runtime = {f: config.model[f] for f in _RUNTIME_FIELDS}
     heads = {"with_prm_head": config.objective == "prm", "with_lm_head": config.objective == "lm"}
     if config.model.init_from:
-        model_config = read_model_config(config.model.init_from).replace(**runtime, **heads)
+        model_config = read_config(config.model.init_from).replace(**runtime, **heads)
     else:
         model_config = ModelConfig(**dict(config.model.arch), **runtime, **heads)
     if tokenizer_record is None or tokenizer_record.get("origin") != "added":
@@ -121,7 +114,7 @@ def _local_rows(sharding: NamedSharding, global_shape: tuple[int, int]) -> slice
 
 def _to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
     out = {}
-    for name in BATCH_FIELDS:
+    for name in STEP_INPUT_FIELDS:
         value = batch[name]
         rows = _local_rows(sharding, value.shape)
         out[name] = jax.make_array_from_process_local_data(sharding, value[rows], value.shape)
@@ -140,11 +133,7 @@ def _fingerprint(batch: dict[str, np.ndarray]) -> int:
 
 class Trainer:
     def __init__(
-        self,
-        config: ml_collections.ConfigDict,
-        workdir: str | Path,
-        *,
-        tokenizer_record: dict[str, Any] | None = None,
+        self, config: ml_collections.ConfigDict, workdir: str | Path, *, tokenizer_record: dict[str, Any] | None = None
     ):
         """`tokenizer_record`: the step separator and tokenizer directory the run trains with
         (`StepSeparator.to_json_dict()` plus `dir`), stored in every checkpoint's metadata so an
@@ -154,7 +143,7 @@ class Trainer:
         self.tokenizer_record = tokenizer_record
         # The dtype the base was imported in travels with the run: the export default.
         init_from = config.model.init_from
-        self.source_dtype = read_checkpoint_metadata(init_from).get("source_dtype") if init_from else None
+        self.source_dtype = source_dtype(init_from) if init_from else None
         self.is_primary = jax.process_index() == 0
         self.mesh = make_mesh({k: int(v) for k, v in config.mesh.items()})
         self.model_config = training_model_config(config, tokenizer_record)
@@ -175,33 +164,36 @@ class Trainer:
         self.optimizer = build_optimizer(self.opt_config)
         self.schedule = learning_rate_schedule(self.opt_config)
 
-        self.graphdef, self.abstract_state = nnx.split(abstract_model(self.model_config))
-        shardings = state_shardings(self.abstract_state, self.mesh)
-        self.param_shardings = params_tree_from_state(shardings)
-        self.abstract_params = jax.tree.map(
-            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-            params_tree_from_state(self.abstract_state), self.param_shardings,
-        )
+        self.graphdef = nnx.graphdef(abstract_model(self.model_config))
+        self.abstract_params = abstract_params(self.model_config, self.mesh)
+        self.param_shardings = jax.tree.map(lambda s: s.sharding, self.abstract_params)
         replicated = NamedSharding(self.mesh, PartitionSpec())
         # Optimizer moments are sharded exactly like their parameters (counts replicated); left to
         # the compiler, zeros_like would come out replicated on every device.
         self.abstract_opt_state = jax.eval_shape(self.optimizer.init, self.abstract_params)
         self.opt_shardings = optax.tree_map_params(
-            self.optimizer, lambda _, sharding: sharding, self.abstract_opt_state, self.param_shardings,
+            self.optimizer,
+            lambda _, sharding: sharding,
+            self.abstract_opt_state,
+            self.param_shardings,
             transform_non_params=lambda _: replicated,
         )
         self.batch_sharding = _batch_sharding(self.mesh, self.global_rows)
         self.train_step = jax.jit(
             make_train_step(
-                self.graphdef, self.abstract_state, self.optimizer, objective=self.objective,
-                grad_accum_steps=accum, schedule=self.schedule, loss=str(config.train.loss),
+                self.graphdef,
+                self.optimizer,
+                objective=self.objective,
+                grad_accum_steps=accum,
+                schedule=self.schedule,
+                loss=str(config.train.loss),
             ),
             in_shardings=(self.param_shardings, self.opt_shardings, self.batch_sharding, replicated),
             out_shardings=(self.param_shardings, self.opt_shardings, replicated),
             donate_argnums=(0, 1),
         )
         self.eval_step = jax.jit(
-            make_eval_step(self.graphdef, self.abstract_state, objective=self.objective, loss=str(config.train.loss)),
+            make_eval_step(self.graphdef, objective=self.objective, loss=str(config.train.loss)),
             in_shardings=(self.param_shardings, self.batch_sharding),
             out_shardings=replicated,
         )
@@ -228,49 +220,37 @@ class Trainer:
         init_from = self.config.model.init_from
         seed = int(self.config.seed)
         if not init_from:
-            return params_tree(create_model(self.model_config, seed=seed, mesh=self.mesh))
-        # Import what the source has (backbone, and whichever heads it carries); initialise only
-        # the missing heads, never a whole second model.
-        stored = read_model_config(init_from)
-        source_paths = {tuple(map(str, p)) for p, _ in param_specs(stored)}
-        wanted = [p for p, _ in param_specs(self.model_config) if tuple(map(str, p)) in source_paths]
-        restored = restore_params(
-            init_from, stored.replace(**{f: getattr(self.model_config, f) for f in _RUNTIME_FIELDS}),
-            mesh=self.mesh, paths=wanted,
+            return params_of(create_model(self.model_config, seed=seed, mesh=self.mesh))
+        # Load what the source has (backbone, and whichever of this run's heads it carries);
+        # a head it lacks starts from the seed, never a whole second model.
+        base_rows = read_config(init_from).vocab_size
+        params = load_weights(
+            init_from, self.model_config.replace(vocab_size=base_rows), mesh=self.mesh, fresh_heads_seed=seed
         )
-        shardings = {tuple(p): s for p, s in _flat_tree(self.param_shardings).items()}
-        if stored.vocab_size != self.model_config.vocab_size:
-            restored = self._grow_vocab(restored, stored.vocab_size, shardings)
-        missing = [p for p, _ in param_specs(self.model_config) if p not in restored]
-        heads = {"score": StepHead, "lm_head": LMHead}
-        backbone_missing = sorted(".".join(map(str, p)) for p in missing if p[0] not in heads)
-        if backbone_missing:
-            raise ValueError(f"{init_from} lacks backbone parameters {backbone_missing}")
-        for name in sorted({p[0] for p in missing}):
-            _log.info("initialising %s (absent from %s) from seed %d", name, init_from, seed)
-            module = heads[name](self.model_config, nnx.Rngs(seed))
-            for path, variable in nnx.to_flat_state(nnx.state(module, nnx.Param)):
-                full = (name,) + tuple(path)
-                restored[full] = jax.device_put(variable.get_value(), shardings[tuple(map(str, full))])
-        return params_to_tree(restored)
+        if base_rows != self.model_config.vocab_size:
+            params = self._grow_vocab(params, base_rows)
+        return params
 
-    def _grow_vocab(
-        self, restored: dict[Any, jax.Array], base_rows: int, shardings: dict[tuple[str, ...], Any]
-    ) -> dict[Any, jax.Array]:
+    def _grow_vocab(self, params: Any, base_rows: int) -> Any:
         """The base's vocab-indexed arrays grown to this run's vocabulary (an added separator),
         new entries at the mean of the base's rows, laid out with the shardings the model expects."""
         rows = self.model_config.vocab_size
         _log.info(
             "growing the vocabulary of %s from %d to %d rows for the step separator (new rows: the mean row)",
-            self.config.model.init_from, base_rows, rows,
+            self.config.model.init_from,
+            base_rows,
+            rows,
         )
+        flat, shardings = nnx.traversals.flatten_mapping(params), nnx.traversals.flatten_mapping(self.param_shardings)
         for path, axis in vocab_axes(self.model_config).items():
-            if path in restored:
+            if path in flat:
                 grow = functools.partial(grow_vocab_axis, vocab_size=rows, axis=axis)
-                restored[path] = jax.jit(grow, out_shardings=shardings[tuple(map(str, path))])(restored[path])
-        return restored
+                flat[path] = jax.jit(grow, out_shardings=shardings[path])(flat[path])
+        return nnx.traversals.unflatten_mapping(flat)
 
-    def _save(self, step: int, params: Any, opt_state: Any, iterator: Any, extra: dict[str, Any], force: bool = False) -> bool:
+    def _save(
+        self, step: int, params: Any, opt_state: Any, iterator: Any, extra: dict[str, Any], force: bool = False
+    ) -> bool:
         self._confirm_save(block=True)  # Orbax would wait for the previous save anyway
         try:
             saved = self._start_save(step, params, opt_state, iterator, extra, force)
@@ -282,7 +262,7 @@ class Trainer:
         return saved
 
     def _confirm_save(self, *, block: bool) -> None:
-        """Raise TrainingError when the save in flight failed; ``block=False`` only looks when it
+        """Raise TrainingError when the save in flight failed; `block=False` only looks when it
         has finished (cheap enough for every step, so a failed async save stops the run at once)."""
         step = self._saving_step
         if step is None or (not block and self.checkpoint_manager.is_saving_in_progress()):
@@ -309,7 +289,9 @@ class Trainer:
             return f"No checkpoint is committed yet in {self.workdir / 'checkpoints'}."
         return f"The last good checkpoint is step {self._last_good_step} in {self.workdir / 'checkpoints'}."
 
-    def _start_save(self, step: int, params: Any, opt_state: Any, iterator: Any, extra: dict[str, Any], force: bool) -> bool:
+    def _start_save(
+        self, step: int, params: Any, opt_state: Any, iterator: Any, extra: dict[str, Any], force: bool
+    ) -> bool:
         meta = checkpoint_metadata(
             self.model_config,
             {"source": "prm_jax.training", "init_from": self.config.model.init_from or None},
@@ -343,9 +325,17 @@ class Trainer:
                 f"  checkpoint: {stored}\n  this run:   {self.model_config}"
             )
         check_same_separator(metadata.get("tokenizer"), self.tokenizer_record, step, self.workdir)
+        if metadata["layout_version"] != LAYOUT_VERSION:
+            # Its optimizer state holds the old parameter names too; only the model is read across layouts.
+            raise TrainingError(
+                f"checkpoint {step} in {self.workdir} has parameter layout {metadata['layout_version']} (an older "
+                f"prm-jax): resume it with that version, or start a new run from it with "
+                f"--config.model.init_from={self.workdir / 'checkpoints' / str(step)}"
+            )
         abstract_opt = jax.tree.map(
             lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-            self.abstract_opt_state, self.opt_shardings,
+            self.abstract_opt_state,
+            self.opt_shardings,
         )
         restored = self.checkpoint_manager.restore(
             step,
@@ -390,10 +380,12 @@ class Trainer:
             pairs = []
             for ex, rewards in rewards_by_example.items():
                 order = sorted(rewards)
-                pairs.append((
-                    first_error_index([rewards[s] for s in order]),
-                    first_error_index([labels_by_example[ex][s] for s in order]),
-                ))
+                pairs.append(
+                    (
+                        first_error_index([rewards[s] for s in order]),
+                        first_error_index([labels_by_example[ex][s] for s in order]),
+                    )
+                )
             scores = step_error_scores(pairs)
             out.update({"eval_f1": scores.f1, "eval_acc_err": scores.acc_err, "eval_acc_ok": scores.acc_ok})
         return out
@@ -417,7 +409,9 @@ class Trainer:
             flag = multihost_utils.process_allgather(flag)
         return bool(np.any(flag))
 
-    def run(self, train_iterator: Any, eval_batches: list[dict[str, np.ndarray]] | None, data_stats: dict[str, Any]) -> TrainResult:
+    def run(
+        self, train_iterator: Any, eval_batches: list[dict[str, np.ndarray]] | None, data_stats: dict[str, Any]
+    ) -> TrainResult:
         cfg = self.config.train
         num_steps = int(cfg.num_steps)
         latest = self.checkpoint_manager.latest_step()
@@ -458,8 +452,7 @@ class Trainer:
                 if not all(math.isfinite(metrics[k]) for k in checked):
                     values = ", ".join(f"{k}={metrics[k]}" for k in checked)
                     raise TrainingError(
-                        f"non-finite training state at step {s} ({values}); "
-                        f"stopping. {self.last_good_checkpoint()}"
+                        f"non-finite training state at step {s} ({values}); stopping. {self.last_good_checkpoint()}"
                     )
                 total_tokens += metrics["tokens"]
                 completions.append((time.perf_counter(), total_tokens))
@@ -479,9 +472,7 @@ class Trainer:
                 fingerprint = _fingerprint(batch)
                 global_batch = _to_global(batch, self.batch_sharding)
                 with jax.set_mesh(self.mesh):
-                    params, opt_state, device_metrics = self.train_step(
-                        params, opt_state, global_batch, np.int32(step)
-                    )
+                    params, opt_state, device_metrics = self.train_step(params, opt_state, global_batch, np.int32(step))
                 step += 1
                 progress.update(1)
                 self._confirm_save(block=False)
@@ -490,11 +481,7 @@ class Trainer:
                 resolve_pending()
                 pending.append((step, device_metrics, fingerprint))
                 # Multi-host agreement is a collective: check at log boundaries, not every step.
-                stop_now = (
-                    self._stop_agreed()
-                    if jax.process_count() == 1 or step % int(cfg.log_every) == 0
-                    else False
-                )
+                stop_now = self._stop_agreed() if jax.process_count() == 1 or step % int(cfg.log_every) == 0 else False
                 if eval_batches and (step % int(cfg.eval_every) == 0 or step == num_steps):
                     resolve_pending()
                     last_eval = self.evaluate(params, eval_batches)
@@ -551,24 +538,6 @@ def check_same_separator(
             f"{stored['separator_id']} (vocabulary {stored['vocabulary']}); this run's tokenizer gives "
             f"{current['separator']!r} id {current['separator_id']} (vocabulary {current['vocabulary']})"
         )
-
-
-def params_tree_from_state(state: nnx.State) -> dict[str, Any]:
-    """An nnx.State (of Params, shardings or shapes) as a string-keyed params tree."""
-    return params_to_tree({
-        tuple(path): leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
-        for path, leaf in nnx.to_flat_state(state)
-    })
-
-
-def _flat_tree(tree: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-    flat: dict[tuple[str, ...], Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flat_tree(value, prefix + (key,)))
-        else:
-            flat[prefix + (key,)] = value
-    return flat
 
 
 def threading_is_main() -> bool:

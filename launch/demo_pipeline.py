@@ -7,18 +7,18 @@
       -> evaluation on held-out problems: ProcessBench-format records whose labels are the exact
          checker's first errors, and Best-of-N (prm@N against maj@N and pass@N).
 
-In this world the LLM judge's role is played by the exact step checker
-(:class:`data_pipeline.math_world.CheckerJudge`), wrong at ``judge.error_rate``; everything else
-is the production code path. ``launch/demo.py`` is the entry point; ``configs/demo.py`` the
-default sizes.
+An application of the library, so it sits in the launch layer, above `data_pipeline` (the math
+world is one of its data sources) and `prm_jax`. In this world the LLM judge's role is played by
+the exact step checker (`data_pipeline.math_world.CheckerJudge`), wrong at `judge.error_rate`;
+everything else is the production code path. `launch/demo.py` is the entry point;
+`default_config` (also `configs/demo.py`) the default sizes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import logging
-import os
 import random
 import re
 import time
@@ -27,21 +27,31 @@ from pathlib import Path
 import ml_collections
 
 from data_pipeline import math_world
-
-_log = logging.getLogger("demo")
+from prm_jax.config_checks import ConfigChecker
+from prm_jax.files import atomic_file, atomic_write_lines
+from prm_jax.tiny_tokenizer import TINY_VOCAB_SIZE
 
 
 def default_config() -> ml_collections.ConfigDict:
-    """The default sizes: the whole run in about five minutes on 2 CPU cores (see configs/demo.py)."""
+    """The default sizes: the whole run in about five minutes on 2 CPU cores."""
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.progress = True
     c.world = ml_collections.ConfigDict(dict(min_ops=2, max_ops=3, operand_min=1, operand_max=9, max_value=9))
-    # The policy: a small Qwen2-architecture causal LM (vocab = the tiny tokenizer's 404 ids).
+    # The policy: a small Qwen2-architecture causal LM over the tiny tokenizer's vocabulary.
     c.policy = ml_collections.ConfigDict()
-    c.policy.arch = ml_collections.ConfigDict(dict(
-        vocab_size=404, hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=32, max_position_embeddings=512))
+    c.policy.arch = ml_collections.ConfigDict(
+        dict(
+            vocab_size=TINY_VOCAB_SIZE,
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            max_position_embeddings=512,
+        )
+    )
     # Noisy solutions: 60% of them carry one mistake (a wrong carry, off by ten; propagated, or
     # undone by the next step a quarter of the time: the right answer through a wrong step).
     # "off_by_one" adds in-range slips, which a PRM this small does not learn to see (README).
@@ -49,60 +59,68 @@ def default_config() -> ml_collections.ConfigDict:
     # seed and the CPU's floating point (about 12k-16k solutions here; at a 70% error rate 16k-24k),
     # so the budget (32k solutions: 2,000 steps of 16 rows) is about twice that: the band in the
     # README holds on every CPU class and seed measured (bench/demo_band.py).
-    c.sft = ml_collections.ConfigDict(dict(
-        num_problems=4000, error_rate=0.6, mistakes="carry", steps=2000, rows=16, seq_len=112, lr=3e-3, warmup=20,
-        log_every=50))
+    c.sft = ml_collections.ConfigDict(
+        dict(
+            num_problems=4000,
+            error_rate=0.6,
+            mistakes="carry",
+            steps=2000,
+            rows=16,
+            seq_len=112,
+            lr=3e-3,
+            warmup=20,
+            log_every=50,
+        )
+    )
     # Responses and MC rollouts are sampled at 0.7 (Qwen2.5-Math's usual setting): the policy's
     # mistakes are then mostly the ones it learnt, plus its own arithmetic slips.
-    c.synth = ml_collections.ConfigDict(dict(num_problems=512, n=4, k=4, temperature=0.7, max_tokens=40,
-                                             mc_temperature=0.7, mc_max_tokens=32))
+    c.synth = ml_collections.ConfigDict(
+        dict(num_problems=512, n=4, k=4, temperature=0.7, max_tokens=40, mc_temperature=0.7, mc_max_tokens=32)
+    )
     c.judge = ml_collections.ConfigDict(dict(error_rate=0.1))
     c.prm = ml_collections.ConfigDict(dict(steps=400, rows=8, seq_len=112, lr=1e-3, warmup=20, log_every=50))
     c.eval = ml_collections.ConfigDict(dict(num_problems=256, n=4, temperature=0.7, max_tokens=40))
     return c
 
 
-_POSITIVE_INTS = ("sft.num_problems", "sft.steps", "sft.rows", "sft.seq_len", "sft.log_every", "sft.warmup",
-                  "synth.num_problems", "synth.n", "synth.k", "synth.max_tokens", "synth.mc_max_tokens",
-                  "prm.steps", "prm.rows", "prm.seq_len", "prm.log_every", "prm.warmup",
-                  "eval.num_problems", "eval.n", "eval.max_tokens",
-                  "world.min_ops", "world.max_ops", "world.operand_min", "world.operand_max")
+# Fields that must be integers >= 1, by section.
+_POSITIVE_INTS = {
+    "sft": ("num_problems", "steps", "rows", "seq_len", "log_every", "warmup"),
+    "synth": ("num_problems", "n", "k", "max_tokens", "mc_max_tokens"),
+    "prm": ("steps", "rows", "seq_len", "log_every", "warmup"),
+    "eval": ("num_problems", "n", "max_tokens"),
+    "world": ("min_ops", "max_ops", "operand_min", "operand_max"),
+}
 _RATES = ("sft.error_rate", "judge.error_rate")
 _TEMPERATURES = ("synth.temperature", "synth.mc_temperature", "eval.temperature")
 
 
 def validate_config(config: ml_collections.ConfigDict) -> list[str]:
     """Every problem of a demo config, one line each ([] when valid); nothing is read or written.
-    The two trainer configs the demo builds are checked too, their data paths aside (the run
-    writes those files)."""
-    def value(dotted: str):
-        node = config
-        for part in dotted.split("."):
-            node = node[part]
-        return node
 
-    problems = []
-    for dotted in ("seed",) + _POSITIVE_INTS:
-        v, low = value(dotted), 0 if dotted == "seed" else 1
-        if isinstance(v, bool) or not isinstance(v, int) or v < low:
-            problems.append(f"--config.{dotted}={v!r}: must be an integer >= {low}")
+    The two trainer configs the demo builds are checked too, their data paths aside (the run
+    writes those files).
+    """
+    c = ConfigChecker(config)
+    c.integer("seed", 0)
+    for section, names in _POSITIVE_INTS.items():
+        for name in names:
+            c.integer(f"{section}.{name}", 1)
     for dotted in _RATES:
-        if not 0.0 <= float(value(dotted)) <= 1.0:
-            problems.append(f"--config.{dotted}={value(dotted)!r}: must be in [0, 1]")
+        c.number(dotted, 0.0, 1.0)
     for dotted in _TEMPERATURES:
-        if not float(value(dotted)) >= 0.0:
-            problems.append(f"--config.{dotted}={value(dotted)!r}: must be >= 0")
+        c.number(dotted, 0.0)
     w = config.world
-    if not problems and (w.min_ops > w.max_ops or w.operand_min > w.operand_max):
-        problems.append(f"--config.world: need min_ops <= max_ops and operand_min <= operand_max, got {w.to_dict()}")
-    if w.max_value is not None and int(w.max_value) < 0:
-        problems.append(f"--config.world.max_value={w.max_value!r}: must be >= 0 (or None: no cap)")
+    if not c.problems and (w.min_ops > w.max_ops or w.operand_min > w.operand_max):
+        c.problems.append(f"--config.world: need min_ops <= max_ops and operand_min <= operand_max, got {w.to_dict()}")
+    if w.max_value is not None and (not isinstance(w.max_value, int) or w.max_value < 0):
+        c.add("world.max_value", w.max_value, "must be an integer >= 0 (or None: no cap)")
     try:
         mistake_kinds(config.sft.mistakes)
     except ValueError as error:
-        problems.append(f"--config.{error}")
-    if problems:  # the trainer configs below are built from these fields
-        return problems
+        c.problems.append(f"--config.{error}")
+    if c.problems:  # the trainer configs below are built from these fields
+        return c.problems
     from prm_jax.training.config import validate as validate_training
 
     paths = ("--config.data.train_file", "--config.data.tokenizer_dir", "--config.model.init_from")
@@ -111,31 +129,36 @@ def validate_config(config: ml_collections.ConfigDict) -> list[str]:
             if problem.startswith(paths):
                 continue
             for trainer_field, demo_field in _TRAINER_FIELDS.items():  # name the flag the user set
-                problem = re.sub(rf"(?<![\w.])(--config\.)?{re.escape(trainer_field)}(?=[=<])",
-                                 f"--config.{stage}.{demo_field}", problem)
-            problems.append(f"{stage} stage: {problem}")
-    return problems
+                problem = re.sub(
+                    rf"(?<![\w.])(--config\.)?{re.escape(trainer_field)}(?=[=<])",
+                    f"--config.{stage}.{demo_field}",
+                    problem,
+                )
+            c.problems.append(f"{stage} stage: {problem}")
+    return c.problems
 
 
 # The demo's stage fields as the trainer config names them (see _trainer_config).
-_TRAINER_FIELDS = {"optimizer.learning_rate": "lr", "optimizer.warmup_steps": "warmup", "train.num_steps": "steps",
-                   "train.global_batch_rows": "rows", "data.seq_len": "seq_len", "train.log_every": "log_every"}
+_TRAINER_FIELDS = {
+    "optimizer.learning_rate": "lr",
+    "optimizer.warmup_steps": "warmup",
+    "train.num_steps": "steps",
+    "train.global_batch_rows": "rows",
+    "data.seq_len": "seq_len",
+    "train.log_every": "log_every",
+}
 
 
 def world_kwargs(config: ml_collections.ConfigDict) -> dict:
+    """The `math_world.generate_problems` keywords of `config.world` (max_value 0 or None: no cap)."""
     w = config.world
-    return dict(min_ops=int(w.min_ops), max_ops=int(w.max_ops), operand_min=int(w.operand_min),
-                operand_max=int(w.operand_max), max_value=int(w.max_value) if w.max_value else None)
-
-
-def _write_jsonl(path: Path, records) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")
-    os.replace(tmp, path)
-    return path
+    return dict(
+        min_ops=int(w.min_ops),
+        max_ops=int(w.max_ops),
+        operand_min=int(w.operand_min),
+        operand_max=int(w.operand_max),
+        max_value=int(w.max_value) if w.max_value else None,
+    )
 
 
 def _split_of(text: str) -> str:
@@ -150,8 +173,11 @@ def make_splits(config: ml_collections.ConfigDict) -> dict[str, list[math_world.
     seed = int(config.seed)
     kw = world_kwargs(config)
     splits = {}
-    for offset, name, count in ((1, "sft", config.sft.num_problems), (2, "synth", config.synth.num_problems),
-                                (3, "eval", config.eval.num_problems)):
+    for offset, name, count in (
+        (1, "sft", config.sft.num_problems),
+        (2, "synth", config.synth.num_problems),
+        (3, "eval", config.eval.num_problems),
+    ):
         count, chosen, batch = int(count), [], 0
         while len(chosen) < count:
             problems = math_world.generate_problems(count * 4, seed * 1000 + offset * 100 + batch, prefix=name, **kw)
@@ -164,8 +190,10 @@ def make_splits(config: ml_collections.ConfigDict) -> dict[str, list[math_world.
 
 
 def mistake_kinds(spec: str) -> tuple[str, ...]:
-    """`sft.mistakes` ("carry" or "carry,off_by_one", ...) as math_world mistake kinds; a kind
-    listed twice is drawn twice as often."""
+    """`sft.mistakes` ("carry" or "carry,off_by_one", ...) as math_world mistake kinds.
+
+    A kind listed twice is drawn twice as often.
+    """
     kinds = tuple(k.strip() for k in str(spec).split(",") if k.strip())
     unknown = [k for k in kinds if k not in math_world.MISTAKES]
     if not kinds or unknown:
@@ -173,17 +201,26 @@ def mistake_kinds(spec: str) -> tuple[str, ...]:
     return kinds
 
 
-def write_sft_data(path: Path, problems, *, error_rate: float, seed: int,
-                   mistakes: tuple[str, ...] = math_world.MISTAKES) -> Path:
+def write_sft_data(
+    path: Path, problems, *, error_rate: float, seed: int, mistakes: tuple[str, ...] = math_world.MISTAKES
+) -> Path:
     """SFT records `{id, prompt, completion}`: world solutions with deliberate mistakes."""
     rng = random.Random(seed)
-    return _write_jsonl(path, ({"id": p.id, "prompt": p.text,
-                                "completion": "\n\n".join(math_world.noisy_solution(p, rng, error_rate, mistakes))}
-                               for p in problems))
+    records = (
+        {
+            "id": p.id,
+            "prompt": p.text,
+            "completion": "\n\n".join(math_world.noisy_solution(p, rng, error_rate, mistakes)),
+        }
+        for p in problems
+    )
+    atomic_write_lines(path, map(json.dumps, records))
+    return path
 
 
-def _trainer_config(config: ml_collections.ConfigDict, stage: str, train_file: Path,
-                    tokenizer_dir: Path) -> ml_collections.ConfigDict:
+def _trainer_config(
+    config: ml_collections.ConfigDict, stage: str, train_file: Path, tokenizer_dir: Path
+) -> ml_collections.ConfigDict:
     """A fp32 single-checkpoint trainer config from the demo's `stage` section ("sft" or "prm")."""
     from prm_jax.training.config import default_config
 
@@ -210,7 +247,9 @@ def _trainer_config(config: ml_collections.ConfigDict, stage: str, train_file: P
     return c
 
 
-def sft_train_config(config: ml_collections.ConfigDict, train_file: Path, tokenizer_dir: Path) -> ml_collections.ConfigDict:
+def sft_train_config(
+    config: ml_collections.ConfigDict, train_file: Path, tokenizer_dir: Path
+) -> ml_collections.ConfigDict:
     """The policy's causal-LM fine-tuning from scratch, architecture from `config.policy.arch`."""
     c = _trainer_config(config, "sft", train_file, tokenizer_dir)
     c.objective = "lm"
@@ -221,8 +260,11 @@ def sft_train_config(config: ml_collections.ConfigDict, train_file: Path, tokeni
 def mc_checker_agreement(items) -> dict:
     """How often MC's first error (from hard labels) equals the exact checker's.
 
-    ``items``: ``(problem: WorldProblem, steps, mc_first_error)`` for every MC-labelled response.
-    Returns the agreement rate and, for the erroneous responses, how MC's verdict compares.
+    Args:
+        items: `(problem: WorldProblem, steps, mc_first_error)` for every MC-labelled response.
+
+    Returns:
+        The agreement rate and, for the erroneous responses, how MC's verdict compares.
     """
     total = agree = too_early = too_late = 0
     matrix: dict[str, dict[str, int]] = {}
@@ -237,9 +279,13 @@ def mc_checker_agreement(items) -> dict:
             too_late += m > t
         row = matrix.setdefault(str(truth), {})
         row[str(mc_first)] = row.get(str(mc_first), 0) + 1
-    return {"responses": total, "agreement": agree / total if total else None,
-            "mc_too_early": too_early, "mc_too_late": too_late,
-            "matrix_rows_checker_cols_mc": {k: dict(sorted(v.items())) for k, v in sorted(matrix.items())}}
+    return {
+        "responses": total,
+        "agreement": agree / total if total else None,
+        "mc_too_early": too_early,
+        "mc_too_late": too_late,
+        "matrix_rows_checker_cols_mc": {k: dict(sorted(v.items())) for k, v in sorted(matrix.items())},
+    }
 
 
 def synthesis_figures(synth_dir: Path) -> dict:
@@ -266,16 +312,24 @@ def synthesis_figures(synth_dir: Path) -> dict:
         judge_total += 1
         judge_agree += j.first_error == math_world.first_error(math_world.parse_problem(g.problem), list(g.steps))
     summary = read_json(layout.summary)
-    return {"mc_first_error_agreement": mc_figures["agreement"], "mc_vs_checker": mc_figures,
-            "judge_first_error_agreement": judge_agree / judge_total if judge_total else None,
-            "consensus_keep_rate": summary["keep_rate"],
-            "synth_policy_accuracy": sum(g.correct for g in grades.values()) / len(grades) if grades else None,
-            "synth_summary": {k: summary[k] for k in ("keep_rate",) if k in summary}}
+    return {
+        "mc_first_error_agreement": mc_figures["agreement"],
+        "mc_vs_checker": mc_figures,
+        "judge_first_error_agreement": judge_agree / judge_total if judge_total else None,
+        "consensus_keep_rate": summary["keep_rate"],
+        "synth_policy_accuracy": sum(g.correct for g in grades.values()) / len(grades) if grades else None,
+        "synth_summary": {k: summary[k] for k in ("keep_rate",) if k in summary},
+    }
 
 
 # ---------------------------------------------------------------------------- the stages
 
+# The JAX sampler's batch shape, for the policy in synthesis and in evaluation alike.
+_SAMPLER = dict(max_batch_rows=64, chunk_size=8, length_bucket=64)
+
+
 def synth_config(config: ml_collections.ConfigDict, problems_path: Path, policy_dir: Path, tokenizer_dir: Path):
+    """The synthesis config of the demo's `synth` section, on the JAX backend in fp32."""
     from data_pipeline.config import default_config
 
     c = default_config()
@@ -284,7 +338,7 @@ def synth_config(config: ml_collections.ConfigDict, problems_path: Path, policy_
     for section in (c.policy, c.judge):
         section.backend = "jax"
         section.dtype = "float32"
-        section.sampler.update(dict(max_batch_rows=64, chunk_size=8, length_bucket=64))
+        section.sampler.update(_SAMPLER)
     c.policy.model_path = str(policy_dir)
     c.policy.tokenizer_path = str(tokenizer_dir)
     c.judge.model_path = "math_world.CheckerJudge"  # recorded in run_config.json: the checker judges
@@ -314,17 +368,28 @@ def prm_train_config(config: ml_collections.ConfigDict, train_file: Path, tokeni
 
 
 def evaluation_records(problems, sampler, config: ml_collections.ConfigDict) -> tuple[list[dict], list[dict], dict]:
-    """Held-out responses of the policy: ProcessBench records (label = the checker's first error)
-    and Best-of-N records; plus the policy's accuracy on them and each erroneous record's
-    error kind (math_world.error_kind), by record id."""
+    """Held-out responses of the policy as evaluation records, and figures about them.
+
+    Returns:
+        ProcessBench records (label = the checker's first error), Best-of-N records, and the
+        policy's accuracy on them with each erroneous record's error kind
+        (`math_world.error_kind`) by record id.
+    """
     from data_pipeline.sample import sample_problems
     from data_pipeline.schemas import Problem
     from prm_jax.tokenization import SYSTEM_PROMPT
 
     items = [Problem(id=p.id, problem=p.text, answer=str(p.answer), source="demo") for p in problems]
-    samples = sample_problems(sampler, items, n=int(config.eval.n), temperature=float(config.eval.temperature),
-                              top_p=1.0, max_tokens=int(config.eval.max_tokens), system_prompt=SYSTEM_PROMPT,
-                              base_seed=int(config.seed) + 7)
+    samples = sample_problems(
+        sampler,
+        items,
+        n=int(config.eval.n),
+        temperature=float(config.eval.temperature),
+        top_p=1.0,
+        max_tokens=int(config.eval.max_tokens),
+        system_prompt=SYSTEM_PROMPT,
+        base_seed=int(config.seed) + 7,
+    )
     pb, bon, kinds = [], [], {}
     correct = total = process_ok = 0
     max_value = world_kwargs(config)["max_value"]
@@ -336,20 +401,40 @@ def evaluation_records(problems, sampler, config: ml_collections.ConfigDict) -> 
             right = r.answer is not None and r.answer.strip() == str(p.answer)
             if label != -1:
                 kinds[f"{p.id}#{r.index}"] = math_world.error_kind(p, steps, label, max_value)
-            pb.append({"id": f"{p.id}#{r.index}", "generator": "demo-policy", "problem": p.text, "steps": steps,
-                       "final_answer_correct": right, "label": label})
+            pb.append(
+                {
+                    "id": f"{p.id}#{r.index}",
+                    "generator": "demo-policy",
+                    "problem": p.text,
+                    "steps": steps,
+                    "final_answer_correct": right,
+                    "label": label,
+                }
+            )
             responses.append({"steps": steps, "correct": right, "final_answer": r.answer})
             correct += right
             process_ok += label == -1
             total += 1
         bon.append({"id": p.id, "problem": p.text, "answer": str(p.answer), "responses": responses})
-    return pb, bon, {"policy_accuracy": correct / total, "policy_process_accuracy": process_ok / total,
-                     "eval_responses": total, "error_kinds": kinds}
+    return (
+        pb,
+        bon,
+        {
+            "policy_accuracy": correct / total,
+            "policy_process_accuracy": process_ok / total,
+            "eval_responses": total,
+            "error_kinds": kinds,
+        },
+    )
 
 
 def detection_by_kind(predictions, kinds: dict[str, str]) -> dict[str, dict]:
-    """For each kind of first error: how many held-out records have it and the share whose first
-    error the PRM located exactly (``predictions``: ProcessBench prediction rows with id/label/pred)."""
+    """For each kind of first error: how many held-out records have it and the share the PRM located.
+
+    Args:
+        predictions: ProcessBench prediction rows with id/label/pred.
+        kinds: The error kind of each erroneous record, by id.
+    """
     table: dict[str, dict] = {}
     for row in predictions:
         if row["label"] == -1:
@@ -357,37 +442,36 @@ def detection_by_kind(predictions, kinds: dict[str, str]) -> dict[str, dict]:
         entry = table.setdefault(kinds[row["id"]], {"records": 0, "found": 0})
         entry["records"] += 1
         entry["found"] += row["pred"] == row["label"]
-    return {kind: {**entry, "rate": entry["found"] / entry["records"]}
-            for kind, entry in sorted(table.items(), key=lambda item: -item[1]["records"])}
+    return {
+        kind: {**entry, "rate": entry["found"] / entry["records"]}
+        for kind, entry in sorted(table.items(), key=lambda item: -item[1]["records"])
+    }
 
 
 # ---------------------------------------------------------------------------- the whole run
 
-JUDGE_NOTE = ("In this world the LLM judge's role is played by the exact step checker (wrong at an error rate "
-              "of {rate:g}, naming another step at random); MC labels and PRM predictions are scored against "
-              "the same checker.")
+JUDGE_NOTE = (
+    "In this world the LLM judge's role is played by the exact step checker (wrong at an error rate "
+    "of {rate:g}, naming another step at random); MC labels and PRM predictions are scored against "
+    "the same checker."
+)
 
 
 class _Clock:
+    """Stage timings, with a `[  12s] stage: what` line when each stage starts and ends."""
+
     def __init__(self, say):
         self.say = say
         self.start = time.monotonic()
         self.timings: dict[str, float] = {}
 
+    @contextlib.contextmanager
     def stage(self, name: str, what: str):
-        clock = self
-
-        class _Stage:
-            def __enter__(self):
-                self.t = time.monotonic()
-                clock.say(f"[{time.monotonic() - clock.start:6.0f}s] {name}: {what}")
-
-            def __exit__(self, *exc):
-                if exc[0] is None:
-                    clock.timings[name] = round(time.monotonic() - self.t, 1)
-                    clock.say(f"[{time.monotonic() - clock.start:6.0f}s] {name} done in {clock.timings[name]:.0f}s")
-
-        return _Stage()
+        started = time.monotonic()
+        self.say(f"[{started - self.start:6.0f}s] {name}: {what}")
+        yield
+        self.timings[name] = round(time.monotonic() - started, 1)
+        self.say(f"[{time.monotonic() - self.start:6.0f}s] {name} done in {self.timings[name]:.0f}s")
 
 
 def _last_step_dir(run_dir: Path, steps: int) -> Path:
@@ -398,7 +482,7 @@ def _last_step_dir(run_dir: Path, steps: int) -> Path:
 
 
 def run_demo(config: ml_collections.ConfigDict, workdir: str | Path, *, say=print) -> dict:
-    """Run every stage into ``workdir``; returns (and writes) ``results.json``'s content.
+    """Run every stage into `workdir`; returns (and writes) `results.json`'s content.
 
     Rerunning with the same workdir and config resumes: the trainers resume from their
     checkpoints and synthesis from its shards; the evaluation is recomputed.
@@ -427,32 +511,47 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str | Path, *, say=prin
             build_tiny_tokenizer(tokenizer_dir)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         splits = make_splits(config)
-        sft_file = write_sft_data(W / "data" / "sft.jsonl", splits["sft"], error_rate=float(config.sft.error_rate),
-                                  seed=int(config.seed), mistakes=mistake_kinds(config.sft.mistakes))
+        sft_file = write_sft_data(
+            W / "data" / "sft.jsonl",
+            splits["sft"],
+            error_rate=float(config.sft.error_rate),
+            seed=int(config.seed),
+            mistakes=mistake_kinds(config.sft.mistakes),
+        )
         synth_problems = math_world.write_problems(W / "data" / "synth_problems.jsonl", splits["synth"])
         math_world.write_problems(W / "data" / "eval_problems.jsonl", splits["eval"])
-        say(f"  world: {len(splits['sft'])} SFT / {len(splits['synth'])} synthesis / {len(splits['eval'])} held-out "
-            f"problems, e.g. {splits['eval'][0].text!r}")
+        say(
+            f"  world: {len(splits['sft'])} SFT / {len(splits['synth'])} synthesis / {len(splits['eval'])} held-out "
+            f"problems, e.g. {splits['eval'][0].text!r}"
+        )
 
-    with clock.stage("policy_sft", f"causal-LM fine-tuning of the policy, {config.sft.steps} steps on noisy solutions "
-                                   f"(error rate {config.sft.error_rate:g})"):
+    with clock.stage(
+        "policy_sft",
+        f"causal-LM fine-tuning of the policy, {config.sft.steps} steps on noisy solutions "
+        f"(error rate {config.sft.error_rate:g})",
+    ):
         train_from_config(sft_train_config(config, sft_file, tokenizer_dir), W / "policy")
         policy_dir = _last_step_dir(W / "policy", int(config.sft.steps))
 
     policy = restore_model(policy_dir, dtype="float32")
-    sampler = JaxSampler(policy, tokenizer, config=SamplerConfig(max_batch_rows=64, chunk_size=8, length_bucket=64))
+    sampler = JaxSampler(policy, tokenizer, config=SamplerConfig(**_SAMPLER))
 
     with clock.stage("synthesis", f"sample N={config.synth.n}, grade, MC k={config.synth.k}, checker judge, consensus"):
         judge = math_world.CheckerJudge(tokenizer, error_rate=float(config.judge.error_rate), seed=int(config.seed))
-        run_synthesis(synth_config(config, synth_problems, policy_dir, tokenizer_dir), W / "synth",
-                      policy=sampler, judge=judge)
+        run_synthesis(
+            synth_config(config, synth_problems, policy_dir, tokenizer_dir), W / "synth", policy=sampler, judge=judge
+        )
         figures = synthesis_figures(W / "synth")
-        say(f"  policy accuracy {_pct(figures['synth_policy_accuracy'])}, MC-vs-checker first-error agreement "
-            f"{_pct(figures['mc_first_error_agreement'])}, consensus keep rate {_pct(figures['consensus_keep_rate'])}")
+        say(
+            f"  policy accuracy {_pct(figures['synth_policy_accuracy'])}, MC-vs-checker first-error agreement "
+            f"{_pct(figures['mc_first_error_agreement'])}, consensus keep rate {_pct(figures['consensus_keep_rate'])}"
+        )
 
     with clock.stage("prm_train", f"PRM training from the policy backbone, {config.prm.steps} steps"):
-        train_from_config(prm_train_config(config, W / "synth" / "consensus" / "prm_train.jsonl", tokenizer_dir,
-                                           policy_dir), W / "prm")
+        train_from_config(
+            prm_train_config(config, W / "synth" / "consensus" / "prm_train.jsonl", tokenizer_dir, policy_dir),
+            W / "prm",
+        )
         prm_dir = _last_step_dir(W / "prm", int(config.prm.steps))
 
     with clock.stage("convert", "Orbax -> Hugging Face (Qwen2.5-Math-PRM layout)"):
@@ -460,14 +559,22 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str | Path, *, say=prin
 
     with clock.stage("evaluate", f"held-out ProcessBench-format records and Best-of-{config.eval.n}"):
         pb, bon, policy_figures = evaluation_records(splits["eval"], sampler, config)
-        _write_jsonl(W / "eval" / "processbench" / "world.jsonl", pb)
-        _write_jsonl(W / "eval" / "bon.jsonl", bon)
-        common = dict(model=str(hf_dir), dtype="float32", param_dtype="float32", overwrite=True,
-                      mesh_shape={"fsdp": -1}, plots=True)
-        pb_out = run_evaluation(EvaluationConfig(task="processbench", data=str(W / "eval" / "processbench"),
-                                                 out=str(W / "eval" / "processbench_results"), **common))
-        bon_out = run_evaluation(EvaluationConfig(task="bon", data=str(W / "eval" / "bon.jsonl"),
-                                                  out=str(W / "eval" / "bon_results"), **common))
+        atomic_write_lines(W / "eval" / "processbench" / "world.jsonl", map(json.dumps, pb))
+        atomic_write_lines(W / "eval" / "bon.jsonl", map(json.dumps, bon))
+        common = dict(model=str(hf_dir), dtype="float32", param_dtype="float32", overwrite=True)
+        pb_out = run_evaluation(
+            EvaluationConfig(
+                task="processbench",
+                data=str(W / "eval" / "processbench"),
+                out=str(W / "eval" / "processbench_results"),
+                **common,
+            )
+        )
+        bon_out = run_evaluation(
+            EvaluationConfig(
+                task="bon", data=str(W / "eval" / "bon.jsonl"), out=str(W / "eval" / "bon_results"), **common
+            )
+        )
 
     with (W / "eval" / "processbench_results" / "predictions.jsonl").open() as f:
         by_kind = detection_by_kind((json.loads(line) for line in f), policy_figures["error_kinds"])
@@ -489,8 +596,14 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str | Path, *, say=prin
         "baseline_f1": baseline_f1(n_err, n_ok),
         "prm_detection_by_error_kind": by_kind,
         "eval_records": {"n_err": n_err, "n_ok": n_ok},
-        "bon": {"n": int(config.eval.n), "prm": average["prm_at_n"]["product"], "prm_by_aggregation": average["prm_at_n"],
-                "maj": average["maj_at_n"], "pass": average["pass_at_n"], "problems": average["n_problems"]},
+        "bon": {
+            "n": int(config.eval.n),
+            "prm": average["prm_at_n"]["product"],
+            "prm_by_aggregation": average["prm_at_n"],
+            "maj": average["maj_at_n"],
+            "pass": average["pass_at_n"],
+            "problems": average["n_problems"],
+        },
         "mc_vs_checker": figures["mc_vs_checker"],
         "config": config.to_dict(),
     }
@@ -517,17 +630,25 @@ def _pct(value) -> str:
 
 
 def results_table(results: dict, timings: dict | None = None) -> str:
+    """The results as the table printed at the end of a run."""
     bon = results["bon"]
     rows = [
         ("policy accuracy (held-out, answers)", f"{results['policy_accuracy']:.1%}"),
-        ("MC first error == checker", _pct(results['mc_first_error_agreement'])),
-        ("judge (checker) first error == checker", _pct(results['judge_first_error_agreement'])),
+        ("MC first error == checker", _pct(results["mc_first_error_agreement"])),
+        ("judge (checker) first error == checker", _pct(results["judge_first_error_agreement"])),
         ("consensus keep rate", f"{results['consensus_keep_rate']:.1%}"),
-        ("PRM F1 (held-out, checker labels)", f"{results['prm_f1']:.3f}  (acc_err {_pct(results['prm_acc_err'])}, "
-                                               f"acc_ok {_pct(results['prm_acc_ok'])})"),
+        (
+            "PRM F1 (held-out, checker labels)",
+            f"{results['prm_f1']:.3f}  (acc_err {_pct(results['prm_acc_err'])}, acc_ok {_pct(results['prm_acc_ok'])})",
+        ),
         ("baseline F1 (always -1)", f"{results['baseline_f1']:.3f}"),
-        ("PRM finds the first error, by kind", ", ".join(f"{kind} {v['found']}/{v['records']}" for kind, v in
-                                                        results.get("prm_detection_by_error_kind", {}).items())),
+        (
+            "PRM finds the first error, by kind",
+            ", ".join(
+                f"{kind} {v['found']}/{v['records']}"
+                for kind, v in results.get("prm_detection_by_error_kind", {}).items()
+            ),
+        ),
         (f"prm@{bon['n']} (product)", f"{bon['prm']:.1%}"),
         (f"maj@{bon['n']}", f"{bon['maj']:.1%}"),
         (f"pass@{bon['n']}", f"{bon['pass']:.1%}"),
@@ -542,36 +663,43 @@ def results_table(results: dict, timings: dict | None = None) -> str:
 
 
 def plot_results(results: dict, workdir: Path) -> list[Path]:
+    """`results.png` (synthesis and ProcessBench-style figures) and `bon.png` in `workdir`."""
+    n = results["bon"]["n"]
+    figures = [
+        ("policy acc", results["policy_accuracy"], "#888"),
+        ("MC==checker", results["mc_first_error_agreement"], "#4c72b0"),
+        ("keep rate", results["consensus_keep_rate"], "#55a868"),
+        ("PRM F1", results["prm_f1"], "#c44e52"),
+        ("baseline F1", results["baseline_f1"], "#bbb"),
+    ]
+    bon = [
+        (f"maj@{n}", results["bon"]["maj"], "#888"),
+        (f"prm@{n}", results["bon"]["prm"], "#c44e52"),
+        (f"pass@{n}", results["bon"]["pass"], "#55a868"),
+    ]
+    return [
+        _bar_chart(
+            workdir / "results.png", figures, "Embedded demo: synthesis and ProcessBench-style figures", (7, 3.5)
+        ),
+        _bar_chart(workdir / "bon.png", bon, f"Best-of-{n} on held-out problems", (5, 3.5)),
+    ]
+
+
+def _bar_chart(path: Path, bars: list[tuple[str, float | None, str]], title: str, size: tuple[float, float]) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out = []
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    names = ["policy acc", "MC==checker", "keep rate", "PRM F1", "baseline F1"]
-    values = [results["policy_accuracy"], results["mc_first_error_agreement"], results["consensus_keep_rate"],
-              results["prm_f1"], results["baseline_f1"]]
-    values = [0.0 if v is None else v for v in values]
-    ax.bar(names, values, color=["#888", "#4c72b0", "#55a868", "#c44e52", "#bbb"])
+    values = [0.0 if v is None else v for _, v, _ in bars]
+    fig, ax = plt.subplots(figsize=size)
+    ax.bar([name for name, _, _ in bars], values, color=[color for _, _, color in bars])
     ax.set_ylim(0, 1)
     for i, v in enumerate(values):
         ax.text(i, v + 0.02, f"{v:.2f}", ha="center")
-    ax.set_title("Embedded demo: synthesis and ProcessBench-style figures")
+    ax.set_title(title)
     fig.tight_layout()
-    out.append(workdir / "results.png")
-    fig.savefig(out[-1], dpi=100)
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    bon = results["bon"]
-    values = [bon["maj"], bon["prm"], bon["pass"]]
-    ax.bar([f"maj@{bon['n']}", f"prm@{bon['n']}", f"pass@{bon['n']}"], values, color=["#888", "#c44e52", "#55a868"])
-    ax.set_ylim(0, 1)
-    for i, v in enumerate(values):
-        ax.text(i, v + 0.02, f"{v:.2f}", ha="center")
-    ax.set_title(f"Best-of-{bon['n']} on held-out problems")
-    fig.tight_layout()
-    out.append(workdir / "bon.png")
-    fig.savefig(out[-1], dpi=100)
-    plt.close(fig)
-    return out
+    return path

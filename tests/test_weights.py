@@ -1,0 +1,194 @@
+"""The one weight loader: checks named per tensor on HF and Orbax sources, layout-1 checkpoints,
+and training from an HF directory equal to training from its conversion."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax.nnx.traversals import flatten_mapping, unflatten_mapping
+from hf_models import random_causal_lm, save_hf
+from safetensors.numpy import load_file
+
+from prm_jax import checkpoint
+from prm_jax.conversion.hf_checkpoint import hf_to_orbax
+from prm_jax.conversion.safetensors_io import TensorSpec, write_safetensors
+from prm_jax.models.factory import params_of
+from prm_jax.sharding import make_mesh
+from prm_jax.weights import ConversionError, load_model, load_weights, read_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory) -> dict[str, Path]:
+    """A tiny HF causal LM and its Orbax conversion (fresh PRM head, seed 5)."""
+    root = tmp_path_factory.mktemp("weights")
+    hf = save_hf(random_causal_lm(vocab_size=404, seed=3), root / "hf")
+    hf_to_orbax(hf, root / "orbax", seed=5)
+    return {"root": root, "hf": hf, "orbax": root / "orbax"}
+
+
+def _flat(params) -> dict[tuple, np.ndarray]:
+    return {k: np.asarray(v) for k, v in flatten_mapping(params).items()}
+
+
+def test_hf_and_orbax_load_the_same_parameters(sources) -> None:
+    """An HF directory loads (fresh head from the seed) exactly as its conversion restores, sharded."""
+    config = read_config(sources["orbax"])
+    mesh = make_mesh({"fsdp": 2, "tensor": 2})
+    from_hf = load_weights(sources["hf"], config, mesh=mesh, fresh_heads_seed=5)
+    from_orbax = load_weights(sources["orbax"], config, mesh=mesh)
+    a, b = _flat(from_hf), _flat(from_orbax)
+    assert a.keys() == b.keys() and any(p[0] == "score" for p in a) and any(p[0] == "lm_head" for p in a)
+    for path in a:
+        np.testing.assert_array_equal(a[path], b[path], err_msg=str(path))
+    q = flatten_mapping(from_hf)[("model", "layers", 1, "self_attn", "q_proj", "kernel")]
+    assert len(q.sharding.device_set) == 4 and tuple(q.sharding.spec) == ("fsdp", "tensor", None)
+
+
+def _write_hf(src: Path, dst: Path, tensors: dict[str, np.ndarray]) -> Path:
+    dst.mkdir()
+    (dst / "config.json").write_text((src / "config.json").read_text())
+    write_safetensors(dst, [TensorSpec(k, v.shape, v.dtype) for k, v in tensors.items()], tensors.__getitem__)
+    return dst
+
+
+def test_hf_problems_are_all_named_with_their_file(sources, tmp_path) -> None:
+    tensors = load_file(sources["hf"] / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    tensors["model.layers.9.extra.weight"] = np.zeros(3, np.float32)
+    tensors["model.layers.0.self_attn.k_proj.weight"] = np.zeros((8, 32), np.float32)
+    tensors["model.norm.weight"] = tensors["model.norm.weight"].astype(np.int32)
+    bad = _write_hf(sources["hf"], tmp_path / "bad", tensors)
+    with pytest.raises(ConversionError) as info:
+        load_weights(bad, read_config(bad, with_prm_head=False))
+    message = str(info.value)
+    for needle in (
+        "missing tensor(s) ['model.layers.1.mlp.up_proj.weight']",
+        "unexpected tensor(s) ['model.layers.9.extra.weight'] in model.safetensors",
+        "tensor model.layers.0.self_attn.k_proj.weight: shape (8, 32) in checkpoint, expected (16, 32) "
+        "(model.safetensors)",
+        "tensor model.norm.weight (model.safetensors): dtype int32",
+    ):
+        assert needle in message, message
+    assert message.startswith(str(bad))
+
+
+def test_a_missing_head_needs_a_seed(sources) -> None:
+    """A causal LM loaded as a PRM: its head is missing unless the caller asks for a fresh one."""
+    config = read_config(sources["hf"])
+    with pytest.raises(ConversionError, match=r"missing tensor\(s\) \['score.0.bias', 'score.0.weight'"):
+        load_weights(sources["hf"], config)
+
+
+def _save_raw(directory: Path, params: dict, metadata: dict) -> Path:
+    """An Orbax model checkpoint written as is (no checks): for tampered or older layouts."""
+    ocp.Checkpointer(ocp.CompositeCheckpointHandler()).save(
+        directory,
+        args=ocp.args.Composite(
+            **{checkpoint.PARAMS_ITEM: ocp.args.PyTreeSave(params), checkpoint.CONFIG_ITEM: ocp.args.JsonSave(metadata)}
+        ),
+    )
+    return directory
+
+
+def test_orbax_problems_are_all_named(sources, tmp_path) -> None:
+    flat = _flat(checkpoint.restore_params(sources["orbax"], as_numpy=True))
+    del flat[("model", "layers", 1, "mlp", "up_proj", "kernel")]
+    flat[("model", "layers", 9, "extra")] = np.zeros(3, np.float32)
+    flat[("model", "layers", 0, "self_attn", "k_proj", "kernel")] = np.zeros((32, 1, 8), np.float32)
+    flat[("model", "norm", "weight")] = flat[("model", "norm", "weight")].astype(np.int32)
+    metadata = checkpoint.read_checkpoint_metadata(sources["orbax"])
+    bad = _save_raw(tmp_path / "bad", unflatten_mapping(flat), metadata)
+    with pytest.raises(ConversionError) as info:
+        load_weights(bad, read_config(bad))
+    message = str(info.value)
+    for needle in (
+        "missing tensor(s) ['model.layers.1.mlp.up_proj.kernel']",
+        "unexpected tensor(s) ['model.layers.9.extra'] in params",
+        "tensor model.layers.0.self_attn.k_proj.kernel: shape (32, 1, 8) in checkpoint, expected (32, 2, 8)",
+        "tensor model.norm.weight (params): dtype int32",
+    ):
+        assert needle in message, message
+
+
+def _layout_1(tree):
+    """Today's tree under layout-1 names: `{"q_proj": {"kernel": k, "bias": b}}` was `{"q_kernel": k, "q_bias": b}`."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and str(key).endswith("_proj"):
+            out.update({f"{key.removesuffix('_proj')}_{leaf}": v for leaf, v in value.items()})
+        else:
+            out[str(key)] = _layout_1(value) if isinstance(value, dict) else value
+    return out
+
+
+def test_layout_1_checkpoints_still_restore(sources, tmp_path) -> None:
+    expected = _flat(checkpoint.restore_params(sources["orbax"], as_numpy=True))
+    old_tree = _layout_1(unflatten_mapping(expected))
+    assert (
+        "q_kernel" in old_tree["model"]["layers"]["0"]["self_attn"]
+        and "gate_kernel" in old_tree["model"]["layers"]["0"]["mlp"]
+    )
+    metadata = {**checkpoint.read_checkpoint_metadata(sources["orbax"]), "layout_version": 1}
+    old = _save_raw(tmp_path / "old", old_tree, metadata)
+    assert checkpoint.LAYOUT_VERSION == 2 and checkpoint.read_checkpoint_metadata(old)["layout_version"] == 1
+    restored = _flat(params_of(checkpoint.restore_model(old)))
+    assert restored.keys() == expected.keys()
+    for path, value in restored.items():
+        np.testing.assert_array_equal(value, expected[path], err_msg=str(path))
+    path = ("model", "layers", 1, "self_attn", "q_proj", "bias")
+    got = _flat(checkpoint.restore_params(old, paths=[path], as_numpy=True))
+    np.testing.assert_array_equal(got[path], expected[path])
+    model = load_model(old, head="prm", mesh=make_mesh({"fsdp": 4}))
+    np.testing.assert_array_equal(
+        np.asarray(model.model.layers[0].mlp.gate_proj.kernel[...]),
+        expected[("model", "layers", 0, "mlp", "gate_proj", "kernel")],
+    )
+
+
+def _tiny_config(**overrides):
+    spec = importlib.util.spec_from_file_location("tiny", CONFIGS / "tiny.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    for dotted, value in overrides.items():
+        node = config
+        *parents, leaf = dotted.split(".")
+        for name in parents:
+            node = node[name]
+        node[leaf] = value
+    return config
+
+
+def test_training_inits_from_an_hf_directory_as_from_its_conversion(sources, tmp_path) -> None:
+    """`model.init_from` takes the HF directory itself: the same parameters, source dtype and
+    checks as training from its `hf_to_orbax` conversion with the run's seed."""
+    from prm_jax.training.config import validate
+    from prm_jax.training.trainer import Trainer
+
+    hf_to_orbax(sources["hf"], tmp_path / "converted", seed=123)
+    runs = {}
+    for name, init_from in (("hf", sources["hf"]), ("orbax", tmp_path / "converted")):
+        config = _tiny_config(**{"model.init_from": str(init_from), "seed": 123})
+        assert not [p for p in validate(config, device_count=4) if "init_from" in p]
+        trainer = Trainer(config, tmp_path / name)
+        try:
+            runs[name] = (_flat(trainer._fresh_params()), trainer.source_dtype, trainer.model_config)
+        finally:
+            trainer.close()
+    (hf, hf_dtype, hf_config), (orbax, orbax_dtype, orbax_config) = runs["hf"], runs["orbax"]
+    assert hf_config == orbax_config and hf_dtype == orbax_dtype == "float32"
+    assert hf.keys() == orbax.keys() and ("lm_head", "kernel") not in hf and ("score", "out_bias") in hf
+    for path in hf:
+        np.testing.assert_array_equal(hf[path], orbax[path], err_msg=str(path))
+    source = load_file(sources["hf"] / "model.safetensors")
+    np.testing.assert_array_equal(
+        hf[("model", "layers", 0, "mlp", "up_proj", "kernel")], source["model.layers.0.mlp.up_proj.weight"].T
+    )
+    assert json.loads((sources["hf"] / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]
