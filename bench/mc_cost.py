@@ -93,7 +93,7 @@ def run_mode(records, truth, early_stop: bool):
     labeler = MCLabeler(
         ScriptedBackend(make_script(truth)),
         GradingPool(workers=0),
-        MCSettings(k=_K.value, early_stop=early_stop, batch_responses=256),
+        MCSettings.from_config(k=_K.value, early_stop=early_stop, batch_responses=256),
     )
     start = time.perf_counter()
     out = {r.id: r for r in labeler.label(records)}

@@ -13,6 +13,8 @@ consensus options, which are recomputed from scratch) may change between runs.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,8 +22,10 @@ from typing import Any
 
 import ml_collections
 
+from data_pipeline.grading import GradingPool
 from prm_jax.config_checks import ConfigChecker
 from prm_jax.critique import PROMPTS as CRITIQUE_PROMPTS
+from prm_jax.generation.types import SamplerConfig
 from prm_jax.tokenization import SYSTEM_PROMPT
 
 ON_ERROR = ("record", "stop")
@@ -62,6 +66,17 @@ SEMANTIC_FIELDS = (
 )
 
 
+def section_values(settings: type, section: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The fields of a settings dataclass that a config section holds, by name."""
+    return {f.name: section[f.name] for f in dataclasses.fields(settings) if f.name in section}
+
+
+def _defaults(function: Any) -> dict[str, Any]:
+    """The keyword defaults of `function` (a component's own defaults, so the tree does not restate them)."""
+    parameters = inspect.signature(function).parameters.values()
+    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+
+
 def _model_section(backend: str = "jax") -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(
         {
@@ -72,7 +87,9 @@ def _model_section(backend: str = "jax") -> ml_collections.ConfigDict:
             "dtype": "bfloat16",  # compute dtype
             "param_dtype": "float32",  # HF checkpoints only: storage dtype after loading
             "mesh": "",  # e.g. "fsdp=4,tensor=2"; empty = one device
-            "sampler": {"max_batch_rows": 64, "chunk_size": 16, "length_bucket": 64},
+            "sampler": {
+                name: getattr(SamplerConfig, name) for name in ("max_batch_rows", "chunk_size", "length_bucket")
+            },
             # vLLM backend
             "vllm": {
                 "tensor_parallel_size": 1,
@@ -127,11 +144,8 @@ def default_config() -> ml_collections.ConfigDict:
     # own judge prompt (App. C: 1-based paragraphs, an analysis and Correct/Incorrect per paragraph).
     c.judge.prompt = "processbench"
 
-    c.grading = ml_collections.ConfigDict()
-    c.grading.timeout_s = 5.0  # hard wall-clock limit per item; a hung worker is killed
-    c.grading.workers = 4
-    c.grading.max_memory_mb = 4096
-    c.grading.cache_size = 200_000
+    # workers, timeout_s (a hung worker is killed), max_memory_mb, cache_size: GradingPool's defaults.
+    c.grading = ml_collections.ConfigDict(_defaults(GradingPool))
 
     c.consensus = ml_collections.ConfigDict()
     c.consensus.mode = "agree"  # "agree": MC first error == judge's | "mc" | "judge" (ablations)

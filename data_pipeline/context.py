@@ -63,7 +63,7 @@ class StageContext:
     def grading_pool(self) -> GradingPool:
         if self.grader is None:
             g = self.config.grading
-            self.grader = GradingPool(g.workers, g.timeout_s, max_memory_mb=g.max_memory_mb, cache_size=g.cache_size)
+            self.grader = GradingPool(**g)
         return self.grader
 
     def close(self) -> None:

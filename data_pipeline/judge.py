@@ -26,8 +26,12 @@ import collections
 import dataclasses
 import logging
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import ml_collections
 
 from data_pipeline.backends import context_length, prompt_lengths
+from data_pipeline.config import default_config, section_values
 from data_pipeline.context import StageContext
 from data_pipeline.ids import stable_seed
 from data_pipeline.schemas import GradeRecord, JudgeRecord
@@ -51,32 +55,26 @@ def judge_verdict(verdicts: Sequence[int | None], reasons: Sequence[str]) -> tup
 
 @dataclasses.dataclass(frozen=True)
 class JudgeSettings:
-    num_samples: int = 1
-    temperature: float = 0.0
-    top_p: float = 1.0
-    max_tokens: int = 4096
-    batch_size: int = 64
-    keep_text: bool = False
-    prompt: str = "processbench"  # prm_jax.critique.PROMPTS
-    base_seed: int = 0
+    """The `judge` section of the synthesis config; its defaults are stated there only."""
+
+    num_samples: int
+    temperature: float
+    top_p: float
+    max_tokens: int
+    batch_size: int
+    keep_text: bool
+    prompt: str  # prm_jax.critique.PROMPTS
+    base_seed: int
 
     def __post_init__(self) -> None:
         if self.prompt not in PROMPTS:
             raise ValueError(f"judge.prompt={self.prompt!r}; choose one of {list(PROMPTS)}")
 
     @classmethod
-    def from_config(cls, config) -> JudgeSettings:
-        j = config.judge
-        return cls(
-            num_samples=j.num_samples,
-            temperature=j.temperature,
-            top_p=j.top_p,
-            max_tokens=j.max_tokens,
-            batch_size=j.batch_size,
-            keep_text=j.keep_text,
-            prompt=j.prompt,
-            base_seed=config.seed,
-        )
+    def from_config(cls, config: ml_collections.ConfigDict | None = None, **overrides: Any) -> JudgeSettings:
+        """From a synthesis config (`default_config()` when None), then `overrides`."""
+        config = config or default_config()
+        return dataclasses.replace(cls(**section_values(cls, config.judge), base_seed=config.seed), **overrides)
 
 
 class Judge:

@@ -32,8 +32,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Iterable, Iterator
+from typing import Any
+
+import ml_collections
 
 from data_pipeline.backends import context_length, prompt_lengths
+from data_pipeline.config import default_config, section_values
 from data_pipeline.context import StageContext
 from data_pipeline.grading import CORRECT, ERROR, TIMEOUT, GradingPool
 from data_pipeline.ids import stable_seed
@@ -43,37 +47,32 @@ from data_pipeline.solutions import STEP_BREAK, continuation_prompt, final_answe
 from prm_jax.files import atomic_write_json
 from prm_jax.generation.types import GenerationBackend, SamplingParams
 from prm_jax.jsonl import AppendOnlyWriter, iter_records
-from prm_jax.tokenization import SYSTEM_PROMPT
 
 _log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
 class MCSettings:
-    k: int = 8
-    temperature: float = 0.7
-    top_p: float = 1.0
-    max_tokens: int = 2048
-    early_stop: bool = True
-    skip_truncated: bool = True
-    batch_responses: int = 64
-    system_prompt: str = SYSTEM_PROMPT
-    base_seed: int = 0
+    """The `mc` section of the synthesis config; its defaults are stated there only."""
+
+    k: int
+    temperature: float
+    top_p: float
+    max_tokens: int
+    early_stop: bool
+    skip_truncated: bool
+    batch_responses: int
+    system_prompt: str
+    base_seed: int
 
     @classmethod
-    def from_config(cls, config) -> MCSettings:
-        m = config.mc
-        return cls(
-            k=m.k,
-            temperature=m.temperature,
-            top_p=m.top_p,
-            max_tokens=m.max_tokens,
-            early_stop=m.early_stop,
-            skip_truncated=m.skip_truncated,
-            batch_responses=m.batch_responses,
-            system_prompt=config.sample.system_prompt,
-            base_seed=config.seed,
+    def from_config(cls, config: ml_collections.ConfigDict | None = None, **overrides: Any) -> MCSettings:
+        """From a synthesis config (`default_config()` when None), then `overrides`."""
+        config = config or default_config()
+        settings = cls(
+            **section_values(cls, config.mc), system_prompt=config.sample.system_prompt, base_seed=config.seed
         )
+        return dataclasses.replace(settings, **overrides)
 
 
 @dataclasses.dataclass

@@ -52,7 +52,7 @@ def rollout_script(correct_after: dict[str, int], *, tokens: int = 30):
 
 def label(record, script, **settings) -> tuple[MCRecord, ScriptedBackend]:
     backend = ScriptedBackend(script)
-    labeler = MCLabeler(backend, GradingPool(workers=0), MCSettings(k=K, **settings))
+    labeler = MCLabeler(backend, GradingPool(workers=0), MCSettings.from_config(k=K, **settings))
     (result,) = list(labeler.label([record]))
     MCRecord.from_json(json.loads(json.dumps(result.to_json())))  # the schema accepts what we write
     return result, backend
@@ -150,7 +150,7 @@ def test_truncated_responses_are_labelled_when_asked() -> None:
 
 def test_prompts_longer_than_the_context_are_skipped() -> None:
     backend = ScriptedBackend(rollout_script({}), context_length=120)
-    labeler = MCLabeler(backend, GradingPool(workers=0), MCSettings(k=K))
+    labeler = MCLabeler(backend, GradingPool(workers=0), MCSettings.from_config(k=K))
     (result,) = labeler.label([grade_record()])
     assert result.skip_reason == "prompt_too_long" and backend.requests == []
 
@@ -160,7 +160,9 @@ def test_continuous_batching_gives_the_same_labels_as_one_at_a_time() -> None:
     script = rollout_script({STEPS[0]: 2, STEPS[1]: 1, STEPS[2]: 0, STEPS[3]: 1, STEPS[4]: 1})
 
     def run(batch: int) -> dict[str, MCRecord]:
-        labeler = MCLabeler(ScriptedBackend(script), GradingPool(workers=0), MCSettings(k=K, batch_responses=batch))
+        labeler = MCLabeler(
+            ScriptedBackend(script), GradingPool(workers=0), MCSettings.from_config(k=K, batch_responses=batch)
+        )
         return {r.id: r for r in labeler.label(records)}
 
     assert run(1) == run(3) == run(64)
@@ -216,7 +218,7 @@ def test_judge_samples_one_request_per_response_and_votes() -> None:
         return answers[index]
 
     backend = ScriptedBackend(script)
-    judge = Judge(backend, JudgeSettings(num_samples=4, temperature=0.8, base_seed=3))
+    judge = Judge(backend, JudgeSettings.from_config(num_samples=4, temperature=0.8, base_seed=3))
     empty = grade_record(steps=(), status="empty", rid="q#1")
     result, skipped = judge.judge_batch([grade_record(), empty])
     assert result.verdicts == (1, 1, 0, None) and result.reasons == ("ok", "ok", "ok", "no_box")
@@ -257,7 +259,9 @@ def test_one_critic_gives_one_verdict_in_synthesis_and_evaluation(texts, expecte
     from prm_jax.evaluation.tasks import processbench_with_critic
 
     critic, n = SameCritic(texts), len(texts)
-    (judged,) = Judge(critic, JudgeSettings(num_samples=n, temperature=0.8)).judge_batch([grade_record(STEPS[:3])])
+    (judged,) = Judge(critic, JudgeSettings.from_config(num_samples=n, temperature=0.8)).judge_batch(
+        [grade_record(STEPS[:3])]
+    )
     record = ProcessBenchRecord("r", "gsm8k", "What is 2 + 2?", STEPS[:3], 1, False)
     evaluated = processbench_with_critic([record], critic, SamplingParams(n=n, temperature=0.8, max_tokens=8))
     assert judged.verdicts == tuple(evaluated.predictions[0]["verdicts"])
@@ -270,12 +274,12 @@ def test_judge_with_the_paper_prompt_parses_conclusions() -> None:
         conclusions = ["Correct", "Correct", "Incorrect"] if index == 0 else ["Correct"]
         return "".join(f"<conclusion_{k}>{c}</conclusion_{k}>" for k, c in enumerate(conclusions, 1))
 
-    judge = Judge(ScriptedBackend(script), JudgeSettings(num_samples=2, temperature=0.8, prompt="paper"))
+    judge = Judge(ScriptedBackend(script), JudgeSettings.from_config(num_samples=2, temperature=0.8, prompt="paper"))
     (result,) = judge.judge_batch([grade_record()])
     assert result.verdicts == (2, None) and result.reasons == ("ok", "incomplete")
     JudgeRecord.from_json(json.loads(json.dumps(result.to_json())))  # the schema knows the new reasons
     with pytest.raises(ValueError, match="judge.prompt"):
-        JudgeSettings(prompt="chatty")
+        JudgeSettings.from_config(prompt="chatty")
 
 
 def test_synthesis_config_checks_the_judge_prompt(tmp_path) -> None:

@@ -28,7 +28,7 @@ import jax
 from prm_jax.evaluation.best_of_n import AGGREGATIONS
 from prm_jax.evaluation.processbench import DEFAULT_THRESHOLD
 from prm_jax.evaluation.records import MAX_RECORD_BYTES, read_bon, read_processbench
-from prm_jax.evaluation.scorer import BatchedScorer, BucketConfig
+from prm_jax.evaluation.scorer import SCORE_WINDOW, BatchedScorer, BucketConfig
 from prm_jax.evaluation.tasks import (
     OVER_LENGTH,
     EvaluationOutput,
@@ -73,7 +73,7 @@ class EvaluationConfig:
     tokens_per_batch: int = BucketConfig.tokens_per_batch  # the scorer's defaults, stated there
     max_rows: int = BucketConfig.max_rows
     min_length: int = BucketConfig.min_length
-    window: int = 4096
+    window: int = SCORE_WINDOW
     max_record_bytes: int = MAX_RECORD_BYTES  # longer records are refused at read, before tokenizing
     # critic sampling
     critic_samples: int = 1

@@ -243,8 +243,13 @@ class BatchedScorer:
         return out
 
 
+#: Inputs sorted and bucketed together per `StepScorer.score` call: larger windows pack tighter,
+#: and hold more tokenized inputs in host memory.
+SCORE_WINDOW = 4096
+
+
 def score_stream(
-    scorer: StepScorer, items: Iterable[tuple[K, PRMInput]], window: int = 4096
+    scorer: StepScorer, items: Iterable[tuple[K, PRMInput]], window: int = SCORE_WINDOW
 ) -> Iterator[tuple[K, list[float]]]:
     """`(key, rewards)` for a stream of `(key, input)`, in order, scoring `window` inputs per
     `StepScorer.score` call (each window is sorted and bucketed on its own)."""

@@ -41,7 +41,7 @@ from prm_jax.evaluation.processbench import (
     sweep_threshold,
 )
 from prm_jax.evaluation.records import BoNRecord, EvaluationDataError, ProcessBenchRecord, read_predictions
-from prm_jax.evaluation.scorer import BatchedScorer, StepScorer, score_stream
+from prm_jax.evaluation.scorer import SCORE_WINDOW, BatchedScorer, StepScorer, score_stream
 from prm_jax.generation.types import GenerationBackend, SamplingParams
 from prm_jax.tokenization import PRMInput, build_prm_input
 
@@ -151,7 +151,7 @@ def processbench_with_prm(
     tune_on: str | None = None,
     max_length: int | None = None,
     over_length: str = "score",
-    window: int = 4096,
+    window: int = SCORE_WINDOW,
 ) -> EvaluationOutput:
     """ProcessBench with a PRM: rewards per step, the first below `threshold` is the verdict.
 
@@ -387,7 +387,7 @@ def bon_with_prm(
     ks: Sequence[int] | None = None,
     max_length: int | None = None,
     over_length: str = "score",
-    window: int = 4096,
+    window: int = SCORE_WINDOW,
 ) -> EvaluationOutput:
     """Best-of-N with a PRM: score every response, select per aggregation, compare with maj/pass.
 

@@ -27,19 +27,17 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from prm_jax.generation.types import Completion, Prompt, RequestOutput, SamplingParams, per_prompt_params, render_prompt
+from prm_jax.generation.types import (
+    Completion,
+    Prompt,
+    RequestOutput,
+    SamplerConfig,
+    SamplingParams,
+    per_prompt_params,
+    render_prompt,
+)
 from prm_jax.models.transformer import KVCache, Transformer
 from prm_jax.sharding import logical_to_partition_spec
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplerConfig:
-    max_batch_rows: int = 64  # sample rows decoded together
-    chunk_size: int = 16  # decode steps per device call between host stop checks
-    length_bucket: int = 64  # prompt and cache lengths round up to a multiple of this
-    overflow: str = "error"  # prompt longer than the context: "error" | "truncate_left"
-    share_prefix: bool = True  # prefill each prompt once for its n samples (False: once per sample)
-    pad_id: int = 0
 
 
 @dataclasses.dataclass

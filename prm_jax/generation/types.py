@@ -22,6 +22,18 @@ Prompt = Sequence[int] | Sequence[Message] | str
 
 
 @dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+    """How the JAX sampler batches (its module imports jax; this one does not, so configs read it)."""
+
+    max_batch_rows: int = 64  # sample rows decoded together
+    chunk_size: int = 16  # decode steps per device call between host stop checks
+    length_bucket: int = 64  # prompt and cache lengths round up to a multiple of this
+    overflow: str = "error"  # prompt longer than the context: "error" | "truncate_left"
+    share_prefix: bool = True  # prefill each prompt once for its n samples (False: once per sample)
+    pad_id: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
 class SamplingParams:
     n: int = 1
     temperature: float = 1.0  # 0 = greedy

@@ -30,7 +30,7 @@ class UnsupportedCheckpointError(ValueError):
 
 
 # config.json fields we read, by the JSON type they must have (bool is never an int here).
-_POSITIVE_INT_FIELDS = (
+POSITIVE_INT_FIELDS = (
     "vocab_size",
     "hidden_size",
     "intermediate_size",
@@ -64,7 +64,7 @@ def _field_problem(name: str, value: Any) -> str | None:
     """What is wrong with one config.json field's value (None: fine or absent)."""
     if value is None and name in _NULLABLE_FIELDS:
         return None
-    if name in _POSITIVE_INT_FIELDS:
+    if name in POSITIVE_INT_FIELDS:
         if not _is_int(value) or value <= 0:
             return f"{name}={value!r} must be a positive integer"
     elif name in _POSITIVE_FLOAT_FIELDS:
@@ -85,7 +85,7 @@ def _field_problem(name: str, value: Any) -> str | None:
 
 def check_hf_field_types(hf: Mapping[str, Any], source: str) -> None:
     """Every wrongly typed or out-of-range field of a config.json, in one message naming the file."""
-    names = (*_POSITIVE_INT_FIELDS, *_POSITIVE_FLOAT_FIELDS, *_BOOL_FIELDS, *_OPTIONAL_INT_FIELDS, "eos_token_id")
+    names = (*POSITIVE_INT_FIELDS, *_POSITIVE_FLOAT_FIELDS, *_BOOL_FIELDS, *_OPTIONAL_INT_FIELDS, "eos_token_id")
     problems = [p for name in names if name in hf and (p := _field_problem(name, hf[name])) is not None]
     rope = hf.get("rope_parameters")
     if rope is not None and not isinstance(rope, dict):

@@ -11,6 +11,7 @@ from pathlib import Path
 import ml_collections
 
 from prm_jax.config_checks import MISSING, ConfigChecker
+from prm_jax.models.config import POSITIVE_INT_FIELDS
 from prm_jax.tiny_tokenizer import TINY_VOCAB_SIZE
 
 
@@ -103,16 +104,8 @@ SCHEDULES = ("cosine", "linear", "constant")
 OVERLONG = ("truncate", "drop")
 SYNTHETIC = ("", "arithmetic")
 MESH_AXES = ("data", "fsdp", "tensor")
-_ARCH_POSITIVE_INTS = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "max_position_embeddings",
-)
+# The architecture's positive integers, as config.json states them (num_labels is the PRM head's).
+_ARCH_POSITIVE_INTS = tuple(name for name in POSITIVE_INT_FIELDS if name != "num_labels")
 
 
 class ConfigError(ValueError):
