@@ -44,6 +44,22 @@ _RUNNERS = {"sample": run_sample, "grade": run_grade, "mc": run_mc, "judge": run
 SETTINGS_ADDED_LATER = {"judge.prompt": "processbench"}
 
 
+def judge_vote_rule(num_samples: int) -> str:
+    """How a response's judge verdict is decided: part of a run's settings, since verdicts decided
+    by two rules must not mix in one dataset. One sample needs no vote."""
+    return "one sample" if num_samples == 1 else "critic_vote (plurality)"
+
+
+def _recorded_vote_rule(stored: dict) -> str:
+    # Runs recorded before the rule was a setting voted with a strict majority of the samples.
+    num_samples = stored.get("judge.num_samples", 1)
+    return (
+        judge_vote_rule(1)
+        if num_samples == 1
+        else f"strict majority (judge.vote_threshold={stored.get('judge.vote_threshold')})"
+    )
+
+
 def check_run_config(layout: Layout, config: ml_collections.ConfigDict, num_shards: int) -> None:
     """Record the run's semantic settings on first use of a workdir; refuse a mismatch later.
 
@@ -57,12 +73,13 @@ def check_run_config(layout: Layout, config: ml_collections.ConfigDict, num_shar
         **semantic_values(config),
         "num_shards": num_shards,
         "problems.sha256": file_sha256(config.problems.path),
+        "judge.vote": judge_vote_rule(config.judge.num_samples),
     }
     if not layout.run_config.exists():
         layout.workdir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(layout.run_config, current)
     stored = read_json(layout.run_config)
-    stored = {**SETTINGS_ADDED_LATER, **stored}
+    stored = {**SETTINGS_ADDED_LATER, "judge.vote": _recorded_vote_rule(stored), **stored}
     diffs = [f"{key}: {stored.get(key)!r} -> {value!r}" for key, value in current.items() if stored.get(key) != value]
     if diffs and not has_stage_output(layout):
         if not _alone_on(layout):

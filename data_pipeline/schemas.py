@@ -24,10 +24,9 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from prm_jax.critique import VERDICT_REASONS as CRITIQUE_VERDICT_REASONS
-from prm_jax.jsonl import DataError, Fields
+from prm_jax.jsonl import Fields
 
 __all__ = [
-    "DataError",
     "Problem",
     "Response",
     "SampleRecord",
@@ -50,6 +49,7 @@ FINISH_REASONS = ("stop", "length")
 #: Why one judge sample gave, or did not give, a verdict.
 VERDICT_REASONS = CRITIQUE_VERDICT_REASONS  # one list, owned by the parsers
 #: Why a set of judge samples has no verdict after voting.
+# "no_majority": written only by runs from before critic_vote (a strict majority); still readable.
 NO_VERDICT_REASONS = VERDICT_REASONS[1:] + ("no_majority",)
 MC_SKIP_REASONS = ("no_steps", "truncated", "bad_gold", "grade_timeout", "grade_error", "prompt_too_long")
 JUDGE_SKIP_REASONS = ("no_steps", "prompt_too_long")

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from prm_jax.critique import last_boxed
 from prm_jax.tokenization import SYSTEM_PROMPT, render_chat
 
-__all__ = ["SYSTEM_PROMPT", "split_steps", "final_answer", "policy_prompt", "continuation_prompt", "STEP_BREAK"]
+__all__ = ["split_steps", "final_answer", "policy_prompt", "continuation_prompt", "STEP_BREAK"]
 
 #: What separates steps in a solution (the paper and Qwen2.5-Math-PRM split on blank lines).
 STEP_BREAK = "\n\n"

@@ -20,17 +20,11 @@ from absl import app, flags
 
 from launch import errors
 from launch.logs import configure_logging
-from prm_jax.conversion.hf_checkpoint import (
-    DEFAULT_EXPORT_DTYPE,
-    EXPORT_DTYPES,
-    ConversionError,
-    hf_to_orbax,
-    orbax_to_hf,
-    parse_size,
-)
+from prm_jax.conversion.hf_checkpoint import hf_to_orbax, orbax_to_hf, parse_size
 from prm_jax.conversion.safetensors_io import SafetensorsFormatError
 from prm_jax.output_paths import overlapping_inputs
 from prm_jax.tokenization import STEP_SEPARATOR
+from prm_jax.weights import DEFAULT_EXPORT_DTYPE, EXPORT_DTYPES, ConversionError
 
 _DIRECTION = flags.DEFINE_enum("direction", None, ["hf_to_orbax", "orbax_to_hf"], "Conversion direction.")
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "Hugging Face checkpoint directory (source or destination).")

@@ -490,12 +490,12 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str | Path, *, say=prin
     from transformers import AutoTokenizer
 
     from data_pipeline.pipeline import run as run_synthesis
-    from prm_jax.checkpoint import restore_model
     from prm_jax.conversion.hf_checkpoint import orbax_to_hf
     from prm_jax.evaluation.runner import EvaluationConfig, run_evaluation
     from prm_jax.generation.jax_sampler import JaxSampler, SamplerConfig
     from prm_jax.tiny_tokenizer import build_tiny_tokenizer
     from prm_jax.training.run import train_from_config
+    from prm_jax.weights import load_model
 
     problems = validate_config(config)
     if problems:
@@ -533,7 +533,7 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str | Path, *, say=prin
         train_from_config(sft_train_config(config, sft_file, tokenizer_dir), W / "policy")
         policy_dir = _last_step_dir(W / "policy", int(config.sft.steps))
 
-    policy = restore_model(policy_dir, dtype="float32")
+    policy = load_model(policy_dir, head="lm", dtype="float32")
     sampler = JaxSampler(policy, tokenizer, config=SamplerConfig(**_SAMPLER))
 
     with clock.stage("synthesis", f"sample N={config.synth.n}, grade, MC k={config.synth.k}, checker judge, consensus"):

@@ -23,8 +23,8 @@ from absl import app, flags
 
 from launch import errors
 from launch.logs import configure_logging
-from prm_jax.data.records import DataError
 from prm_jax.evaluation.runner import EvaluationConfig, check_inputs, parse_mesh_shape, run_evaluation, summary_line
+from prm_jax.jsonl import DataError
 
 # One flag per EvaluationConfig field, named after it (mesh_shape is --mesh, as "data=2,fsdp=-1");
 # each flag's default, type and choices come from the field, so they are stated once, there.

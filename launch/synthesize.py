@@ -22,7 +22,7 @@ from data_pipeline.context import SynthesisError
 from data_pipeline.shards import ShardLockedError
 from launch import errors
 from launch.logs import configure_logging
-from prm_jax.data.records import DataError
+from prm_jax.jsonl import DataError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Synthesis config file (configs/synth_*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (shared by all shards).")

@@ -37,7 +37,7 @@ from jax.sharding import Mesh
 from orbax.checkpoint import type_handlers
 
 from prm_jax.models.config import ModelConfig
-from prm_jax.models.factory import ParamPath, abstract_model, abstract_params, params_of
+from prm_jax.models.factory import ParamPath, abstract_params, params_of
 from prm_jax.models.transformer import Transformer
 from prm_jax.sharding import MESH_AXES, LogicalAxisRules
 
@@ -299,19 +299,6 @@ def restore_params(
     return nnx.traversals.unflatten_mapping({p: restored[names[p]] for p in targets})
 
 
-def restore_model(
-    directory: str | Path, *, mesh: Mesh | None = None, rules: LogicalAxisRules | None = None, **config_overrides: Any
-) -> Transformer:
-    """A model restored from a checkpoint, sharded for `mesh`.
-
-    `config_overrides` may change runtime fields (dtype, remat_policy, attention_impl);
-    architecture fields must match the checkpoint.
-    """
-    config = read_model_config(directory, **config_overrides)
-    params = restore_params(directory, config, mesh=mesh, rules=rules)
-    return nnx.merge(nnx.graphdef(abstract_model(config)), params)
-
-
 __all__ = [
     "LazyTensor",
     "PARAMS_ITEM",
@@ -323,5 +310,4 @@ __all__ = [
     "stored_tensors",
     "on_disk",
     "restore_params",
-    "restore_model",
 ]

@@ -321,7 +321,8 @@ class AppendOnlyWriter(Generic[T]):
         fsync_every: fsync after this many records (and on close), bounding what a machine crash
             can lose; a process kill loses nothing already written.
         fsync_seconds: ... or after this many seconds, whichever comes first.
-        max_line_bytes: The longest line read back on reopen.
+        max_line_bytes: The longest line written (a longer record is refused before it is written,
+            so a reopen never meets a line it cannot read back) and read back on reopen.
 
     Records are objects with `id` and `to_json()`; `write` skips (and reports) a record whose id is
     already in the file.
@@ -344,6 +345,7 @@ class AppendOnlyWriter(Generic[T]):
         self._fsync_seconds = fsync_seconds
         self._unsynced = 0
         self._last_sync = time.monotonic()
+        self._max_line_bytes = max_line_bytes
         if self.path.exists():
             self._repair_and_load(parse, max_line_bytes)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -385,6 +387,12 @@ class AppendOnlyWriter(Generic[T]):
             return False
         line = json.dumps(record.to_json(), ensure_ascii=False, sort_keys=True, allow_nan=False) + "\n"
         data = line.encode("utf-8")
+        if len(data) - 1 > self._max_line_bytes:
+            raise DataError(
+                f"record {record.id!r} is {len(data) - 1} bytes as JSON, over the {self._max_line_bytes}-byte line "
+                "limit of this file; it was not written",
+                path=self.path,
+            )
         written = 0
         while written < len(data):  # one write() in practice; loop for partial writes
             written += os.write(self._fd, data[written:])

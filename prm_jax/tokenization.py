@@ -370,7 +370,8 @@ def build_prm_input(
     turn; its rule for an empty or `None` system prompt and for tokenizers without a chat template)
     and encoded with `add_special_tokens=False`. For Qwen tokenizers (no BOS) the ids equal the
     model card's reference `tokenizer.encode(conversation_str)`. Without a chat template the text is
-    `f"{system_prompt}\\n\\n{problem}\\n\\n" + assistant`, so the separator positions mean the
+    the turns joined by blank lines (`f"{system_prompt}\\n\\n{problem}\\n\\n" + assistant`, the
+    system turn left out when the prompt is empty or `None`), so the separator positions mean the
     same thing.
 
     Steps are used exactly as given (no stripping or normalisation), so the text between two

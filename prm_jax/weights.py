@@ -2,7 +2,8 @@
 
 Training (`model.init_from`), evaluation, synthesis's JAX backend and `hf_to_orbax` read weights
 here. A source is checked against the model it is loaded as before any tensor is read: every
-tensor present (a head the source lacks may be initialised from a seed), none unknown, shapes
+tensor present (a head the source does not declare, such as a causal LM's PRM head, may be
+initialised from a seed), none unknown, shapes
 exact, dtypes floating point; each problem names the tensor (and its file).
 
 Hugging Face safetensors are streamed: each tensor is read with plain file reads (a long-lived
@@ -139,12 +140,15 @@ def _check(
         raise ConversionError(f"{source}: " + "; ".join(problems))
 
 
-def _absent_heads(config: ModelConfig, present: set[ParamPath], seed: int | None) -> set[str]:
-    """The heads `config` has and the source lacks entirely: initialised from `seed` when given."""
-    if seed is None:
-        return set()
-    wanted = flatten(abstract_params(config))
-    return {h for h in HEADS if any(p[0] == h for p in wanted) and not any(p[0] == h for p in present)}
+def _heads_of(config: ModelConfig) -> set[str]:
+    return {path[0] for path in flatten(abstract_params(config))} & set(HEADS)
+
+
+def _heads_to_initialise(config: ModelConfig, source: ModelConfig, seed: int | None) -> set[str]:
+    """The heads `config` has that the source's own config does not declare (the PRM head of a
+    causal LM): initialised from `seed` when given. A head the source declares is loaded, so a lost
+    `lm_head.weight` is reported missing, never replaced by a random one."""
+    return set() if seed is None else _heads_of(config) - _heads_of(source)
 
 
 def _fresh_heads(config: ModelConfig, heads: set[str], seed: int | None) -> dict[ParamPath, np.ndarray]:
@@ -166,9 +170,12 @@ def hf_tensors(
     causal LM loaded as a PRM) is skipped, not unexpected.
     """
     mappings = tensor_mappings(config)
-    known = {m.hf_name for m in tensor_mappings(config.replace(with_lm_head=True, with_prm_head=True))}
-    present = {m.path for m in mappings if m.hf_name in reader}
-    fresh = _absent_heads(config, present, fresh_heads_seed)
+    # What the checkpoint itself declares: a PRM (Qwen2ForProcessRewardModel) has the step head and
+    # no LM head, a causal LM the reverse; a tensor of a head it does not declare is unexpected.
+    source = ModelConfig.from_hf_file(reader.directory)
+    source = source.replace(with_prm_head=not source.with_lm_head)
+    known = {m.hf_name for m in tensor_mappings(source)}
+    fresh = _heads_to_initialise(config, source, fresh_heads_seed)
     loaded = [m for m in mappings if m.head not in fresh]
     extra = [
         n
@@ -196,12 +203,9 @@ def _orbax_paths(
     """(parameters to restore, heads to initialise) of `config` from an Orbax checkpoint, checked."""
     stored = stored_tensors(directory)
     wanted = flatten(abstract_params(config))
-    known = {
-        ".".join(on_disk(p, stored))
-        for p in flatten(abstract_params(config.replace(with_lm_head=True, with_prm_head=True)))
-    }
-    present = {p for p in wanted if on_disk(p, stored) in stored}
-    fresh = _absent_heads(config, present, fresh_heads_seed)
+    source = read_model_config(directory)
+    known = {".".join(on_disk(p, stored)) for p in flatten(abstract_params(source))}
+    fresh = _heads_to_initialise(config, source, fresh_heads_seed)
     loaded = [p for p in wanted if p[0] not in fresh]
     found = {".".join(k): (m.shape, m.dtype, PARAMS_ITEM) for k, m in stored.items()}
     extra = [n for n in found if n not in known]

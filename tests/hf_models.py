@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from flax import nnx
 
+from prm_jax.checkpoint import read_model_config, restore_params
 from prm_jax.conversion.hf_mapping import tensor_mappings
 from prm_jax.models.config import ModelConfig
 from prm_jax.models.factory import abstract_model, abstract_params
@@ -74,6 +75,12 @@ def jax_model(config: ModelConfig, params: dict, mesh: jax.sharding.Mesh | None 
     targets = abstract_params(config, mesh)
     placed = jax.tree.map(lambda v, t: jax.device_put(np.asarray(v, t.dtype), t.sharding), params, targets)
     return nnx.merge(nnx.graphdef(abstract_model(config)), placed)
+
+
+def restore_model(directory: Path, *, mesh: jax.sharding.Mesh | None = None, **overrides: Any) -> nnx.Module:
+    """The model exactly as a checkpoint stores it (every head), for round-trip tests."""
+    config = read_model_config(directory, **overrides)
+    return nnx.merge(nnx.graphdef(abstract_model(config)), restore_params(directory, config, mesh=mesh))
 
 
 def save_hf(model: torch.nn.Module, out_dir: Path) -> Path:

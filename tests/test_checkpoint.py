@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flax.nnx.traversals import flatten_mapping, unflatten_mapping
+from hf_models import restore_model
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -14,7 +15,6 @@ from prm_jax.checkpoint import (
     LazyTensor,
     read_checkpoint_metadata,
     read_model_config,
-    restore_model,
     restore_params,
     save_model,
     save_params,

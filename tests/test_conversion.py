@@ -10,16 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hf_models import random_causal_lm, save_hf
+from hf_models import random_causal_lm, restore_model, save_hf
 from safetensors.numpy import load_file
 from tiny_assets import build_tiny_tokenizer
 
-from prm_jax.checkpoint import read_checkpoint_metadata, restore_model
-from prm_jax.conversion.hf_checkpoint import ConversionError, hf_tensor_names, hf_to_orbax, orbax_to_hf
+from prm_jax.checkpoint import read_checkpoint_metadata
+from prm_jax.conversion.hf_checkpoint import hf_tensor_names, hf_to_orbax, orbax_to_hf
 from prm_jax.conversion.safetensors_io import SafetensorsCheckpoint, TensorSpec, write_safetensors
 from prm_jax.models.config import UnsupportedCheckpointError
 from prm_jax.scoring import score_prm_inputs, score_steps
 from prm_jax.tokenization import build_prm_input, separator_token_id
+from prm_jax.weights import ConversionError
 
 PROBLEM = "Compute (12 + 30) * 2."
 STEPS = ["12 + 30 = 42", "42 * 2 = 84", "So the answer is \\boxed{84}."]

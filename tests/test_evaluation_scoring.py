@@ -7,19 +7,18 @@ import jax
 import numpy as np
 import pytest
 import torch
-from hf_models import random_causal_lm, save_hf
+from hf_models import random_causal_lm, restore_model, save_hf
 from tiny_assets import TINY_VOCAB_SIZE, build_tiny_tokenizer
 
-from prm_jax.checkpoint import restore_model
-from prm_jax.conversion.hf_checkpoint import ConversionError, hf_to_orbax, orbax_to_hf
-from prm_jax.evaluation.model_loading import load_tokenizer
+from prm_jax.conversion.hf_checkpoint import hf_to_orbax, orbax_to_hf
 from prm_jax.evaluation.records import BoNRecord, BoNResponse, EvaluationDataError, ProcessBenchRecord
 from prm_jax.evaluation.scorer import BatchedScorer, BucketConfig, length_bucket
 from prm_jax.evaluation.tasks import bon_with_prm, prepare_input, processbench_with_critic, processbench_with_prm
+from prm_jax.evaluation.tokenizer_loading import load_tokenizer
 from prm_jax.generation.types import Completion, RequestOutput, SamplingParams
 from prm_jax.sharding import make_mesh
 from prm_jax.tokenization import build_prm_input
-from prm_jax.weights import checkpoint_kind, load_model
+from prm_jax.weights import ConversionError, checkpoint_kind, load_model
 
 WORDS = "the sum of two and three is five so we add them then multiply by four".split()
 

@@ -245,7 +245,8 @@ def test_config_json_fields_are_typed_and_named(tmp_path, changes, needle) -> No
 def test_integer_weights_are_refused_not_cast(tmp_path) -> None:
     from safetensors.numpy import load_file, save_file
 
-    from prm_jax.conversion.hf_checkpoint import ConversionError, hf_to_orbax
+    from prm_jax.conversion.hf_checkpoint import hf_to_orbax
+    from prm_jax.weights import ConversionError
 
     hf = tiny_hf_dir(tmp_path / "hf")
     tensors = load_file(str(hf / "model.safetensors"))
@@ -329,7 +330,7 @@ def test_vllm_scoring_and_synthesis_do_not_trust_remote_code_by_default(tmp_path
     from data_pipeline.backends import build_backend
     from data_pipeline.config import default_config
     from prm_jax import weights
-    from prm_jax.evaluation import model_loading, runner
+    from prm_jax.evaluation import runner, tokenizer_loading
 
     seen = []
 
@@ -339,7 +340,7 @@ def test_vllm_scoring_and_synthesis_do_not_trust_remote_code_by_default(tmp_path
 
     monkeypatch.setattr(vllm_backend, "VLLMStepScorer", Engine)
     monkeypatch.setattr(vllm_backend, "VLLMBackend", Engine)
-    monkeypatch.setattr(model_loading, "load_tokenizer", lambda *a: None)
+    monkeypatch.setattr(tokenizer_loading, "load_tokenizer", lambda *a: None)
     monkeypatch.setattr(weights, "checkpoint_kind", lambda *a: "hf")
     base = dict(task="processbench", data=str(tmp_path), out=str(tmp_path / "o"), model=str(tmp_path), backend="vllm")
     runner._prm_scorer(runner.EvaluationConfig(**base))

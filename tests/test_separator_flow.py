@@ -16,18 +16,19 @@ import numpy as np
 import pytest
 import torch
 from flax.nnx.traversals import flatten_mapping
-from hf_models import TINY_QWEN2_5, random_causal_lm, save_hf
+from hf_models import TINY_QWEN2_5, random_causal_lm, restore_model, save_hf
 from safetensors.numpy import load_file
 from tiny_assets import build_tiny_tokenizer
 
 from data_pipeline.synthetic import prepare_synthetic_run
-from prm_jax.checkpoint import read_checkpoint_metadata, read_model_config, restore_model, restore_params
-from prm_jax.conversion.hf_checkpoint import ConversionError, hf_to_orbax, orbax_to_hf
+from prm_jax.checkpoint import read_checkpoint_metadata, read_model_config, restore_params
+from prm_jax.conversion.hf_checkpoint import hf_to_orbax, orbax_to_hf
 from prm_jax.models.factory import abstract_params
 from prm_jax.scoring import score_steps
 from prm_jax.tokenization import SYSTEM_PROMPT
 from prm_jax.training.config import default_config
 from prm_jax.training.run import RUN_TOKENIZER_DIR, train_from_config
+from prm_jax.weights import ConversionError
 
 QWEN2_5_PADDED_VOCAB = TINY_QWEN2_5["vocab_size"]
 NUM_STEPS = 3
@@ -164,7 +165,7 @@ def test_disagreeing_tokenizer_is_refused_and_nothing_written(flow, tmp_path) ->
 def test_evaluating_a_training_checkpoint_uses_its_recorded_tokenizer(flow, tmp_path) -> None:
     """launch.evaluate on W/checkpoints/N: no --tokenizer needed; the Qwen base tokenizer is accepted
     (prepared the same way), another vocabulary is refused before any scoring."""
-    from prm_jax.evaluation.model_loading import load_tokenizer
+    from prm_jax.evaluation.tokenizer_loading import load_tokenizer
 
     for given in (None, flow["base_tokenizer"]):
         tokenizer = load_tokenizer(flow["step"], given)

@@ -14,11 +14,11 @@ from data_pipeline.context import SynthesisError
 from data_pipeline.grading import GradingPool
 from data_pipeline.pipeline import run
 from data_pipeline.problems import read_problems
-from data_pipeline.schemas import DataError, ErrorRecord, MCRecord, Problem, SampleRecord
+from data_pipeline.schemas import ErrorRecord, MCRecord, Problem, SampleRecord
 from data_pipeline.scripted import ScriptedBackend
 from data_pipeline.shards import Layout, Shard, exclusive_lock
 from prm_jax.data.records import read_prm_records
-from prm_jax.jsonl import AppendOnlyWriter, read_records
+from prm_jax.jsonl import AppendOnlyWriter, DataError, read_records
 
 SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -253,6 +253,17 @@ def test_workdir_refuses_other_settings_and_stages_run_in_order(tmp_path) -> Non
     run_scripted(make_config(problems), tmp_path / "w", stage="sample")
     with pytest.raises(SynthesisError, match=r"judge\.prompt: 'processbench' -> 'paper'"):
         run_scripted(make_config(problems, judge__prompt="paper"), tmp_path / "w")
+    # Recorded before the vote rule was a setting: one judge sample resumes; several voted by a
+    # strict majority, so their verdicts would mix with critic_vote's pluralities: refused.
+    del recorded["judge.vote"]
+    layout.run_config.write_text(json.dumps(recorded))
+    run_scripted(make_config(problems), tmp_path / "w", stage="sample")
+    recorded.update({"judge.num_samples": 4, "judge.vote_threshold": 0.5})
+    layout.run_config.write_text(json.dumps(recorded))
+    with pytest.raises(SynthesisError, match=r"judge\.vote: 'strict majority \(judge\.vote_threshold=0\.5\)'"):
+        run_scripted(
+            make_config(problems, judge__num_samples=4, judge__temperature=0.8), tmp_path / "w", stage="sample"
+        )
     problems.write_text(problems.read_text().replace("1 + 2", "1 + 3"))
     with pytest.raises(SynthesisError, match="problems.sha256"):
         run_scripted(make_config(problems), tmp_path / "w")
@@ -281,6 +292,12 @@ def test_append_only_writer_repairs_a_torn_tail_and_never_duplicates(tmp_path) -
         assert writer.dropped_tail and writer.ids == {"a"}
         assert writer.write(ErrorRecord(id="b", stage="s", error="e", message="m"))
     assert [r.id for r in read_records(path, ErrorRecord.from_json)] == ["a", "b"]
+    # A record longer than the line limit is refused before a byte is written (a reopen could not read it).
+    with AppendOnlyWriter(path, ErrorRecord.from_json, max_line_bytes=200) as writer:
+        with pytest.raises(DataError, match=r"record 'c' is \d+ bytes as JSON, over the 200-byte line limit"):
+            writer.write(ErrorRecord(id="c", stage="s", error="e", message="m" * 300))
+        assert writer.write(ErrorRecord(id="d", stage="s", error="e", message="m"))
+    assert [r.id for r in read_records(path, ErrorRecord.from_json)] == ["a", "b", "d"]
     path.write_text('{"broken\n' + path.read_text())
     with pytest.raises(DataError, match=r"errors\.jsonl:1: malformed JSON"):
         AppendOnlyWriter(path, ErrorRecord.from_json)

@@ -11,11 +11,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from flax.nnx.traversals import flatten_mapping, unflatten_mapping
-from hf_models import random_causal_lm, save_hf
+from hf_models import random_causal_lm, restore_model, save_hf
 from safetensors.numpy import load_file
 
 from prm_jax import checkpoint
-from prm_jax.conversion.hf_checkpoint import hf_to_orbax
+from prm_jax.conversion.hf_checkpoint import hf_to_orbax, orbax_to_hf
 from prm_jax.conversion.safetensors_io import TensorSpec, write_safetensors
 from prm_jax.models.factory import params_of
 from prm_jax.sharding import make_mesh
@@ -86,6 +86,28 @@ def test_a_missing_head_needs_a_seed(sources) -> None:
         load_weights(sources["hf"], config)
 
 
+def test_a_head_the_source_declares_is_never_replaced_by_a_fresh_one(sources, tmp_path) -> None:
+    """A causal LM that lost its (untied) lm_head.weight is refused even with a seed for fresh heads;
+    a PRM checkpoint carrying an lm_head.weight (which a PRM does not have) is refused too."""
+    tensors = load_file(sources["hf"] / "model.safetensors")
+    assert "lm_head.weight" in tensors  # the fixture's causal LM has an untied LM head
+    lost = dict(tensors)
+    del lost["lm_head.weight"]
+    with pytest.raises(ConversionError, match=r"missing tensor\(s\) \['lm_head.weight'\]"):
+        hf_to_orbax(_write_hf(sources["hf"], tmp_path / "lost", lost), tmp_path / "lost_orbax", seed=5)
+    assert not (tmp_path / "lost_orbax").exists()
+    prm = save_hf_prm(sources, tmp_path / "prm")
+    stray = {**load_file(prm / "model.safetensors"), "lm_head.weight": tensors["lm_head.weight"]}
+    stray_dir = _write_hf(prm, tmp_path / "stray", stray)
+    with pytest.raises(ConversionError, match=r"unexpected tensor\(s\) \['lm_head.weight'\]"):
+        hf_to_orbax(stray_dir, tmp_path / "stray_orbax")
+
+
+def save_hf_prm(sources: dict[str, Path], out: Path) -> Path:
+    """The fixture's Orbax conversion exported as a Qwen2ForProcessRewardModel directory (fp32)."""
+    return orbax_to_hf(sources["orbax"], out, dtype="float32")
+
+
 def _save_raw(directory: Path, params: dict, metadata: dict) -> Path:
     """An Orbax model checkpoint written as is (no checks): for tampered or older layouts."""
     ocp.Checkpointer(ocp.CompositeCheckpointHandler()).save(
@@ -138,7 +160,7 @@ def test_layout_1_checkpoints_still_restore(sources, tmp_path) -> None:
     metadata = {**checkpoint.read_checkpoint_metadata(sources["orbax"]), "layout_version": 1}
     old = _save_raw(tmp_path / "old", old_tree, metadata)
     assert checkpoint.LAYOUT_VERSION == 2 and checkpoint.read_checkpoint_metadata(old)["layout_version"] == 1
-    restored = _flat(params_of(checkpoint.restore_model(old)))
+    restored = _flat(params_of(restore_model(old)))
     assert restored.keys() == expected.keys()
     for path, value in restored.items():
         np.testing.assert_array_equal(value, expected[path], err_msg=str(path))

@@ -301,13 +301,4 @@ def hf_tensor_names(config: ModelConfig) -> list[str]:
     return [m.hf_name for m in tensor_mappings(config) if m.head != "lm_head"]
 
 
-__all__ = [
-    "hf_to_orbax",
-    "orbax_to_hf",
-    "ConversionError",
-    "parse_size",
-    "hf_tensor_names",
-    "vllm_separator_note",
-    "EXPORT_DTYPES",
-    "DEFAULT_EXPORT_DTYPE",
-]
+__all__ = ["hf_to_orbax", "orbax_to_hf", "parse_size", "hf_tensor_names", "vllm_separator_note"]

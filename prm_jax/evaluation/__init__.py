@@ -3,7 +3,7 @@
 Modules (one concept each):
 
 * `records`: the input schemas (ProcessBench, Best-of-N, predictions), streamed and validated;
-* `model_loading`: the tokenizer a checkpoint scores with (models load through `prm_jax.weights`);
+* `tokenizer_loading`: the tokenizer a checkpoint scores with (models load through `prm_jax.weights`);
 * `scorer`: batched, length-bucketed, jitted, sharded step scoring;
 * `processbench`: the ProcessBench metric and the threshold sweep (the critic's vote is `prm_jax.critique.critic_vote`);
 * `best_of_n`: aggregations, selection, maj@N and pass@N with documented tie-breaking;

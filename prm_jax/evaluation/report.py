@@ -28,7 +28,6 @@ __all__ = [
     "json_safe",
     "write_json",
     "write_jsonl",
-    "write_text",
     "percent",
     "processbench_markdown",
     "bon_markdown",
@@ -57,10 +56,6 @@ def write_json(path: str | Path, data: Any) -> None:
 
 def write_jsonl(path: str | Path, rows: Iterable[Any]) -> None:
     atomic_write_lines(path, (json.dumps(json_safe(row), allow_nan=False, ensure_ascii=False) for row in rows))
-
-
-def write_text(path: str | Path, text: str) -> None:
-    atomic_write(path, text)
 
 
 def percent(value: float | None) -> str:

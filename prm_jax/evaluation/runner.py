@@ -222,7 +222,7 @@ def _max_length(config: EvaluationConfig, model_config: Any | None) -> int | Non
 
 def _prm_scorer(config: EvaluationConfig) -> tuple[Any, Any, int | None]:
     """(scorer, tokenizer, max_length) for a PRM."""
-    from prm_jax.evaluation.model_loading import load_tokenizer
+    from prm_jax.evaluation.tokenizer_loading import load_tokenizer
     from prm_jax.weights import checkpoint_kind, load_model
 
     tokenizer = load_tokenizer(config.model, config.tokenizer)
@@ -252,7 +252,7 @@ def _prm_scorer(config: EvaluationConfig) -> tuple[Any, Any, int | None]:
 
 
 def _critic_backend(config: EvaluationConfig) -> Any:
-    from prm_jax.evaluation.model_loading import load_tokenizer
+    from prm_jax.evaluation.tokenizer_loading import load_tokenizer
     from prm_jax.weights import checkpoint_kind, load_model
 
     if config.backend == "vllm":

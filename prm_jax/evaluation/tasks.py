@@ -42,6 +42,7 @@ from prm_jax.evaluation.processbench import (
 )
 from prm_jax.evaluation.records import BoNRecord, EvaluationDataError, ProcessBenchRecord, read_predictions
 from prm_jax.evaluation.scorer import SCORE_WINDOW, BatchedScorer, StepScorer, score_stream
+from prm_jax.files import atomic_write
 from prm_jax.generation.types import GenerationBackend, SamplingParams
 from prm_jax.tokenization import PRMInput, build_prm_input
 
@@ -493,7 +494,7 @@ def write_outputs(out_dir: str | Path, output: EvaluationOutput, *, plots: bool 
             written += report.plot_processbench(results, out_dir, output.curves)
         else:
             written += report.plot_bon(results, out_dir)
-    report.write_text(out_dir / "results.md", markdown)
+    atomic_write(out_dir / "results.md", markdown)
     # results.json last: its presence means the run finished.
     report.write_json(out_dir / "results.json", results)
     return [out_dir / "results.json", *written]

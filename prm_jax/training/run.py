@@ -43,9 +43,13 @@ def _save_tokenizer(tokenizer: Any, target: Path) -> None:
     staging = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     tokenizer.save_pretrained(str(staging))
+    # Moved aside, not deleted, before the new one takes its name: the only moment without a
+    # tokenizer at `target` is between two renames (a rerun saves it again), not a whole rmtree.
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
     if target.exists():
-        shutil.rmtree(target)
+        target.rename(old)
     staging.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def prepare_run_tokenizer(

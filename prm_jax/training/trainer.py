@@ -4,8 +4,8 @@ Side effects live here (data loading, checkpoint I/O, metrics, signals); the mat
 `train_step`. One run directory (`workdir`) holds `checkpoints/<step>/` (params, opt_state,
 data_iter, model_config, trainer_state), `prm_tokenizer/` (the separator-bearing tokenizer a PRM run
 trains with, recorded in every checkpoint's metadata), `metrics.jsonl` and `tensorboard/`. A
-checkpoint step directory is also a model checkpoint: `checkpoint.restore_model` and
-`launch.convert` read it.
+checkpoint step directory is also a model checkpoint: `weights.load_model` and `launch.convert`
+read it.
 
 Determinism: every process builds the same global batch stream (same seed, same data) and feeds
 the rows its devices own, so a run's batches do not depend on the number of processes, and a
