@@ -3,7 +3,6 @@ and training from an HF directory equal to training from its conversion."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 from flax.nnx.traversals import flatten_mapping, unflatten_mapping
 from hf_models import random_causal_lm, restore_model, save_hf
 from safetensors.numpy import load_file
+from test_training import tiny_config
 
 from prm_jax import checkpoint
 from prm_jax.conversion.hf_checkpoint import hf_to_orbax, orbax_to_hf
@@ -20,8 +20,6 @@ from prm_jax.conversion.safetensors_io import TensorSpec, write_safetensors
 from prm_jax.models.factory import params_of
 from prm_jax.sharding import make_mesh
 from prm_jax.weights import ConversionError, load_model, load_weights, read_config
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 @pytest.fixture(scope="module")
@@ -174,20 +172,6 @@ def test_layout_1_checkpoints_still_restore(sources, tmp_path) -> None:
     )
 
 
-def _tiny_config(**overrides):
-    spec = importlib.util.spec_from_file_location("tiny", CONFIGS / "tiny.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    for dotted, value in overrides.items():
-        node = config
-        *parents, leaf = dotted.split(".")
-        for name in parents:
-            node = node[name]
-        node[leaf] = value
-    return config
-
-
 def test_training_inits_from_an_hf_directory_as_from_its_conversion(sources, tmp_path) -> None:
     """`model.init_from` takes the HF directory itself: the same parameters, source dtype and
     checks as training from its `hf_to_orbax` conversion with the run's seed."""
@@ -197,7 +181,7 @@ def test_training_inits_from_an_hf_directory_as_from_its_conversion(sources, tmp
     hf_to_orbax(sources["hf"], tmp_path / "converted", seed=123)
     runs = {}
     for name, init_from in (("hf", sources["hf"]), ("orbax", tmp_path / "converted")):
-        config = _tiny_config(**{"model.init_from": str(init_from), "seed": 123})
+        config = tiny_config(**{"model.init_from": str(init_from), "seed": 123})
         assert not [p for p in validate(config, device_count=4) if "init_from" in p]
         trainer = Trainer(config, tmp_path / name)
         try:
