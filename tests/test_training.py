@@ -128,6 +128,30 @@ def test_gradient_accumulation_equals_full_batch(tiny_run) -> None:
             np.testing.assert_allclose(np.asarray(value), np.asarray(base_params[path]), rtol=1e-5, atol=1e-7)
 
 
+def test_resuming_a_run_written_in_parameter_layout_1_is_refused_with_the_way_forward(tiny_run, tmp_path) -> None:
+    """Its optimizer state holds the old parameter names: the run refuses to resume (nothing written)
+    and names the init_from that starts a new run from it; the model itself still loads."""
+    _, base, _ = tiny_run
+    overrides = {
+        "train.num_steps": 2,
+        "checkpoint.save_every": 2,
+        "train.eval_every": 1000,
+        "data.train_file": base.data.train_file,
+        "data.eval_file": "",
+        "data.tokenizer_dir": base.data.tokenizer_dir,
+        "data.synthetic": "",
+    }
+    train_from_config(tiny_config(**overrides), tmp_path)
+    metadata_file = tmp_path / "checkpoints" / "2" / "model_config" / "metadata"
+    metadata = json.loads(metadata_file.read_text())
+    metadata_file.write_text(json.dumps({**metadata, "layout_version": 1}))
+    with pytest.raises(TrainingError, match=r"parameter layout 1 .*--config\.model\.init_from=.*checkpoints/2"):
+        train_from_config(
+            tiny_config(**{**overrides, "train.num_steps": 4, "train.allow_config_change": True}), tmp_path
+        )
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
+
+
 def test_non_finite_update_stops_and_keeps_last_good_checkpoint(tiny_run, tmp_path) -> None:
     _, base, _ = tiny_run
     overrides = {
