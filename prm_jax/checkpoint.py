@@ -36,6 +36,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from orbax.checkpoint import type_handlers
 
+from prm_jax.files import replace_directory
 from prm_jax.models.config import ModelConfig
 from prm_jax.models.factory import ParamPath, abstract_params, params_of
 from prm_jax.models.transformer import Transformer
@@ -205,10 +206,7 @@ def save_params(
         _remove_partial_saves(target)
         raise
     if target != directory:
-        old = directory.with_name(directory.name + ".old")
-        directory.rename(old)
-        target.rename(directory)
-        shutil.rmtree(old)
+        replace_directory(target, directory)
     return directory
 
 

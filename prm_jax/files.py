@@ -1,9 +1,10 @@
-"""Whole-file writes that a reader never sees half done: write beside the target, fsync, rename.
+"""Writes that a reader never sees half done: write beside the target, fsync, rename.
 
 Every file prm-jax writes in one piece (JSON summaries, run records, JSONL splits, safetensors
 shards, plots, remote code) goes through `atomic_file`; a killed or failed writer leaves the
-previous file (or none) in place, never a truncated one. Appending record by record is
-`prm_jax.jsonl.AppendOnlyWriter`'s job.
+previous file (or none) in place, never a truncated one. Directories built beside their target
+(an HF export, a run's tokenizer, an overwritten model checkpoint) take its place through
+`replace_directory`. Appending record by record is `prm_jax.jsonl.AppendOnlyWriter`'s job.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -48,6 +50,22 @@ def _fsync_directory(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def replace_directory(staging: str | Path, target: str | Path) -> Path:
+    """Puts the complete directory `staging` at `target`, replacing whatever was there.
+
+    The old directory is renamed aside first and deleted last, so `target` is never half-written
+    and is absent only between two renames (never during a whole delete).
+    """
+    staging, target = Path(staging), Path(target)
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    if target.exists():
+        target.rename(old)
+    staging.rename(target)
+    _fsync_directory(target.parent)
+    shutil.rmtree(old, ignore_errors=True)
+    return target
 
 
 def atomic_write(path: str | Path, data: str | bytes) -> Path:

@@ -31,6 +31,7 @@ from prm_jax.checkpoint import read_checkpoint_metadata, restore_params, save_pa
 from prm_jax.conversion.hf_mapping import TensorMapping, tensor_mappings
 from prm_jax.conversion.remote_code import ARCHITECTURE, AUTO_MAP, write_remote_code
 from prm_jax.conversion.safetensors_io import SafetensorsCheckpoint, TensorSpec, write_safetensors
+from prm_jax.files import replace_directory
 from prm_jax.models.config import ModelConfig
 from prm_jax.models.vocab import grow_vocab_axis, padded_vocab_size
 from prm_jax.output_paths import refuse_output_over_input
@@ -275,9 +276,7 @@ def orbax_to_hf(
         write_remote_code(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
-        if hf_dir.exists():
-            shutil.rmtree(hf_dir)
-        staging.rename(hf_dir)
+        replace_directory(staging, hf_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

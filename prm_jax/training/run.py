@@ -21,6 +21,7 @@ from prm_jax.data.pipeline import (
     load_sft_examples,
 )
 from prm_jax.data.tokenize import TokenizeConfig
+from prm_jax.files import replace_directory
 from prm_jax.tokenization import prepare_step_separator
 from prm_jax.training.config import check as check_config
 from prm_jax.training.config import seq_len_problem
@@ -43,13 +44,7 @@ def _save_tokenizer(tokenizer: Any, target: Path) -> None:
     staging = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     tokenizer.save_pretrained(str(staging))
-    # Moved aside, not deleted, before the new one takes its name: the only moment without a
-    # tokenizer at `target` is between two renames (a rerun saves it again), not a whole rmtree.
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    if target.exists():
-        target.rename(old)
-    staging.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_directory(staging, target)
 
 
 def prepare_run_tokenizer(
