@@ -11,6 +11,8 @@ from pathlib import Path
 import ml_collections
 
 from prm_jax.config_checks import MISSING, ConfigChecker
+from prm_jax.data.pipeline import PipelineConfig
+from prm_jax.data.tokenize import TokenizeConfig
 from prm_jax.models.config import POSITIVE_INT_FIELDS
 from prm_jax.tiny_tokenizer import TINY_VOCAB_SIZE
 
@@ -49,13 +51,14 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.eval_file = ""  # held-out file of the same format ("" = no eval)
     c.data.tokenizer_dir = ""
     c.data.seq_len = 4096  # packed row length
-    c.data.packing = True
-    c.data.soft_labels = False
-    c.data.drop_after_first_error = True
-    c.data.negative_threshold = 0.0  # negative = label <= this; 0.0: the first label 0 (the paper's rule)
-    c.data.overlong = "truncate"  # truncate (at a step boundary) | drop
-    c.data.separator = "<extra_0>"
-    c.data.shuffle = True
+    # The data section's defaults are the tokenizer's and the input pipeline's own (stated there).
+    c.data.packing = PipelineConfig.packing
+    c.data.soft_labels = TokenizeConfig.soft_labels
+    c.data.drop_after_first_error = TokenizeConfig.drop_after_first_error
+    c.data.negative_threshold = TokenizeConfig.negative_threshold  # negative = label <= this (0.0: the paper's)
+    c.data.overlong = TokenizeConfig.overlong  # truncate (at a step boundary) | drop
+    c.data.separator = TokenizeConfig.separator
+    c.data.shuffle = PipelineConfig.shuffle
     c.data.synthetic = ""  # "arithmetic": generate a small learnable labelled set into WORKDIR/data
 
     c.train = ml_collections.ConfigDict()
