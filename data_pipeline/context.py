@@ -11,15 +11,17 @@ import contextlib
 import dataclasses
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import ml_collections
 
 from data_pipeline.grading import GradingPool
 from data_pipeline.schemas import ErrorRecord
-from data_pipeline.shards import Layout, Shard, read_json
+from data_pipeline.shards import Layout, Shard, exclusive_lock, read_json
+from prm_jax.files import atomic_write_json
 from prm_jax.generation.types import GenerationBackend
+from prm_jax.jsonl import AppendOnlyWriter
 
 _log = logging.getLogger("data_pipeline")
 
@@ -93,6 +95,42 @@ class StageContext:
 
     def is_done(self, stage: str) -> bool:
         return self.layout.done(stage, self.shard).exists()
+
+    def append_stage(
+        self,
+        stage: str,
+        parse: Callable[[dict], Any],
+        body: Callable[..., None],
+        *,
+        after: str | None = None,
+        with_errors: bool = False,
+    ) -> None:
+        """Runs a stage that appends records to its shard file, the way every such stage runs.
+
+        Skipped when its done marker exists; refused until `after` is done; run under the shard's
+        lock with crash-safe append writers (`body(writer)`, or `body(writer, errors)` with
+        `with_errors`), where `body` writes only the records the writer lacks. The done marker
+        (record and error counts) is written last, so a killed stage resumes where it stopped.
+        """
+        if self.is_done(stage):
+            _log.info("%s: %s already done", stage, self.shard.name)
+            return
+        if after is not None:
+            self.require_done(after)
+        fsync_every = self.config.io.fsync_every
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(exclusive_lock(self.layout.lock(stage, self.shard)))
+            writers = []
+            if with_errors:
+                path = self.layout.errors(stage, self.shard)
+                writers.append(
+                    stack.enter_context(AppendOnlyWriter(path, ErrorRecord.from_json, fsync_every=fsync_every))
+                )
+            path = self.layout.records(stage, self.shard)
+            writer = stack.enter_context(AppendOnlyWriter(path, parse, fsync_every=fsync_every))
+            body(writer, *writers)
+            counts = {"records": len(writer.ids), **({"errors": len(writers[0].ids)} if with_errors else {})}
+        atomic_write_json(self.layout.done(stage, self.shard), counts)
 
     @contextlib.contextmanager
     def progress(self, total: int, desc: str, unit: str) -> Iterator[Any]:

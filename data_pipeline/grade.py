@@ -15,8 +15,6 @@ from data_pipeline.context import StageContext
 from data_pipeline.grading import GradingPool
 from data_pipeline.ids import response_id
 from data_pipeline.schemas import GradeRecord, SampleRecord
-from data_pipeline.shards import exclusive_lock
-from prm_jax.files import atomic_write_json
 from prm_jax.jsonl import AppendOnlyWriter, iter_records
 
 _log = logging.getLogger(__name__)
@@ -59,18 +57,9 @@ def grade_samples(
 
 
 def run_grade(ctx: StageContext) -> None:
-    layout, shard, cfg = ctx.layout, ctx.shard, ctx.config
-    if ctx.is_done("grade"):
-        _log.info("grade: %s already done", shard.name)
-        return
-    ctx.require_done("sample")
-    samples_path = layout.records("sample", shard)
-    with (
-        exclusive_lock(layout.lock("grade", shard)),
-        AppendOnlyWriter(
-            layout.records("grade", shard), GradeRecord.from_json, fsync_every=cfg.io.fsync_every
-        ) as writer,
-    ):
+    samples_path = ctx.layout.records("sample", ctx.shard)
+
+    def grade_all(writer: AppendOnlyWriter) -> None:
         total = sum(len(s.responses) for _, s in iter_records(samples_path, SampleRecord.from_json))
         with ctx.progress(total, "grade", "response") as bar:
             bar.update(len(writer.ids))
@@ -93,5 +82,5 @@ def run_grade(ctx: StageContext) -> None:
                     batch, size = [], 0
             if batch:
                 flush()
-        counts = {"records": len(writer.ids)}
-    atomic_write_json(layout.done("grade", shard), counts)
+
+    ctx.append_stage("grade", GradeRecord.from_json, grade_all, after="sample")

@@ -35,9 +35,7 @@ from data_pipeline.config import default_config, section_values
 from data_pipeline.context import StageContext
 from data_pipeline.ids import stable_seed
 from data_pipeline.schemas import GradeRecord, JudgeRecord
-from data_pipeline.shards import exclusive_lock
 from prm_jax.critique import PROMPTS, classify_verdict, critic_vote, critique_messages
-from prm_jax.files import atomic_write_json
 from prm_jax.generation.types import GenerationBackend, SamplingParams
 from prm_jax.jsonl import AppendOnlyWriter, iter_records
 from prm_jax.tokenization import render_chat
@@ -159,26 +157,17 @@ class Judge:
 
 
 def run_judge(ctx: StageContext) -> None:
-    layout, shard, cfg = ctx.layout, ctx.shard, ctx.config
-    if ctx.is_done("judge"):
-        _log.info("judge: %s already done", shard.name)
-        return
-    ctx.require_done("grade")
-    grades_path = layout.records("grade", shard)
-    with (
-        exclusive_lock(layout.lock("judge", shard)),
-        AppendOnlyWriter(
-            layout.records("judge", shard), JudgeRecord.from_json, fsync_every=cfg.io.fsync_every
-        ) as writer,
-    ):
+    grades_path = ctx.layout.records("grade", ctx.shard)
+
+    def judge_all(writer: AppendOnlyWriter) -> None:
         pending = sum(r.id not in writer.ids for _, r in iter_records(grades_path, GradeRecord.from_json))
-        _log.info("judge: %s: %d responses to judge (%d already done)", shard.name, pending, len(writer.ids))
+        _log.info("judge: %s: %d responses to judge (%d already done)", ctx.shard.name, pending, len(writer.ids))
         if pending:
-            judge = Judge(ctx.judge_backend(), JudgeSettings.from_config(cfg))
+            judge = Judge(ctx.judge_backend(), JudgeSettings.from_config(ctx.config))
             todo = (r for _, r in iter_records(grades_path, GradeRecord.from_json) if r.id not in writer.ids)
             with ctx.progress(pending, "judge", "response") as bar:
                 for record in judge.judge(todo):
                     writer.write(record)
                     bar.update(1)
-        counts = {"records": len(writer.ids)}
-    atomic_write_json(layout.done("judge", shard), counts)
+
+    ctx.append_stage("judge", JudgeRecord.from_json, judge_all, after="grade")

@@ -42,9 +42,7 @@ from data_pipeline.context import StageContext
 from data_pipeline.grading import CORRECT, ERROR, TIMEOUT, GradingPool
 from data_pipeline.ids import stable_seed
 from data_pipeline.schemas import GradeRecord, MCCost, MCRecord, StepLabel
-from data_pipeline.shards import exclusive_lock
 from data_pipeline.solutions import STEP_BREAK, continuation_prompt, final_answer, policy_prompt
-from prm_jax.files import atomic_write_json
 from prm_jax.generation.types import GenerationBackend, SamplingParams
 from prm_jax.jsonl import AppendOnlyWriter, iter_records
 
@@ -254,24 +252,17 @@ class MCLabeler:
 
 
 def run_mc(ctx: StageContext) -> None:
-    layout, shard, cfg = ctx.layout, ctx.shard, ctx.config
-    if ctx.is_done("mc"):
-        _log.info("mc: %s already done", shard.name)
-        return
-    ctx.require_done("grade")
-    grades_path = layout.records("grade", shard)
-    with (
-        exclusive_lock(layout.lock("mc", shard)),
-        AppendOnlyWriter(layout.records("mc", shard), MCRecord.from_json, fsync_every=cfg.io.fsync_every) as writer,
-    ):
+    grades_path = ctx.layout.records("grade", ctx.shard)
+
+    def label(writer: AppendOnlyWriter) -> None:
         pending = sum(r.id not in writer.ids for _, r in iter_records(grades_path, GradeRecord.from_json))
-        _log.info("mc: %s: %d responses to label (%d already done)", shard.name, pending, len(writer.ids))
+        _log.info("mc: %s: %d responses to label (%d already done)", ctx.shard.name, pending, len(writer.ids))
         if pending:
-            labeler = MCLabeler(ctx.policy_backend(), ctx.grading_pool(), MCSettings.from_config(cfg))
+            labeler = MCLabeler(ctx.policy_backend(), ctx.grading_pool(), MCSettings.from_config(ctx.config))
             todo = (r for _, r in iter_records(grades_path, GradeRecord.from_json) if r.id not in writer.ids)
             with ctx.progress(pending, "mc", "response") as bar:
                 for record in labeler.label(todo):
                     writer.write(record)
                     bar.update(1)
-        counts = {"records": len(writer.ids)}
-    atomic_write_json(layout.done("mc", shard), counts)
+
+    ctx.append_stage("mc", MCRecord.from_json, label, after="grade")

@@ -18,9 +18,7 @@ from data_pipeline.context import StageContext
 from data_pipeline.ids import response_id, shard_of, stable_seed
 from data_pipeline.problems import read_problems
 from data_pipeline.schemas import ErrorRecord, Problem, Response, SampleRecord
-from data_pipeline.shards import exclusive_lock
 from data_pipeline.solutions import final_answer, policy_prompt, split_steps
-from prm_jax.files import atomic_write_json
 from prm_jax.generation.types import GenerationBackend, SamplingParams
 from prm_jax.jsonl import AppendOnlyWriter
 
@@ -90,19 +88,9 @@ def shard_problems(ctx: StageContext) -> list[Problem | ErrorRecord]:
 
 
 def run_sample(ctx: StageContext) -> None:
-    layout, shard, cfg = ctx.layout, ctx.shard, ctx.config
-    if ctx.is_done("sample"):
-        _log.info("sample: %s already done", shard.name)
-        return
-    with (
-        exclusive_lock(layout.lock("sample", shard)),
-        AppendOnlyWriter(
-            layout.errors("sample", shard), ErrorRecord.from_json, fsync_every=cfg.io.fsync_every
-        ) as errors,
-        AppendOnlyWriter(
-            layout.records("sample", shard), SampleRecord.from_json, fsync_every=cfg.io.fsync_every
-        ) as writer,
-    ):
+    shard, cfg = ctx.shard, ctx.config
+
+    def sample_all(writer: AppendOnlyWriter, errors: AppendOnlyWriter) -> None:
         pending: list[Problem] = []
         for item in shard_problems(ctx):
             if isinstance(item, ErrorRecord):
@@ -168,5 +156,5 @@ def run_sample(ctx: StageContext) -> None:
                                 )
                         writer.write(record)
                     bar.update(len(pending[start : start + cfg.sample.batch_size]))
-        counts = {"records": len(writer.ids), "errors": len(errors.ids)}
-    atomic_write_json(layout.done("sample", shard), counts)
+
+    ctx.append_stage("sample", SampleRecord.from_json, sample_all, with_errors=True)
