@@ -17,11 +17,11 @@ from typing import Any
 import ml_collections
 
 from data_pipeline.grading import GradingPool
-from data_pipeline.schemas import ErrorRecord
+from data_pipeline.schemas import ErrorRecord, GradeRecord
 from data_pipeline.shards import Layout, Shard, exclusive_lock, read_json
 from prm_jax.files import atomic_write_json
 from prm_jax.generation.types import GenerationBackend
-from prm_jax.jsonl import AppendOnlyWriter
+from prm_jax.jsonl import AppendOnlyWriter, iter_records
 
 _log = logging.getLogger("data_pipeline")
 
@@ -131,6 +131,36 @@ class StageContext:
             body(writer, *writers)
             counts = {"records": len(writer.ids), **({"errors": len(writers[0].ids)} if with_errors else {})}
         atomic_write_json(self.layout.done(stage, self.shard), counts)
+
+    def per_graded_response(
+        self,
+        stage: str,
+        parse: Callable[[dict], Any],
+        start: Callable[[], Callable[[Iterator[Any]], Iterator[Any]]],
+        *,
+        verb: str,
+    ) -> None:
+        """A stage that turns each graded response into one record (mc, judge) via `append_stage`.
+
+        `start()` builds the worker (it loads a backend, so only when a response is pending) and
+        returns its function from graded responses to records, in order.
+        """
+        grades = self.layout.records("grade", self.shard)
+
+        def body(writer: AppendOnlyWriter) -> None:
+            pending = sum(r.id not in writer.ids for _, r in iter_records(grades, GradeRecord.from_json))
+            _log.info(
+                "%s: %s: %d responses to %s (%d already done)", stage, self.shard.name, pending, verb, len(writer.ids)
+            )
+            if pending:
+                process = start()
+                todo = (r for _, r in iter_records(grades, GradeRecord.from_json) if r.id not in writer.ids)
+                with self.progress(pending, stage, "response") as bar:
+                    for record in process(todo):
+                        writer.write(record)
+                        bar.update(1)
+
+        self.append_stage(stage, parse, body, after="grade")
 
     @contextlib.contextmanager
     def progress(self, total: int, desc: str, unit: str) -> Iterator[Any]:

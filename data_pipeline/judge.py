@@ -25,7 +25,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import ml_collections
@@ -37,7 +37,6 @@ from data_pipeline.ids import stable_seed
 from data_pipeline.schemas import GradeRecord, JudgeRecord
 from prm_jax.critique import PROMPTS, classify_verdict, critic_vote, critique_messages
 from prm_jax.generation.types import GenerationBackend, SamplingParams
-from prm_jax.jsonl import AppendOnlyWriter, iter_records
 from prm_jax.tokenization import render_chat
 
 _log = logging.getLogger(__name__)
@@ -157,17 +156,7 @@ class Judge:
 
 
 def run_judge(ctx: StageContext) -> None:
-    grades_path = ctx.layout.records("grade", ctx.shard)
+    def start() -> Callable[[Iterator[GradeRecord]], Iterator[JudgeRecord]]:
+        return Judge(ctx.judge_backend(), JudgeSettings.from_config(ctx.config)).judge
 
-    def judge_all(writer: AppendOnlyWriter) -> None:
-        pending = sum(r.id not in writer.ids for _, r in iter_records(grades_path, GradeRecord.from_json))
-        _log.info("judge: %s: %d responses to judge (%d already done)", ctx.shard.name, pending, len(writer.ids))
-        if pending:
-            judge = Judge(ctx.judge_backend(), JudgeSettings.from_config(ctx.config))
-            todo = (r for _, r in iter_records(grades_path, GradeRecord.from_json) if r.id not in writer.ids)
-            with ctx.progress(pending, "judge", "response") as bar:
-                for record in judge.judge(todo):
-                    writer.write(record)
-                    bar.update(1)
-
-    ctx.append_stage("judge", JudgeRecord.from_json, judge_all, after="grade")
+    ctx.per_graded_response("judge", JudgeRecord.from_json, start, verb="judge")

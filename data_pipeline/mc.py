@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import ml_collections
@@ -44,7 +44,6 @@ from data_pipeline.ids import stable_seed
 from data_pipeline.schemas import GradeRecord, MCCost, MCRecord, StepLabel
 from data_pipeline.solutions import STEP_BREAK, continuation_prompt, final_answer, policy_prompt
 from prm_jax.generation.types import GenerationBackend, SamplingParams
-from prm_jax.jsonl import AppendOnlyWriter, iter_records
 
 _log = logging.getLogger(__name__)
 
@@ -252,17 +251,7 @@ class MCLabeler:
 
 
 def run_mc(ctx: StageContext) -> None:
-    grades_path = ctx.layout.records("grade", ctx.shard)
+    def start() -> Callable[[Iterator[GradeRecord]], Iterator[MCRecord]]:
+        return MCLabeler(ctx.policy_backend(), ctx.grading_pool(), MCSettings.from_config(ctx.config)).label
 
-    def label(writer: AppendOnlyWriter) -> None:
-        pending = sum(r.id not in writer.ids for _, r in iter_records(grades_path, GradeRecord.from_json))
-        _log.info("mc: %s: %d responses to label (%d already done)", ctx.shard.name, pending, len(writer.ids))
-        if pending:
-            labeler = MCLabeler(ctx.policy_backend(), ctx.grading_pool(), MCSettings.from_config(ctx.config))
-            todo = (r for _, r in iter_records(grades_path, GradeRecord.from_json) if r.id not in writer.ids)
-            with ctx.progress(pending, "mc", "response") as bar:
-                for record in labeler.label(todo):
-                    writer.write(record)
-                    bar.update(1)
-
-    ctx.append_stage("mc", MCRecord.from_json, label, after="grade")
+    ctx.per_graded_response("mc", MCRecord.from_json, start, verb="label")

@@ -10,6 +10,7 @@ from flax.nnx.traversals import flatten_mapping, unflatten_mapping
 from hf_models import restore_model
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from tiny_assets import tiny_model_config
 
 from prm_jax.checkpoint import (
     LazyTensor,
@@ -19,20 +20,10 @@ from prm_jax.checkpoint import (
     save_model,
     save_params,
 )
-from prm_jax.models.config import ModelConfig
 from prm_jax.models.factory import create_model, params_of
 from prm_jax.sharding import make_mesh
 
-CONFIG = ModelConfig(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=8,
-    eos_token_id=[3, 4],
-)
+CONFIG = tiny_model_config(eos_token_id=[3, 4])
 
 
 @pytest.fixture(scope="module")

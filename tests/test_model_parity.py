@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from hf_models import jax_arrays_from_torch, jax_model, random_causal_lm, rng_ids
+from tiny_assets import tiny_model_config
 
 from prm_jax.models.config import ModelConfig
 from prm_jax.models.factory import create_model
@@ -65,17 +66,7 @@ def test_hidden_states_and_lm_logits_match_transformers(name: str) -> None:
     np.testing.assert_allclose(np.asarray(logits)[real], out.logits.numpy()[real], atol=1e-4, rtol=0)
 
 
-def _tiny_config(**kw) -> ModelConfig:
-    base = dict(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-    )
-    return ModelConfig(**{**base, **kw})
+_tiny_config = tiny_model_config
 
 
 def test_packed_segments_equal_separate_sequences() -> None:

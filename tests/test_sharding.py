@@ -9,20 +9,12 @@ import pytest
 from flax.nnx.traversals import flatten_mapping
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from tiny_assets import tiny_model_config
 
-from prm_jax.models.config import ModelConfig
 from prm_jax.models.factory import create_model, params_of
 from prm_jax.sharding import logical_to_partition_spec, make_mesh
 
-CONFIG = ModelConfig(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=8,
-)
+CONFIG = tiny_model_config()
 
 
 def test_make_mesh_fills_free_axis_and_validates() -> None:

@@ -128,11 +128,9 @@ def test_gradient_accumulation_equals_full_batch(tiny_run) -> None:
             np.testing.assert_allclose(np.asarray(value), np.asarray(base_params[path]), rtol=1e-5, atol=1e-7)
 
 
-def test_resuming_a_run_written_in_parameter_layout_1_is_refused_with_the_way_forward(tiny_run, tmp_path) -> None:
-    """Its optimizer state holds the old parameter names: the run refuses to resume (nothing written)
-    and names the init_from that starts a new run from it; the model itself still loads."""
-    _, base, _ = tiny_run
-    overrides = {
+def _two_step_run(base) -> dict:
+    """Overrides for a 2-step run, one checkpoint at step 2, on the tiny run's data."""
+    return {
         "train.num_steps": 2,
         "checkpoint.save_every": 2,
         "train.eval_every": 1000,
@@ -141,6 +139,12 @@ def test_resuming_a_run_written_in_parameter_layout_1_is_refused_with_the_way_fo
         "data.tokenizer_dir": base.data.tokenizer_dir,
         "data.synthetic": "",
     }
+
+
+def test_resuming_a_run_written_in_parameter_layout_1_is_refused_with_the_way_forward(tiny_run, tmp_path) -> None:
+    """Its optimizer state holds the old parameter names: the run refuses to resume (nothing written)
+    and names the init_from that starts a new run from it."""
+    overrides = _two_step_run(tiny_run[1])
     train_from_config(tiny_config(**overrides), tmp_path)
     metadata_file = tmp_path / "checkpoints" / "2" / "model_config" / "metadata"
     metadata = json.loads(metadata_file.read_text())
@@ -153,18 +157,7 @@ def test_resuming_a_run_written_in_parameter_layout_1_is_refused_with_the_way_fo
 
 
 def test_non_finite_update_stops_and_keeps_last_good_checkpoint(tiny_run, tmp_path) -> None:
-    _, base, _ = tiny_run
-    overrides = {
-        "train.num_steps": 2,
-        "checkpoint.save_every": 2,
-        "train.eval_every": 1000,
-        "data.train_file": base.data.train_file,
-        "data.eval_file": "",
-        "data.tokenizer_dir": base.data.tokenizer_dir,
-        "data.synthetic": "",
-        "optimizer.warmup_steps": 0,
-        "optimizer.schedule": "constant",
-    }
+    overrides = {**_two_step_run(tiny_run[1]), "optimizer.warmup_steps": 0, "optimizer.schedule": "constant"}
     train_from_config(tiny_config(**overrides), tmp_path)
     good = flatten_mapping(restore_params(tmp_path / "checkpoints" / "2", as_numpy=True))
     # Same run, resumed with an absurd learning rate: the update overflows to inf at step 3.
