@@ -79,11 +79,7 @@ def build_backend(section: Any, *, seed: int = 0) -> GenerationBackend:
         dtype=section.dtype,
         param_dtype=section.param_dtype if is_hf else None,
     )
-    sampler_config = SamplerConfig(
-        max_batch_rows=section.sampler.max_batch_rows,
-        chunk_size=section.sampler.chunk_size,
-        length_bucket=section.sampler.length_bucket,
-    )
+    sampler_config = SamplerConfig(**section.sampler)
     _log.info(
         "loaded %s (%s, %d layers) for the JAX sampler",
         section.model_path,

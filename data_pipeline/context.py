@@ -120,16 +120,18 @@ class StageContext:
         fsync_every = self.config.io.fsync_every
         with contextlib.ExitStack() as stack:
             stack.enter_context(exclusive_lock(self.layout.lock(stage, self.shard)))
-            writers = []
+            counts = {}
             if with_errors:
                 path = self.layout.errors(stage, self.shard)
-                writers.append(
-                    stack.enter_context(AppendOnlyWriter(path, ErrorRecord.from_json, fsync_every=fsync_every))
-                )
+                errors = stack.enter_context(AppendOnlyWriter(path, ErrorRecord.from_json, fsync_every=fsync_every))
             path = self.layout.records(stage, self.shard)
             writer = stack.enter_context(AppendOnlyWriter(path, parse, fsync_every=fsync_every))
-            body(writer, *writers)
-            counts = {"records": len(writer.ids), **({"errors": len(writers[0].ids)} if with_errors else {})}
+            if with_errors:
+                body(writer, errors)
+                counts["errors"] = len(errors.ids)
+            else:
+                body(writer)
+            counts = {"records": len(writer.ids), **counts}
         atomic_write_json(self.layout.done(stage, self.shard), counts)
 
     def per_graded_response(

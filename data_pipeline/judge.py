@@ -70,7 +70,7 @@ class JudgeSettings:
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict | None = None, **overrides: Any) -> JudgeSettings:
         """From a synthesis config (`default_config()` when None), then `overrides`."""
-        config = config or default_config()
+        config = default_config() if config is None else config
         return dataclasses.replace(cls(**section_values(cls, config.judge), base_seed=config.seed), **overrides)
 
 

@@ -65,7 +65,7 @@ class MCSettings:
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict | None = None, **overrides: Any) -> MCSettings:
         """From a synthesis config (`default_config()` when None), then `overrides`."""
-        config = config or default_config()
+        config = default_config() if config is None else config
         settings = cls(
             **section_values(cls, config.mc), system_prompt=config.sample.system_prompt, base_seed=config.seed
         )

@@ -51,13 +51,12 @@ def judge_vote_rule(num_samples: int) -> str:
 
 
 def _recorded_vote_rule(stored: dict) -> str:
-    # Runs recorded before the rule was a setting voted with a strict majority of the samples.
+    # Runs recorded before the rule was a setting but with judge.vote_threshold voted by a strict
+    # majority of the samples.
     num_samples = stored.get("judge.num_samples", 1)
-    return (
-        judge_vote_rule(1)
-        if num_samples == 1
-        else f"strict majority (judge.vote_threshold={stored.get('judge.vote_threshold')})"
-    )
+    if num_samples == 1 or "judge.vote_threshold" not in stored:
+        return judge_vote_rule(num_samples)
+    return f"strict majority (judge.vote_threshold={stored['judge.vote_threshold']})"
 
 
 def check_run_config(layout: Layout, config: ml_collections.ConfigDict, num_shards: int) -> None:

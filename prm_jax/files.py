@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import threading
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
+
+_log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -45,11 +49,14 @@ def atomic_file(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
 
 
 def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    # After the rename: the swap has happened, so a filesystem that cannot fsync a directory
+    # (some network and FUSE mounts) must not turn it into a reported failure.
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def replace_directory(staging: str | Path, target: str | Path) -> Path:
@@ -59,12 +66,20 @@ def replace_directory(staging: str | Path, target: str | Path) -> Path:
     and is absent only between two renames (never during a whole delete).
     """
     staging, target = Path(staging), Path(target)
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    # A unique name: a leftover of a run killed while deleting cannot block the next swap.
+    old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:12]}")
     if target.exists():
         target.rename(old)
-    staging.rename(target)
+    try:
+        staging.rename(target)
+    except BaseException:
+        if old.exists() and not target.exists():
+            old.rename(target)  # the swap failed: the previous directory is put back
+        raise
     _fsync_directory(target.parent)
     shutil.rmtree(old, ignore_errors=True)
+    if old.exists():
+        _log.warning("could not delete %s (the directory %s replaced); remove it by hand", old, target)
     return target
 
 

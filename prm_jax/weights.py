@@ -238,7 +238,7 @@ def load_weights(
         config: The model to load: its architecture must match the source's; its heads say which
             of the source's heads are loaded; values are cast to its `param_dtype`.
         mesh: Target mesh (one device when None); `rules` map logical axes onto it.
-        fresh_heads_seed: Initialise a head `config` has and the source lacks entirely (the PRM
+        fresh_heads_seed: Initialise a head `config` has and the source's config does not declare (the PRM
             head of a causal LM) from this seed; None refuses such a source.
 
     Returns:

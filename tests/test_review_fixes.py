@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from test_training import tiny_config
+from tiny_assets import tiny_config
 
 from prm_jax.generation.jax_sampler import _sample_tokens
 from prm_jax.sharding import logical_to_partition_spec, make_mesh

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 from flax.nnx.traversals import flatten_mapping
 from hf_models import random_causal_lm, save_hf
-from tiny_assets import TINY_VOCAB_SIZE
+from tiny_assets import TINY_VOCAB_SIZE, tiny_config
 from transformers import AutoTokenizer
 
 from data_pipeline.synthetic import prepare_synthetic_run
@@ -27,22 +27,6 @@ from prm_jax.training.train_step import _loss_sums, make_train_step
 from prm_jax.training.trainer import Trainer, TrainingError, training_model_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-def tiny_config(**overrides):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("tiny", CONFIGS / "tiny.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    for dotted, value in overrides.items():
-        node = config
-        *parents, leaf = dotted.split(".")
-        for name in parents:
-            node = node[name]
-        node[leaf] = value
-    return config
 
 
 @pytest.fixture(scope="module")

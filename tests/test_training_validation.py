@@ -12,8 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_training import tiny_config
-from tiny_assets import build_tiny_tokenizer
+from tiny_assets import build_tiny_tokenizer, tiny_config
 from training_runs import REPO, committed_steps, read_metrics, running, start, train_flags
 
 from prm_jax.data import records as records_module

@@ -12,7 +12,7 @@ import pytest
 from flax.nnx.traversals import flatten_mapping, unflatten_mapping
 from hf_models import random_causal_lm, restore_model, save_hf
 from safetensors.numpy import load_file
-from test_training import tiny_config
+from tiny_assets import tiny_config
 
 from prm_jax import checkpoint
 from prm_jax.conversion.hf_checkpoint import hf_to_orbax, orbax_to_hf

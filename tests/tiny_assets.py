@@ -1,4 +1,7 @@
-"""Test-side access to the tiny tokenizer and the tiny model shape (kept as a module so test imports stay short)."""
+"""Test-side access to the tiny tokenizer, the tiny model shape and the tiny training config."""
+
+import importlib.util
+from pathlib import Path
 
 from prm_jax.models.config import ModelConfig
 from prm_jax.tiny_tokenizer import (  # noqa: F401
@@ -9,6 +12,8 @@ from prm_jax.tiny_tokenizer import (  # noqa: F401
     TINY_VOCAB_SIZE,
     build_tiny_tokenizer,
 )
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def tiny_model_config(**overrides) -> ModelConfig:
@@ -23,3 +28,18 @@ def tiny_model_config(**overrides) -> ModelConfig:
         head_dim=8,
     )
     return ModelConfig(**{**shape, **overrides})
+
+
+def tiny_config(**overrides):
+    """`configs/tiny.py` with dotted overrides (`{"train.num_steps": 4}`)."""
+    spec = importlib.util.spec_from_file_location("tiny", CONFIGS / "tiny.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    for dotted, value in overrides.items():
+        node = config
+        *parents, leaf = dotted.split(".")
+        for name in parents:
+            node = node[name]
+        node[leaf] = value
+    return config

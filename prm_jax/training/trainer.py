@@ -222,7 +222,8 @@ class Trainer:
         if not init_from:
             return params_of(create_model(self.model_config, seed=seed, mesh=self.mesh))
         # Load what the source has (backbone, and whichever of this run's heads it carries);
-        # a head it lacks starts from the seed, never a whole second model.
+        # a head its config does not declare starts from the seed (a declared one that is missing is
+        # an error), never a whole second model.
         base_rows = read_config(init_from).vocab_size
         params = load_weights(
             init_from, self.model_config.replace(vocab_size=base_rows), mesh=self.mesh, fresh_heads_seed=seed
