@@ -36,7 +36,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from orbax.checkpoint import type_handlers
 
-from prm_jax.files import replace_directory
+from prm_jax.files import staged_directory
 from prm_jax.models.config import ModelConfig
 from prm_jax.models.factory import ParamPath, abstract_params, params_of
 from prm_jax.models.transformer import Transformer
@@ -186,27 +186,24 @@ def save_params(
             raise ValueError(f"{'.'.join(path)}: shape {shape} != expected {tuple(expected[path])}")
     if directory.exists() and not overwrite:
         raise FileExistsError(f"{directory} exists; pass overwrite=True to replace it")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    # With overwrite, the new checkpoint is complete before the old one goes: a failed save
-    # leaves the old checkpoint untouched.
-    target = directory.with_name(directory.name + ".new") if directory.exists() else directory
-    if target != directory and target.exists():
-        shutil.rmtree(target)
-    try:
-        _checkpointer().save(
-            target,
-            args=ocp.args.Composite(
-                **{
-                    PARAMS_ITEM: ocp.args.PyTreeSave(params),
-                    CONFIG_ITEM: ocp.args.JsonSave(checkpoint_metadata(config, provenance, source_dtype=source_dtype)),
-                }
-            ),
-        )
-    except BaseException:
-        _remove_partial_saves(target)
-        raise
-    if target != directory:
-        replace_directory(target, directory)
+    # The checkpoint is written beside its place and swapped in complete: a failed save leaves
+    # nothing there, or the previous checkpoint untouched (with overwrite).
+    with staged_directory(directory) as staging:
+        try:
+            _checkpointer().save(
+                staging,
+                args=ocp.args.Composite(
+                    **{
+                        PARAMS_ITEM: ocp.args.PyTreeSave(params),
+                        CONFIG_ITEM: ocp.args.JsonSave(
+                            checkpoint_metadata(config, provenance, source_dtype=source_dtype)
+                        ),
+                    }
+                ),
+            )
+        except BaseException:
+            _remove_partial_saves(staging)
+            raise
     return directory
 
 

@@ -83,6 +83,24 @@ def replace_directory(staging: str | Path, target: str | Path) -> Path:
     return target
 
 
+@contextlib.contextmanager
+def staged_directory(target: str | Path) -> Iterator[Path]:
+    """A fresh path beside `target` to build a directory at, put in `target`'s place on success.
+
+    The path does not exist yet (writers such as Orbax insist on creating it); on a clean exit it
+    replaces `target` (`replace_directory`), on an exception it is removed and `target` is left
+    as it was.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:12]}")
+    try:
+        yield staging
+        replace_directory(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # nothing left after a swap
+
+
 def atomic_write(path: str | Path, data: str | bytes) -> Path:
     """Writes `data` (text as UTF-8) as the whole of `path`, atomically."""
     with atomic_file(path, "wb" if isinstance(data, bytes) else "w") as f:

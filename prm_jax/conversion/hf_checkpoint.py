@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +29,7 @@ from prm_jax.checkpoint import read_checkpoint_metadata, restore_params, save_pa
 from prm_jax.conversion.hf_mapping import TensorMapping, tensor_mappings
 from prm_jax.conversion.remote_code import ARCHITECTURE, AUTO_MAP, write_remote_code
 from prm_jax.conversion.safetensors_io import SafetensorsCheckpoint, TensorSpec, write_safetensors
-from prm_jax.files import replace_directory
+from prm_jax.files import staged_directory
 from prm_jax.models.config import ModelConfig
 from prm_jax.models.vocab import grow_vocab_axis, padded_vocab_size
 from prm_jax.output_paths import refuse_output_over_input
@@ -110,11 +108,9 @@ def parse_size(size: int | str) -> int:
     return value
 
 
-def _prepare_destination(hf_dir: Path, overwrite: bool) -> Path:
+def _refuse_to_overwrite(hf_dir: Path, overwrite: bool) -> None:
     if hf_dir.exists() and any(hf_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{hf_dir} exists and is not empty; pass overwrite to replace it")
-    hf_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{hf_dir.name}.tmp-", dir=hf_dir.parent))
 
 
 def _recorded_tokenizer_dir(orbax_dir: Path, recorded: dict[str, Any]) -> Path:
@@ -255,8 +251,10 @@ def orbax_to_hf(
             value = grow_vocab_axis(value, vocab_size, axis=0)
         return value.astype(out_dtype, copy=False)
 
-    staging = _prepare_destination(hf_dir, overwrite)
-    try:
+    _refuse_to_overwrite(hf_dir, overwrite)
+    note = None
+    with staged_directory(hf_dir) as staging:
+        staging.mkdir()
         write_safetensors(staging, specs, get_tensor, max_shard_bytes=max_shard_bytes)
         hf_config = {
             "architectures": [ARCHITECTURE],
@@ -264,7 +262,6 @@ def orbax_to_hf(
             **config.replace(vocab_size=vocab_size).to_hf_dict(torch_dtype=dtype),
             "transformers_version": _transformers_version(),
         }
-        note = None
         if step_separator is not None:
             hf_config["step_separator"] = step_separator.token
             hf_config["step_separator_id"] = step_separator.token_id
@@ -276,10 +273,6 @@ def orbax_to_hf(
         write_remote_code(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
-        replace_directory(staging, hf_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     _log.info("wrote %s (%d tensors, %s)", hf_dir, len(specs), dtype)
     if note is not None:
         _log.warning("%s: %s", hf_dir, note)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +19,7 @@ from prm_jax.data.pipeline import (
     load_sft_examples,
 )
 from prm_jax.data.tokenize import TokenizeConfig
-from prm_jax.files import replace_directory
+from prm_jax.files import staged_directory
 from prm_jax.tokenization import prepare_step_separator
 from prm_jax.training.config import check as check_config
 from prm_jax.training.config import seq_len_problem
@@ -41,10 +39,8 @@ def _save_tokenizer(tokenizer: Any, target: Path) -> None:
     """Save to a temporary directory, then swap it in: a killed run never leaves half a tokenizer."""
     if jax.process_index() != 0:
         return
-    staging = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    tokenizer.save_pretrained(str(staging))
-    replace_directory(staging, target)
+    with staged_directory(target) as staging:
+        tokenizer.save_pretrained(str(staging))
 
 
 def prepare_run_tokenizer(
