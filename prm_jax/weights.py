@@ -94,14 +94,22 @@ def source_dtype(path: str | Path) -> str | None:
     """
     if checkpoint_kind(path) == "orbax":
         return read_checkpoint_metadata(path).get("source_dtype")
-    config = read_config(path).replace(with_lm_head=True, with_prm_head=True)
     with SafetensorsCheckpoint(path) as reader:
-        found = {reader.spec(m.hf_name).dtype for m in tensor_mappings(config) if m.hf_name in reader}
+        return hf_source_dtype(reader)
+
+
+def hf_source_dtype(reader: SafetensorsCheckpoint) -> str | None:
+    """`source_dtype` of an HF checkpoint already open (its headers are read once)."""
+    config = ModelConfig.from_hf_file(reader.directory).replace(with_lm_head=True, with_prm_head=True)
+    found = {reader.spec(m.hf_name).dtype for m in tensor_mappings(config) if m.hf_name in reader}
     by_dtype = {dtype: name for name, dtype in EXPORT_DTYPES.items()}
     if len(found) == 1 and next(iter(found)) in by_dtype:
         return by_dtype[next(iter(found))]
     _log.warning(
-        "%s: tensors in dtypes %s; exports will default to %s", path, sorted(map(str, found)), DEFAULT_EXPORT_DTYPE
+        "%s: tensors in dtypes %s; exports will default to %s",
+        reader.directory,
+        sorted(map(str, found)),
+        DEFAULT_EXPORT_DTYPE,
     )
     return None
 
@@ -304,6 +312,7 @@ __all__ = [
     "DEFAULT_EXPORT_DTYPE",
     "EXPORT_DTYPES",
     "checkpoint_kind",
+    "hf_source_dtype",
     "hf_tensors",
     "load_model",
     "load_weights",

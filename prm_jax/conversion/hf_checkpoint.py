@@ -40,7 +40,7 @@ from prm_jax.tokenization import (
     prepare_step_separator,
     vllm_pooler_setting,
 )
-from prm_jax.weights import DEFAULT_EXPORT_DTYPE, EXPORT_DTYPES, ConversionError, hf_tensors, source_dtype
+from prm_jax.weights import DEFAULT_EXPORT_DTYPE, EXPORT_DTYPES, ConversionError, hf_source_dtype, hf_tensors
 
 _log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def hf_to_orbax(
     is_prm = config.with_prm_head and not config.with_lm_head
     with SafetensorsCheckpoint(hf_dir) as reader:
         params = hf_tensors(reader, config, fresh_heads_seed=None if is_prm else seed)
-        source = source_dtype(hf_dir)
+        source = hf_source_dtype(reader)
         provenance = {
             "source": str(hf_dir.absolute()),
             "source_format": "huggingface",
