@@ -250,12 +250,15 @@ def restore_params(
     rules: LogicalAxisRules | None = None,
     paths: Sequence[ParamPath] | None = None,
     as_numpy: bool = False,
+    stored: Mapping[tuple[str, ...], Any] | None = None,
 ) -> dict[str, Any]:
     """Restores the parameter tree as jax.Arrays sharded for `mesh` (one device when None).
 
     `paths` restores only those parameters (streaming export reads one tensor at a time);
     `as_numpy` returns host numpy arrays and never touches an accelerator. Values are cast to
-    `config.param_dtype`. Checks nothing beyond what Orbax does: `prm_jax.weights` validates.
+    `config.param_dtype`. `stored` is the checkpoint's `stored_tensors`, for callers that restore
+    tensor by tensor and read that metadata once. Checks nothing beyond what Orbax does:
+    `prm_jax.weights` validates.
     """
     directory = Path(directory).absolute()
     config = config or read_model_config(directory)
@@ -268,7 +271,7 @@ def restore_params(
         if unknown:
             raise KeyError(f"no such parameters: {unknown}")
         targets = {by_name[key]: targets[by_name[key]] for key in map(_string_path, paths)}
-    stored = stored_tensors(directory)
+    stored = stored_tensors(directory) if stored is None else stored
     names = {path: on_disk(path, stored) for path in targets}
     item = nnx.traversals.unflatten_mapping(
         {

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from prm_jax.checkpoint import read_checkpoint_metadata, restore_params, save_params
+from prm_jax.checkpoint import read_checkpoint_metadata, restore_params, save_params, stored_tensors
 from prm_jax.conversion.hf_mapping import TensorMapping, tensor_mappings
 from prm_jax.conversion.remote_code import ARCHITECTURE, AUTO_MAP, write_remote_code
 from prm_jax.conversion.safetensors_io import SafetensorsCheckpoint, TensorSpec, write_safetensors
@@ -243,9 +243,12 @@ def orbax_to_hf(
     specs = [TensorSpec(m.hf_name, hf_shape(m), out_dtype) for m in mappings]
     by_name = {m.hf_name: m for m in mappings}
 
+    stored = stored_tensors(orbax_dir)  # the metadata once, not once per tensor
+
     def get_tensor(name: str) -> np.ndarray:
         m = by_name[name]
-        value = nnx.traversals.flatten_mapping(restore_params(orbax_dir, config, paths=[m.path], as_numpy=True))[m.path]
+        restored = restore_params(orbax_dir, config, paths=[m.path], as_numpy=True, stored=stored)
+        value = nnx.traversals.flatten_mapping(restored)[m.path]
         value = m.to_hf(np.asarray(value))
         if name == embed_name and vocab_size > config.vocab_size:
             value = grow_vocab_axis(value, vocab_size, axis=0)
