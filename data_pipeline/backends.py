@@ -3,8 +3,8 @@
 `backend = "jax"` (default) runs `prm_jax.generation.jax_sampler.JaxSampler` in this process on
 CPU, TPU or GPU; the model comes from an Orbax model checkpoint (what `launch.convert` writes) or a
 Hugging Face directory, loaded by `prm_jax.weights` one tensor at a time onto the mesh.
-`backend = "vllm"` serves an HF directory with vLLM on GPUs (optional extra; imported only here,
-lazily). Both take prompts as rendered strings and return the same `RequestOutput`, so the stages
+`backend = "vllm"` serves an HF directory with vLLM (optional extra, on GPUs or vLLM's CPU build;
+imported only here, lazily). Both take prompts as rendered strings and return the same `RequestOutput`, so the stages
 cannot tell them apart.
 """
 
@@ -47,20 +47,15 @@ def build_backend(section: Any, *, seed: int = 0) -> GenerationBackend:
         raise FileNotFoundError(f"model_path {section.model_path} does not exist")
     tokenizer_path = section.tokenizer_path or section.model_path
     if kind == "vllm":
+        from prm_jax.generation.types import VLLMEngineConfig
         from prm_jax.generation.vllm_backend import VLLMBackend
 
-        backend = VLLMBackend(
+        return VLLMBackend(
             section.model_path,
             tokenizer=section.tokenizer_path or None,
-            tensor_parallel_size=section.vllm.tensor_parallel_size,
-            gpu_memory_utilization=section.vllm.gpu_memory_utilization,
-            max_model_len=section.vllm.max_model_len or None,
-            dtype=section.vllm.dtype,
+            engine=VLLMEngineConfig(**section.vllm),
             seed=seed,
-            trust_remote_code=bool(section.vllm.get("trust_remote_code", False)),
         )
-        backend.context_length = section.vllm.max_model_len or None
-        return backend
     from transformers import AutoTokenizer
 
     from prm_jax.generation.jax_sampler import JaxSampler, SamplerConfig

