@@ -26,6 +26,7 @@ FIRST_PARTY = set(PACKAGES) | {"bench"}
 # Third-party modules that only an optional extra brings, and where they are used.
 OPTIONAL = {
     "vllm": "the vllm extra (prm_jax.generation.vllm_backend imports it lazily)",
+    "openai": "the openai extra (prm_jax.generation.openai_backend imports it lazily)",
     "torch": "the HF remote code run by transformers, and the torch side of the benchmarks",
 }
 # First-party packages each package must not import: the library never reaches up to synthesis or

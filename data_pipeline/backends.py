@@ -4,8 +4,10 @@
 CPU, TPU or GPU; the model comes from an Orbax model checkpoint (what `launch.convert` writes) or a
 Hugging Face directory, loaded by `prm_jax.weights` one tensor at a time onto the mesh.
 `backend = "vllm"` serves an HF directory with vLLM (optional extra, on GPUs or vLLM's CPU build;
-imported only here, lazily). Both take prompts as rendered strings and return the same `RequestOutput`, so the stages
-cannot tell them apart.
+imported only here, lazily). `backend = "openai"` sends the requests to an OpenAI-compatible server
+(`section.openai.base_url`, e.g. vLLM's `python -m vllm.entrypoints.openai.api_server`) serving
+`model_path` as its model name, with prompts rendered by the local `tokenizer_path`. All take prompts
+as rendered strings and return the same `RequestOutput`, so the stages cannot tell them apart.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from data_pipeline.config import BACKENDS
-from prm_jax.generation.types import GenerationBackend
+from prm_jax.generation.types import GenerationBackend, Prompt, render_prompt
 
 _log = logging.getLogger(__name__)
 
@@ -45,6 +47,20 @@ def build_backend(section: Any, *, seed: int = 0) -> GenerationBackend:
         raise ValueError("model_path is empty: set --config.policy.model_path (and judge.model_path)")
     if not Path(section.model_path).exists() and kind == "jax":
         raise FileNotFoundError(f"model_path {section.model_path} does not exist")
+    if kind == "openai":
+        from prm_jax.generation.openai_backend import OpenAIBackend
+
+        server = section.openai
+        return OpenAIBackend(
+            server.base_url,
+            section.model_path,
+            tokenizer=section.tokenizer_path or None,
+            api=server.api,
+            api_key_env=server.api_key_env,
+            max_concurrency=server.max_concurrency,
+            max_retries=server.max_retries,
+            timeout_s=server.timeout_s,
+        )
     tokenizer_path = section.tokenizer_path or section.model_path
     if kind == "vllm":
         from prm_jax.generation.types import VLLMEngineConfig
@@ -90,7 +106,6 @@ def context_length(backend: GenerationBackend) -> int | None:
     return int(value) if value else None
 
 
-def prompt_lengths(backend: GenerationBackend, prompts: Sequence[str]) -> list[int]:
-    """Token counts of rendered prompts (as `render_prompt` encodes them)."""
-    tokenizer = backend.tokenizer
-    return [len(tokenizer.encode(p, add_special_tokens=False)) for p in prompts]
+def prompt_lengths(backend: GenerationBackend, prompts: Sequence[Prompt]) -> list[int]:
+    """Token counts of prompts as the backend's tokenizer renders them (`render_prompt`)."""
+    return [len(render_prompt(backend.tokenizer, p)) for p in prompts]

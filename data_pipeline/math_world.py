@@ -251,8 +251,10 @@ class CheckerJudge:
         if isinstance(prompt, str):
             return prompt
         items = list(prompt)
-        if items and isinstance(items[0], dict):
-            return "\n".join(m["content"] for m in items if m.get("role") == "user")
+        if items and isinstance(items[0], dict):  # the text every backend would render
+            from prm_jax.tokenization import render_chat
+
+            return render_chat(self.tokenizer, items)
         return self.tokenizer.decode([int(t) for t in items], skip_special_tokens=True)
 
     def verdict(self, text: str, sample_seed: int) -> int:

@@ -22,6 +22,7 @@ from data_pipeline.context import SynthesisError
 from data_pipeline.shards import ShardLockedError
 from launch import errors
 from launch.logs import configure_logging
+from prm_jax.generation.openai_backend import OpenAIServerError
 from prm_jax.jsonl import DataError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Synthesis config file (configs/synth_*.py).")
@@ -37,7 +38,7 @@ _SHARD_INDEX = flags.DEFINE_integer("shard_index", 0, "This process's shard, 0..
 flags.mark_flags_as_required(["config", "workdir"])
 
 #: Library errors reported as one line (ConfigError is a ValueError; see launch.errors).
-USER_ERRORS = (SynthesisError, ShardLockedError, DataError)
+USER_ERRORS = (SynthesisError, ShardLockedError, DataError, OpenAIServerError)
 
 
 def main(argv: list[str]) -> None:

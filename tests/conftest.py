@@ -44,7 +44,7 @@ def qwen_prm_checkpoint(qwen_tokenizer_dirs, tmp_path_factory) -> dict[str, Path
 
 @pytest.fixture(scope="session")
 def qwen_lm_dir(qwen_tokenizer_dirs, tmp_path_factory) -> Path:
-    """A tiny Qwen2.5-shaped causal LM (`hf_models.TINY_QWEN2_5`: head_dim 64, the 151,936-row
+    """A tiny Qwen2.5-shaped causal LM (`hf_models.TINY_QWEN2_5`, untied: head_dim 64, the 151,936-row
     embedding) in fp32 safetensors, with the real base tokenizer in the same directory: one HF
     directory that vLLM, the JAX sampler and transformers all load. Built once per session."""
     import shutil
@@ -52,7 +52,9 @@ def qwen_lm_dir(qwen_tokenizer_dirs, tmp_path_factory) -> Path:
     from hf_models import TINY_QWEN2_5, random_causal_lm, save_hf
 
     out = tmp_path_factory.mktemp("qwen2_5_lm") / "lm"
-    save_hf(random_causal_lm(seed=11, **TINY_QWEN2_5), out)
+    # Untied and initialised wide: at the default init a random model repeats one token greedily,
+    # which would make the stop and greedy-parity tests trivial.
+    save_hf(random_causal_lm(seed=11, **{**TINY_QWEN2_5, "tie_word_embeddings": False, "initializer_range": 0.2}), out)
     for file in qwen_tokenizer_dirs["base"].iterdir():
         shutil.copy(file, out / file.name)
     return out

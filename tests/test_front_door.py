@@ -336,7 +336,7 @@ def test_vllm_scoring_and_synthesis_do_not_trust_remote_code_by_default(tmp_path
 
     class Engine:
         def __init__(self, model, **kwargs):
-            seen.append(kwargs.get("trust_remote_code"))
+            seen.append(kwargs["engine"].trust_remote_code)
 
     monkeypatch.setattr(vllm_backend, "VLLMStepScorer", Engine)
     monkeypatch.setattr(vllm_backend, "VLLMBackend", Engine)

@@ -1,4 +1,4 @@
-"""vLLM backends: mapping logic against a fake `vllm` module (everywhere), contract on a real GPU."""
+"""vLLM backends: the mapping logic against a fake `vllm` module (the real engines: test_vllm_engine.py)."""
 
 from __future__ import annotations
 
@@ -282,82 +282,3 @@ def test_scorer_rejects_wrong_step_count(fake_vllm, tokenizer_dir, tmp_path):
     # A separator id inside the text would be pooled too: refused before anything is sent.
     with pytest.raises(ValueError, match="holds 3 of them for 2"):
         scorer.score([PRMInput(input_ids=[9, 1, 9, 2, 9], separator_positions=[2, 4])])
-
-
-# --------------------------------------------------------------------------------------------
-# Contract with the real vLLM (GPU only).
-
-_TINY_GPU_MODEL = dict(
-    hidden_size=128, intermediate_size=256, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512
-)  # head_dim 64: supported by vLLM's attention kernels
-
-
-def _require_vllm_gpu():
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    pytest.importorskip("vllm")
-
-
-@pytest.mark.gpu
-def test_vllm_generation_contract(tmp_path):
-    _require_vllm_gpu()
-    from hf_models import random_causal_lm, save_hf
-    from transformers import AutoTokenizer
-
-    model_dir = build_tiny_tokenizer(tmp_path / "lm")
-    vocab = len(AutoTokenizer.from_pretrained(model_dir))
-    save_hf(random_causal_lm(vocab_size=vocab, seed=3, **_TINY_GPU_MODEL), model_dir)
-    backend = VLLMBackend(
-        str(model_dir), dtype="bfloat16", gpu_memory_utilization=0.2, max_model_len=512, enforce_eager=True
-    )
-    prompts = [[{"role": "user", "content": "What is 7 - 2?"}], [{"role": "user", "content": "Say hi."}]]
-
-    greedy = backend.generate(prompts, SamplingParams(n=3, temperature=0.0, max_tokens=8))
-    assert len(greedy) == 2
-    for out in greedy:
-        assert len(out.completions) == 3 and len(set(out.completions)) == 1
-        for c in out.completions:
-            assert isinstance(c.text, str) and c.finish_reason in ("stop", "length")
-            assert 1 <= len(c.token_ids) <= 8 and all(isinstance(t, int) for t in c.token_ids)
-
-    sampled = SamplingParams(n=4, temperature=1.0, max_tokens=8, seed=5)
-    first, again = backend.generate(prompts, sampled), backend.generate(prompts, sampled)
-    assert [len(o.completions) for o in first] == [4, 4]
-    assert [[c.token_ids for c in o.completions] for o in first] == [
-        [c.token_ids for c in o.completions] for o in again
-    ]
-
-
-@pytest.mark.gpu
-def test_vllm_step_scorer_matches_transformers(tmp_path):
-    _require_vllm_gpu()
-    import torch
-    from hf_models import random_causal_lm, save_hf
-    from transformers import AutoModel, AutoTokenizer
-
-    from prm_jax.conversion.hf_checkpoint import hf_to_orbax, orbax_to_hf
-
-    tok_dir = build_tiny_tokenizer(tmp_path / "tok")
-    vocab = len(AutoTokenizer.from_pretrained(tok_dir))
-    hf_lm = save_hf(random_causal_lm(vocab_size=vocab, seed=7, **_TINY_GPU_MODEL), tmp_path / "hf_lm")
-    hf_to_orbax(hf_lm, tmp_path / "orbax", seed=5)
-    prm_dir = orbax_to_hf(tmp_path / "orbax", tmp_path / "hf_prm", dtype="bfloat16", tokenizer_dir=tok_dir)
-
-    tok = AutoTokenizer.from_pretrained(prm_dir)
-    problems = [
-        ("Compute (12 + 30) * 2.", ["12 + 30 = 42", "42 * 2 = 84", "So the answer is \\boxed{84}."]),
-        ("What is 7 - 2?", ["7 - 2 = 5", "\\boxed{5}"]),
-    ]
-    inputs = [build_prm_input(tok, p, s) for p, s in problems]
-
-    scorer = VLLMStepScorer(str(prm_dir), dtype="bfloat16", gpu_memory_utilization=0.2, enforce_eager=True)
-    scores = scorer.score(inputs)
-
-    reference = AutoModel.from_pretrained(prm_dir, trust_remote_code=True, dtype=torch.float32).eval()
-    for x, got in zip(inputs, scores):
-        assert len(got) == len(x.separator_positions)
-        with torch.no_grad():
-            logits = reference(input_ids=torch.tensor([x.input_ids])).logits[0]
-        expected = torch.softmax(logits, dim=-1)[:, 1].numpy()[x.separator_positions]
-        np.testing.assert_allclose(got, expected, atol=1e-2, rtol=0)

@@ -17,9 +17,11 @@ Only process 0 writes outputs in a multi-process run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -273,6 +275,17 @@ def _critic_backend(config: EvaluationConfig) -> Any:
     return JaxSampler(model, tokenizer, mesh=mesh, config=SamplerConfig(max_batch_rows=config.max_rows))
 
 
+@contextlib.contextmanager
+def _released(engine: Any) -> Iterator[Any]:
+    """`engine`, stopped afterwards when it holds processes of its own (the vLLM backends' `close`)."""
+    try:
+        yield engine
+    finally:
+        close = getattr(engine, "close", None)
+        if close is not None:
+            close()
+
+
 def run_evaluation(config: EvaluationConfig) -> EvaluationOutput:
     """Run one evaluation and write its outputs (process 0 only); returns what was written."""
     check_inputs(config)
@@ -286,7 +299,6 @@ def run_evaluation(config: EvaluationConfig) -> EvaluationOutput:
         if config.predictions:
             output = processbench_with_predictions(records, config.predictions, missing=config.missing)
         elif config.critic_model:
-            backend = _critic_backend(config)
             params = SamplingParams(
                 n=config.critic_samples,
                 temperature=config.critic_temperature,
@@ -294,39 +306,42 @@ def run_evaluation(config: EvaluationConfig) -> EvaluationOutput:
                 max_tokens=config.critic_max_tokens,
                 seed=config.seed,
             )
-            output = processbench_with_critic(
-                records, backend, params, batch_size=config.critic_batch, official_parse=config.official_parse
-            )
+            with _released(_critic_backend(config)) as backend:
+                output = processbench_with_critic(
+                    records, backend, params, batch_size=config.critic_batch, official_parse=config.official_parse
+                )
         else:
             scorer, tokenizer, max_length = _prm_scorer(config)
-            output = processbench_with_prm(
-                records,
+            with _released(scorer):
+                output = processbench_with_prm(
+                    records,
+                    scorer,
+                    tokenizer,
+                    threshold=config.threshold,
+                    tune_on=config.tune_threshold_on,
+                    max_length=max_length,
+                    over_length=config.over_length,
+                    window=config.window,
+                )
+    else:
+        scorer, tokenizer, max_length = _prm_scorer(config)
+        with _released(scorer):
+            output = bon_with_prm(
+                read_bon(config.data, max_record_bytes=config.max_record_bytes),
                 scorer,
                 tokenizer,
-                threshold=config.threshold,
-                tune_on=config.tune_threshold_on,
+                aggregations=config.aggregations,
+                ks=config.bon_k,
                 max_length=max_length,
                 over_length=config.over_length,
                 window=config.window,
             )
-    else:
-        scorer, tokenizer, max_length = _prm_scorer(config)
-        output = bon_with_prm(
-            read_bon(config.data, max_record_bytes=config.max_record_bytes),
-            scorer,
-            tokenizer,
-            aggregations=config.aggregations,
-            ks=config.bon_k,
-            max_length=max_length,
-            over_length=config.over_length,
-            window=config.window,
-        )
     output.results["run"] = {
         "data": str(config.data),
         "model": config.model or config.critic_model,
         "predictions": config.predictions,
         "backend": None if config.predictions else config.backend,
-        "dtype": config.dtype if config.backend == "jax" and not config.predictions else None,
+        "dtype": None if config.predictions else config.dtype,
         "devices": jax.device_count(),
     }
     if jax.process_index() == 0:

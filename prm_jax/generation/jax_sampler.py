@@ -312,6 +312,8 @@ class JaxSampler:
             return Completion(text[: text.find(stop_string)], tuple(ids), "stop", stop_string)
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_ids))
         if ids and ids[-1] in stop_ids:
+            # The token that ended it stays in the ids but not in the text (as vLLM does, and as a
+            # stop string is cut from the text).
             reason = ids[-1] if ids[-1] in params.stop_token_ids else None
-            return Completion(self._decode(ids), tuple(ids), "stop", reason)
+            return Completion(self._decode(ids[:-1]), tuple(ids), "stop", reason)
         return Completion(self._decode(ids), tuple(ids), "length")

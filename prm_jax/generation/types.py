@@ -117,7 +117,7 @@ class SamplingParams:
 
 @dataclasses.dataclass(frozen=True)
 class Completion:
-    text: str  # decoded without special tokens, cut before a matched stop string
+    text: str  # decoded without special tokens or the stop token that ended it, cut before a stop string
     token_ids: tuple[int, ...]  # generated ids, including the EOS/stop token that ended it
     finish_reason: FinishReason
     stop_reason: str | int | None = None  # the stop string or token id that matched, if any

@@ -87,6 +87,13 @@ def _engine(vllm_module: Any, model: str, tokenizer: str | None, engine: VLLMEng
     return vllm_module.LLM(model=model, tokenizer=tokenizer, **options)
 
 
+def _shutdown(llm: Any) -> None:
+    """Stop an engine's processes now rather than at interpreter exit (where vLLM logs to closed streams)."""
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if core is not None:
+        core.shutdown()
+
+
 def _is_greedy(params: SamplingParams) -> bool:
     return params.temperature == 0
 
@@ -228,6 +235,10 @@ class VLLMBackend:
             raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(prompts)} prompts")
         return [to_request_output(o, p, ids) for o, p, ids in zip(outputs, all_params, token_ids)]
 
+    def close(self) -> None:
+        """Stop the engine (its processes and memory); the backend is unusable afterwards."""
+        _shutdown(self.llm)
+
 
 def _separator_id_from_checkpoint(model: str, tokenizer: str | None, trust_remote_code: bool) -> int:
     """The step separator id: `config.json["step_separator_id"]` (our exports), else the tokenizer's
@@ -307,6 +318,10 @@ class VLLMStepScorer:
             if supported is not None and "token_classify" not in supported and "encode" in supported
             else "token_classify"
         )
+
+    def close(self) -> None:
+        """Stop the engine (its processes and memory); the scorer is unusable afterwards."""
+        _shutdown(self.llm)
 
     def _check_input(self, index: int, x: PRMInput) -> None:
         ids = x.input_ids
