@@ -42,7 +42,6 @@ without `--api-key` accepts.
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import importlib
 import os
 from collections.abc import Mapping, Sequence
@@ -50,13 +49,15 @@ from pathlib import Path
 from typing import Any
 
 from prm_jax.generation.types import (
-    Completion,
     Prompt,
     RequestOutput,
     SamplingParams,
+    fit_max_tokens,
     fit_prompt,
     per_prompt_params,
     render_prompt,
+    requested_n,
+    served_output,
 )
 
 __all__ = ["APIS", "OpenAIBackend", "OpenAIServerError"]
@@ -66,7 +67,6 @@ APIS = ("completions", "chat")
 
 _INSTALL_HINT = "the openai client is not installed; install the optional extra: pip install 'prm-jax[openai]'"
 
-_FINISH_REASONS = {"stop": "stop", "length": "length"}
 #: Seconds to open a connection (an unreachable host fails fast; `timeout_s` bounds the rest).
 _CONNECT_TIMEOUT_S = 10.0
 #: Statuses the client retries (its `_should_retry`): request timeout, lock timeout, rate limit, 5xx.
@@ -82,10 +82,6 @@ def _import_openai():
         return importlib.import_module("openai")
     except ImportError as error:
         raise ImportError(_INSTALL_HINT) from error
-
-
-def _is_greedy(params: SamplingParams) -> bool:
-    return params.temperature == 0
 
 
 def _is_messages(prompt: Prompt) -> bool:
@@ -221,7 +217,7 @@ class OpenAIBackend:
         """The request's OpenAI fields and vLLM's `extra_body` fields for `params`."""
         fields: dict[str, Any] = dict(
             model=self.model,
-            n=1 if _is_greedy(params) else params.n,
+            n=requested_n(params),
             temperature=float(params.temperature),
             top_p=float(params.top_p),
             max_tokens=int(params.max_tokens),
@@ -271,38 +267,17 @@ class OpenAIBackend:
     def _output(
         self, index: int, response: Any, choices: list[tuple[Any, str]], params: SamplingParams, prompt_ids: Any
     ) -> RequestOutput:
-        choices = sorted(choices, key=lambda pair: pair[0].index)
-        expected = 1 if _is_greedy(params) else params.n
-        if len(choices) != expected:
-            raise OpenAIServerError(
-                f"{self.base_url} returned {len(choices)} choices for prompt {index}, a request with n={expected}"
-            )
-        completions = []
+        served = []
         for choice, text in choices:
-            reason = None if choice.finish_reason is None else str(choice.finish_reason)
-            stop_reason = getattr(choice, "stop_reason", None)
-            if reason not in _FINISH_REASONS:
-                raise OpenAIServerError(
-                    f"{self.base_url}: request {getattr(response, 'id', '?')} for prompt {index} finished with "
-                    f"finish_reason={reason!r} (expected 'stop' or 'length'); stop_reason={stop_reason!r}"
-                )
             token_ids = getattr(choice, "token_ids", None)
             if token_ids is None:
                 raise OpenAIServerError(
                     f"{self.base_url} returned no token_ids for prompt {index}: the backend needs a server that "
                     "honours vLLM's return_token_ids (Completion.token_ids are the generated ids)"
                 )
-            completions.append(
-                Completion(
-                    text=text,
-                    token_ids=tuple(int(t) for t in token_ids),
-                    finish_reason=_FINISH_REASONS[reason],
-                    stop_reason=stop_reason if isinstance(stop_reason, (str, type(None))) else int(stop_reason),
-                )
-            )
-        if _is_greedy(params):
-            completions = completions * params.n
-        return RequestOutput(prompt_token_ids=tuple(int(t) for t in prompt_ids), completions=tuple(completions))
+            served.append((choice.index, text, token_ids, choice.finish_reason, getattr(choice, "stop_reason", None)))
+        source = f"{self.base_url}: request {getattr(response, 'id', '?')} for prompt {index}"
+        return served_output(prompt_ids, served, params, source=source, error=OpenAIServerError)
 
     # ------------------------------------------------------------------ public
 
@@ -329,8 +304,7 @@ class OpenAIBackend:
                 ids = fit_prompt(ids, i, len(ids) + 1)  # no known context: only the empty-prompt check
             else:
                 ids = fit_prompt(ids, i, self.context_length, self.overflow)
-                if len(ids) + params.max_tokens > self.context_length:
-                    params = dataclasses.replace(params, max_tokens=self.context_length - len(ids))
+                params = fit_max_tokens(params, len(ids), self.context_length)
             prepared.append((ids, params))
         return prepared
 

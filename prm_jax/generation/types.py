@@ -177,6 +177,55 @@ def fit_prompt(ids: list[int], index: int, context_length: int, overflow: str = 
     return ids
 
 
+def requested_n(params: SamplingParams) -> int:
+    """Samples to ask a server for: greedy completions are all the same (and vLLM refuses n > 1
+    when greedy), so one, repeated `n` times by `served_output`."""
+    return 1 if params.temperature == 0 else params.n
+
+
+def fit_max_tokens(params: SamplingParams, prompt_length: int, context_length: int) -> SamplingParams:
+    """`params` with `max_tokens` capped at what the context leaves after the prompt (as the JAX
+    sampler stops: generation never runs past the context)."""
+    room = context_length - prompt_length
+    return params if params.max_tokens <= room else dataclasses.replace(params, max_tokens=room)
+
+
+#: A server's completion: (index, text, token ids, finish reason, stop reason).
+ServedChoice = tuple[int, str, Sequence[int], str | None, str | int | None]
+
+
+def served_output(
+    prompt_token_ids: Sequence[int],
+    choices: Sequence[ServedChoice],
+    params: SamplingParams,
+    *,
+    source: str,
+    error: type[Exception] = RuntimeError,
+) -> RequestOutput:
+    """One request's answer from a server (vLLM in process, or over HTTP) as a `RequestOutput`.
+
+    Choices are ordered by index and must number `requested_n(params)`; finish reasons other than
+    "stop" and "length" (vLLM's "abort", "error", "repetition", ...) raise `error` naming `source`;
+    a greedy answer is repeated `params.n` times.
+    """
+    expected = requested_n(params)
+    if len(choices) != expected:
+        raise error(f"{source} returned {len(choices)} completions for a request with n={expected}")
+    completions = []
+    for _, text, token_ids, finish_reason, stop_reason in sorted(choices, key=lambda c: c[0]):
+        reason = None if finish_reason is None else str(finish_reason)
+        if reason not in ("stop", "length"):
+            raise error(
+                f"{source} finished with finish_reason={reason!r} (expected 'stop' or 'length'); "
+                f"stop_reason={stop_reason!r}"
+            )
+        stop = stop_reason if isinstance(stop_reason, (str, type(None))) else int(stop_reason)
+        completions.append(Completion(text, tuple(int(t) for t in token_ids), reason, stop))  # type: ignore[arg-type]
+    if expected != params.n:
+        completions = completions * params.n
+    return RequestOutput(prompt_token_ids=tuple(int(t) for t in prompt_token_ids), completions=tuple(completions))
+
+
 def per_prompt_params(params: SamplingParams | Sequence[SamplingParams], count: int) -> list[SamplingParams]:
     if isinstance(params, SamplingParams):
         return [params] * count

@@ -29,7 +29,6 @@ seeded request is reproducible up to batch-dependent floating-point differences.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import json
 from collections.abc import Sequence
@@ -39,14 +38,16 @@ from typing import Any
 import numpy as np
 
 from prm_jax.generation.types import (
-    Completion,
     Prompt,
     RequestOutput,
     SamplingParams,
     VLLMEngineConfig,
+    fit_max_tokens,
     fit_prompt,
     per_prompt_params,
     render_prompt,
+    requested_n,
+    served_output,
 )
 from prm_jax.tokenization import STEP_SEPARATOR, PRMInput, separator_token_id
 
@@ -60,10 +61,6 @@ _INSTALL_HINT = (
 #: The separator id vLLM's Qwen2ForProcessRewardModel pools on when no step_tag_id is given
 #: (`<extra_0>` of the released Qwen2.5-Math-PRM tokenizer).
 VLLM_DEFAULT_STEP_TAG_ID = 151651
-
-#: vLLM's finish reasons we accept. "stop" covers EOS, stop strings and stop token ids;
-#: "abort", "error" and "repetition" (and anything newer) mean the request did not finish normally.
-_FINISH_REASONS = {"stop": "stop", "length": "length"}
 
 
 def _import_vllm():
@@ -94,10 +91,6 @@ def _shutdown(llm: Any) -> None:
         core.shutdown()
 
 
-def _is_greedy(params: SamplingParams) -> bool:
-    return params.temperature == 0
-
-
 def to_vllm_sampling_params(params: SamplingParams, vllm_module: Any):
     """Our `SamplingParams` as a `vllm.SamplingParams` (built from `vllm_module`).
 
@@ -112,7 +105,7 @@ def to_vllm_sampling_params(params: SamplingParams, vllm_module: Any):
       `Completion` specifies. vLLM itself rejects `temperature > 2`.
     """
     return vllm_module.SamplingParams(
-        n=1 if _is_greedy(params) else params.n,
+        n=requested_n(params),
         temperature=float(params.temperature),
         top_p=float(params.top_p),
         top_k=int(params.top_k),
@@ -128,31 +121,13 @@ def to_vllm_sampling_params(params: SamplingParams, vllm_module: Any):
 
 def to_request_output(vllm_output: Any, params: SamplingParams, prompt_token_ids: Sequence[int]) -> RequestOutput:
     """One vLLM `RequestOutput` as ours; raises if a completion did not finish normally."""
-    outputs = sorted(vllm_output.outputs, key=lambda o: getattr(o, "index", 0))
-    expected = 1 if _is_greedy(params) else params.n
-    if len(outputs) != expected:
-        raise RuntimeError(f"vLLM returned {len(outputs)} completions for a request with n={expected}")
-    completions = []
-    for out in outputs:
-        reason = None if out.finish_reason is None else str(out.finish_reason)
-        if reason not in _FINISH_REASONS:
-            raise RuntimeError(
-                f"vLLM request {getattr(vllm_output, 'request_id', '?')} finished with "
-                f"finish_reason={reason!r} (expected 'stop' or 'length'); "
-                f"stop_reason={getattr(out, 'stop_reason', None)!r}"
-            )
-        stop_reason = out.stop_reason
-        completions.append(
-            Completion(
-                text=out.text,
-                token_ids=tuple(int(t) for t in out.token_ids),
-                finish_reason=_FINISH_REASONS[reason],
-                stop_reason=stop_reason if isinstance(stop_reason, (str, type(None))) else int(stop_reason),
-            )
-        )
-    if _is_greedy(params):
-        completions = completions * params.n
-    return RequestOutput(prompt_token_ids=tuple(int(t) for t in prompt_token_ids), completions=tuple(completions))
+    choices = [
+        (getattr(o, "index", 0), o.text, o.token_ids, o.finish_reason, getattr(o, "stop_reason", None))
+        for o in vllm_output.outputs
+    ]
+    return served_output(
+        prompt_token_ids, choices, params, source=f"vLLM request {getattr(vllm_output, 'request_id', '?')}"
+    )
 
 
 def _load_tokenizer(name_or_path: str, trust_remote_code: bool):
@@ -222,12 +197,7 @@ class VLLMBackend:
             fit_prompt(render_prompt(self.tokenizer, p), i, self.context_length, self.overflow)
             for i, p in enumerate(prompts)
         ]
-        all_params = [
-            p
-            if len(ids) + p.max_tokens <= self.context_length
-            else dataclasses.replace(p, max_tokens=self.context_length - len(ids))
-            for p, ids in zip(all_params, token_ids)
-        ]
+        all_params = [fit_max_tokens(p, len(ids), self.context_length) for p, ids in zip(all_params, token_ids)]
         requests = [self._vllm.TokensPrompt(prompt_token_ids=ids) for ids in token_ids]
         vllm_params = [to_vllm_sampling_params(p, self._vllm) for p in all_params]
         outputs = self.llm.generate(requests, vllm_params, use_tqdm=False)
