@@ -58,3 +58,16 @@ def qwen_lm_dir(qwen_tokenizer_dirs, tmp_path_factory) -> Path:
     for file in qwen_tokenizer_dirs["base"].iterdir():
         shutil.copy(file, out / file.name)
     return out
+
+
+@pytest.fixture(scope="session")
+def qwen_lm_sampler(qwen_lm_dir):
+    """The JAX sampler on `qwen_lm_dir`'s fp32 weights: the reference the vLLM backends are held to."""
+    from transformers import AutoTokenizer
+
+    from prm_jax.generation.jax_sampler import JaxSampler
+    from prm_jax.generation.types import SamplerConfig
+    from prm_jax.weights import load_model
+
+    model = load_model(qwen_lm_dir, head="lm", dtype="float32", param_dtype="float32")
+    return JaxSampler(model, AutoTokenizer.from_pretrained(qwen_lm_dir), config=SamplerConfig(max_batch_rows=16))

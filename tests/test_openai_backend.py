@@ -585,15 +585,8 @@ def served(vllm_server, qwen_lm_dir) -> OpenAIBackend:
 
 
 @pytest.fixture(scope="module")
-def sampler(qwen_lm_dir):
-    from transformers import AutoTokenizer
-
-    from prm_jax.generation.jax_sampler import JaxSampler
-    from prm_jax.generation.types import SamplerConfig
-    from prm_jax.weights import load_model
-
-    model = load_model(qwen_lm_dir, head="lm", dtype="float32", param_dtype="float32")
-    return JaxSampler(model, AutoTokenizer.from_pretrained(qwen_lm_dir), config=SamplerConfig(max_batch_rows=16))
+def sampler(qwen_lm_sampler):
+    return qwen_lm_sampler
 
 
 @pytest.mark.vllm

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from vllm_assets import TEST_ENGINE, require_vllm
 
-from prm_jax.generation.types import SamplerConfig, SamplingParams
+from prm_jax.generation.types import SamplingParams
 
 pytestmark = pytest.mark.vllm
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,14 +39,8 @@ def engine(qwen_lm_dir):
 
 
 @pytest.fixture(scope="module")
-def sampler(qwen_lm_dir):
-    from transformers import AutoTokenizer
-
-    from prm_jax.generation.jax_sampler import JaxSampler
-    from prm_jax.weights import load_model
-
-    model = load_model(qwen_lm_dir, head="lm", dtype="float32", param_dtype="float32")
-    return JaxSampler(model, AutoTokenizer.from_pretrained(qwen_lm_dir), config=SamplerConfig(max_batch_rows=16))
+def sampler(qwen_lm_sampler):
+    return qwen_lm_sampler
 
 
 def ids(output) -> list[tuple[int, ...]]:
