@@ -51,6 +51,9 @@ _ADD_SEPARATOR = flags.DEFINE_bool(
     "add_separator", True, "orbax_to_hf: add the separator as a special token if it splits (else refuse)."
 )
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing destination.")
+_HEAD = flags.DEFINE_enum(
+    "head", "prm", ["prm", "lm"], "orbax_to_hf: export the PRM (Qwen2.5-Math-PRM layout) or the causal LM (a policy)."
+)
 
 flags.mark_flags_as_required(["direction", "hf_dir", "orbax_dir"])
 
@@ -110,8 +113,9 @@ def main(argv: list[str]) -> None:
             add_separator=_ADD_SEPARATOR.value,
             max_shard_size=_MAX_SHARD_SIZE.value,
             overwrite=_OVERWRITE.value,
+            head=_HEAD.value,
         )
-        print(f"wrote Hugging Face PRM {_HF_DIR.value}")
+        print(f"wrote Hugging Face {'PRM' if _HEAD.value == 'prm' else 'causal LM'} {_HF_DIR.value}")
 
 
 if __name__ == "__main__":

@@ -2,12 +2,14 @@ r"""The embedded demo: the whole PRM pipeline on a CPU in minutes, in a procedur
 
   python -m launch.demo --workdir=/tmp/demo          # or the console script: prm-jax-demo --workdir=...
   python -m launch.demo --workdir=/tmp/demo --config.sft.steps=400 --config.judge.error_rate=0.2
+  python -m launch.demo --workdir=/tmp/demo --config.backend=vllm   # generation and scoring on vLLM
 
-Policy SFT -> synthesis (sample, grade, MC rollouts, judge, consensus) with the JAX sampler -> PRM
-training from the policy's backbone -> Orbax -> Hugging Face conversion -> evaluation on held-out
-problems (ProcessBench-format records labelled by the exact checker; Best-of-N against majority
-vote). The LLM judge's role is played by the world's exact step checker, with an optional error
-rate. Output: a results table on the terminal, W/results.json, W/results.png, W/bon.png and every
+Policy SFT -> synthesis (sample, grade, MC rollouts, judge, consensus) with the JAX sampler (or,
+with `--config.backend=vllm`, a vLLM engine serving the policy exported to Hugging Face format) ->
+PRM training from the policy's backbone -> Orbax -> Hugging Face conversion -> evaluation on
+held-out problems (ProcessBench-format records labelled by the exact checker; Best-of-N against
+majority vote; scored by vLLM under `backend=vllm`). The LLM judge's role is played by the
+world's exact step checker, with an optional error rate. Output: a results table on the terminal, W/results.json, W/results.png, W/bon.png and every
 intermediate artifact under W. Rerunning the same command resumes.
 """
 

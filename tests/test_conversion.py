@@ -49,6 +49,33 @@ def test_causal_lm_import_keeps_backbone_and_lm_head(converted) -> None:
     np.testing.assert_array_equal(np.asarray(model.model.layers[1].self_attn.q_proj.kernel[...]), q.T.reshape(32, 4, 8))
 
 
+def test_causal_lm_export_round_trips_to_transformers_exactly(converted, tmp_path) -> None:
+    """head="lm": the policy's export is a plain Qwen2ForCausalLM (no score head, no remote code)
+    whose tensors and logits are the source LM's."""
+    from transformers import AutoModelForCausalLM
+
+    out = orbax_to_hf(
+        converted["orbax"], tmp_path / "lm", head="lm", dtype="float32", tokenizer_dir=converted["tokenizer"]
+    )
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["Qwen2ForCausalLM"] and "auto_map" not in config
+    assert config["eos_token_id"] is not None and not list(out.glob("*.py"))
+    written, source = load_file(out / "model.safetensors"), load_file(converted["hf_lm"] / "model.safetensors")
+    assert sorted(written) == sorted(source)  # backbone + lm_head, no score.*
+    for name, value in source.items():
+        np.testing.assert_array_equal(written[name], value, err_msg=name)
+    ids = torch.tensor([[1, 5, 9, 33, 120]])
+    with torch.no_grad():
+        got = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()(ids).logits
+        expected = AutoModelForCausalLM.from_pretrained(converted["hf_lm"], dtype=torch.float32).eval()(ids).logits
+    np.testing.assert_array_equal(got.numpy(), expected.numpy())
+    prm_only = orbax_to_hf(converted["orbax"], tmp_path / "prm", dtype="float32", tokenizer_dir=converted["tokenizer"])
+    hf_to_orbax(prm_only, tmp_path / "prm_orbax")  # an imported PRM has no LM head
+    with pytest.raises(ConversionError, match="no LM head; nothing to export with head='lm'"):
+        orbax_to_hf(tmp_path / "prm_orbax", tmp_path / "lm2", head="lm")
+    assert not (tmp_path / "lm2").exists()
+
+
 def test_exported_layout_is_qwen_prm(converted) -> None:
     out = converted["hf_prm"]
     config = json.loads((out / "config.json").read_text())

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from data_pipeline import math_world
-from data_pipeline.schemas import GradeRecord, MCCost, MCRecord, StepLabel
-from data_pipeline.shards import Layout, Shard
+from data_pipeline.schemas import GradeRecord, MCCost, MCRecord, SampleRecord, StepLabel
+from data_pipeline.shards import Layout, Shard, read_records_if_exists
 from launch import demo_pipeline as demo
 from prm_jax.files import atomic_write_json
 
@@ -123,6 +123,9 @@ def test_mistake_kinds_setting() -> None:
         ({"sft.lr": -1.0}, "sft.lr"),
         ({"world.min_ops": 4, "world.max_ops": 2}, "world"),
         ({"sft.seq_len": 4096}, "sft.seq_len"),
+        ({"backend": "vlm"}, "backend"),
+        ({"vllm.kv_cache_gib": -0.5}, "vllm.kv_cache_gib"),
+        ({"vllm.gpu_memory_utilization": 0.0}, "vllm.gpu_memory_utilization"),
     ],
 )
 def test_a_bad_demo_config_is_refused_before_anything_is_written(overrides, field, tmp_path) -> None:
@@ -249,3 +252,127 @@ def test_demo_same_seed_same_results(tmp_path) -> None:
     a = (tmp_path / "a" / "results.json").read_text()
     assert a == (tmp_path / "b" / "results.json").read_text()
     assert {"prm", "maj", "pass"} <= json.loads(a)["bon"].keys()
+
+
+# The sizes .ci/run's smoke run uses: enough for every stage to produce records, not to learn.
+CI_SIZES = {
+    "sft.steps": 40,
+    "sft.num_problems": 256,
+    "synth.num_problems": 16,
+    "prm.steps": 20,
+    "eval.num_problems": 16,
+}
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_demo_on_vllm_generates_and_scores_through_vllm(tmp_path, monkeypatch) -> None:
+    """`backend="vllm"`: the policy engine samples for synthesis and the held-out responses, the
+    exported PRM is scored by vLLM's pooling runner; the JAX sampler and scorer are never called.
+    Three engines: the policy's, then one scorer per evaluation (ProcessBench, Best-of-N)."""
+    import time
+
+    from vllm_assets import require_vllm
+
+    require_vllm()
+    from prm_jax.evaluation.scorer import BatchedScorer
+    from prm_jax.generation.jax_sampler import JaxSampler
+    from prm_jax.generation.vllm_backend import VLLMBackend, VLLMStepScorer
+
+    engines, prompts, scored = [], [], []
+
+    def wrap_init(cls):
+        init = cls.__init__
+
+        def timed(self, *args, **kwargs):
+            started = time.monotonic()
+            init(self, *args, **kwargs)
+            engines.append((cls.__name__, time.monotonic() - started))
+
+        monkeypatch.setattr(cls, "__init__", timed)
+
+    for cls in (VLLMBackend, VLLMStepScorer):
+        wrap_init(cls)
+    generate, score = VLLMBackend.generate, VLLMStepScorer.score
+    monkeypatch.setattr(VLLMBackend, "generate", lambda self, p, params: prompts.extend(p) or generate(self, p, params))
+    monkeypatch.setattr(VLLMStepScorer, "score", lambda self, inputs: scored.extend(inputs) or score(self, inputs))
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("the JAX path ran under backend=vllm")
+
+    monkeypatch.setattr(JaxSampler, "generate", not_here)
+    monkeypatch.setattr(BatchedScorer, "score", not_here)
+    # The vLLM processes alive when each training starts: none (policy SFT), none again (PRM
+    # training: the policy's engine was shut down after its last use; its worker process notices
+    # within seconds, so allow it 30 s to go, where an engine left running would stay).
+    import psutil
+
+    from prm_jax.training import run as training_run
+
+    engine_processes = []
+    train = training_run.train_from_config
+
+    def vllm_processes() -> int:
+        count = 0
+        for child in psutil.Process().children(recursive=True):
+            try:
+                if child.status() != psutil.STATUS_ZOMBIE:
+                    count += "VLLM" in " ".join(child.cmdline() or [child.name()])
+            except psutil.NoSuchProcess:  # exited meanwhile
+                pass
+        return count
+
+    def counted(*args, **kwargs):
+        deadline = time.monotonic() + 30
+        while vllm_processes() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        engine_processes.append(vllm_processes())
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr(training_run, "train_from_config", counted)
+
+    config = small_config(backend="vllm", **CI_SIZES)
+    results = demo.run_demo(config, tmp_path, say=lambda line: None)
+    print(f"vLLM engines (class, start seconds): {engines}")
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert written == json.loads(json.dumps(results))
+    assert [name for name, _ in engines] == ["VLLMBackend", "VLLMStepScorer", "VLLMStepScorer"]
+    assert engine_processes == [0, 0]
+    assert written["backends"] == {
+        "synthesis": "VLLMBackend",
+        "eval_sampling": "VLLMBackend",
+        "processbench": "vllm",
+        "bon": "vllm",
+    }
+    run_config = json.loads((tmp_path / "synth" / "run_config.json").read_text())
+    assert run_config["policy.backend"] == "vllm" and run_config["policy.model_path"] == str(tmp_path / "policy_hf")
+    for task in ("processbench_results", "bon_results"):
+        assert json.loads((tmp_path / "eval" / task / "results.json").read_text())["run"]["backend"] == "vllm"
+    # vLLM generated every synthesis sample and MC rollout and every held-out response...
+    samples = list(
+        read_records_if_exists(Layout(tmp_path / "synth").records("sample", Shard()), SampleRecord.from_json)
+    )
+    mcs = list(read_records_if_exists(Layout(tmp_path / "synth").records("mc", Shard()), MCRecord.from_json))
+    rollouts = sum(r.cost.prefixes for r in mcs)
+    assert len(samples) == 16 and rollouts > 0
+    assert len(prompts) == len(samples) + rollouts + CI_SIZES["eval.num_problems"]
+    # ...and scored every held-out response twice (ProcessBench records, then Best-of-N candidates).
+    n_records = written["eval_records"]["n_err"] + written["eval_records"]["n_ok"]
+    assert n_records == CI_SIZES["eval.num_problems"] * config.eval.n and len(scored) == 2 * n_records
+    for name in (
+        "policy_accuracy",
+        "policy_process_accuracy",
+        "synth_policy_accuracy",
+        "mc_first_error_agreement",
+        "consensus_keep_rate",
+        "prm_f1",
+        "prm_acc_err",
+        "prm_acc_ok",
+        "baseline_f1",
+    ):
+        assert name in written, name
+    assert {"prm", "maj", "pass", "prm_by_aggregation"} <= written["bon"].keys()
+    timings = json.loads((tmp_path / "timings.json").read_text())
+    assert {"policy_export", "policy_engine", "synthesis", "eval_sampling", "evaluate"} <= timings.keys()
+    for artifact in ("policy_hf/config.json", "prm_hf/config.json", "results.png", "bon.png"):
+        assert (tmp_path / artifact).exists(), artifact

