@@ -6,8 +6,9 @@ Hugging Face directory, loaded by `prm_jax.weights` one tensor at a time onto th
 `backend = "vllm"` serves an HF directory with vLLM (optional extra, on GPUs or vLLM's CPU build;
 imported only here, lazily). `backend = "openai"` sends the requests to an OpenAI-compatible server
 (`section.openai.base_url`, e.g. vLLM's `python -m vllm.entrypoints.openai.api_server`) serving
-`model_path` as its model name, with prompts rendered by the local `tokenizer_path`. All take prompts
-as rendered strings and return the same `RequestOutput`, so the stages cannot tell them apart.
+`model_path` as its model name, with prompts rendered by the local `tokenizer_path` (a judge may use
+the chat endpoint instead). All take rendered strings (the policy's prompts and step prefixes) or chat
+messages (the judge's) and return the same `RequestOutput`, so the stages cannot tell them apart.
 """
 
 from __future__ import annotations

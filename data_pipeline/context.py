@@ -34,18 +34,24 @@ class SynthesisError(RuntimeError):
 
 @dataclasses.dataclass
 class StageContext:
+    """What the stages share: the config, the workdir layout, this shard, and the models and grading
+    pool, built on first use. Backends and a pool passed in are the caller's; the ones built here
+    are stopped by `close` (a vLLM engine holds its GPUs until then)."""
+
     config: ml_collections.ConfigDict
     layout: Layout
     shard: Shard
     policy: GenerationBackend | None = None
     judge: GenerationBackend | None = None
     grader: GradingPool | None = None
+    _built: list[Any] = dataclasses.field(default_factory=list, repr=False)
 
     def policy_backend(self) -> GenerationBackend:
         if self.policy is None:
             from data_pipeline.backends import build_backend
 
             self.policy = build_backend(self.config.policy, seed=self.config.seed)
+            self._built.append(self.policy)
         return self.policy
 
     def judge_backend(self) -> GenerationBackend:
@@ -57,18 +63,32 @@ class StageContext:
             else:
                 from data_pipeline.backends import build_backend
 
+                # The judge stage comes after the policy's stages: free the policy's engine (and its
+                # GPUs) before a second one starts.
+                if self.policy is not None and self.policy in self._built:
+                    self._release(self.policy)
+                    self.policy = None
                 self.judge = build_backend(judge_cfg, seed=self.config.seed)
+                self._built.append(self.judge)
         return self.judge
 
     def grading_pool(self) -> GradingPool:
         if self.grader is None:
             g = self.config.grading
             self.grader = GradingPool(**g)
+            self._built.append(self.grader)
         return self.grader
 
     def close(self) -> None:
-        if self.grader is not None:
-            self.grader.close()
+        """Stop every backend and pool this context built (not the ones passed in)."""
+        while self._built:
+            self._release(self._built[-1])
+
+    def _release(self, thing: Any) -> None:
+        self._built.remove(thing)
+        close = getattr(thing, "close", None)
+        if close is not None:
+            close()
 
     # ------------------------------------------------------------------ helpers
 

@@ -181,7 +181,6 @@ def _run_stages(
         run_merge(layout, shard.count)
         return
     ctx = StageContext(config, layout, shard, policy=policy, judge=judge, grader=grader)
-    owns_grader = grader is None
     try:
         if stage == "all":
             stages = ["sample", "grade", "mc", "judge", "consensus"]
@@ -194,8 +193,7 @@ def _run_stages(
         for name in stages:
             _RUNNERS[name](ctx)
     finally:
-        if owns_grader:
-            ctx.close()
+        ctx.close()
     if stage == "all":
         waiting = [
             Shard(i, shard.count).name

@@ -628,11 +628,13 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str | Path, *, say=prin
         atomic_write_lines(W / "eval" / "bon.jsonl", map(json.dumps, bon))
         common = dict(model=str(hf_dir), dtype="float32", param_dtype="float32", overwrite=True)
         if use_vllm:
+            engine = vllm_engine(config)  # the policy's engine settings, for the scoring engines too
             common.update(
                 backend="vllm",
-                kv_cache_gib=float(config.vllm.kv_cache_gib),
-                gpu_memory_utilization=float(config.vllm.gpu_memory_utilization),
-                enforce_eager=bool(config.vllm.enforce_eager),
+                kv_cache_gib=engine.kv_cache_gib,
+                gpu_memory_utilization=engine.gpu_memory_utilization,
+                enforce_eager=engine.enforce_eager,
+                vllm_dtype=engine.dtype,
             )
         pb_out = run_evaluation(
             EvaluationConfig(

@@ -45,7 +45,8 @@ _HELP = {
     "max_length": "The model's trained context in tokens (default: max_position_embeddings; 0: no limit).",
     "over_length": "Inputs longer than max_length: score them anyway (RoPE extrapolates, as the model card does) or "
     "skip their record (BoN: the whole problem); counted in results.json either way.",
-    "dtype": "Compute dtype (jax and vllm backends).",
+    "dtype": "Compute dtype (jax backend).",
+    "vllm_dtype": "vllm: engine dtype (auto: the checkpoint's; float16 on GPUs without bfloat16).",
     "param_dtype": "Parameter dtype in memory (jax backend).",
     "mesh_shape": "Mesh axes, e.g. 'data=2,fsdp=-1,tensor=1' (-1: remaining devices).",
     "tokens_per_batch": "Padded tokens per scoring batch.",

@@ -352,6 +352,20 @@ def test_timeouts_are_retried_and_bounded(server, tokenizer_dir) -> None:
     assert time.monotonic() - start < 3  # two 0.3 s attempts and one backoff of <= 0.5 s
 
 
+def test_a_failed_prompt_does_not_wait_for_the_others_retries(server, tokenizer_dir) -> None:
+    """Prompt 0 fails for good while prompt 1 hangs (and would be retried): the call raises at once,
+    not after prompt 1's retries; the backend still works afterwards (a fresh client)."""
+    client = backend(server, tokenizer_dir, max_retries=3, timeout_s=4.0, max_concurrency=2)
+    server.plan[(9,)] = [("status", 400)]
+    server.plan[(10,)] = [("hang", 3.0)] * 4
+    start = time.monotonic()
+    with pytest.raises(OpenAIServerError, match="HTTP 400"):
+        client.generate([[9], [10]], SamplingParams())
+    assert time.monotonic() - start < 2.5  # not 4 x 3 s of prompt 1's attempts
+    (out,) = client.generate([[11]], SamplingParams(seed=2))
+    assert ids_of(out) == [tuple(fake_ids([11], 2, 0, 256))]
+
+
 def test_dropped_connections_are_retried(server, tokenizer_dir) -> None:
     client = backend(server, tokenizer_dir, max_retries=2)
     server.plan[(6,)] = ["drop"]
@@ -580,8 +594,10 @@ def vllm_server(qwen_lm_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def served(vllm_server, qwen_lm_dir) -> OpenAIBackend:
-    return OpenAIBackend(vllm_server, "tiny-qwen", tokenizer=str(qwen_lm_dir), max_concurrency=4, timeout_s=120)
+def served(vllm_server, qwen_lm_dir):
+    client = OpenAIBackend(vllm_server, "tiny-qwen", tokenizer=str(qwen_lm_dir), max_concurrency=4, timeout_s=120)
+    yield client
+    client.close()
 
 
 @pytest.fixture(scope="module")

@@ -207,10 +207,15 @@ def test_export_scores_equal_vllm_default_pooling(flow) -> None:
     tokenizer = AutoTokenizer.from_pretrained(flow["export"])
     inputs = [build_prm_input(tokenizer, problem, steps) for problem, steps in EXAMPLES]
     llm = vllm.LLM(model=str(flow["export"]), runner="pooling", **TEST_ENGINE.engine_kwargs())
-    assert llm.llm_engine.model_config.pooler_config.step_tag_id == 151_651  # vLLM's default, not ours
-    outputs = llm.encode(
-        [vllm.TokensPrompt(prompt_token_ids=x.input_ids) for x in inputs], pooling_task="token_classify", use_tqdm=False
-    )
+    try:
+        assert llm.llm_engine.model_config.pooler_config.step_tag_id == 151_651  # vLLM's default, not ours
+        outputs = llm.encode(
+            [vllm.TokensPrompt(prompt_token_ids=x.input_ids) for x in inputs],
+            pooling_task="token_classify",
+            use_tqdm=False,
+        )
+    finally:
+        llm.llm_engine.engine_core.shutdown()
     model = _load_hf(flow["export"])
     for (problem, steps), output in zip(EXAMPLES, outputs):
         probs = output.outputs.data.float().numpy()

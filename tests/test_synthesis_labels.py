@@ -230,8 +230,8 @@ def test_judge_samples_one_request_per_response_and_votes() -> None:
 
 
 class SameCritic:
-    """One critic for both callers: the same sampled critiques whatever form the prompt takes (a
-    rendered string from synthesis's judge, chat messages from ProcessBench evaluation)."""
+    """One critic for both callers (synthesis's judge and ProcessBench evaluation, both sending chat
+    messages): the same sampled critiques whatever form the prompt takes."""
 
     tokenizer = CharTokenizer()
 

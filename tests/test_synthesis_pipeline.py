@@ -393,3 +393,43 @@ def test_launcher_stops_cleanly_on_bad_input(tmp_path) -> None:
     )
     assert result.returncode == 2
     assert "problems.jsonl:2: missing_answer" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_context_stops_the_engines_it_built_and_frees_the_policys_before_a_second_judge(tmp_path, monkeypatch) -> None:
+    """A vLLM engine holds its GPUs until closed: the context closes what it built (never what it was
+    given), and frees the policy's engine before starting a judge on another model."""
+    import data_pipeline.backends as backends
+    from data_pipeline.context import StageContext
+
+    events = []
+
+    class Engine:
+        def __init__(self, section, seed=0):
+            self.name = section.model_path
+            events.append(("start", self.name))
+
+        def close(self):
+            events.append(("close", self.name))
+
+    monkeypatch.setattr(backends, "build_backend", Engine)
+    config = default_config()
+    config.policy.model_path, config.judge.model_path = "policy-model", "judge-model"
+    ctx = StageContext(config, Layout(tmp_path), Shard(0, 1))
+    ctx.policy_backend(), ctx.judge_backend()
+    assert events == [("start", "policy-model"), ("close", "policy-model"), ("start", "judge-model")]
+    ctx.close()
+    assert events[-1] == ("close", "judge-model") and len(events) == 4
+
+    events.clear()
+    config.judge.model_path = ""  # the judge shares the policy's engine: one start, one close
+    ctx = StageContext(config, Layout(tmp_path), Shard(0, 1))
+    assert ctx.judge_backend() is ctx.policy_backend()
+    ctx.close()
+    assert events == [("start", "policy-model"), ("close", "policy-model")]
+
+    given = Engine(config.policy)  # injected: the caller's to close
+    events.clear()
+    ctx = StageContext(config, Layout(tmp_path), Shard(0, 1), policy=given)
+    ctx.judge_backend()
+    ctx.close()
+    assert events == []

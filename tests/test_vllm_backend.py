@@ -43,10 +43,16 @@ def fake_completion(index, token_ids, finish_reason="length", stop_reason=None):
 class FakeLLM:
     """Generation: completion j of a request is [prompt length, j, seed]; pooling: scripted data."""
 
+    default_step_tag_id = 151651  # what vLLM's Qwen2ForProcessRewardModel pools on without a step_tag_id
+
     def __init__(self, **kwargs):
         self.kwargs = kwargs
+        pooler = kwargs.get("pooler_config")
+        step_tag_id = pooler.kwargs["step_tag_id"] if pooler is not None else self.default_step_tag_id
         self.llm_engine = SimpleNamespace(
-            model_config=SimpleNamespace(max_model_len=kwargs.get("max_model_len") or 512)
+            model_config=SimpleNamespace(
+                max_model_len=kwargs.get("max_model_len") or 512, pooler_config=SimpleNamespace(step_tag_id=step_tag_id)
+            )
         )
         self.finish_reason = "length"
         self.pooled = []  # per-prompt `outputs.data` that encode() returns
@@ -261,6 +267,18 @@ def test_scorer_configures_step_pooling_and_reads_class_1(fake_vllm, tokenizer_d
 def test_scorer_leaves_vllms_default_pooler_for_separator_151651(fake_vllm, tmp_path):
     scorer = VLLMStepScorer(str(_prm_dir(tmp_path, 151651)))
     assert scorer.step_separator_id == 151651 and "pooler_config" not in scorer.llm.kwargs
+
+
+def test_scorer_refuses_an_engine_that_pools_on_another_token(fake_vllm, tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(FakeLLM, "default_step_tag_id", None)  # a vLLM without the 151651 default
+    with pytest.raises(ValueError, match="pools on token None, not the step separator 151651"):
+        VLLMStepScorer(str(_prm_dir(tmp_path, 151651)))
+
+
+def test_chunked_prefill_is_left_to_vllm_on_gpus(fake_vllm, tokenizer_dir) -> None:
+    fake_vllm.platforms.current_platform.is_cpu = lambda: False
+    backend = VLLMBackend(str(tokenizer_dir))
+    assert "enable_chunked_prefill" not in backend.llm.kwargs and "kv_cache_memory_bytes" not in backend.llm.kwargs
 
 
 def test_scorer_separator_id_from_tokenizer_when_config_lacks_it(fake_vllm, tokenizer_dir):

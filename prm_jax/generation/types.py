@@ -164,6 +164,8 @@ def fit_prompt(ids: list[int], index: int, context_length: int, overflow: str = 
     The context must leave room for at least one generated token; a longer prompt raises, or with
     `overflow="truncate_left"` keeps its last `context_length - 1` tokens.
     """
+    if overflow not in OVERFLOW:
+        raise ValueError(f"overflow={overflow!r}; choose one of {OVERFLOW}")
     if not ids:
         raise ValueError(f"prompt {index} is empty")
     limit = context_length - 1

@@ -281,6 +281,15 @@ class VLLMStepScorer:
                 pooling_type="STEP", step_tag_id=self.step_separator_id
             )
         self.llm = _engine(self._vllm, model, tokenizer, engine, runner="pooling", seed=seed, **engine_kwargs)
+        # Refuse an engine that would pool elsewhere (a vLLM whose default step_tag_id is not 151651).
+        pooler = getattr(getattr(self.llm.llm_engine, "model_config", None), "pooler_config", None)
+        pooled_id = getattr(pooler, "step_tag_id", self.step_separator_id)
+        if pooled_id != self.step_separator_id:
+            _shutdown(self.llm)
+            raise ValueError(
+                f"{model}: vLLM pools on token {pooled_id}, not the step separator {self.step_separator_id}; "
+                "pass step_separator_id, or use a vLLM whose Qwen2ForProcessRewardModel defaults to 151651"
+            )
         # vLLM >= 0.11.1 names the per-token task "token_classify"; earlier builds called it "encode".
         supported = getattr(self.llm, "supported_tasks", None)
         self._pooling_task = (
