@@ -9,8 +9,9 @@ with `--config.backend=vllm`, a vLLM engine serving the policy exported to Huggi
 PRM training from the policy's backbone -> Orbax -> Hugging Face conversion -> evaluation on
 held-out problems (ProcessBench-format records labelled by the exact checker; Best-of-N against
 majority vote; scored by vLLM under `backend=vllm`). The LLM judge's role is played by the
-world's exact step checker, with an optional error rate. Output: a results table on the terminal, W/results.json, W/results.png, W/bon.png and every
-intermediate artifact under W. Rerunning the same command resumes.
+world's exact step checker, with an optional error rate. Output: a results table on the terminal,
+W/results.json, W/results.png, W/bon.png and every intermediate artifact under W. Rerunning the same
+command resumes.
 """
 
 from __future__ import annotations
