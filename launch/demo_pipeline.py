@@ -10,8 +10,8 @@
 `backend="vllm"` runs generation and scoring through vLLM instead (the optional extra; on a
 machine without a GPU, vLLM's CPU build): the policy checkpoint is exported as a Hugging Face
 causal LM (`orbax_to_hf(head="lm")`) and served by one `VLLMBackend` engine for synthesis and for the
-held-out responses (sampled right after synthesis, so the engine is released before PRM
-training), and `prm_jax.evaluation.runner` scores the exported PRM with `backend="vllm"` (one
+held-out responses (sampled right after synthesis on either backend, so the policy is released before
+PRM training), and `prm_jax.evaluation.runner` scores the exported PRM with `backend="vllm"` (one
 `VLLMStepScorer` engine per evaluation: ProcessBench, Best-of-N). Three engines in all; the
 `vllm` section sizes them (`kv_cache_gib` for a CPU).
 
@@ -602,12 +602,13 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str | Path, *, say=prin
             f"{_pct(figures['mc_first_error_agreement'])}, consensus keep rate {_pct(figures['consensus_keep_rate'])}"
         )
 
-    if use_vllm:  # the policy's last use: its engine is released before training
-        with clock.stage("eval_sampling", f"held-out responses, N={config.eval.n} per problem"):
-            held_out = evaluation_records(splits["eval"], sampler, config)
-            backends["eval_sampling"] = type(sampler).__name__
-        sampler.close()  # its processes and memory, now: they would otherwise outlive `del` until exit
-        del sampler
+    # The policy's last use: its model (a vLLM engine's processes and memory) is released before training.
+    with clock.stage("eval_sampling", f"held-out responses, N={config.eval.n} per problem"):
+        held_out = evaluation_records(splits["eval"], sampler, config)
+    backends["eval_sampling"] = type(sampler).__name__
+    if use_vllm:
+        sampler.close()  # an engine's processes would otherwise outlive `del` until exit
+    del sampler
 
     with clock.stage("prm_train", f"PRM training from the policy backbone, {config.prm.steps} steps"):
         train_from_config(
@@ -620,9 +621,6 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str | Path, *, say=prin
         hf_dir = orbax_to_hf(prm_dir, W / "prm_hf", dtype="float32", tokenizer_dir=tokenizer_dir, overwrite=True)
 
     with clock.stage("evaluate", f"held-out ProcessBench-format records and Best-of-{config.eval.n}"):
-        if not use_vllm:
-            held_out = evaluation_records(splits["eval"], sampler, config)
-            backends["eval_sampling"] = type(sampler).__name__
         pb, bon, policy_figures = held_out
         atomic_write_lines(W / "eval" / "processbench" / "world.jsonl", map(json.dumps, pb))
         atomic_write_lines(W / "eval" / "bon.jsonl", map(json.dumps, bon))

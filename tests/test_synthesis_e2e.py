@@ -29,10 +29,9 @@ from prm_jax.jsonl import read_records
 REPO = Path(__file__).resolve().parents[1]
 SCHEMAS = {"sample": SampleRecord, "grade": GradeRecord, "mc": MCRecord, "judge": JudgeRecord}
 
-# Runs the real launcher, except that once the mc stage has written 2 records (one rolled out),
-# it writes half of the next line and waits to be SIGKILLed by the test: a kill mid-write.
-KILL_WRAPPER = """
-import os, sys, time
+# The kill point: once the mc stage has written 2 records (one rolled out), it writes half of the
+# next line and waits to be SIGKILLed by the test: a kill mid-write. Needs os and time imported.
+KILL_POINT = """
 from prm_jax import jsonl
 from data_pipeline.schemas import MCRecord
 _write = jsonl.AppendOnlyWriter.write
@@ -48,11 +47,54 @@ def write(self, record):
             time.sleep(600)
     return ok
 jsonl.AppendOnlyWriter.write = write
+"""
+# The real launcher, with the command line given after `-c`.
+LAUNCHER = """
 from absl import app
 from launch import synthesize
 sys.argv = ["launch.synthesize"] + sys.argv[1:]
 app.run(synthesize.main)
 """
+KILL_WRAPPER = "import os, sys, time\n" + KILL_POINT + LAUNCHER
+
+
+def kill_at_the_mc_kill_point(
+    proc: subprocess.Popen, workdir: Path, *, timeout_s: float, group: bool = False
+) -> list[str]:
+    """Waits for a run started with `KILL_POINT` to reach it, SIGKILLs it (its whole process group
+    with `group`, engine processes included) and returns the mc file's lines, the torn one last."""
+    mc_file = Layout(workdir).records("mc", Shard())
+    kill = (lambda: os.killpg(proc.pid, signal.SIGKILL)) if group else proc.kill
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not (mc_file.exists() and mc_file.read_bytes().endswith(b'"prefi')):
+            assert proc.poll() is None, f"the run ended before the kill point: {proc.stderr.read()[-3000:]}"
+            assert time.monotonic() < deadline, "the run did not reach the kill point"
+            time.sleep(0.05)
+        kill()
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            kill()
+            proc.wait(timeout=30)
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    layout = Layout(workdir)
+    assert not layout.done("mc", Shard()).exists() and not layout.final_records.exists()
+    partial = mc_file.read_text().splitlines()
+    assert len(partial) >= 3 and partial[-1].endswith('"prefi')  # >= 2 records and a torn line
+    return partial
+
+
+def assert_same_run(workdir: Path, reference: Path) -> None:
+    """Every stage's records (no duplicate ids: read_records checks), the training file and the
+    summary equal the reference run's; no torn line survived."""
+    layout = Layout(workdir)
+    for stage in SCHEMAS:
+        assert stage_records(workdir, stage) == stage_records(reference, stage), stage
+    assert layout.final_records.read_bytes() == Layout(reference).final_records.read_bytes()
+    assert layout.summary.read_text() == Layout(reference).summary.read_text()
+    assert "half-written" not in layout.records("mc", Shard()).read_text()
 
 
 @pytest.fixture(scope="module")
@@ -183,33 +225,13 @@ def test_sigkill_during_mc_then_rerun_equals_an_uninterrupted_run(assets, refere
         stderr=subprocess.PIPE,
         text=True,
     )
-    mc_file = Layout(workdir).records("mc", Shard())
-    deadline = time.monotonic() + 240
-    try:
-        while not (mc_file.exists() and mc_file.read_bytes().endswith(b'"prefi')):
-            assert proc.poll() is None, f"the run ended before the kill point: {proc.stderr.read()[-3000:]}"
-            assert time.monotonic() < deadline, "the run did not reach the kill point"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
-    layout = Layout(workdir)
-    assert not layout.done("mc", Shard()).exists() and not layout.final_records.exists()
-    partial = mc_file.read_text().splitlines()
-    assert len(partial) >= 3 and partial[-1].endswith('"prefi')  # >= 2 records and a torn line
+    partial = kill_at_the_mc_kill_point(proc, workdir, timeout_s=240)
     assert len(partial) - 1 < len(stage_records(reference, "mc"))  # killed before the end of mc
 
     launch(assets, workdir)  # the same command again
 
-    for stage in SCHEMAS:  # no duplicate ids (read_records checks), nothing lost, same content
-        assert stage_records(workdir, stage) == stage_records(reference, stage), stage
-    assert layout.final_records.read_bytes() == Layout(reference).final_records.read_bytes()
-    assert layout.summary.read_text() == Layout(reference).summary.read_text()
-    assert "half-written" not in mc_file.read_text()
+    assert_same_run(workdir, reference)
+    layout = Layout(workdir)
     errors = layout.errors("sample", Shard())
     assert not errors.exists() or read_records(errors, ErrorRecord.from_json) == []
     shutil.rmtree(workdir)

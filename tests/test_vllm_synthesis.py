@@ -23,15 +23,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
+import textwrap
 import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
-from test_synthesis_e2e import SCHEMAS, stage_records
+from test_synthesis_e2e import KILL_POINT, LAUNCHER, SCHEMAS, assert_same_run, kill_at_the_mc_kill_point, stage_records
 from vllm_assets import require_vllm
 
 from data_pipeline.ids import response_id, stable_seed
@@ -52,7 +52,8 @@ MAX_MODEL_LEN = 1024
 # The real launcher, with the engine's requests logged to $SYNTH_TEST_LOG (one JSON line per event)
 # and, under SYNTH_TEST_KILL=1, a kill point: once the mc stage has written 2 records (one rolled
 # out) it writes half of the next line and waits to be SIGKILLed by the test.
-WRAPPER = """
+WRAPPER = (
+    """
 import atexit, json, os, sys, time
 LOG = os.environ["SYNTH_TEST_LOG"]
 state = {"stage": None}
@@ -87,26 +88,10 @@ def init(self, *args, **kwargs):
     self.llm.generate = logged
 vllm_backend.VLLMBackend.__init__ = init
 if os.environ.get("SYNTH_TEST_KILL") == "1":
-    from prm_jax import jsonl
-    from data_pipeline.schemas import MCRecord
-    _write = jsonl.AppendOnlyWriter.write
-    seen = {"all": 0, "rolled": 0}
-    def write(self, record):
-        ok = _write(self, record)
-        if ok and isinstance(record, MCRecord):
-            seen["all"] += 1
-            seen["rolled"] += record.cost.prefixes > 0
-            if seen["all"] >= 2 and seen["rolled"] >= 1:
-                os.write(self._fd, b'{"id": "half-written", "cost": {"prefi')
-                os.fsync(self._fd)
-                time.sleep(600)
-        return ok
-    jsonl.AppendOnlyWriter.write = write
-from absl import app
-from launch import synthesize
-sys.argv = ["launch.synthesize"] + sys.argv[1:]
-app.run(synthesize.main)
 """
+    + textwrap.indent(KILL_POINT, "    ")
+    + LAUNCHER
+)
 
 
 def bigram_lm(tokenizer_dir: Path, out: Path) -> Path:
@@ -364,25 +349,7 @@ def test_sigkill_during_mc_then_rerun_equals_an_uninterrupted_run(assets, refere
         text=True,
         start_new_session=True,
     )
-    mc_file = Layout(workdir).records("mc", Shard())
-    deadline = time.monotonic() + 480
-    try:
-        while not (mc_file.exists() and mc_file.read_bytes().endswith(b'"prefi')):
-            assert proc.poll() is None, f"the run ended before the kill point: {proc.stderr.read()[-3000:]}"
-            assert time.monotonic() < deadline, "the run did not reach the kill point"
-            time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
-    layout = Layout(workdir)
-    assert not layout.done("mc", Shard()).exists() and not layout.final_records.exists()
-    partial = mc_file.read_text().splitlines()
-    assert len(partial) >= 3 and partial[-1].endswith('"prefi')  # >= 2 records and a torn line
+    partial = kill_at_the_mc_kill_point(proc, workdir, timeout_s=480, group=True)
     finished_before = {json.loads(line)["id"] for line in partial[:-1]}
     assert len(finished_before) < len(stage_records(ref_workdir, "mc"))  # killed before the end of mc
 
@@ -390,11 +357,7 @@ def test_sigkill_during_mc_then_rerun_equals_an_uninterrupted_run(assets, refere
     resumed = launch(assets, workdir, assets["root"] / "resumed.log")  # the same command again
     print(f"resumed run: {time.monotonic() - started:.1f} s")
 
-    for stage in SCHEMAS:  # no duplicate ids (read_records checks), nothing lost, same content
-        assert stage_records(workdir, stage) == stage_records(ref_workdir, stage), stage
-    assert layout.final_records.read_bytes() == Layout(ref_workdir).final_records.read_bytes()
-    assert layout.summary.read_text() == Layout(ref_workdir).summary.read_text()
-    assert "half-written" not in mc_file.read_text()
+    assert_same_run(workdir, ref_workdir)
     # The resumed run asked vLLM only for what was missing: nothing sampled or graded again, the
     # prefixes of the responses the killed run had not finished, each once, and every judgment.
     assert requests(resumed, "sample") == []

@@ -44,7 +44,7 @@ from __future__ import annotations
 import concurrent.futures
 import importlib
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ from prm_jax.generation.types import (
     SamplingParams,
     fit_max_tokens,
     fit_prompt,
+    is_messages,
     per_prompt_params,
     render_prompt,
     requested_n,
@@ -82,14 +83,6 @@ def _import_openai():
         return importlib.import_module("openai")
     except ImportError as error:
         raise ImportError(_INSTALL_HINT) from error
-
-
-def _is_messages(prompt: Prompt) -> bool:
-    return (
-        not isinstance(prompt, str)
-        and len(prompt) > 0
-        and all(isinstance(m, Mapping) and "role" in m and "content" in m for m in prompt)
-    )
 
 
 def _attempts(error: Any) -> int | None:
@@ -295,7 +288,7 @@ class OpenAIBackend:
         """Each prompt as the request sends it (token ids or messages), with its final params."""
         if self.api == "chat":
             for i, prompt in enumerate(prompts):
-                if not _is_messages(prompt):
+                if not is_messages(prompt):
                     raise TypeError(
                         f"prompt {i}: api='chat' sends chat messages (a list of {{'role', 'content'}}) and the "
                         "server applies its chat template; a string or token ids is already rendered: use "

@@ -139,6 +139,15 @@ class GenerationBackend(Protocol):
         ...
 
 
+def is_messages(prompt: Prompt) -> bool:
+    """Whether a prompt is chat messages (a non-empty list of `{"role", "content"}` mappings)."""
+    return (
+        not isinstance(prompt, str)
+        and len(prompt) > 0
+        and all(isinstance(m, Mapping) and "role" in m and "content" in m for m in prompt)
+    )
+
+
 def render_prompt(tokenizer, prompt: Prompt, *, system_prompt: str | None = None) -> list[int]:
     """Token ids of a prompt.
 
@@ -152,7 +161,7 @@ def render_prompt(tokenizer, prompt: Prompt, *, system_prompt: str | None = None
         raise ValueError("empty prompt")
     if all(isinstance(t, int) or hasattr(t, "__index__") and not isinstance(t, Mapping) for t in items):
         return [int(t) for t in items]
-    if not all(isinstance(m, Mapping) and "role" in m and "content" in m for m in items):
+    if not is_messages(items):
         raise TypeError("a prompt is token ids, a string, or a list of {'role', 'content'} messages")
     text = render_chat(tokenizer, items, system_prompt=system_prompt)
     return list(tokenizer.encode(text, add_special_tokens=False))
