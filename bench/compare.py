@@ -144,13 +144,11 @@ def torch_loss(logits, labels, loss_mask):
 
 def jax_arrays_from_torch_prm(module, config) -> dict:
     """Our parameter tree (numpy) of a TorchPRM."""
-    from flax import nnx
-
-    from prm_jax.conversion.hf_mapping import tensor_mappings
+    from prm_jax.conversion.hf_mapping import params_from_hf
 
     # TorchPRM's names are exactly the Qwen2ForProcessRewardModel layout (model.*, score.0/2.*).
     state = {k: v.detach().float().cpu().numpy() for k, v in module.state_dict().items()}
-    return nnx.traversals.unflatten_mapping({m.path: m.to_jax(state[m.hf_name]) for m in tensor_mappings(config)})
+    return params_from_hf(config, state.__getitem__)
 
 
 # ---------------------------------------------------------------------------- guard

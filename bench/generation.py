@@ -41,7 +41,7 @@ def main(argv: list[str]) -> None:
     from flax import nnx
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from prm_jax.conversion.hf_mapping import tensor_mappings
+    from prm_jax.conversion.hf_mapping import params_from_hf
     from prm_jax.generation.jax_sampler import JaxSampler, SamplerConfig, _prefill
     from prm_jax.generation.types import SamplingParams
     from prm_jax.models.config import ModelConfig
@@ -60,8 +60,8 @@ def main(argv: list[str]) -> None:
     hf = Qwen2ForCausalLM(hf_config).eval()
     config = ModelConfig.from_hf_dict(hf_config.to_dict(), with_prm_head=False)
     state = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
-    params = {m.path: jnp.asarray(m.to_jax(state[m.hf_name])) for m in tensor_mappings(config)}
-    model = nnx.merge(nnx.graphdef(abstract_model(config)), nnx.traversals.unflatten_mapping(params))
+    params = jax.tree.map(jnp.asarray, params_from_hf(config, state.__getitem__))
+    model = nnx.merge(nnx.graphdef(abstract_model(config)), params)
 
     class Tok:  # ids in, ids out: the benchmark measures the model, not the tokenizer
         eos_token_id = None

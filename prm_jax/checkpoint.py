@@ -4,20 +4,24 @@ A model checkpoint directory (what `launch.convert` writes, and what training st
 contain) holds two Orbax items:
 
 * `params`: the parameter tree (`models.factory`), nested dicts keyed like the parameter path
-  (`model/layers/0/self_attn/q_proj/kernel`, ...), unscanned layers;
+  (`model/layers/self_attn/q_proj/kernel`, ...), decoder layers stacked on a leading axis (layout 3);
 * `model_config`: JSON with the `ModelConfig`, the layout version, free-form provenance and two
   facts the export needs: `source_dtype` (the dtype of the Hugging Face weights the model was
   imported from, the default export dtype) and `tokenizer` (the step separator, its id, the
   vocabulary fingerprint and the directory of the separator-bearing tokenizer a run trained with).
   Both are absent or null in checkpoints written before they existed.
 
-Layout 1 (before parameters took HF names) named projections `q_kernel`, `q_bias`, `gate_kernel`;
-restores read those under today's names, so older checkpoints stay readable.
+Layouts 1 and 2 kept one tensor per layer (`model/layers/0/...`), and layout 1 (before parameters
+took HF names) named projections `q_kernel`, `q_bias`, `gate_kernel`. Restores read those under
+today's names and stack the layers onto the target devices, so older checkpoints stay readable;
+`layout_version` in the metadata says which layout a checkpoint has.
 
 Restores take `jax.ShapeDtypeStruct`s carrying the target shardings, so a checkpoint saved on one
 mesh restores onto any other device count or mesh. Conversion writes parameters through
-`LazyTensor` leaves that are materialised one at a time while Orbax writes them, so host memory
-stays near the largest tensor instead of the model size.
+`LazyTensor` leaves that are materialised one at a time while Orbax writes them, and
+`StackedLazyTensor` leaves written one layer at a time (chunked per layer on disk), so host memory
+stays near the largest tensor of one layer instead of the model size. `StoredParams` reads one
+stored tensor, or one layer of a stacked one, straight from TensorStore for the streaming export.
 """
 
 from __future__ import annotations
@@ -30,12 +34,21 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from orbax.checkpoint import type_handlers
 
+# Orbax's own TensorStore specs and OCDBT process layout, for writing a stacked tensor one layer
+# at a time and reading one layer back (its public API reads and writes whole arrays only).
+from orbax.checkpoint._src.multihost import multihost
+from orbax.checkpoint._src.serialization import ocdbt_utils, types
+from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+
+from prm_jax.conversion.hf_mapping import is_stacked
 from prm_jax.files import staged_directory
 from prm_jax.models.config import ModelConfig
 from prm_jax.models.factory import ParamPath, abstract_params, params_of
@@ -44,8 +57,10 @@ from prm_jax.sharding import MESH_AXES, LogicalAxisRules
 
 PARAMS_ITEM = "params"
 CONFIG_ITEM = "model_config"
-LAYOUT_VERSION = 2  # bump when the parameter tree layout changes; 2: HF-named projections
-_READABLE_LAYOUTS = (1, LAYOUT_VERSION)
+# Bump when the parameter tree layout changes. 2: HF-named projections; 3: stacked (scanned) layers.
+LAYOUT_VERSION = 3
+_PER_LAYER_LAYOUTS = (1, 2)
+_READABLE_LAYOUTS = (*_PER_LAYER_LAYOUTS, LAYOUT_VERSION)
 
 
 # ---------------------------------------------------------------------------- lazy leaves
@@ -104,8 +119,70 @@ def _register_lazy_tensor_handler() -> None:
     absl_logger.setLevel(logging.ERROR)
     try:
         type_handlers.register_type_handler(LazyTensor, _LazyTensorHandler(), override=True)
+        type_handlers.register_type_handler(StackedLazyTensor, _StackedLazyTensorHandler(), override=True)
     finally:
         absl_logger.setLevel(level)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class StackedLazyTensor:
+    """A stacked-layers checkpoint leaf ([layers, ...]) produced one layer at a time while Orbax
+    writes it: `load_layer(i)` gives layer i's tensor (shape `shape[1:]`)."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    load_layer: Callable[[int], np.ndarray]
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def layer(self, index: int) -> np.ndarray:
+        value = np.asarray(self.load_layer(index))
+        if tuple(value.shape) != tuple(self.shape[1:]) or value.dtype != np.dtype(self.dtype):
+            raise ValueError(
+                f"layer {index} of a lazy stacked tensor is shape {value.shape} dtype {value.dtype}, "
+                f"declared {self.shape[1:]} {np.dtype(self.dtype)}"
+            )
+        return value
+
+    def materialize(self) -> np.ndarray:
+        """The whole stacked tensor in host memory (small models only; saving never calls this)."""
+        return np.stack([self.layer(i) for i in range(self.shape[0])])
+
+
+class _StackedLazyTensorHandler(type_handlers.NumpyHandler):
+    """Writes `StackedLazyTensor`s as ordinary numpy arrays chunked one layer per chunk, loading
+    and writing one layer at a time (the stock handler would need the whole stacked tensor)."""
+
+    def __init__(self) -> None:
+        super().__init__(deepcopy_host_arrays=False)
+
+    async def _background_serialize(self, values, infos, args=None):  # type: ignore[override]
+        args = args or [ocp.SaveArgs()] * len(values)
+        for stacked, info, arg in zip(values, infos, args):
+            await info.await_path_creation()
+            spec = ts_utils.build_array_write_spec(
+                info=info,
+                arg=arg,
+                global_shape=stacked.shape,
+                local_shape=(1, *stacked.shape[1:]),  # the write shape is the chunk shape: one layer
+                dtype=np.dtype(stacked.dtype),
+                use_ocdbt=info.is_ocdbt_checkpoint,
+                process_index=ocdbt_utils.get_process_index_for_subdir(
+                    use_ocdbt=info.is_ocdbt_checkpoint, override_ocdbt_process_id=self._override_ocdbt_process_id
+                ),
+                metadata_key=self._metadata_key,
+            )
+            if multihost.process_index() != 0:
+                continue
+            store = await ts.open(ts.Spec(spec.json), create=True, open=True, context=info.ts_context)
+            for index in range(stacked.shape[0]):
+                await store[index].write(stacked.layer(index))
 
 
 _register_lazy_tensor_handler()
@@ -124,13 +201,66 @@ def stored_tensors(directory: str | Path) -> dict[tuple[str, ...], Any]:
     return nnx.traversals.flatten_mapping(tree)
 
 
-def on_disk(path: ParamPath, stored: Mapping[tuple[str, ...], Any]) -> tuple[str, ...]:
-    """Where a parameter is stored: its path, or its layout-1 name (`q_proj/kernel` was `q_kernel`)."""
+def on_disk(path: ParamPath, stored: Mapping[tuple[str, ...], Any], layer: int | None = None) -> tuple[str, ...]:
+    """Where a parameter (`layer`'s tensor of a stacked one, in a per-layer checkpoint) is stored:
+    its path, or its layout-1 name (`q_proj/kernel` was `q_kernel`)."""
     name = _string_path(path)
+    if layer is not None:
+        name = (*name[:2], str(layer), *name[2:])
     if name in stored or not name[-2].endswith("_proj"):
         return name
     old = name[:-2] + (f"{name[-2].removesuffix('_proj')}_{name[-1]}",)
     return old if old in stored else name
+
+
+def per_layer_layout(metadata: Mapping[str, Any]) -> bool:
+    """Whether a checkpoint (by its `model_config` metadata) stores one tensor per layer (layouts 1-2)."""
+    return metadata["layout_version"] in _PER_LAYER_LAYOUTS
+
+
+def on_disk_entries(
+    path: ParamPath, shape: Sequence[int], stored: Mapping[tuple[str, ...], Any], per_layer: bool
+) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """{stored name: shape} of one parameter: itself, or one tensor per layer of a stacked
+    parameter in a per-layer checkpoint."""
+    if per_layer and is_stacked(path):
+        return {on_disk(path, stored, layer): tuple(shape[1:]) for layer in range(shape[0])}
+    return {on_disk(path, stored): tuple(shape)}
+
+
+class StoredParams:
+    """A checkpoint's stored parameter tensors, read one at a time (or one layer of a stacked
+    tensor) straight from TensorStore: host memory holds what is read (plus the chunks being
+    decoded). The streaming export reads through this."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory).absolute()
+        self.per_layer = per_layer_layout(read_checkpoint_metadata(self.directory))
+        tree = ocp.PyTreeCheckpointHandler().metadata(self.directory / PARAMS_ITEM)
+        self.stored = nnx.traversals.flatten_mapping(tree.tree)
+        self._use_zarr3 = bool(tree.use_zarr3)
+        self._context = ts_utils.get_ts_context(use_ocdbt=True)
+
+    def read(self, path: ParamPath, layer: int | None = None, dtype: Any = None) -> np.ndarray:
+        """The parameter at `path` (layer `layer` of a stacked one), cast to `dtype` if given."""
+        name = on_disk(path, self.stored, layer if self.per_layer else None)
+        if name not in self.stored:
+            raise KeyError(f"{self.directory}: no stored tensor {'.'.join(name)}")
+        info = types.ParamInfo(
+            name=".".join(name),
+            parent_dir=self.directory / PARAMS_ITEM,
+            is_ocdbt_checkpoint=True,
+            use_zarr3=self._use_zarr3,
+            ts_context=self._context,
+        )
+        spec = ts_utils.build_array_read_spec(
+            info, use_ocdbt=True, metadata_key=None, raise_array_data_missing_error=True
+        )
+        store = ts.open(ts.Spec(spec.json), open=True, context=self._context).result()
+        if layer is not None and not self.per_layer:
+            store = store[layer]
+        value = store.read().result()
+        return value if dtype is None else value.astype(dtype, copy=False)
 
 
 # ---------------------------------------------------------------------------- save
@@ -150,7 +280,7 @@ def checkpoint_metadata(
     """The `model_config` item. `source_dtype` and `tokenizer` are described in the module doc."""
     return {
         "layout_version": LAYOUT_VERSION,
-        "scan_layers": False,
+        "scan_layers": True,
         "config": config.to_json_dict(),
         "provenance": dict(provenance or {}),
         "source_dtype": source_dtype,
@@ -261,7 +391,8 @@ def restore_params(
     `prm_jax.weights` validates.
     """
     directory = Path(directory).absolute()
-    config = config or read_model_config(directory)
+    metadata = read_checkpoint_metadata(directory)
+    config = config or ModelConfig.from_json_dict(metadata["config"])
     if mesh is None:
         mesh = Mesh(np.array(jax.local_devices()[:1]).reshape(1, 1, 1), MESH_AXES)
     targets = nnx.traversals.flatten_mapping(abstract_params(config, mesh, rules))
@@ -272,33 +403,66 @@ def restore_params(
             raise KeyError(f"no such parameters: {unknown}")
         targets = {by_name[key]: targets[by_name[key]] for key in map(_string_path, paths)}
     stored = stored_tensors(directory) if stored is None else stored
-    names = {path: on_disk(path, stored) for path in targets}
-    item = nnx.traversals.unflatten_mapping(
-        {
-            names[p]: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=None if as_numpy else s.sharding)
-            for p, s in targets.items()
-        }
-    )
+    per_layer = per_layer_layout(metadata)
+    restored = {}
+    # A per-layer checkpoint restores each stacked parameter's layers and stacks them on the
+    # devices, one parameter at a time (transiently one parameter twice, never the model).
+    groups = [[p] for p in targets if per_layer and is_stacked(p)]
+    plain = [p for p in targets if not (per_layer and is_stacked(p))]
+    for group in ([plain] if plain else []) + groups:
+        entries = {}
+        for p in group:
+            for name, shape in on_disk_entries(p, targets[p].shape, stored, per_layer).items():
+                target = targets[p]
+                sharding = target.sharding
+                if len(shape) != len(target.shape):  # one layer of a stacked parameter
+                    sharding = NamedSharding(mesh, PartitionSpec(*sharding.spec[1:]))
+                entries[name] = jax.ShapeDtypeStruct(shape, target.dtype, sharding=None if as_numpy else sharding)
+        absent = sorted(".".join(n) for n in entries if n not in stored)
+        if absent:  # Orbax would hand back the abstract leaf of a tensor it does not have
+            raise KeyError(
+                f"{directory}: no stored tensor(s) {absent} (checkpoint layout {metadata['layout_version']})"
+            )
+        partial = paths is not None or per_layer
+        values = nnx.traversals.flatten_mapping(_restore_entries(directory, entries, as_numpy, partial))
+        for p in group:
+            names = list(on_disk_entries(p, targets[p].shape, stored, per_layer))
+            if len(names) == 1 and not (per_layer and is_stacked(p)):
+                restored[p] = values[names[0]]
+            elif as_numpy:
+                restored[p] = np.stack([values[n] for n in names])
+            else:
+                restored[p] = _stack_on_devices([values.pop(n) for n in names], targets[p].sharding)
+    return nnx.traversals.unflatten_mapping(restored)
+
+
+def _restore_entries(
+    directory: Path, entries: Mapping[tuple[str, ...], jax.ShapeDtypeStruct], as_numpy: bool, partial: bool
+) -> Any:
+    """Restores the stored tensors `entries` names (`partial`: others may be stored, unread)."""
+    item = nnx.traversals.unflatten_mapping(dict(entries))
     if as_numpy:
         restore_args = jax.tree.map(lambda s: ocp.RestoreArgs(restore_type=np.ndarray, dtype=s.dtype), item)
     else:
         restore_args = ocp.checkpoint_utils.construct_restore_args(item)
-    restored = _checkpointer().restore(
+    return _checkpointer().restore(
         directory,
         args=ocp.args.Composite(
-            **{
-                PARAMS_ITEM: ocp.args.PyTreeRestore(
-                    item=item, restore_args=restore_args, partial_restore=paths is not None
-                )
-            }
+            **{PARAMS_ITEM: ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=partial)}
         ),
     )[PARAMS_ITEM]
-    restored = nnx.traversals.flatten_mapping(restored)
-    return nnx.traversals.unflatten_mapping({p: restored[names[p]] for p in targets})
+
+
+def _stack_on_devices(layers: list[jax.Array], sharding: Any) -> jax.Array:
+    return jax.jit(lambda *xs: jnp.stack(xs), out_shardings=sharding)(*layers)
 
 
 __all__ = [
     "LazyTensor",
+    "StackedLazyTensor",
+    "StoredParams",
+    "on_disk_entries",
+    "per_layer_layout",
     "PARAMS_ITEM",
     "CONFIG_ITEM",
     "save_params",

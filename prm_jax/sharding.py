@@ -34,9 +34,13 @@ DEFAULT_LOGICAL_AXIS_RULES: LogicalAxisRules = (
     ("head_dim", None),
     ("norm", None),
     ("labels", None),
+    # The stacked layer axis of scanned parameters: every device holds its share of every layer.
+    ("layers", None),
     # activations
     ("activation_batch", ("data", "fsdp")),
     ("activation_length", None),
+    # The residual stream between blocks (transformer.residual_constraint): sequence parallelism.
+    ("activation_norm_length", "tensor"),
     ("activation_embed", None),
     ("activation_heads", "tensor"),
     ("activation_kv_heads", "tensor"),

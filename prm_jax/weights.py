@@ -15,28 +15,32 @@ restore straight onto the target shardings.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, Sharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding
 
 from prm_jax.checkpoint import (
     CONFIG_ITEM,
     PARAMS_ITEM,
     LazyTensor,
-    on_disk,
+    StackedLazyTensor,
+    on_disk_entries,
+    per_layer_layout,
     read_checkpoint_metadata,
     read_model_config,
     restore_params,
     stored_tensors,
 )
-from prm_jax.conversion.hf_mapping import HEADS, tensor_mappings
+from prm_jax.conversion.hf_mapping import HEADS, TensorMapping, is_stacked, param_mappings, tensor_mappings
 from prm_jax.conversion.safetensors_io import SafetensorsCheckpoint
 from prm_jax.models.config import ModelConfig
 from prm_jax.models.factory import ParamPath, abstract_model, abstract_params, params_of
@@ -171,8 +175,9 @@ def _fresh_heads(config: ModelConfig, heads: set[str], seed: int | None) -> dict
 
 def hf_tensors(
     reader: SafetensorsCheckpoint, config: ModelConfig, *, fresh_heads_seed: int | None = None
-) -> dict[ParamPath, LazyTensor]:
-    """{path: lazy tensor in JAX layout and the parameter dtype} of `config` from an HF checkpoint.
+) -> dict[ParamPath, LazyTensor | StackedLazyTensor]:
+    """{path: lazy tensor in JAX layout and the parameter dtype} of `config` from an HF checkpoint;
+    a stacked layer parameter reads its HF tensors one layer at a time.
 
     Checked first (`ConversionError`). A tensor of a head `config` leaves out (`lm_head` of a
     causal LM loaded as a PRM) is skipped, not unexpected.
@@ -196,10 +201,19 @@ def hf_tensors(
     found = {n: (s.shape, s.dtype, reader.file_of(n).name) for n, s in specs.items()}
     _check(reader.directory, found, {m.hf_name: m.hf_shape for m in loaded}, extra)
     dtype = np.dtype(config.parameter_dtype)
-    lazy = {
-        m.path: LazyTensor(m.jax_shape, dtype, lambda m=m: m.to_jax(reader.get(m.hf_name)).astype(dtype, copy=False))
-        for m in loaded
-    }
+
+    def read(m: TensorMapping) -> np.ndarray:
+        return m.to_jax(reader.get(m.hf_name)).astype(dtype, copy=False)
+
+    lazy: dict[ParamPath, LazyTensor | StackedLazyTensor] = {}
+    for path, group in param_mappings(config).items():
+        if group[0].head in fresh:
+            continue
+        if is_stacked(path):
+            shape = (len(group), *group[0].jax_shape)
+            lazy[path] = StackedLazyTensor(shape, dtype, lambda i, group=group: read(group[i]))
+        else:
+            lazy[path] = LazyTensor(group[0].jax_shape, dtype, lambda m=group[0]: read(m))
     for path, value in _fresh_heads(config, fresh, fresh_heads_seed).items():
         lazy[path] = LazyTensor(value.shape, dtype, lambda v=value: v)
     return lazy
@@ -210,14 +224,23 @@ def _orbax_paths(
 ) -> tuple[list[ParamPath], set[str]]:
     """(parameters to restore, heads to initialise) of `config` from an Orbax checkpoint, checked."""
     stored = stored_tensors(directory)
+    per_layer = per_layer_layout(read_checkpoint_metadata(directory))
     wanted = flatten(abstract_params(config))
     source = read_model_config(directory)
-    known = {".".join(on_disk(p, stored)) for p in flatten(abstract_params(source))}
+
+    def entries(params: Mapping[ParamPath, Any]) -> dict[str, tuple[int, ...]]:
+        return {
+            ".".join(name): shape
+            for p, spec in params.items()
+            for name, shape in on_disk_entries(p, spec.shape, stored, per_layer).items()
+        }
+
+    known = entries(flatten(abstract_params(source)))
     fresh = _heads_to_initialise(config, source, fresh_heads_seed)
     loaded = [p for p in wanted if p[0] not in fresh]
     found = {".".join(k): (m.shape, m.dtype, PARAMS_ITEM) for k, m in stored.items()}
     extra = [n for n in found if n not in known]
-    _check(directory, found, {".".join(on_disk(p, stored)): tuple(wanted[p].shape) for p in loaded}, extra)
+    _check(directory, found, entries({p: wanted[p] for p in loaded}), extra)
     return loaded, fresh
 
 
@@ -229,6 +252,23 @@ def _place(value: np.ndarray, sharding: Sharding | None) -> jax.Array:
     if sharding is None:
         return jax.device_put(value)
     return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_layer(stacked: jax.Array, layer: jax.Array, index: jax.Array) -> jax.Array:
+    return jax.lax.dynamic_update_index_in_dim(stacked, layer.astype(stacked.dtype), index, 0)
+
+
+def _place_stacked(lazy: StackedLazyTensor, sharding: Sharding | None) -> jax.Array:
+    """A stacked parameter built on the devices one layer at a time: host memory holds one layer,
+    the devices the stacked array plus one layer (updated in place)."""
+    layer_sharding = None
+    if isinstance(sharding, NamedSharding):
+        layer_sharding = NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[1:]))
+    stacked = jax.jit(lambda: jnp.zeros(lazy.shape, lazy.dtype), out_shardings=sharding)()
+    for index in range(lazy.shape[0]):
+        stacked = _set_layer(stacked, _place(lazy.layer(index), layer_sharding), np.int32(index))
+    return stacked
 
 
 def load_weights(
@@ -257,8 +297,13 @@ def load_weights(
     if checkpoint_kind(path) == "hf":
         with SafetensorsCheckpoint(path) as reader:
             lazy = hf_tensors(reader, config, fresh_heads_seed=fresh_heads_seed)
-            # One tensor at a time: read, relaid out, cast, placed; the host copy dies each turn.
-            params = {p: _place(lazy[p].materialize(), targets[p].sharding) for p in targets}
+            # One tensor (one layer's) at a time: read, relaid out, cast, placed; the host copy dies each turn.
+            params = {
+                p: _place_stacked(lazy[p], targets[p].sharding)
+                if isinstance(lazy[p], StackedLazyTensor)
+                else _place(lazy[p].materialize(), targets[p].sharding)
+                for p in targets
+            }
     else:
         paths, fresh = _orbax_paths(path, config, fresh_heads_seed)
         params = flatten(restore_params(path, config, mesh=mesh, rules=rules, paths=paths))
@@ -289,7 +334,7 @@ def load_model(
     # An HF causal LM's config has a PRM head to initialise; only a PRM checkpoint has a trained one.
     has_prm = not stored.with_lm_head if kind == "hf" else stored.with_prm_head
     if head == "prm" and not has_prm:
-        reason = "config.json's architectures lack Qwen2ForProcessRewardModel" if kind == "hf" else "no PRM head"
+        reason = "config.json's architectures name no ...ForProcessRewardModel" if kind == "hf" else "no PRM head"
         raise ConversionError(
             f"{path}: a causal LM, not a process reward model ({reason}); its PRM head would be untrained. "
             "Train or convert a PRM first."

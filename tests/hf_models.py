@@ -11,7 +11,7 @@ import torch
 from flax import nnx
 
 from prm_jax.checkpoint import read_model_config, restore_params
-from prm_jax.conversion.hf_mapping import tensor_mappings
+from prm_jax.conversion.hf_mapping import params_from_hf
 from prm_jax.models.config import ModelConfig
 from prm_jax.models.factory import abstract_model, abstract_params
 
@@ -46,12 +46,16 @@ TINY_QWEN2_5: dict[str, Any] = dict(
 
 def random_causal_lm(model_type: str = "qwen2", seed: int = 0, **overrides: Any) -> torch.nn.Module:
     """A random-init transformers causal LM (fp32, eval mode) with non-trivial norms and biases."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     fields = {**TINY_QWEN2, **overrides}
     torch.manual_seed(seed)
     if model_type == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**fields))
+    elif model_type == "qwen3":  # q/k norms, no q/k/v bias; head_dim given (Qwen3's default is 128)
+        model = Qwen3ForCausalLM(
+            Qwen3Config(**{"head_dim": fields["hidden_size"] // fields["num_attention_heads"], **fields})
+        )
     elif model_type == "llama":
         model = LlamaForCausalLM(LlamaConfig(attention_bias=False, mlp_bias=False, **fields))
     else:
@@ -67,7 +71,7 @@ def random_causal_lm(model_type: str = "qwen2", seed: int = 0, **overrides: Any)
 def jax_arrays_from_torch(model: torch.nn.Module, config: ModelConfig) -> dict:
     """Our parameter tree of numpy arrays from a transformers state dict, via the mapping table."""
     state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
-    return nnx.traversals.unflatten_mapping({m.path: m.to_jax(state[m.hf_name]) for m in tensor_mappings(config)})
+    return params_from_hf(config, state.__getitem__)
 
 
 def jax_model(config: ModelConfig, params: dict, mesh: jax.sharding.Mesh | None = None) -> nnx.Module:
@@ -90,3 +94,30 @@ def save_hf(model: torch.nn.Module, out_dir: Path) -> Path:
 
 def rng_ids(batch: int, length: int, vocab: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, vocab, size=(batch, length)).astype(np.int32)
+
+
+def save_raw_checkpoint(directory: Path, params: dict, metadata: dict) -> Path:
+    """An Orbax model checkpoint written as is (no checks): for tampered or older layouts."""
+    import orbax.checkpoint as ocp
+
+    from prm_jax import checkpoint
+
+    ocp.Checkpointer(ocp.CompositeCheckpointHandler()).save(
+        directory,
+        args=ocp.args.Composite(
+            **{checkpoint.PARAMS_ITEM: ocp.args.PyTreeSave(params), checkpoint.CONFIG_ITEM: ocp.args.JsonSave(metadata)}
+        ),
+    )
+    return directory
+
+
+def per_layer_params(flat: dict) -> dict:
+    """Stacked layer parameters ({path: array}) split into one tensor per layer, as layouts 1 and 2
+    (before scanned layers) stored them: `model/layers/0/...`."""
+    out = {}
+    for path, value in flat.items():
+        if tuple(map(str, path[:2])) == ("model", "layers"):
+            out.update({(*path[:2], str(i), *path[2:]): np.asarray(layer) for i, layer in enumerate(value)})
+        else:
+            out[path] = np.asarray(value)
+    return out

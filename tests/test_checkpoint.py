@@ -42,7 +42,7 @@ def test_metadata_round_trip(saved_from_fsdp4) -> None:
     directory, _ = saved_from_fsdp4
     assert read_model_config(directory) == CONFIG
     meta = read_checkpoint_metadata(directory)
-    assert meta["provenance"] == {"test": "fsdp4"} and meta["scan_layers"] is False
+    assert meta["provenance"] == {"test": "fsdp4"} and meta["scan_layers"] is True and meta["layout_version"] == 3
     assert read_model_config(directory, dtype="bfloat16").dtype == "bfloat16"
 
 
@@ -58,13 +58,13 @@ def test_restore_on_other_meshes_is_identical(saved_from_fsdp4, mesh_shape) -> N
         n_devices = len(value.sharding.device_set)
         assert n_devices == (1 if mesh is None else 4)
     if mesh_shape == {"fsdp": 2, "tensor": 2}:
-        q = restored[("model", "layers", 1, "self_attn", "q_proj", "kernel")]
-        assert q.sharding.is_equivalent_to(NamedSharding(mesh, P("fsdp", "tensor", None)), 3)
+        q = restored[("model", "layers", "self_attn", "q_proj", "kernel")]  # [layers, embed, heads, head_dim]
+        assert q.sharding.is_equivalent_to(NamedSharding(mesh, P(None, "fsdp", "tensor", None)), 4)
 
 
 def test_partial_restore_as_numpy(saved_from_fsdp4) -> None:
     directory, expected = saved_from_fsdp4
-    path = ("model", "layers", 1, "mlp", "down_proj", "kernel")
+    path = ("model", "layers", "mlp", "down_proj", "kernel")
     got = flatten_mapping(restore_params(directory, paths=[path], as_numpy=True))
     assert list(got) == [path] and isinstance(got[path], np.ndarray)
     np.testing.assert_array_equal(got[path], expected[path])
@@ -89,7 +89,7 @@ def test_lazy_tensors_load_once_each(tmp_path, saved_from_fsdp4) -> None:
 def test_failed_save_leaves_nothing(tmp_path, saved_from_fsdp4) -> None:
     _, expected = saved_from_fsdp4
     params = dict(expected)
-    victim = ("model", "layers", 1, "mlp", "up_proj", "kernel")
+    victim = ("model", "layers", "mlp", "up_proj", "kernel")
 
     def explode() -> np.ndarray:
         raise OSError("disk on fire")

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hf_models import random_causal_lm, restore_model, save_hf
+from flax import nnx
+from hf_models import per_layer_params, random_causal_lm, restore_model, save_hf, save_raw_checkpoint
 from safetensors.numpy import load_file
 from tiny_assets import build_tiny_tokenizer
 
@@ -18,6 +19,7 @@ from prm_jax.checkpoint import read_checkpoint_metadata
 from prm_jax.conversion.hf_checkpoint import hf_tensor_names, hf_to_orbax, orbax_to_hf
 from prm_jax.conversion.safetensors_io import SafetensorsCheckpoint, TensorSpec, write_safetensors
 from prm_jax.models.config import UnsupportedCheckpointError
+from prm_jax.models.factory import params_of
 from prm_jax.scoring import score_prm_inputs, score_steps
 from prm_jax.tokenization import build_prm_input, separator_token_id
 from prm_jax.weights import ConversionError
@@ -46,7 +48,7 @@ def test_causal_lm_import_keeps_backbone_and_lm_head(converted) -> None:
     source = load_file(converted["hf_lm"] / "model.safetensors")
     np.testing.assert_array_equal(np.asarray(model.lm_head.kernel[...]), source["lm_head.weight"].T)
     q = source["model.layers.1.self_attn.q_proj.weight"]
-    np.testing.assert_array_equal(np.asarray(model.model.layers[1].self_attn.q_proj.kernel[...]), q.T.reshape(32, 4, 8))
+    np.testing.assert_array_equal(np.asarray(model.model.layers.self_attn.q_proj.kernel[1]), q.T.reshape(32, 4, 8))
 
 
 def test_causal_lm_export_round_trips_to_transformers_exactly(converted, tmp_path) -> None:
@@ -170,22 +172,13 @@ def test_dtype_flag_overrides_the_source_dtype(converted, tmp_path) -> None:
     assert {str(v.dtype) for v in weights.values()} == {"bfloat16"}
 
 
-def test_checkpoint_without_new_metadata_still_restores_and_exports(converted, tmp_path, monkeypatch) -> None:
-    """Checkpoints written before source_dtype/tokenizer were recorded: bf16 default, no tokenizer."""
-    import prm_jax.checkpoint as checkpoint_module
-
-    def old_metadata(config, provenance, **_):
-        return {
-            "layout_version": 1,
-            "scan_layers": False,
-            "config": config.to_json_dict(),
-            "provenance": dict(provenance or {}),
-        }
-
+def test_checkpoint_without_new_metadata_still_restores_and_exports(converted, tmp_path) -> None:
+    """Checkpoints written before source_dtype/tokenizer were recorded (layout 2, one tensor per
+    layer): bf16 default, no tokenizer."""
     model = restore_model(converted["orbax"])
-    with monkeypatch.context() as m:
-        m.setattr(checkpoint_module, "checkpoint_metadata", old_metadata)
-        checkpoint_module.save_model(tmp_path / "old", model)
+    old_metadata = {"layout_version": 2, "scan_layers": False, "config": model.config.to_json_dict(), "provenance": {}}
+    params = nnx.traversals.unflatten_mapping(per_layer_params(nnx.traversals.flatten_mapping(params_of(model))))
+    save_raw_checkpoint(tmp_path / "old", params, old_metadata)
     assert "source_dtype" not in read_checkpoint_metadata(tmp_path / "old")
     restore_model(tmp_path / "old")
     orbax_to_hf(tmp_path / "old", tmp_path / "hf")

@@ -113,7 +113,7 @@ def test_bf16_compute_keeps_fp32_params_and_stays_close() -> None:
     ids = jnp.asarray(rng_ids(2, 9, 64, seed=7))
     h32, h16 = fp32(ids), bf16(ids)
     assert h16.dtype == jnp.bfloat16
-    assert bf16.model.layers[0].mlp.up_proj.kernel[...].dtype == jnp.float32
+    assert bf16.model.layers.mlp.up_proj.kernel[...].dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(h16, np.float32), np.asarray(h32), atol=0.1)
 
 

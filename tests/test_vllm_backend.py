@@ -275,6 +275,18 @@ def test_scorer_refuses_an_engine_that_pools_on_another_token(fake_vllm, tmp_pat
         VLLMStepScorer(str(_prm_dir(tmp_path, 151651)))
 
 
+def test_scorer_refuses_an_architecture_vllm_lacks(fake_vllm, tmp_path) -> None:
+    fake_vllm.ModelRegistry = SimpleNamespace(get_supported_archs=lambda: ["Qwen2ForProcessRewardModel"])
+    fake_vllm.__version__ = "0.32.0"
+    config = {"architectures": ["Qwen3ForProcessRewardModel"], "step_separator_id": 151651}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"vLLM 0.32.0 has no model class for \['Qwen3ForProcessRewardModel'\]"):
+        VLLMStepScorer(str(tmp_path))
+    config["architectures"] = ["Qwen2ForProcessRewardModel"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert VLLMStepScorer(str(tmp_path)).step_separator_id == 151651
+
+
 def test_chunked_prefill_is_left_to_vllm_on_gpus(fake_vllm, tokenizer_dir) -> None:
     fake_vllm.platforms.current_platform.is_cpu = lambda: False
     backend = VLLMBackend(str(tokenizer_dir))

@@ -7,10 +7,11 @@ import json
 from pathlib import Path
 
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from flax.nnx.traversals import flatten_mapping, unflatten_mapping
-from hf_models import random_causal_lm, restore_model, save_hf
+from hf_models import per_layer_params, random_causal_lm, restore_model, save_hf, save_raw_checkpoint
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from safetensors.numpy import load_file
 from tiny_assets import tiny_config
 
@@ -45,8 +46,8 @@ def test_hf_and_orbax_load_the_same_parameters(sources) -> None:
     assert a.keys() == b.keys() and any(p[0] == "score" for p in a) and any(p[0] == "lm_head" for p in a)
     for path in a:
         np.testing.assert_array_equal(a[path], b[path], err_msg=str(path))
-    q = flatten_mapping(from_hf)[("model", "layers", 1, "self_attn", "q_proj", "kernel")]
-    assert len(q.sharding.device_set) == 4 and tuple(q.sharding.spec) == ("fsdp", "tensor", None)
+    q = flatten_mapping(from_hf)[("model", "layers", "self_attn", "q_proj", "kernel")]  # built layer by layer
+    assert len(q.sharding.device_set) == 4 and tuple(q.sharding.spec) == (None, "fsdp", "tensor", None)
 
 
 def _write_hf(src: Path, dst: Path, tensors: dict[str, np.ndarray]) -> Path:
@@ -106,32 +107,21 @@ def save_hf_prm(sources: dict[str, Path], out: Path) -> Path:
     return orbax_to_hf(sources["orbax"], out, dtype="float32")
 
 
-def _save_raw(directory: Path, params: dict, metadata: dict) -> Path:
-    """An Orbax model checkpoint written as is (no checks): for tampered or older layouts."""
-    ocp.Checkpointer(ocp.CompositeCheckpointHandler()).save(
-        directory,
-        args=ocp.args.Composite(
-            **{checkpoint.PARAMS_ITEM: ocp.args.PyTreeSave(params), checkpoint.CONFIG_ITEM: ocp.args.JsonSave(metadata)}
-        ),
-    )
-    return directory
-
-
 def test_orbax_problems_are_all_named(sources, tmp_path) -> None:
     flat = _flat(checkpoint.restore_params(sources["orbax"], as_numpy=True))
-    del flat[("model", "layers", 1, "mlp", "up_proj", "kernel")]
-    flat[("model", "layers", 9, "extra")] = np.zeros(3, np.float32)
-    flat[("model", "layers", 0, "self_attn", "k_proj", "kernel")] = np.zeros((32, 1, 8), np.float32)
+    del flat[("model", "layers", "mlp", "up_proj", "kernel")]
+    flat[("model", "layers", "extra")] = np.zeros(3, np.float32)
+    flat[("model", "layers", "self_attn", "k_proj", "kernel")] = np.zeros((2, 32, 1, 8), np.float32)
     flat[("model", "norm", "weight")] = flat[("model", "norm", "weight")].astype(np.int32)
     metadata = checkpoint.read_checkpoint_metadata(sources["orbax"])
-    bad = _save_raw(tmp_path / "bad", unflatten_mapping(flat), metadata)
+    bad = save_raw_checkpoint(tmp_path / "bad", unflatten_mapping(flat), metadata)
     with pytest.raises(ConversionError) as info:
         load_weights(bad, read_config(bad))
     message = str(info.value)
     for needle in (
-        "missing tensor(s) ['model.layers.1.mlp.up_proj.kernel']",
-        "unexpected tensor(s) ['model.layers.9.extra'] in params",
-        "tensor model.layers.0.self_attn.k_proj.kernel: shape (32, 1, 8) in checkpoint, expected (32, 2, 8)",
+        "missing tensor(s) ['model.layers.mlp.up_proj.kernel']",
+        "unexpected tensor(s) ['model.layers.extra'] in params",
+        "tensor model.layers.self_attn.k_proj.kernel: shape (2, 32, 1, 8) in checkpoint, expected (2, 32, 2, 8)",
         "tensor model.norm.weight (params): dtype int32",
     ):
         assert needle in message, message
@@ -148,28 +138,35 @@ def _layout_1(tree):
     return out
 
 
-def test_layout_1_checkpoints_still_restore(sources, tmp_path) -> None:
+@pytest.mark.parametrize("layout", [1, 2])
+def test_per_layer_checkpoints_still_restore(sources, tmp_path, layout) -> None:
+    """Layouts 1 (`q_kernel` names) and 2 (HF names) kept one tensor per layer: they restore
+    stacked, through every reader (restore, partial restore, load onto a mesh, export)."""
     expected = _flat(checkpoint.restore_params(sources["orbax"], as_numpy=True))
-    old_tree = _layout_1(unflatten_mapping(expected))
-    assert (
-        "q_kernel" in old_tree["model"]["layers"]["0"]["self_attn"]
-        and "gate_kernel" in old_tree["model"]["layers"]["0"]["mlp"]
-    )
-    metadata = {**checkpoint.read_checkpoint_metadata(sources["orbax"]), "layout_version": 1}
-    old = _save_raw(tmp_path / "old", old_tree, metadata)
-    assert checkpoint.LAYOUT_VERSION == 2 and checkpoint.read_checkpoint_metadata(old)["layout_version"] == 1
+    old_tree = unflatten_mapping(per_layer_params(expected))
+    if layout == 1:
+        old_tree = _layout_1(old_tree)
+        assert "q_kernel" in old_tree["model"]["layers"]["0"]["self_attn"]
+        assert "gate_kernel" in old_tree["model"]["layers"]["1"]["mlp"]
+    metadata = {**checkpoint.read_checkpoint_metadata(sources["orbax"]), "layout_version": layout, "scan_layers": False}
+    old = save_raw_checkpoint(tmp_path / "old", old_tree, metadata)
+    assert checkpoint.LAYOUT_VERSION == 3 and checkpoint.read_checkpoint_metadata(old)["layout_version"] == layout
     restored = _flat(params_of(restore_model(old)))
     assert restored.keys() == expected.keys()
     for path, value in restored.items():
         np.testing.assert_array_equal(value, expected[path], err_msg=str(path))
-    path = ("model", "layers", 1, "self_attn", "q_proj", "bias")
+    path = ("model", "layers", "self_attn", "q_proj", "bias")
     got = _flat(checkpoint.restore_params(old, paths=[path], as_numpy=True))
     np.testing.assert_array_equal(got[path], expected[path])
     model = load_model(old, head="prm", mesh=make_mesh({"fsdp": 4}))
-    np.testing.assert_array_equal(
-        np.asarray(model.model.layers[0].mlp.gate_proj.kernel[...]),
-        expected[("model", "layers", 0, "mlp", "gate_proj", "kernel")],
-    )
+    gate = model.model.layers.mlp.gate_proj.kernel[...]
+    assert gate.sharding.is_equivalent_to(NamedSharding(gate.sharding.mesh, P(None, "fsdp", None)), 3)
+    np.testing.assert_array_equal(np.asarray(gate), expected[("model", "layers", "mlp", "gate_proj", "kernel")])
+    exported, old_export = orbax_to_hf(sources["orbax"], tmp_path / "new_hf"), orbax_to_hf(old, tmp_path / "old_hf")
+    new_tensors, old_tensors = load_file(exported / "model.safetensors"), load_file(old_export / "model.safetensors")
+    assert new_tensors.keys() == old_tensors.keys()
+    for name in new_tensors:
+        np.testing.assert_array_equal(old_tensors[name], new_tensors[name], err_msg=name)
 
 
 def test_training_inits_from_an_hf_directory_as_from_its_conversion(sources, tmp_path) -> None:
@@ -195,6 +192,6 @@ def test_training_inits_from_an_hf_directory_as_from_its_conversion(sources, tmp
         np.testing.assert_array_equal(hf[path], orbax[path], err_msg=str(path))
     source = load_file(sources["hf"] / "model.safetensors")
     np.testing.assert_array_equal(
-        hf[("model", "layers", 0, "mlp", "up_proj", "kernel")], source["model.layers.0.mlp.up_proj.weight"].T
+        hf[("model", "layers", "mlp", "up_proj", "kernel")][1], source["model.layers.1.mlp.up_proj.weight"].T
     )
     assert json.loads((sources["hf"] / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]

@@ -7,6 +7,10 @@ freshly initialised from a seed) or a `Qwen2ForProcessRewardModel` checkpoint (h
 the tokenizer with the step separator as one token: by default the one the training run recorded
 in the checkpoint, so the export scores at the very token id the model was trained on.
 
+Qwen3 (`Qwen3ForCausalLM`, q/k norms) converts the same way; its PRM export is the same layout on
+the Qwen3 backbone (`Qwen3ForProcessRewardModel`, its own remote-code files), which transformers
+loads but vLLM has no native class for: the export says so in its README.md and log.
+
 Export dtype defaults to the dtype the weights were imported in (recorded by `hf_to_orbax`), so
 HF -> Orbax -> HF with default settings is exact.
 
@@ -25,12 +29,12 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from prm_jax.checkpoint import read_checkpoint_metadata, restore_params, save_params, stored_tensors
+from prm_jax.checkpoint import StoredParams, read_checkpoint_metadata, save_params
 from prm_jax.conversion.hf_mapping import TensorMapping, tensor_mappings
-from prm_jax.conversion.remote_code import ARCHITECTURE, AUTO_MAP, write_remote_code
+from prm_jax.conversion.remote_code import remote_code_for, write_remote_code
 from prm_jax.conversion.safetensors_io import SafetensorsCheckpoint, TensorSpec, write_safetensors
 from prm_jax.files import staged_directory
-from prm_jax.models.config import ModelConfig
+from prm_jax.models.config import CAUSAL_LM_ARCHITECTURES, ModelConfig, UnsupportedCheckpointError
 from prm_jax.models.vocab import grow_vocab_axis, padded_vocab_size
 from prm_jax.output_paths import refuse_output_over_input
 from prm_jax.tokenization import (
@@ -204,6 +208,8 @@ def orbax_to_hf(
     """Exports an Orbax model checkpoint in the Qwen2.5-Math-PRM Hugging Face layout, or with
     `head="lm"` as a plain `Qwen2ForCausalLM` (a policy trained with `objective=lm`, for vLLM or
     transformers: backbone and LM head, the tokenizer as recorded or given, no separator, no remote code).
+    A Qwen3 checkpoint exports as `Qwen3ForProcessRewardModel` (remote code on `Qwen3Model`) or
+    `Qwen3ForCausalLM`.
 
     `dtype` defaults to the checkpoint's recorded `source_dtype` (the dtype it was imported in),
     else bfloat16. The tokenizer saved beside the weights is the one the training run recorded;
@@ -236,7 +242,17 @@ def orbax_to_hf(
         raise ConversionError(
             f"{orbax_dir}: checkpoint has no {EXPORT_HEADS[head]}; nothing to export with head={head!r}"
         )
-    config.to_hf_dict()  # raises early for layouts Qwen2 cannot express
+    config.to_hf_dict()  # raises early for layouts Qwen2/Qwen3 cannot express
+    if head == "prm":
+        remote_code = remote_code_for(config.model_type)
+        architecture: dict[str, Any] = {
+            "architectures": [remote_code.architecture],
+            "auto_map": dict(remote_code.auto_map),
+        }
+    elif config.model_type in CAUSAL_LM_ARCHITECTURES:
+        architecture = {"architectures": [CAUSAL_LM_ARCHITECTURES[config.model_type]]}
+    else:
+        raise UnsupportedCheckpointError(f"no causal-LM export for model_type={config.model_type!r}")
 
     vocab_size = config.vocab_size
     if head == "lm":
@@ -257,25 +273,23 @@ def orbax_to_hf(
     specs = [TensorSpec(m.hf_name, hf_shape(m), out_dtype) for m in mappings]
     by_name = {m.hf_name: m for m in mappings}
 
-    stored = stored_tensors(orbax_dir)  # the metadata once, not once per tensor
+    stored = StoredParams(orbax_dir)  # the metadata once, not once per tensor
 
     def get_tensor(name: str) -> np.ndarray:
+        # One HF tensor read from disk: a whole parameter, or one layer of a stacked one.
         m = by_name[name]
-        restored = restore_params(orbax_dir, config, paths=[m.path], as_numpy=True, stored=stored)
-        value = nnx.traversals.flatten_mapping(restored)[m.path]
-        value = m.to_hf(np.asarray(value))
+        value = m.to_hf(stored.read(m.path, m.layer, config.parameter_dtype))
         if name == embed_name and vocab_size > config.vocab_size:
             value = grow_vocab_axis(value, vocab_size, axis=0)
         return value.astype(out_dtype, copy=False)
 
     _refuse_to_overwrite(hf_dir, overwrite)
-    note = None
+    notes = []
     with staged_directory(hf_dir) as staging:
         staging.mkdir()
         write_safetensors(staging, specs, get_tensor, max_shard_bytes=max_shard_bytes)
         hf_config = {
-            **({"architectures": [ARCHITECTURE], "auto_map": dict(AUTO_MAP)} if head == "prm" else {}),
-            **({"architectures": ["Qwen2ForCausalLM"]} if head == "lm" else {}),
+            **architecture,
             **config.replace(vocab_size=vocab_size).to_hf_dict(torch_dtype=dtype),
             "transformers_version": _transformers_version(),
         }
@@ -286,15 +300,24 @@ def orbax_to_hf(
             hf_config["step_separator_id"] = step_separator.token_id
             if step_separator.token_id != VLLM_DEFAULT_STEP_TAG_ID:
                 hf_config["vllm_pooler_config"] = vllm_pooler_setting(step_separator.token_id)
-                note = vllm_separator_note(step_separator.token, step_separator.token_id)
-                (staging / "README.md").write_text(f"# Process reward model (prm-jax export)\n\n{note}\n")
+                if remote_code.vllm_native:  # else the note below says vLLM cannot serve it at all
+                    notes.append(vllm_separator_note(step_separator.token, step_separator.token_id))
+        if head == "prm" and not remote_code.vllm_native:
+            notes.append(
+                f"vLLM has no native {remote_code.architecture} (it serves Qwen2ForProcessRewardModel only): "
+                "score this model with transformers (`AutoModel.from_pretrained(path, trust_remote_code=True)`) "
+                "or prm-jax, not with vLLM's pooling runner."
+            )
+        if notes:
+            body = "\n\n".join(notes)
+            (staging / "README.md").write_text(f"# Process reward model (prm-jax export)\n\n{body}\n")
         (staging / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
         if head == "prm":
-            write_remote_code(staging)
+            write_remote_code(staging, config.model_type)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
     _log.info("wrote %s (%d tensors, %s)", hf_dir, len(specs), dtype)
-    if note is not None:
+    for note in notes:
         _log.warning("%s: %s", hf_dir, note)
     return hf_dir
 

@@ -206,6 +206,22 @@ class VLLMBackend:
         _shutdown(self.llm)
 
 
+def _refuse_architectures_vllm_lacks(vllm: Any, model: str) -> None:
+    """A clear error before an engine starts for a local checkpoint whose architecture this vLLM has
+    no class for (a Qwen3 PRM: vLLM ships Qwen2ForProcessRewardModel only)."""
+    config_path = Path(model) / "config.json"
+    registry = getattr(vllm, "ModelRegistry", None)
+    if registry is None or not config_path.is_file():
+        return
+    architectures = json.loads(config_path.read_text(encoding="utf-8")).get("architectures") or []
+    missing = [a for a in architectures if a not in registry.get_supported_archs()]
+    if missing:
+        raise ValueError(
+            f"{model}: vLLM {getattr(vllm, '__version__', '')} has no model class for {missing}; "
+            "score it with the JAX backend (--backend=jax)"
+        )
+
+
 def _separator_id_from_checkpoint(model: str, tokenizer: str | None, trust_remote_code: bool) -> int:
     """The step separator id: `config.json["step_separator_id"]` (our exports), else the tokenizer's
     single-token `<extra_0>` (released Qwen2.5-Math-PRM checkpoints), else an error."""
@@ -267,6 +283,7 @@ class VLLMStepScorer:
         self._vllm = _import_vllm()
         model = str(model)
         tokenizer = None if tokenizer is None else str(tokenizer)
+        _refuse_architectures_vllm_lacks(self._vllm, model)
         if step_separator_id is None:
             step_separator_id = _separator_id_from_checkpoint(model, tokenizer, engine.trust_remote_code)
         self.step_separator_id = int(step_separator_id)

@@ -1,4 +1,4 @@
-"""Model configuration: one dataclass for the Qwen2 / Llama-style decoder family.
+"""Model configuration: one dataclass for the Qwen2 / Qwen3 / Llama-style decoder family.
 
 `ModelConfig` holds the architecture (what a Hugging Face `config.json` describes) plus the runtime
 choices that are ours (compute dtype, remat policy, attention implementation, which heads exist).
@@ -17,8 +17,20 @@ from typing import Any
 import jax.numpy as jnp
 
 # Architectures whose checkpoints map onto our decoder without changes to the math.
-SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM", "Qwen2ForProcessRewardModel", "LlamaForCausalLM")
-SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
+SUPPORTED_ARCHITECTURES = (
+    "Qwen2ForCausalLM",
+    "Qwen2ForProcessRewardModel",
+    "Qwen3ForCausalLM",
+    "Qwen3ForProcessRewardModel",
+    "LlamaForCausalLM",
+)
+SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")
+#: Architectures of a process reward model checkpoint (step head, no LM head).
+PRM_ARCHITECTURES = ("Qwen2ForProcessRewardModel", "Qwen3ForProcessRewardModel")
+#: The transformers causal-LM class of each model type an export can write.
+CAUSAL_LM_ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+# An architecture name is its model type's class name plus one of these.
+_ARCH_SUFFIXES = ("ForCausalLM", "ForProcessRewardModel")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 # "auto" lets jax.nn.dot_product_attention choose; in jax 0.10 that is always the XLA kernel.
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
@@ -113,7 +125,10 @@ class ModelConfig:
     rope_scaling_factor: float = 1.0  # "linear" RoPE scaling; 1.0 = none
     rms_norm_eps: float = 1e-6
     max_position_embeddings: int = 4096
-    attention_bias: bool = True  # bias on q/k/v (Qwen2: yes, Llama: no); o_proj never has one
+    attention_bias: bool = True  # bias on q/k/v (Qwen2: yes, Llama/Qwen3: no); o_proj never has one
+    # Per-head RMSNorm of q and k (weights [head_dim]) before rotary: Qwen3. The default keeps
+    # checkpoint metadata written before this field loading as what it was.
+    qk_norm: bool = False
     tie_word_embeddings: bool = False
     num_labels: int = 2
     model_type: str = "qwen2"
@@ -171,6 +186,8 @@ class ModelConfig:
         attn = h * n * d + 2 * h * k * d + n * d * h
         if self.attention_bias:
             attn += n * d + 2 * k * d
+        if self.qk_norm:
+            attn += 2 * d
         per_layer = attn + 3 * h * i + 2 * h
         total = v * h + self.num_hidden_layers * per_layer + h
         if self.with_lm_head and not self.tie_word_embeddings:
@@ -204,7 +221,7 @@ class ModelConfig:
         if missing:
             raise ValueError(f"{source}: missing required field(s) {missing}")
         check_hf_field_types(hf, source)
-        if "head_dim" not in hf and hf["hidden_size"] % hf["num_attention_heads"]:
+        if "head_dim" not in hf and model_type != "qwen3" and hf["hidden_size"] % hf["num_attention_heads"]:
             raise ValueError(
                 f"{source}: hidden_size={hf['hidden_size']} is not a multiple of "
                 f"num_attention_heads={hf['num_attention_heads']} (and no head_dim is given)"
@@ -224,15 +241,35 @@ class ModelConfig:
             )
         if hf.get("use_sliding_window"):
             raise UnsupportedCheckpointError(f"{source}: use_sliding_window=true is not supported")
+        layer_types = hf.get("layer_types")
+        if layer_types is not None and (
+            not isinstance(layer_types, list) or any(t != "full_attention" for t in layer_types)
+        ):
+            raise UnsupportedCheckpointError(
+                f"{source}: layer_types={layer_types!r} is not supported (every layer must be full_attention)"
+            )
+        family = {
+            a: a[: -len(suffix)].lower() for a in architectures for suffix in _ARCH_SUFFIXES if a.endswith(suffix)
+        }
+        mismatched = sorted(a for a, f in family.items() if f != model_type)
+        if mismatched:
+            raise UnsupportedCheckpointError(
+                f"{source}: architectures={mismatched} do not match model_type={model_type!r}"
+            )
 
         if model_type == "llama" and (hf.get("attention_bias") or hf.get("mlp_bias")):
             # Llama's attention_bias also puts a bias on o_proj, which this decoder does not have.
             raise UnsupportedCheckpointError(f"{source}: Llama with attention_bias/mlp_bias=true is not supported")
+        if model_type == "qwen3" and hf.get("attention_bias"):
+            # Qwen3's attention is Llama's: attention_bias puts a bias on o_proj too.
+            raise UnsupportedCheckpointError(f"{source}: Qwen3 with attention_bias=true is not supported")
         n_heads = int(hf["num_attention_heads"])
-        is_prm = "Qwen2ForProcessRewardModel" in architectures
+        is_prm = any(a in PRM_ARCHITECTURES for a in architectures)
         defaults: dict[str, Any] = {"with_lm_head": not is_prm, "with_prm_head": True}
         defaults.update(overrides)
         attention_bias = hf.get("attention_bias", model_type == "qwen2")
+        # transformers' Qwen3Config defaults head_dim to 128, not hidden_size // heads.
+        default_head_dim = 128 if model_type == "qwen3" else int(hf["hidden_size"]) // n_heads
         return cls(
             vocab_size=int(hf["vocab_size"]),
             hidden_size=int(hf["hidden_size"]),
@@ -240,12 +277,13 @@ class ModelConfig:
             num_hidden_layers=int(hf["num_hidden_layers"]),
             num_attention_heads=n_heads,
             num_key_value_heads=int(hf.get("num_key_value_heads") or n_heads),
-            head_dim=int(hf.get("head_dim") or int(hf["hidden_size"]) // n_heads),
+            head_dim=int(hf.get("head_dim") or default_head_dim),
             rope_theta=float(rope_theta),
             rope_scaling_factor=scaling_factor,
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
             attention_bias=bool(attention_bias),
+            qk_norm=model_type == "qwen3",
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             num_labels=int(hf.get("num_labels", 2)),
             model_type=model_type,
@@ -272,14 +310,26 @@ class ModelConfig:
         return cls.from_hf_dict(data, source=str(path), **overrides)
 
     def to_hf_dict(self, *, torch_dtype: str = "bfloat16") -> dict[str, Any]:
-        """The Qwen2 fields of config.json in a form transformers 4.4x and 5.x both read.
+        """The Qwen2 (or, for `model_type="qwen3"`, Qwen3) fields of config.json in a form
+        transformers 4.4x and 5.x both read (Qwen3: 4.51+, the first with Qwen3).
 
         Both spellings are written: 4.x reads top-level `rope_theta`/`torch_dtype`, 5.x reads
         `rope_parameters`/`dtype` (and tolerates the legacy keys).
         """
+        qwen3 = self.model_type == "qwen3"
+        if qwen3 and (self.attention_bias or not self.qk_norm):
+            raise UnsupportedCheckpointError(
+                "export to the Qwen3 layout needs attention_bias=False and qk_norm=True (Qwen3 has q/k "
+                f"norms and no q/k/v biases); this model has attention_bias={self.attention_bias}, "
+                f"qk_norm={self.qk_norm}"
+            )
+        if not qwen3 and self.qk_norm:
+            raise UnsupportedCheckpointError(
+                f"model_type={self.model_type!r} with qk_norm=True: only the Qwen3 layout has q/k norms"
+            )
         rope_parameters: dict[str, Any] = {"rope_theta": self.rope_theta, "rope_type": "default"}
         out: dict[str, Any] = {
-            "model_type": "qwen2",
+            "model_type": "qwen3" if qwen3 else "qwen2",
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -308,7 +358,9 @@ class ModelConfig:
             scaling = {"rope_type": "linear", "type": "linear", "factor": self.rope_scaling_factor}
             out["rope_scaling"] = scaling
             out["rope_parameters"] = {**rope_parameters, "rope_type": "linear", "factor": self.rope_scaling_factor}
-        if not self.attention_bias:
+        if qwen3:
+            out["attention_bias"] = False
+        elif not self.attention_bias:
             # Qwen2 in transformers always has q/k/v bias; without it the checkpoint is Llama-like
             # and cannot be exported in the Qwen2 layout faithfully.
             raise UnsupportedCheckpointError(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +26,8 @@ from prm_jax.models.config import ModelConfig
 from prm_jax.sharding import logical_constraint
 
 _KERNEL_INIT = jax.nn.initializers.normal(stddev=0.02)
+#: Logical axis of the stacked layer parameters (replicated by the default rules).
+LAYERS_AXIS = "layers"
 
 
 def _param(
@@ -96,29 +99,34 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    """Per-layer keys/values [B, S, kv_heads, head_dim] and slot segments [B, S] (0 = empty/pad)."""
+    """Keys/values of every layer, stacked [layers, B, S, kv_heads, head_dim] like the scanned
+    parameters, and slot segments [B, S] (0 = empty/pad)."""
 
-    keys: tuple[jax.Array, ...]
-    values: tuple[jax.Array, ...]
+    keys: jax.Array
+    values: jax.Array
     segments: jax.Array
 
     @classmethod
     def empty(cls, config: ModelConfig, batch: int, slots: int, dtype: jnp.dtype | None = None) -> KVCache:
-        shape = (batch, slots, config.num_key_value_heads, config.head_dim)
+        shape = (config.num_hidden_layers, batch, slots, config.num_key_value_heads, config.head_dim)
         dtype = dtype or config.compute_dtype
-        layers = range(config.num_hidden_layers)
-        return cls(
-            tuple(jnp.zeros(shape, dtype) for _ in layers),
-            tuple(jnp.zeros(shape, dtype) for _ in layers),
-            jnp.zeros((batch, slots), jnp.int32),
-        )
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, slots), jnp.int32))
 
     def take_rows(self, rows: jax.Array) -> KVCache:
         """The cache of selected rows (e.g. one prefilled prompt repeated for its n samples)."""
-        return KVCache(tuple(k[rows] for k in self.keys), tuple(v[rows] for v in self.values), self.segments[rows])
+        return KVCache(self.keys[:, rows], self.values[:, rows], self.segments[rows])
 
 
 # ---------------------------------------------------------------------------- layers
+
+
+def residual_constraint(x: jax.Array) -> jax.Array:
+    """The residual stream [B, T, E] between blocks: sharded over its length on `tensor` by the
+    default rules (`activation_norm_length`, Megatron-style sequence parallelism). Norms and
+    residual adds then run on T/tensor tokens per device and each layer keeps T/tensor of its
+    input for the backward; attention and the MLP gather the sequence and scatter it back.
+    """
+    return logical_constraint(x, ("activation_batch", "activation_norm_length", "activation_embed"))
 
 
 class RMSNorm(nnx.Module):
@@ -175,6 +183,10 @@ class Attention(nnx.Module):
             ]
         self.q_proj, self.k_proj, self.v_proj = (Projection(w, b) for w, b in zip((wq, wk, wv), biases))
         self.o_proj = Projection(wo)
+        # Qwen3's per-head q/k RMSNorm (HF `self_attn.q_norm.weight`, [head_dim]), drawn last so a
+        # config without it initialises exactly what it did before.
+        self.q_norm = RMSNorm(d, config, rngs) if config.qk_norm else None
+        self.k_norm = RMSNorm(d, config, rngs) if config.qk_norm else None
 
     def _project(self, x: jax.Array, proj: Projection) -> jax.Array:
         y = jnp.einsum("bte,end->btnd", x, proj.kernel[...].astype(x.dtype))
@@ -183,8 +195,10 @@ class Attention(nnx.Module):
         return y
 
     def _qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        q = apply_rotary(self._project(x, self.q_proj), cos, sin)
-        k = apply_rotary(self._project(x, self.k_proj), cos, sin)
+        q, k = self._project(x, self.q_proj), self._project(x, self.k_proj)
+        if self.q_norm is not None:  # Qwen3: each head's q and k normalised over head_dim, before rotary
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         v = self._project(x, self.v_proj)
         q = logical_constraint(q, ("activation_batch", "activation_length", "activation_heads", None))
         k = logical_constraint(k, ("activation_batch", "activation_length", "activation_kv_heads", None))
@@ -240,9 +254,8 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(config, rngs)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
-        x = x + self.mlp(self.post_attention_layernorm(x))
-        return logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+        x = residual_constraint(x + self.self_attn(self.input_layernorm(x), cos, sin, mask))
+        return residual_constraint(x + self.mlp(self.post_attention_layernorm(x)))
 
     def call_with_cache(self, x, cos, sin, mask, cache_k, cache_v, write_index):
         attn, cache_k, cache_v = self.self_attn.call_with_cache(
@@ -260,13 +273,52 @@ _REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
 }
 
 
+def stacked_layers(config: ModelConfig, rngs: nnx.Rngs | None) -> DecoderLayer:
+    """All decoder layers as one module whose parameters are stacked on a leading `layers` axis.
+
+    The layers are drawn one after another from `rngs` and then stacked, so a seed gives the
+    values it gave unstacked layers. Inside a jit (`create_model`) the stacking is a copy XLA
+    fuses into the initialisation.
+    """
+    layers = [DecoderLayer(config, rngs) for _ in range(config.num_hidden_layers)]
+    graphdef = nnx.graphdef(layers[0])
+    state = jax.tree.map(lambda *xs: jnp.stack(xs), *(nnx.state(layer) for layer in layers))
+    state = nnx.spmd.add_axis(state, 0, {nnx.PARTITION_NAME: LAYERS_AXIS})
+    return nnx.merge(graphdef, state)
+
+
+def _scan_layers(
+    body: Callable[..., tuple[Any, Any]], carry: Any, layers: DecoderLayer, *xs: Any, remat_policy: str = "none"
+) -> tuple[Any, Any]:
+    """`body(carry, layer, *x) -> (carry, y)` over the stacked layers (and per-layer `xs`).
+
+    A `jax.lax.scan` over the layers' split state, each step merging one layer's slice: unlike a
+    graph-level transform it runs at any trace level (the sampler scans it inside its decode scan).
+    The remat policy wraps one layer, so the backward pass keeps one layer's residuals per step.
+    """
+    graphdef, state = nnx.split(layers)
+
+    def step(carry: Any, sliced: tuple[Any, ...]) -> tuple[Any, Any]:
+        layer_state, *x = sliced
+        return body(carry, nnx.merge(graphdef, layer_state), *x)
+
+    if remat_policy != "none":
+        step = jax.checkpoint(step, policy=_REMAT_POLICIES[remat_policy], prevent_cse=False)
+    return jax.lax.scan(step, carry, (state, *xs))
+
+
 class Decoder(nnx.Module):
-    """Embedding, decoder layers, final norm: the backbone both heads share."""
+    """Embedding, decoder layers, final norm: the backbone both heads share.
+
+    The layers are one `DecoderLayer` with stacked parameters (`stacked_layers`), run by a scan:
+    compile time stays flat in depth (80 layers compile like one), and the remat policy applies
+    per layer inside the scan.
+    """
 
     def __init__(self, config: ModelConfig, rngs: nnx.Rngs | None):
         self.config = config
         self.embed_tokens = Embedding(config, rngs)
-        self.layers = nnx.List([DecoderLayer(config, rngs) for _ in range(config.num_hidden_layers)])
+        self.layers = stacked_layers(config, rngs)
         self.norm = RMSNorm(config.hidden_size, config, rngs)
 
     def __call__(
@@ -278,16 +330,12 @@ class Decoder(nnx.Module):
             positions = positions_from_segments(segment_ids)
         mask = attention_mask(segment_ids)
         cos, sin = rotary_cos_sin(positions, self.config)
-        x = self.embed_tokens(input_ids)
-        x = logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+        x = residual_constraint(self.embed_tokens(input_ids))
 
-        def run_layer(layer: DecoderLayer, x: jax.Array) -> jax.Array:
-            return layer(x, cos, sin, mask)
+        def run_layer(x: jax.Array, layer: DecoderLayer) -> tuple[jax.Array, None]:
+            return layer(x, cos, sin, mask), None
 
-        if self.config.remat_policy != "none":
-            run_layer = nnx.remat(run_layer, policy=_REMAT_POLICIES[self.config.remat_policy])
-        for layer in self.layers:
-            x = run_layer(layer, x)
+        x, _ = _scan_layers(run_layer, x, self.layers, remat_policy=self.config.remat_policy)
         return self.norm(x)
 
     def call_with_cache(
@@ -308,12 +356,13 @@ class Decoder(nnx.Module):
         mask = (visible & (segments[:, None, :] == query_segments[:, :, None]))[:, None]
         cos, sin = rotary_cos_sin(positions, self.config)
         x = self.embed_tokens(input_ids)
-        keys, values = [], []
-        for layer, cache_k, cache_v in zip(self.layers, cache.keys, cache.values):
+
+        def run_layer(x, layer: DecoderLayer, cache_k, cache_v):
             x, cache_k, cache_v = layer.call_with_cache(x, cos, sin, mask, cache_k, cache_v, write_index)
-            keys.append(cache_k)
-            values.append(cache_v)
-        return self.norm(x), KVCache(tuple(keys), tuple(values), segments)
+            return x, (cache_k, cache_v)
+
+        x, (keys, values) = _scan_layers(run_layer, x, self.layers, cache.keys, cache.values)
+        return self.norm(x), KVCache(keys, values, segments)
 
 
 class LMHead(nnx.Module):
@@ -373,6 +422,16 @@ class Transformer(nnx.Module):
             logits = self.lm_head(hidden)
         logits = logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
         return logits.astype(jnp.float32)
+
+    def lm_head_weight(self) -> tuple[jax.Array, bool]:
+        """(weight, vocab_major) of the LM head `lm_logits` applies, for losses that apply it chunk
+        by chunk: the `lm_head` kernel [embed, vocab], or the tied embedding [vocab, embed]
+        (vocab_major), in the parameter dtype."""
+        if not self.config.with_lm_head:
+            raise ValueError("this model was built without the causal-LM head (with_lm_head=False)")
+        if self.lm_head is None:
+            return self.model.embed_tokens.embedding[...], True
+        return self.lm_head.kernel[...], False
 
     def step_logits(self, hidden: jax.Array) -> jax.Array:
         if self.score is None:
