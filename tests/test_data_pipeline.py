@@ -116,6 +116,20 @@ def test_packing_places_every_example_once_intact():
     assert max(int(b["segment_ids"].max()) for b in batches) >= 2
 
 
+def test_packing_keeps_to_the_segment_limit():
+    """The packed cuDNN kernel has a static limit of segments per row; the packer keeps to it."""
+    examples = make_examples(60)
+    unlimited = one_epoch(examples, rows_per_batch=4, seed=3)
+    assert max(int(b["segment_ids"].max()) for b in unlimited) > 2
+    batches = one_epoch(examples, rows_per_batch=4, seed=3, max_segments_per_row=2)
+    seen = []
+    for batch in batches:
+        check_layout(batch, 4)
+        seen += check_against_examples(batch, examples)
+    assert sorted(seen) == list(range(60))
+    assert max(int(b["segment_ids"].max()) for b in batches) == 2
+
+
 def test_positions_match_the_model():
     from prm_jax.models.transformer import positions_from_segments
 

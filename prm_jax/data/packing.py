@@ -4,7 +4,7 @@ PRM examples are short and vary in length (a problem plus a handful of steps: a 
 against training rows of thousands), so one example per row would spend most of the compute on
 padding. Packing places several whole examples in one row. Each example keeps its own segment id
 (1..k within a row; 0 is padding) and positions that restart at 0, and the model's attention mask
-never crosses segment ids (`prm_jax.models.transformer.attention_mask`), so a packed example
+never crosses segment ids (`prm_jax.models.attention`), so a packed example
 computes exactly what it would alone in a row. Examples are never split across rows: a PRM label
 sits at a separator whose meaning depends on the whole prefix of its example.
 
@@ -109,7 +109,12 @@ def _finalize_row(packed: dict[str, Any]) -> dict[str, np.ndarray]:
 
 
 def pack_rows(
-    features: grain.IterDataset, seq_len: int, *, packing: bool = True, num_packing_bins: int = 1
+    features: grain.IterDataset,
+    seq_len: int,
+    *,
+    packing: bool = True,
+    num_packing_bins: int = 1,
+    max_segments_per_row: int | None = None,
 ) -> grain.IterDataset:
     """Pack a stream of `example_features` dicts into rows of `seq_len` tokens.
 
@@ -119,12 +124,17 @@ def pack_rows(
     a group of rows when iterating repeatedly). With `packing=False` each row holds exactly
     one example (one bin, at most one sequence per bin), the layout for evaluation and tests.
 
+    `max_segments_per_row` caps the examples in one row (the packed cuDNN attention kernel has a
+    static limit, `ModelConfig.max_segments_per_row`); None: no cap.
+
     Every example must be at most `seq_len` tokens (the packer raises otherwise).
     """
     if seq_len < 1:
         raise ValueError(f"seq_len must be positive, got {seq_len}")
     if num_packing_bins < 1:
         raise ValueError(f"num_packing_bins must be positive, got {num_packing_bins}")
+    if max_segments_per_row is not None and max_segments_per_row < 1:
+        raise ValueError(f"max_segments_per_row must be positive, got {max_segments_per_row}")
     packed = FirstFitPackIterDataset(
         features,
         length_struct={name: seq_len for name in _PACKED_FEATURES},
@@ -133,7 +143,7 @@ def pack_rows(
         # Only input_ids needs segment ids/positions; the other features just ride along.
         meta_features=[name for name in _PACKED_FEATURES if name != "input_ids"],
         padding_struct={name: PACKED_FIELD_SPECS[name][1] for name in _PACKED_FEATURES},
-        max_sequences_per_bin=None if packing else 1,
+        max_sequences_per_bin=max_segments_per_row if packing else 1,
     )
     return packed.map(_finalize_row)
 

@@ -71,6 +71,8 @@ class PipelineConfig:
             with empty rows to `rows_per_batch`.
         num_packing_bins: Rows open at once in the first-fit packer (default
             `rows_per_batch`); more bins pack tighter but delay examples longer.
+        max_segments_per_row: At most this many examples in one row (the model's
+            `max_segments_per_row`, a static limit of the packed cuDNN kernel); None: no cap.
     """
 
     seq_len: int
@@ -81,6 +83,7 @@ class PipelineConfig:
     packing: bool = True
     drop_remainder: bool = True
     num_packing_bins: int | None = None
+    max_segments_per_row: int | None = None
 
     def __post_init__(self) -> None:
         """Reject settings that would silently misbehave."""
@@ -94,6 +97,8 @@ class PipelineConfig:
             raise ValueError(f"num_epochs must be None or >= 1, got {self.num_epochs}")
         if self.num_packing_bins is not None and self.num_packing_bins < 1:
             raise ValueError(f"num_packing_bins must be positive, got {self.num_packing_bins}")
+        if self.max_segments_per_row is not None and self.max_segments_per_row < 1:
+            raise ValueError(f"max_segments_per_row must be positive, got {self.max_segments_per_row}")
 
     @property
     def packing_bins(self) -> int:
@@ -137,7 +142,13 @@ def build_train_iterator(examples: Sequence[Example], cfg: PipelineConfig) -> gr
     _check_fits(examples, cfg.seq_len)
     indices = _epoch_indices(len(examples), cfg)
     features = indices.map(lambda k: example_features(examples[k])).to_iter_dataset(_IN_MEMORY)
-    rows = pack_rows(features, cfg.seq_len, packing=cfg.packing, num_packing_bins=cfg.packing_bins)
+    rows = pack_rows(
+        features,
+        cfg.seq_len,
+        packing=cfg.packing,
+        num_packing_bins=cfg.packing_bins,
+        max_segments_per_row=cfg.max_segments_per_row,
+    )
     batches = rows.batch(
         cfg.rows_per_batch,
         drop_remainder=cfg.drop_remainder,
@@ -151,7 +162,15 @@ def build_eval_batches(examples: Sequence[Example], cfg: PipelineConfig) -> list
     rows. `shuffle`, `num_epochs`, `seed` and `drop_remainder` are ignored."""
     _check_fits(examples, cfg.seq_len)
     features = grain.MapDataset.source(examples).map(example_features).to_iter_dataset(_IN_MEMORY)
-    rows = list(pack_rows(features, cfg.seq_len, packing=cfg.packing, num_packing_bins=cfg.packing_bins))
+    rows = list(
+        pack_rows(
+            features,
+            cfg.seq_len,
+            packing=cfg.packing,
+            num_packing_bins=cfg.packing_bins,
+            max_segments_per_row=cfg.max_segments_per_row,
+        )
+    )
     to_batch = partial(stack_rows, rows_per_batch=cfg.rows_per_batch)
     return [to_batch(rows[s : s + cfg.rows_per_batch]) for s in range(0, len(rows), cfg.rows_per_batch)]
 

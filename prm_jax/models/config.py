@@ -16,6 +16,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from prm_jax.models.attention import ATTENTION_IMPLEMENTATIONS, DEFAULT_MAX_SEGMENTS_PER_ROW
+
 # Architectures whose checkpoints map onto our decoder without changes to the math.
 SUPPORTED_ARCHITECTURES = (
     "Qwen2ForCausalLM",
@@ -33,7 +35,6 @@ CAUSAL_LM_ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausal
 _ARCH_SUFFIXES = ("ForCausalLM", "ForProcessRewardModel")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 # "auto" lets jax.nn.dot_product_attention choose; in jax 0.10 that is always the XLA kernel.
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -142,6 +143,8 @@ class ModelConfig:
     param_dtype: str = "float32"  # storage dtype of parameters (fp32 master weights)
     remat_policy: str = "none"
     attention_impl: str = "auto"
+    # Static limit of packed examples per row for the packed cuDNN kernel (the packer keeps to it).
+    max_segments_per_row: int = DEFAULT_MAX_SEGMENTS_PER_ROW
 
     def __post_init__(self) -> None:
         # Modules keep the config as static (hashed) metadata: lists become tuples.
@@ -158,6 +161,8 @@ class ModelConfig:
             raise ValueError(f"remat_policy={self.remat_policy!r}; choose one of {REMAT_POLICIES}")
         if self.attention_impl not in ATTENTION_IMPLEMENTATIONS:
             raise ValueError(f"attention_impl={self.attention_impl!r}; choose one of {ATTENTION_IMPLEMENTATIONS}")
+        if not isinstance(self.max_segments_per_row, int) or self.max_segments_per_row < 1:
+            raise ValueError(f"max_segments_per_row={self.max_segments_per_row!r} must be a positive integer")
         for field in ("dtype", "param_dtype"):
             if getattr(self, field) not in _DTYPES:
                 raise ValueError(f"{field}={getattr(self, field)!r}; choose one of {list(_DTYPES)}")

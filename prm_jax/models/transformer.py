@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from prm_jax.models.attention import packed_attention, resolve_attention_impl
 from prm_jax.models.config import ModelConfig
 from prm_jax.sharding import logical_constraint
 
@@ -65,16 +66,14 @@ def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
     return index - jax.lax.cummax(starts, axis=segment_ids.ndim - 1)
 
 
-def attention_mask(segment_ids: jax.Array) -> jax.Array:
-    """[B, 1, T, T] causal mask that never crosses segments.
-
-    Padding (segment 0) attends to earlier padding only, so no query row is fully masked (fully
-    masked rows give NaN in some kernels, which would then poison masked reductions).
-    """
-    length = segment_ids.shape[-1]
-    causal = jnp.tril(jnp.ones((length, length), dtype=jnp.bool_))
-    same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
-    return (causal[None] & same_segment)[:, None]
+def attention_impl_for(config: ModelConfig, platform: str | None = None) -> str:
+    """The attention kernel a model runs: `config.attention_impl` resolved for the platform
+    (`attention.resolve_attention_impl`); cuDNN takes only 16-bit inputs, so an fp32 model's
+    cuDNN choice falls back to XLA."""
+    impl = resolve_attention_impl(config.attention_impl, platform)
+    if impl in ("cudnn", "cudnn_bias") and config.compute_dtype == jnp.float32:
+        return "xla"
+    return impl
 
 
 def rotary_cos_sin(positions: jax.Array, config: ModelConfig) -> tuple[jax.Array, jax.Array]:
@@ -205,14 +204,23 @@ class Attention(nnx.Module):
         v = logical_constraint(v, ("activation_batch", "activation_length", "activation_kv_heads", None))
         return q, k, v
 
-    def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-        impl = None if self.config.attention_impl == "auto" else self.config.attention_impl
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
-        return jnp.einsum("btnd,nde->bte", out, self.o_proj.kernel[...].astype(q.dtype))
+    def _output(self, attended: jax.Array) -> jax.Array:
+        return jnp.einsum("btnd,nde->bte", attended, self.o_proj.kernel[...].astype(attended.dtype))
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array) -> jax.Array:
+        """Self-attention over packed rows through the configured kernel (`attention.packed_attention`)."""
         q, k, v = self._qkv(x, cos, sin)
-        return self._attend(q, k, v, mask)
+        impl = attention_impl_for(self.config)
+        attended = packed_attention(
+            q,
+            k,
+            v,
+            segment_ids,
+            impl=impl,
+            interpret=impl in ("splash", "pallas_gpu") and jax.default_backend() == "cpu",
+            max_segments_per_row=self.config.max_segments_per_row,
+        )
+        return self._output(attended)
 
     def call_with_cache(
         self,
@@ -224,12 +232,16 @@ class Attention(nnx.Module):
         cache_v: jax.Array,
         write_index: jax.Array,
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Writes this chunk's keys/values at `write_index` and attends over the whole cache."""
+        """Writes this chunk's keys/values at `write_index` and attends over the whole cache (XLA with
+        the cache's slot mask: decoding reads a cache, not packed rows)."""
         q, k, v = self._qkv(x, cos, sin)
         start = (0, write_index, 0, 0)
         cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
         cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
-        return self._attend(q, cache_k.astype(q.dtype), cache_v.astype(q.dtype), mask), cache_k, cache_v
+        attended = jax.nn.dot_product_attention(
+            q, cache_k.astype(q.dtype), cache_v.astype(q.dtype), mask=mask, implementation="xla"
+        )
+        return self._output(attended), cache_k, cache_v
 
 
 class MLP(nnx.Module):
@@ -253,8 +265,8 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config, rngs)
         self.mlp = MLP(config, rngs)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
-        x = residual_constraint(x + self.self_attn(self.input_layernorm(x), cos, sin, mask))
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array) -> jax.Array:
+        x = residual_constraint(x + self.self_attn(self.input_layernorm(x), cos, sin, segment_ids))
         return residual_constraint(x + self.mlp(self.post_attention_layernorm(x)))
 
     def call_with_cache(self, x, cos, sin, mask, cache_k, cache_v, write_index):
@@ -328,12 +340,11 @@ class Decoder(nnx.Module):
             segment_ids = jnp.ones_like(input_ids, dtype=jnp.int32)
         if positions is None:
             positions = positions_from_segments(segment_ids)
-        mask = attention_mask(segment_ids)
         cos, sin = rotary_cos_sin(positions, self.config)
         x = residual_constraint(self.embed_tokens(input_ids))
 
         def run_layer(x: jax.Array, layer: DecoderLayer) -> tuple[jax.Array, None]:
-            return layer(x, cos, sin, mask), None
+            return layer(x, cos, sin, segment_ids), None
 
         x, _ = _scan_layers(run_layer, x, self.layers, remat_policy=self.config.remat_policy)
         return self.norm(x)
