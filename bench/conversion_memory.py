@@ -109,20 +109,19 @@ def _naive_hf_to_orbax(hf_dir: str, orbax_dir: str) -> None:
     from flax import nnx
 
     from prm_jax.checkpoint import save_params
-    from prm_jax.conversion.hf_mapping import tensor_mappings
+    from prm_jax.conversion.hf_mapping import params_from_hf, tensor_mappings
     from prm_jax.models.config import ModelConfig
 
     config = ModelConfig.from_hf_file(hf_dir)
     state: dict[str, np.ndarray] = {}
     for shard in sorted(Path(hf_dir).glob("*.safetensors")):
         state.update(safetensors.numpy.load_file(shard))
+    # pop so that source and converted copies do not both stay alive
+    params = nnx.traversals.flatten_mapping(params_from_hf(config.replace(with_prm_head=False), state.pop))
     rng = np.random.default_rng(0)
-    params: dict[tuple[str | int, ...], np.ndarray] = {}
     for m in tensor_mappings(config):
         if m.head == "score":  # causal-LM source: the PRM head is fresh
             params[m.path] = (rng.standard_normal(m.jax_shape) * 0.02).astype(np.float32)
-        else:  # pop so that source and converted copies do not both stay alive
-            params[m.path] = m.to_jax(state.pop(m.hf_name))
     save_params(orbax_dir, nnx.traversals.unflatten_mapping(params), config)
 
 
@@ -137,7 +136,7 @@ def _naive_orbax_to_hf(orbax_dir: str, hf_dir: str) -> None:
     config = read_model_config(orbax_dir)
     params = nnx.traversals.flatten_mapping(restore_params(orbax_dir, config, as_numpy=True))
     tensors = {
-        m.hf_name: m.to_hf(np.asarray(params.pop(m.path), dtype=np.float32))
+        m.hf_name: m.to_hf(np.asarray(params[m.path] if m.layer is None else params[m.path][m.layer], np.float32))
         for m in tensor_mappings(config)
         if m.head != "lm_head"
     }
@@ -402,7 +401,12 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
             )
         )
         orbax_bytes, export_bytes = _tree_bytes(orbax_dir), _tree_bytes(hf_out)
-        check = [largest.name, specs[1].name, "model.norm.weight"]
+        # The PRM export has no lm_head; check the largest tensor it does have, a layer's, the norm.
+        check = [
+            max((s for s in specs if s.name != "lm_head.weight"), key=lambda s: s.nbytes).name,
+            "model.layers.1.mlp.up_proj.weight",
+            "model.norm.weight",
+        ]
         _check_round_trip(hf_src, hf_out, check)
         if args.compare_naive:
             naive_orbax, naive_hf = work / "naive_orbax", work / "naive_hf"

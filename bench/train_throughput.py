@@ -92,7 +92,7 @@ def main(argv: list[str]) -> None:
         "remat_policy": model_config.remat_policy,
         "global_batch_rows": rows,
         "seq_len": seq_len,
-        "grad_accum_steps": int(config.train.grad_accum_steps),
+        "grad_accum_steps": trainer.grad_accum_steps,
         "first_step_s (compile)": round(compile_s, 2),
         "step_s": round(step_s, 4),
         "tokens_per_s": round(tokens_per_s, 1),

@@ -288,6 +288,16 @@ def checkpoint_metadata(
     }
 
 
+def params_save_args(params: Mapping[str, Any]) -> Any:
+    """Orbax `SaveArgs` for a parameter tree: stacked layer parameters are stored one layer per
+    chunk (`shard_axes=(0,)` splits axis 0 down to 1), so a reader of one layer (`StoredParams`,
+    the streaming export) decodes that layer only, whatever mesh the checkpoint was written from."""
+    flat = nnx.traversals.flatten_mapping(params)
+    return nnx.traversals.unflatten_mapping(
+        {path: ocp.SaveArgs(shard_axes=(0,) if is_stacked(path) else ()) for path in flat}
+    )
+
+
 def save_params(
     directory: str | Path,
     params: Mapping[str, Any],
@@ -324,7 +334,7 @@ def save_params(
                 staging,
                 args=ocp.args.Composite(
                     **{
-                        PARAMS_ITEM: ocp.args.PyTreeSave(params),
+                        PARAMS_ITEM: ocp.args.PyTreeSave(params, save_args=params_save_args(params)),
                         CONFIG_ITEM: ocp.args.JsonSave(
                             checkpoint_metadata(config, provenance, source_dtype=source_dtype)
                         ),
@@ -461,6 +471,7 @@ __all__ = [
     "LazyTensor",
     "StackedLazyTensor",
     "StoredParams",
+    "params_save_args",
     "on_disk_entries",
     "per_layer_layout",
     "PARAMS_ITEM",

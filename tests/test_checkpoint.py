@@ -14,11 +14,14 @@ from tiny_assets import tiny_model_config
 
 from prm_jax.checkpoint import (
     LazyTensor,
+    StackedLazyTensor,
+    StoredParams,
     read_checkpoint_metadata,
     read_model_config,
     restore_params,
     save_model,
     save_params,
+    stored_tensors,
 )
 from prm_jax.models.factory import create_model, params_of
 from prm_jax.sharding import make_mesh
@@ -36,6 +39,31 @@ def saved_from_fsdp4(tmp_path_factory) -> tuple[Path, dict]:
     directory = tmp_path_factory.mktemp("ckpt") / "model"
     save_model(directory, model, provenance={"test": "fsdp4"})
     return directory, params
+
+
+def assert_one_layer_per_chunk(directory: Path) -> None:
+    """Stacked layer parameters are chunked one layer per chunk on disk (a one-layer read decodes
+    only that layer); the others keep Orbax's chunking."""
+    stored = stored_tensors(directory)
+    stacked = {path: meta for path, meta in stored.items() if path[:2] == ("model", "layers")}
+    assert stacked and len(stacked) < len(stored)
+    for path, meta in stacked.items():
+        assert meta.storage.chunk_shape[0] == 1 and meta.shape[0] > 1, (path, meta.storage)
+
+
+def test_stacked_parameters_are_stored_one_layer_per_chunk(saved_from_fsdp4, tmp_path) -> None:
+    directory, expected = saved_from_fsdp4
+    assert_one_layer_per_chunk(directory)  # saved from jax arrays sharded over 4 devices
+    lazy = {p: LazyTensor(v.shape, v.dtype, lambda v=v: v) for p, v in expected.items() if p[:2] != ("model", "layers")}
+    for path, value in expected.items():
+        if path[:2] == ("model", "layers"):
+            lazy[path] = StackedLazyTensor(value.shape, value.dtype, lambda i, v=value: v[i])
+    save_params(tmp_path / "lazy", unflatten_mapping(lazy), CONFIG)  # the way hf_to_orbax writes
+    assert_one_layer_per_chunk(tmp_path / "lazy")
+    reader = StoredParams(tmp_path / "lazy")
+    path = ("model", "layers", "self_attn", "k_proj", "kernel")
+    np.testing.assert_array_equal(reader.read(path, 1), expected[path][1])
+    np.testing.assert_array_equal(reader.read(path), expected[path])
 
 
 def test_metadata_round_trip(saved_from_fsdp4) -> None:

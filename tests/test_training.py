@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 from flax.nnx.traversals import flatten_mapping
 from hf_models import random_causal_lm, save_hf
+from test_checkpoint import assert_one_layer_per_chunk
 from tiny_assets import TINY_VOCAB_SIZE, tiny_config
 from transformers import AutoTokenizer
 
@@ -130,6 +131,7 @@ def test_resuming_a_run_written_in_parameter_layout_1_is_refused_with_the_way_fo
     and names the init_from that starts a new run from it."""
     overrides = _two_step_run(tiny_run[1])
     train_from_config(tiny_config(**overrides), tmp_path)
+    assert_one_layer_per_chunk(tmp_path / "checkpoints" / "2")  # what the streaming export reads
     metadata_file = tmp_path / "checkpoints" / "2" / "model_config" / "metadata"
     metadata = json.loads(metadata_file.read_text())
     metadata_file.write_text(json.dumps({**metadata, "layout_version": 1}))
@@ -200,7 +202,8 @@ def test_init_from_converted_base_imports_backbone_and_fresh_head(tiny_run, tmp_
 
 
 def test_causal_lm_objective_trains_on_the_same_loop(tiny_run, tmp_path) -> None:
-    """objective=lm (the demo policy's SFT): loss falls, the checkpoint carries the LM head."""
+    """objective=lm (the demo policy's SFT): loss falls, the checkpoint carries the LM head; the
+    trainer's steps take the chunked LM loss."""
     _, base, _ = tiny_run
     sft = tmp_path / "sft.jsonl"
     with sft.open("w") as f:
@@ -223,6 +226,7 @@ def test_causal_lm_objective_trains_on_the_same_loop(tiny_run, tmp_path) -> None
             "train.eval_every": 40,
             "checkpoint.save_every": 40,
             "optimizer.learning_rate": 3e-3,
+            "train.lm_loss_chunk_tokens": 96,  # 256-token rows: 3 chunks, the last one padded
         }
     )
     result = train_from_config(config, tmp_path / "run")
@@ -334,3 +338,98 @@ def test_presets_fit_the_qwen2_5_math_context(preset) -> None:
     spec.loader.exec_module(module)
     # Qwen2.5-Math-{1.5B,7B,72B}-Instruct: max_position_embeddings 4096 (their config.json).
     assert module.get_config().data.seq_len <= 4096
+
+
+# ---------------------------------------------------------------------------- chunked LM loss
+
+QWEN_VOCAB = 151_936  # the real vocabulary size: what makes the [B, T, V] logits big
+
+
+def _lm_config(tied: bool):
+    from prm_jax.models.config import ModelConfig
+
+    return ModelConfig(
+        vocab_size=QWEN_VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        tie_word_embeddings=tied,
+        with_prm_head=False,
+    )
+
+
+def _lm_batch(rows: int, length: int, seed: int = 0) -> dict[str, jax.Array]:
+    rng = np.random.default_rng(seed)
+    segments = np.ones((rows, length), np.int32)
+    segments[0, length // 2 :] = 2  # packed
+    segments[-1, length - 5 :] = 0  # padding
+    positions = np.concatenate([np.arange(length // 2), np.arange(length - length // 2)])
+    return {
+        "input_ids": jnp.asarray(rng.integers(0, QWEN_VOCAB, (rows, length)), jnp.int32),
+        "segment_ids": jnp.asarray(segments),
+        "positions": jnp.asarray(np.tile(positions, (rows, 1)), jnp.int32),
+        "targets": jnp.asarray(rng.integers(0, QWEN_VOCAB, (rows, length)), jnp.int32),
+        "loss_mask": jnp.asarray((rng.random((rows, length)) < 0.7) * (segments > 0), jnp.float32),
+    }
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["lm_head", "tied"])
+def test_chunked_lm_loss_equals_unchunked(tied: bool) -> None:
+    """The chunked LM loss (37 positions in chunks of 8: the last one padded) gives the unchunked
+    sums and gradients, with the real 151,936-row vocabulary, through the tied embedding or lm_head."""
+    config = _lm_config(tied)
+    model = create_model(config, seed=1)
+    graphdef, params = nnx.graphdef(model), params_of(model)
+    batch = _lm_batch(2, 37)
+    # Half the targets are the model's own argmax, so `correct` counts something.
+    predicted = jnp.argmax(model.lm_logits(model(batch["input_ids"], batch["segment_ids"], batch["positions"])), -1)
+    take = np.random.default_rng(1).random(batch["targets"].shape) < 0.5
+    batch["targets"] = jnp.where(take, predicted, batch["targets"])
+
+    def loss(p, chunk):
+        sums = _loss_sums(graphdef, "lm", p, batch, lm_loss_chunk_tokens=chunk)[0]
+        return sums["loss_sum"] / sums["weight"], sums
+
+    value_and_grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+    (whole, sums), grads = value_and_grad(params, 0)
+    (chunked, chunk_sums), chunk_grads = value_and_grad(params, 8)
+    assert float(sums["correct"]) > 10 and float(sums["weight"]) > 30
+    assert float(chunk_sums["weight"]) == float(sums["weight"])
+    assert float(chunk_sums["correct"]) == float(sums["correct"])
+    assert abs(float(chunked) - float(whole)) <= 1e-5 * abs(float(whole))
+    assert abs(float(chunk_sums["loss_sum"]) - float(sums["loss_sum"])) <= 1e-5 * abs(float(sums["loss_sum"]))
+    flat, chunk_flat = flatten_mapping(grads), flatten_mapping(chunk_grads)
+    assert flat.keys() == chunk_flat.keys()
+    for path, value in flat.items():
+        np.testing.assert_allclose(
+            np.asarray(chunk_flat[path]), np.asarray(value), rtol=0, atol=1e-5, err_msg=str(path)
+        )
+
+
+def test_chunked_lm_loss_compiles_to_a_fraction_of_the_memory() -> None:
+    """XLA's temporary memory of the whole LM train step: chunking 256 positions by 32 keeps one
+    chunk's logits (and their gradient) alive instead of the whole batch's."""
+    import optax
+
+    config = _lm_config(tied=False)
+    model = create_model(config, seed=1)
+    graphdef, params = nnx.graphdef(model), params_of(model)
+    optimizer = optax.sgd(1e-3)
+    batch = _lm_batch(2, 256)
+    temp = {}
+    for chunk in (0, 32):
+        step = jax.jit(make_train_step(graphdef, optimizer, objective="lm", lm_loss_chunk_tokens=chunk))
+        compiled = step.lower(params, optimizer.init(params), batch).compile()
+        temp[chunk] = compiled.memory_analysis().temp_size_in_bytes
+    logits_bytes = 2 * 256 * QWEN_VOCAB * 4
+    print(
+        f"LM train step temp bytes, 2 x 256 tokens, vocab {QWEN_VOCAB}: unchunked {temp[0] / 2**20:.1f} MiB, "
+        f"chunks of 32 {temp[32] / 2**20:.1f} MiB (ratio {temp[0] / temp[32]:.1f}; one fp32 logits copy "
+        f"{logits_bytes / 2**20:.1f} MiB)"
+    )
+    assert temp[0] >= 2 * logits_bytes  # the unchunked step holds whole-batch logits (and their gradient)
+    assert temp[32] * 4 <= temp[0]
+    assert temp[32] < logits_bytes  # never one whole-batch logits copy

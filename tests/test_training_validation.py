@@ -63,6 +63,7 @@ BAD_VALUES = [
     (["--config.train.eval_every=0"], "train.eval_every"),
     (["--config.train.grad_accum_steps=0"], "train.grad_accum_steps"),
     (["--config.train.grad_accum_steps=3"], "train.grad_accum_steps"),
+    (["--config.train.lm_loss_chunk_tokens=-1"], "train.lm_loss_chunk_tokens"),
     (["--config.data.seq_len=8192"], "data.seq_len"),
     (["--config.data.overlong=cut"], "data.overlong"),
     (["--config.model.dtype=float8"], "model.dtype"),

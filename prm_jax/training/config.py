@@ -13,7 +13,7 @@ import ml_collections
 from prm_jax.config_checks import MISSING, ConfigChecker
 from prm_jax.data.pipeline import PipelineConfig
 from prm_jax.data.tokenize import TokenizeConfig
-from prm_jax.models.config import POSITIVE_INT_FIELDS
+from prm_jax.models.config import POSITIVE_INT_FIELDS, ModelConfig
 from prm_jax.tiny_tokenizer import TINY_VOCAB_SIZE
 
 
@@ -27,8 +27,14 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.dtype = "bfloat16"  # compute dtype
     c.model.param_dtype = "float32"  # master weights and optimizer state
     c.model.remat_policy = "dots_no_batch"  # none | full | dots | dots_no_batch
-    c.model.attention_impl = "auto"  # auto (= XLA in jax 0.10) | xla | cudnn
-    # Architecture for a model trained from scratch (ignored with init_from).
+    # auto: splash on TPU, packed cuDNN flash on Hopper+ GPUs, XLA on CPU (prm_jax.models.attention)
+    c.model.attention_impl = "auto"  # auto | xla | cudnn | cudnn_bias | splash | pallas_gpu
+    c.model.max_segments_per_row = ModelConfig.max_segments_per_row  # packed examples per row (cuDNN limit)
+    # The base model a preset is built for ("" = none). With a name, `model.arch` is that model's
+    # real architecture: launch.plan compiles it without a checkpoint, and an init_from checkpoint
+    # must have its shapes (`training.presets`). Without one, `model.arch` is only the architecture
+    # of a model trained from scratch and is ignored with init_from.
+    c.model.arch_name = ""
     c.model.arch = ml_collections.ConfigDict(
         dict(
             vocab_size=TINY_VOCAB_SIZE,
@@ -65,13 +71,27 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.num_steps = 1000
     c.train.global_batch_rows = 128  # packed sequences per optimizer step, over all processes
     c.train.grad_accum_steps = 1
+    # Rows per batch shard (one device, or one tensor-parallel group: mesh data x fsdp shards) in one
+    # microbatch; > 0 derives grad_accum_steps from the mesh (global_batch_rows / (this x data x
+    # fsdp)), so one preset runs on 8 or 64 GPUs alike with the same memory per device.
+    c.train.microbatch_rows_per_shard = 0
     c.train.log_every = 10
     c.train.progress = True  # a progress bar on the terminal (process 0)
     c.train.eval_every = 200
     # PRM loss at the separators: cross_entropy against [1 - p, p] (hard labels, the paper's final
     # recipe) or mse between p(correct) and the label (how the paper trained its soft-label ablation).
     c.train.loss = "cross_entropy"
+    # objective=lm: the LM loss is computed over chunks of this many positions of every row, so the
+    # fp32 [rows, seq_len, vocab] logits never exist whole (9.3 GiB per copy at Qwen's 152k vocabulary
+    # and 4 rows x 4096 per device, the 7B preset). XLA's temporaries of that train step: 28.7 GiB
+    # unchunked, 5.5 GiB at 1024, 3.8 GiB at 512; 1024 keeps each chunk's logits matmul large
+    # (rows x 1024 tokens) and the scan short (seq_len / 1024 steps). 0 = unchunked.
+    c.train.lm_loss_chunk_tokens = 1024
     c.train.peak_flops_per_device = 0.0  # 0 = look up by device kind (unknown on CPU: no MFU)
+    # Before any weights are loaded, compile the train step for the run's mesh and stop when XLA's
+    # per-device memory exceeds what the devices can allocate (`training.plan`); the run then trains
+    # with that executable (no second compile). On CPU the figures are only logged.
+    c.train.preflight_plan = True
     # A resume must train on the data and hyper-parameters the workdir recorded (config.json);
     # true accepts different ones and records the change in config_changes.jsonl.
     c.train.allow_config_change = False
@@ -155,13 +175,28 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int | None = No
 
 def warnings(config: ml_collections.ConfigDict) -> list[str]:
     """Legal but probably unintended settings, logged at the start of a run."""
+    out = []
     warmup, num_steps = config.optimizer.warmup_steps, config.train.num_steps
     if isinstance(warmup, int) and isinstance(num_steps, int) and warmup > num_steps > 0:
-        return [
+        out.append(
             f"optimizer.warmup_steps={warmup} > train.num_steps={num_steps}: the learning rate never reaches "
             f"its peak {config.optimizer.learning_rate}"
-        ]
-    return []
+        )
+    arch_name, init_from = config.model.get("arch_name", ""), config.model.init_from
+    if arch_name and init_from and Path(init_from).is_dir():
+        from prm_jax.training.presets import arch_differences
+        from prm_jax.weights import read_config
+
+        try:
+            others = arch_differences(dict(config.model.arch), read_config(init_from), shapes_only=False)
+        except (OSError, ValueError, KeyError, TypeError):
+            others = []  # an unreadable checkpoint is `validate`'s to report
+        if others:
+            out.append(
+                f"model.init_from={init_from} differs from the preset's {arch_name} in {'; '.join(others)}: "
+                "the checkpoint's values are used"
+            )
+    return out
 
 
 def check(config: ml_collections.ConfigDict, *, device_count: int | None = None) -> None:
@@ -178,9 +213,16 @@ def _validate_model(c: ConfigChecker) -> None:
         c.choice(field, tuple(_DTYPES))
     c.choice("model.remat_policy", REMAT_POLICIES)
     c.choice("model.attention_impl", ATTENTION_IMPLEMENTATIONS)
+    c.integer("model.max_segments_per_row", 1)
     c.path("model.init_from", "dir", required=False)
-    if c.get("model.init_from"):
-        return
+    arch_name = c.get("model.arch_name")
+    arch_name = "" if arch_name is MISSING else arch_name
+    if not isinstance(arch_name, str):
+        c.add("model.arch_name", arch_name, "must be a string: the base model a preset declares, or ''")
+        arch_name = ""
+    if c.get("model.init_from") and not arch_name:
+        return  # model.arch is ignored
+    before = len(c.problems)
     arch = {name: c.integer(f"model.arch.{name}", 1) for name in _ARCH_POSITIVE_INTS}
     heads, kv_heads, head_dim = arch["num_attention_heads"], arch["num_key_value_heads"], arch["head_dim"]
     if heads and kv_heads and heads % kv_heads:
@@ -191,6 +233,17 @@ def _validate_model(c: ConfigChecker) -> None:
     c.number("model.arch.rms_norm_eps", 0.0, low_open=True)
     c.boolean("model.arch.attention_bias")
     c.boolean("model.arch.tie_word_embeddings")
+    init_from = c.get("model.init_from")
+    if init_from and Path(init_from).is_dir() and len(c.problems) == before:
+        from prm_jax.training.presets import arch_differences, arch_mismatch_message
+        from prm_jax.weights import read_config
+
+        try:
+            differences = arch_differences(dict(c.get("model.arch")), read_config(init_from))
+        except (OSError, ValueError, KeyError, TypeError):
+            return  # reported by the max_position_embeddings check
+        if differences:
+            c.problems.append(arch_mismatch_message(arch_name, init_from, differences))
 
 
 def _max_position_embeddings(c: ConfigChecker) -> int | None:
@@ -230,6 +283,21 @@ def _validate_data(c: ConfigChecker) -> None:
         c.add("data.separator", separator, "must be a non-empty string (the step separator token)")
 
 
+def grad_accum_steps(config: ml_collections.ConfigDict, data_shards: int) -> int:
+    """Microbatches per step: `train.grad_accum_steps`, or derived from
+    `train.microbatch_rows_per_shard` over `data_shards` (mesh data x fsdp) devices when that is set."""
+    per_shard = int(config.train.get("microbatch_rows_per_shard", 0) or 0)
+    if per_shard <= 0:
+        return int(config.train.grad_accum_steps)
+    rows = int(config.train.global_batch_rows)
+    if rows % (per_shard * data_shards):
+        raise ValueError(
+            f"train.global_batch_rows={rows} does not divide into microbatches of "
+            f"train.microbatch_rows_per_shard={per_shard} x {data_shards} devices (data x fsdp)"
+        )
+    return rows // (per_shard * data_shards)
+
+
 def _validate_train(c: ConfigChecker, objective: str | None) -> None:
     from prm_jax.training.losses import PRM_LOSSES
 
@@ -242,6 +310,9 @@ def _validate_train(c: ConfigChecker, objective: str | None) -> None:
         c.integer(field, 1)
     c.boolean("train.progress")
     c.boolean("train.allow_config_change")
+    c.boolean("train.preflight_plan")
+    c.integer("train.lm_loss_chunk_tokens", 0)
+    c.integer("train.microbatch_rows_per_shard", 0)
     loss = c.choice("train.loss", PRM_LOSSES)
     if loss and objective == "lm" and loss != "cross_entropy":
         c.add("train.loss", loss, "objective='lm' trains with 'cross_entropy' only")
@@ -304,8 +375,16 @@ def _validate_mesh(c: ConfigChecker, device_count: int | None) -> None:
         c.add("mesh", sizes, f"needs {fixed} devices, {device_count} available")
         return
     rows, accum = c.get("train.global_batch_rows"), c.get("train.grad_accum_steps")
-    if isinstance(rows, int) and isinstance(accum, int) and rows > 0 and accum > 0 and rows % accum == 0:
-        shards = sizes["data"] * sizes["fsdp"]
+    per_shard = c.get("train.microbatch_rows_per_shard")
+    shards = sizes["data"] * sizes["fsdp"]
+    if isinstance(per_shard, int) and per_shard > 0 and isinstance(rows, int) and rows > 0:
+        if rows % (per_shard * shards):
+            c.add(
+                "train.microbatch_rows_per_shard",
+                per_shard,
+                f"x mesh data x fsdp = {shards} devices must divide train.global_batch_rows={rows}",
+            )
+    elif isinstance(rows, int) and isinstance(accum, int) and rows > 0 and accum > 0 and rows % accum == 0:
         if (rows // accum) % shards:
             c.add(
                 "train.global_batch_rows",

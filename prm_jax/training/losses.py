@@ -7,6 +7,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from prm_jax.sharding import logical_constraint
+
 PRM_LOSSES = ("cross_entropy", "mse")
 
 
@@ -50,3 +52,54 @@ def lm_loss_sums(lm_logits: jax.Array, targets: jax.Array, loss_mask: jax.Array)
         "weight": jnp.sum(weight),
         "correct": jnp.sum(correct.astype(jnp.float32)),
     }
+
+
+def chunked_lm_loss_sums(
+    hidden: jax.Array,
+    head_weight: jax.Array,
+    targets: jax.Array,
+    loss_mask: jax.Array,
+    *,
+    chunk_tokens: int,
+    vocab_major: bool = False,
+) -> dict[str, jax.Array]:
+    """`lm_loss_sums` of `hidden @ head_weight` without ever holding the [B, T, V] logits.
+
+    The positions are cut into chunks of `chunk_tokens` positions of every row (the last chunk
+    padded, unsupervised) and scanned; each chunk's fp32 logits are made, reduced to the three sums
+    and dropped, and `jax.checkpoint` makes the backward pass recompute them chunk by chunk instead
+    of storing them. Peak logits memory is rows x `chunk_tokens` x V per chunk instead of
+    rows x T x V. Chunks take the same positions of every row (not consecutive tokens of the
+    flattened batch), so a batch sharded over devices stays sharded: each device scans its rows.
+
+    `hidden` [B, T, E] is the final hidden state in the compute dtype; `head_weight` the LM head
+    in the parameter dtype, [E, V] (`lm_head` kernel) or [V, E] with `vocab_major` (the tied
+    embedding), cast per chunk as `Transformer.lm_logits` casts it, so its gradient accumulates over
+    chunks in the parameter dtype. Equals `lm_loss_sums(model.lm_logits(hidden), ...)` up to float
+    summation order.
+    """
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens={chunk_tokens} must be >= 1")
+    rows, length = targets.shape
+    chunk = min(chunk_tokens, length)
+    count = -(-length // chunk)
+    pad = count * chunk - length
+
+    def chunks(x: jax.Array) -> jax.Array:  # [B, T, ...] -> [count, B, chunk, ...]
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) if pad else x
+        return jnp.swapaxes(x.reshape(rows, count, chunk, *x.shape[2:]), 0, 1)
+
+    @jax.checkpoint
+    def chunk_sums(weight: jax.Array, h: jax.Array, t: jax.Array, m: jax.Array) -> dict[str, jax.Array]:
+        equation = "bte,ve->btv" if vocab_major else "bte,ev->btv"
+        logits = jnp.einsum(equation, h, weight.astype(h.dtype))
+        logits = logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
+        return lm_loss_sums(logits.astype(jnp.float32), t, m)
+
+    def step(totals: dict[str, jax.Array], xs: tuple[jax.Array, ...]) -> tuple[dict[str, jax.Array], None]:
+        sums = chunk_sums(head_weight, *xs)
+        return jax.tree.map(jnp.add, totals, sums), None
+
+    zeros = {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "weight", "correct")}
+    totals, _ = jax.lax.scan(step, zeros, (chunks(hidden), chunks(targets), chunks(loss_mask)))
+    return totals

@@ -137,6 +137,7 @@ def train_from_config(config: ml_collections.ConfigDict, workdir: Path) -> Train
         shuffle=bool(config.data.shuffle),
         num_epochs=None,
         packing=bool(config.data.packing),
+        max_segments_per_row=int(config.model.max_segments_per_row),
     )
     eval_batches = None
     if config.data.eval_file:

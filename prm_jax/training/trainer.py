@@ -22,6 +22,7 @@ import math
 import signal
 import time
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,15 +35,24 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from prm_jax.checkpoint import CONFIG_ITEM, LAYOUT_VERSION, PARAMS_ITEM, checkpoint_metadata, read_checkpoint_metadata
+from prm_jax.checkpoint import (
+    CONFIG_ITEM,
+    LAYOUT_VERSION,
+    PARAMS_ITEM,
+    checkpoint_metadata,
+    params_save_args,
+    read_checkpoint_metadata,
+)
 from prm_jax.metrics import first_error_index, step_error_scores
 from prm_jax.models.config import ModelConfig
 from prm_jax.models.factory import abstract_model, abstract_params, create_model, params_of
 from prm_jax.models.vocab import grow_vocab_axis, padded_vocab_size, vocab_axes
 from prm_jax.sharding import logical_to_partition_spec, make_mesh
 from prm_jax.training import flops
+from prm_jax.training.config import grad_accum_steps
 from prm_jax.training.metrics_writer import MetricsWriter
 from prm_jax.training.optimizer import OptimizerConfig, build_optimizer, learning_rate_schedule
+from prm_jax.training.presets import arch_differences, arch_mismatch_message
 from prm_jax.training.train_step import make_eval_step, make_train_step
 from prm_jax.weights import load_weights, read_config, source_dtype
 
@@ -70,7 +80,7 @@ class TrainResult:
 # ---------------------------------------------------------------------------- model config
 
 
-_RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "attention_impl")
+_RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "attention_impl", "max_segments_per_row")
 
 
 def training_model_config(
@@ -81,11 +91,18 @@ def training_model_config(
     With the run's `tokenizer_record`, a separator the run added to the tokenizer (origin "added")
     gets an embedding row: the vocabulary grows (`padded_vocab_size`) only when the id falls outside
     it, and `Trainer._fresh_params` grows the base's arrays to match.
+
+    A preset that names its base model (`model.arch_name`) refuses an init_from checkpoint of other
+    shapes (`training.presets`); without a name, `model.arch` is ignored with init_from.
     """
     runtime = {f: config.model[f] for f in _RUNTIME_FIELDS}
     heads = {"with_prm_head": config.objective == "prm", "with_lm_head": config.objective == "lm"}
     if config.model.init_from:
         model_config = read_config(config.model.init_from).replace(**runtime, **heads)
+        arch_name = config.model.get("arch_name", "")
+        differences = arch_differences(dict(config.model.arch), model_config) if arch_name else []
+        if differences:
+            raise ValueError(arch_mismatch_message(arch_name, config.model.init_from, differences))
     else:
         model_config = ModelConfig(**dict(config.model.arch), **runtime, **heads)
     if tokenizer_record is None or tokenizer_record.get("origin") != "added":
@@ -133,26 +150,35 @@ def _fingerprint(batch: dict[str, np.ndarray]) -> int:
 
 class Trainer:
     def __init__(
-        self, config: ml_collections.ConfigDict, workdir: str | Path, *, tokenizer_record: dict[str, Any] | None = None
+        self,
+        config: ml_collections.ConfigDict,
+        workdir: str | Path | None,
+        *,
+        tokenizer_record: dict[str, Any] | None = None,
+        devices: Sequence[jax.Device] | None = None,
     ):
         """`tokenizer_record`: the step separator and tokenizer directory the run trains with
         (`StepSeparator.to_json_dict()` plus `dir`), stored in every checkpoint's metadata so an
-        export scores at the same token id."""
+        export scores at the same token id.
+
+        `workdir=None` builds the steps and their shardings only, no checkpoint manager (a memory
+        plan, `training.plan`); `devices` are the mesh's (default: all; a compile-only topology's
+        for a deviceless plan)."""
         self.config = config
-        self.workdir = Path(workdir).absolute()
+        self.workdir = Path(workdir).absolute() if workdir is not None else None
         self.tokenizer_record = tokenizer_record
         # The dtype the base was imported in travels with the run: the export default.
         init_from = config.model.init_from
         self.source_dtype = source_dtype(init_from) if init_from else None
         self.is_primary = jax.process_index() == 0
-        self.mesh = make_mesh({k: int(v) for k, v in config.mesh.items()})
+        self.mesh = make_mesh({k: int(v) for k, v in config.mesh.items()}, devices)
         self.model_config = training_model_config(config, tokenizer_record)
         self.objective = config.objective
         self.global_rows = int(config.train.global_batch_rows)
-        accum = int(config.train.grad_accum_steps)
+        data_shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        self.grad_accum_steps = accum = grad_accum_steps(config, data_shards)
         if self.global_rows % accum:
             raise ValueError(f"global_batch_rows={self.global_rows} is not divisible by grad_accum_steps={accum}")
-        data_shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         if (self.global_rows // accum) % data_shards:
             # Otherwise the batch constraint silently replicates: every device would compute the
             # whole microbatch.
@@ -187,30 +213,41 @@ class Trainer:
                 grad_accum_steps=accum,
                 schedule=self.schedule,
                 loss=str(config.train.loss),
+                lm_loss_chunk_tokens=int(config.train.lm_loss_chunk_tokens),
             ),
             in_shardings=(self.param_shardings, self.opt_shardings, self.batch_sharding, replicated),
             out_shardings=(self.param_shardings, self.opt_shardings, replicated),
             donate_argnums=(0, 1),
         )
         self.eval_step = jax.jit(
-            make_eval_step(self.graphdef, objective=self.objective, loss=str(config.train.loss)),
+            make_eval_step(
+                self.graphdef,
+                objective=self.objective,
+                loss=str(config.train.loss),
+                lm_loss_chunk_tokens=int(config.train.lm_loss_chunk_tokens),
+            ),
             in_shardings=(self.param_shardings, self.batch_sharding),
             out_shardings=replicated,
         )
         self.flops_per_token = flops.training_flops_per_token(
             self.model_config, int(config.data.seq_len), self.objective
         )
-        self.peak_flops = flops.peak_flops_per_device(override=float(config.train.peak_flops_per_device))
-
-        self.checkpoint_manager = ocp.CheckpointManager(
-            self.workdir / "checkpoints",
-            options=ocp.CheckpointManagerOptions(
-                max_to_keep=int(config.checkpoint.max_to_keep),
-                enable_async_checkpointing=bool(config.checkpoint.async_save),
-                create=True,
-            ),
+        self.peak_flops = flops.peak_flops_per_device(
+            self.mesh.devices.flat[0], override=float(config.train.peak_flops_per_device)
         )
+
+        self.checkpoint_manager = None
+        if self.workdir is not None:
+            self.checkpoint_manager = ocp.CheckpointManager(
+                self.workdir / "checkpoints",
+                options=ocp.CheckpointManagerOptions(
+                    max_to_keep=int(config.checkpoint.max_to_keep),
+                    enable_async_checkpointing=bool(config.checkpoint.async_save),
+                    create=True,
+                ),
+            )
         self._stop_requested = False
+        self._preflight: dict[str, Any] | None = None  # the pre-flight's figures, once it ran
         self._last_good_step: int | None = None  # the newest checkpoint known to be committed
         self._saving_step: int | None = None  # a save started and not yet confirmed
 
@@ -303,7 +340,7 @@ class Trainer:
             step,
             args=ocp.args.Composite(
                 **{
-                    PARAMS_ITEM: ocp.args.PyTreeSave(params),
+                    PARAMS_ITEM: ocp.args.PyTreeSave(params, save_args=params_save_args(params)),
                     OPT_STATE_ITEM: ocp.args.PyTreeSave(opt_state),
                     CONFIG_ITEM: ocp.args.JsonSave(meta),
                     DATA_ITER_ITEM: grain.checkpoint.CheckpointSave(iterator),
@@ -391,6 +428,19 @@ class Trainer:
             out.update({"eval_f1": scores.f1, "eval_acc_err": scores.acc_err, "eval_acc_ok": scores.acc_ok})
         return out
 
+    # ------------------------------------------------------------------ pre-flight
+
+    def preflight(self) -> dict[str, Any]:
+        """Compile the train step for this mesh from abstract inputs (no weights exist yet) and
+        raise `plan.PreflightError` when XLA's per-device memory exceeds what the devices can
+        allocate; on CPU (no device limit) the figures are only logged. The run then trains with
+        the compiled executable: the pre-flight costs no second compile. Returns the figures."""
+        from prm_jax.training import plan
+
+        if self._preflight is None:
+            self._preflight = plan.preflight(self)
+        return self._preflight
+
     # ------------------------------------------------------------------ loop
 
     def _install_sigterm_handler(self) -> None:
@@ -415,6 +465,8 @@ class Trainer:
     ) -> TrainResult:
         cfg = self.config.train
         num_steps = int(cfg.num_steps)
+        if cfg.get("preflight_plan", False):
+            self.preflight()  # before any weights are loaded or restored
         latest = self.checkpoint_manager.latest_step()
         self._last_good_step = latest
         if latest is not None:
@@ -520,6 +572,8 @@ class Trainer:
             _log.exception("a checkpoint save failed while the run was stopping")
 
     def close(self) -> None:
+        if self.checkpoint_manager is None:
+            return
         try:
             self.checkpoint_manager.close()
         except Exception:  # noqa: BLE001 - a failed save was reported by run(); never mask it
