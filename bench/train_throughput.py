@@ -55,6 +55,11 @@ def main(argv: list[str]) -> None:
     del argv
     configure_logging()
     config = _CONFIG.value
+    if _SEGMENTS.value > int(config.model.max_segments_per_row):
+        # The packed cuDNN kernel has a static limit: more segments would time NaN steps.
+        raise app.UsageError(
+            f"--segments_per_row={_SEGMENTS.value} exceeds model.max_segments_per_row={config.model.max_segments_per_row}"
+        )
     with tempfile.TemporaryDirectory() as workdir:
         trainer = Trainer(config, workdir)
         model_config = trainer.model_config

@@ -1,7 +1,7 @@
 """PRM from Qwen2.5-Math-7B-Instruct (the Qwen2.5-Math-PRM-7B recipe): 8-64 H100/H200 or a v5p-64.
 
 Deviceless plans (`launch.plan`, docs/performance.md): 40.1 GiB per device on 8 x H100 (32% headroom
-under JAX's 59.3 GiB), 25.0 GiB on 64 x H100, 31.0 GiB on a v5p-64. Accumulation follows the mesh:
+under JAX's 59.3 GiB), 25.0 GiB on 64 x H100, 31.1 GiB on a v5p-64. Accumulation follows the mesh:
 2 rows per device per microbatch (16 microbatches on 8 GPUs, 2 on 64).
 
   python -m launch.convert --direction=hf_to_orbax --hf_dir=Qwen2.5-Math-7B-Instruct --orbax_dir=BASE

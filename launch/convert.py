@@ -4,8 +4,8 @@ r"""Convert between Hugging Face checkpoints and prm-jax Orbax checkpoints.
   python -m launch.convert --direction=orbax_to_hf --orbax_dir=SRC --hf_dir=DST \
       [--tokenizer_dir=T] [--dtype=bfloat16|float32|float16] [--max_shard_size=5GB]
 
-hf_to_orbax accepts a causal LM (Qwen2/Llama layout; the PRM head is initialised from --seed) or a
-Qwen2ForProcessRewardModel checkpoint (head imported), and records the source weights' dtype.
+hf_to_orbax accepts a causal LM (Qwen2/Qwen3/Llama layout; the PRM head is initialised from --seed) or a
+Qwen2/Qwen3ForProcessRewardModel checkpoint (head imported), and records the source weights' dtype.
 orbax_to_hf writes the Qwen2.5-Math-PRM layout, loadable with
 AutoModel.from_pretrained(dir, trust_remote_code=True) and by vLLM, in the recorded source dtype
 unless --dtype says otherwise, with the tokenizer the training run recorded (a --tokenizer_dir

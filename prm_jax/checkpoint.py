@@ -27,6 +27,7 @@ stored tensor, or one layer of a stacked one, straight from TensorStore for the 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import shutil
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -149,10 +150,6 @@ class StackedLazyTensor:
                 f"declared {self.shape[1:]} {np.dtype(self.dtype)}"
             )
         return value
-
-    def materialize(self) -> np.ndarray:
-        """The whole stacked tensor in host memory (small models only; saving never calls this)."""
-        return np.stack([self.layer(i) for i in range(self.shape[0])])
 
 
 class _StackedLazyTensorHandler(type_handlers.NumpyHandler):
@@ -442,7 +439,10 @@ def restore_params(
             elif as_numpy:
                 restored[p] = np.stack([values[n] for n in names])
             else:
-                restored[p] = _stack_on_devices([values.pop(n) for n in names], targets[p].sharding)
+                target = targets[p]
+                layers = [values.pop(n) for n in names]  # restored already; handed over one by one
+                restored[p] = stack_on_devices(target.shape, target.dtype, target.sharding, layers.__getitem__)
+                del layers
     return nnx.traversals.unflatten_mapping(restored)
 
 
@@ -463,8 +463,26 @@ def _restore_entries(
     )[PARAMS_ITEM]
 
 
-def _stack_on_devices(layers: list[jax.Array], sharding: Any) -> jax.Array:
-    return jax.jit(lambda *xs: jnp.stack(xs), out_shardings=sharding)(*layers)
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_layer(stacked: jax.Array, layer: jax.Array, index: jax.Array) -> jax.Array:
+    return jax.lax.dynamic_update_index_in_dim(stacked, layer.astype(stacked.dtype), index, 0)
+
+
+def layer_sharding(sharding: Any) -> Any:
+    """The sharding of one layer of a stacked parameter sharded as `sharding` (None: none)."""
+    if isinstance(sharding, NamedSharding):
+        return NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[1:]))
+    return None
+
+
+def stack_on_devices(shape: Sequence[int], dtype: Any, sharding: Any, layer: Callable[[int], jax.Array]) -> jax.Array:
+    """A stacked parameter built on the devices one layer at a time (`layer(i)`, placed with
+    `layer_sharding`): the stacked array is updated in place, so the devices hold it plus one
+    layer. The one way layers are stacked: loading HF weights and restoring per-layer checkpoints."""
+    stacked = jax.jit(lambda: jnp.zeros(tuple(shape), dtype), out_shardings=sharding)()
+    for index in range(shape[0]):
+        stacked = _set_layer(stacked, layer(index), np.int32(index))
+    return stacked
 
 
 __all__ = [
@@ -472,6 +490,8 @@ __all__ = [
     "StackedLazyTensor",
     "StoredParams",
     "params_save_args",
+    "layer_sharding",
+    "stack_on_devices",
     "on_disk_entries",
     "per_layer_layout",
     "PARAMS_ITEM",

@@ -15,29 +15,29 @@ restore straight onto the target shardings.
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding
+from jax.sharding import Mesh, Sharding
 
 from prm_jax.checkpoint import (
     CONFIG_ITEM,
     PARAMS_ITEM,
     LazyTensor,
     StackedLazyTensor,
+    layer_sharding,
     on_disk_entries,
     per_layer_layout,
     read_checkpoint_metadata,
     read_model_config,
     restore_params,
+    stack_on_devices,
     stored_tensors,
 )
 from prm_jax.conversion.hf_mapping import HEADS, TensorMapping, is_stacked, param_mappings, tensor_mappings
@@ -182,7 +182,8 @@ def hf_tensors(
     Checked first (`ConversionError`). A tensor of a head `config` leaves out (`lm_head` of a
     causal LM loaded as a PRM) is skipped, not unexpected.
     """
-    mappings = tensor_mappings(config)
+    groups = param_mappings(config)
+    mappings = [m for group in groups.values() for m in group]
     # What the checkpoint itself declares: a PRM (Qwen2ForProcessRewardModel) has the step head and
     # no LM head, a causal LM the reverse; a tensor of a head it does not declare is unexpected.
     source = ModelConfig.from_hf_file(reader.directory)
@@ -206,7 +207,7 @@ def hf_tensors(
         return m.to_jax(reader.get(m.hf_name)).astype(dtype, copy=False)
 
     lazy: dict[ParamPath, LazyTensor | StackedLazyTensor] = {}
-    for path, group in param_mappings(config).items():
+    for path, group in groups.items():
         if group[0].head in fresh:
             continue
         if is_stacked(path):
@@ -254,21 +255,11 @@ def _place(value: np.ndarray, sharding: Sharding | None) -> jax.Array:
     return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def _set_layer(stacked: jax.Array, layer: jax.Array, index: jax.Array) -> jax.Array:
-    return jax.lax.dynamic_update_index_in_dim(stacked, layer.astype(stacked.dtype), index, 0)
-
-
 def _place_stacked(lazy: StackedLazyTensor, sharding: Sharding | None) -> jax.Array:
     """A stacked parameter built on the devices one layer at a time: host memory holds one layer,
     the devices the stacked array plus one layer (updated in place)."""
-    layer_sharding = None
-    if isinstance(sharding, NamedSharding):
-        layer_sharding = NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[1:]))
-    stacked = jax.jit(lambda: jnp.zeros(lazy.shape, lazy.dtype), out_shardings=sharding)()
-    for index in range(lazy.shape[0]):
-        stacked = _set_layer(stacked, _place(lazy.layer(index), layer_sharding), np.int32(index))
-    return stacked
+    per_layer = layer_sharding(sharding)
+    return stack_on_devices(lazy.shape, lazy.dtype, sharding, lambda i: _place(lazy.layer(i), per_layer))
 
 
 def load_weights(

@@ -176,6 +176,25 @@ def test_presets_fit_the_hardware_they_name_with_ten_percent_headroom(tmp_path, 
     assert record["fits"] is True and record["headroom"] >= 0.10, record
 
 
+@needs_plan_extra
+def test_a_tpu_plan_compiles_the_real_splash_kernel(tmp_path) -> None:
+    """Compiled deviceless for TPU from this CPU host, attention is the Mosaic splash kernel, not
+    the Pallas interpreter the same model runs on CPU (`packed_attention`'s platform_dependent)."""
+    script = tmp_path / "tpu_hlo.py"
+    script.write_text(
+        "from prm_jax.training import plan\n"
+        "from prm_jax.training.trainer import Trainer\n"
+        "from tiny_assets import tiny_config\n"
+        "config = tiny_config(**{'data.seq_len': 256, 'model.dtype': 'bfloat16', 'model.attention_impl': 'splash'})\n"
+        "trainer = Trainer(config, None, devices=plan.compile_only_devices(plan.TARGETS['v5p-8']))\n"
+        "print('mosaic kernels:', plan.compile_step(trainer).compiled.as_text().count('tpu_custom_call'))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=f"{REPO / 'tests'}{os.pathsep}{REPO}")
+    proc = subprocess.run([sys.executable, str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "mosaic kernels: 0" not in proc.stdout and "mosaic kernels:" in proc.stdout, proc.stdout
+
+
 # ---------------------------------------------------------------------------- the trainer's pre-flight
 
 

@@ -37,7 +37,7 @@ from prm_jax.generation.types import (
     per_prompt_params,
     render_prompt,
 )
-from prm_jax.models.transformer import KVCache, Transformer
+from prm_jax.models.transformer import KVCache, Transformer, unstack_layers
 from prm_jax.sharding import logical_to_partition_spec
 
 
@@ -139,12 +139,16 @@ class JaxSampler:
     def __init__(self, model: Transformer, tokenizer, *, mesh: Mesh | None = None, config: SamplerConfig | None = None):
         if not model.config.with_lm_head:
             raise ValueError("JaxSampler needs a model with the causal-LM head (with_lm_head=True)")
-        self.model = model
         self.tokenizer = tokenizer
         self.mesh = mesh
         self.config = config or SamplerConfig()
         self.context_length = model.config.max_position_embeddings
-        self.graphdef, self.state = nnx.split(model)
+        # Decoding runs the layers one by one on their own arrays (`transformer.unstack_layers`,
+        # copied once here); the caller's model keeps its stacked layers, and once it is dropped
+        # the sampler holds one copy of the weights.
+        decode_model = nnx.merge(*nnx.split(model))
+        decode_model.model.layers = unstack_layers(decode_model.model.layers)
+        self.graphdef, self.state = nnx.split(decode_model)
         self.stats = SamplerStats()
         self.eos_ids = tuple(
             sorted(_as_ids(getattr(tokenizer, "eos_token_id", None)) | _as_ids(model.config.eos_token_id))

@@ -132,7 +132,7 @@ def packed_attention(
     segment_ids: jax.Array,
     *,
     impl: str,
-    interpret: bool = False,
+    interpret: bool | None = None,
     max_segments_per_row: int | None = None,
 ) -> jax.Array:
     """Causal self-attention over packed rows: q [B, T, N, D], k/v [B, T, K, D] -> [B, T, N, D].
@@ -142,7 +142,10 @@ def packed_attention(
     `ATTENTION_IMPLEMENTATIONS` (`auto` goes through `resolve_attention_impl`).
 
     `interpret` runs the Pallas kernels (`splash`, `pallas_gpu`) in the Pallas interpreter, which
-    is how they run on CPU; it is ignored by the other implementations. Both Pallas kernels pad T
+    is how they run on CPU; it is ignored by the other implementations. None (the default) decides
+    by the platform the program is lowered for (`jax.lax.platform_dependent`): interpreted on CPU,
+    the real kernel on TPU/GPU, also when compiling deviceless for a TPU or GPU target from a CPU
+    host (`launch.plan`). Both Pallas kernels pad T
     internally to a multiple of 128 (appended tokens come after every real one, so causality keeps
     them out of the real outputs) and slice the result back.
 
@@ -179,10 +182,15 @@ def packed_attention(
         return jax.nn.dot_product_attention(q, k, v, mask=attention_mask(segment_ids), implementation="cudnn")
     if impl == "cudnn":
         return _cudnn_packed(q, k, v, segment_ids, max_segments_per_row)
-    if impl == "splash":
-        return _per_shard(functools.partial(_splash_local, interpret=interpret), q, k, v, segment_ids)
-    if impl == "pallas_gpu":
-        return _per_shard(functools.partial(_pallas_gpu_local, interpret=interpret), q, k, v, segment_ids)
+    if impl in ("splash", "pallas_gpu"):
+        local = _splash_local if impl == "splash" else _pallas_gpu_local
+
+        def kernel(interpret: bool) -> Callable[..., jax.Array]:
+            return lambda *args: _per_shard(functools.partial(local, interpret=interpret), *args)
+
+        if interpret is not None:
+            return kernel(interpret)(q, k, v, segment_ids)
+        return jax.lax.platform_dependent(q, k, v, segment_ids, cpu=kernel(True), default=kernel(False))
     raise AssertionError(impl)  # resolve_attention_impl only returns the names above
 
 

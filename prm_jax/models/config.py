@@ -34,7 +34,6 @@ CAUSAL_LM_ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausal
 # An architecture name is its model type's class name plus one of these.
 _ARCH_SUFFIXES = ("ForCausalLM", "ForProcessRewardModel")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-# "auto" lets jax.nn.dot_product_attention choose; in jax 0.10 that is always the XLA kernel.
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 

@@ -312,7 +312,14 @@ def _validate_train(c: ConfigChecker, objective: str | None) -> None:
     c.boolean("train.allow_config_change")
     c.boolean("train.preflight_plan")
     c.integer("train.lm_loss_chunk_tokens", 0)
-    c.integer("train.microbatch_rows_per_shard", 0)
+    per_shard = c.integer("train.microbatch_rows_per_shard", 0)
+    if per_shard and accum not in (None, 1):
+        c.add(
+            "train.grad_accum_steps",
+            accum,
+            f"is derived from train.microbatch_rows_per_shard={per_shard}; set one of them "
+            "(--config.train.microbatch_rows_per_shard=0 to give grad_accum_steps yourself)",
+        )
     loss = c.choice("train.loss", PRM_LOSSES)
     if loss and objective == "lm" and loss != "cross_entropy":
         c.add("train.loss", loss, "objective='lm' trains with 'cross_entropy' only")

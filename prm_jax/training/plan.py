@@ -502,12 +502,30 @@ def _what(trainer: Trainer) -> str:
     return f"{name} ({m.num_hidden_layers} layers, hidden {m.hidden_size}, {_count(m.num_parameters())} parameters)"
 
 
+def smaller_microbatches(config: ml_collections.ConfigDict) -> str:
+    """The advice that makes microbatches smaller under this config's accumulation setting."""
+    per_shard = int(config.train.get("microbatch_rows_per_shard", 0) or 0)
+    if per_shard > 1:
+        return f"lower train.microbatch_rows_per_shard (now {per_shard}; smaller microbatches)"
+    if per_shard == 1:
+        return "microbatches are already 1 row per shard"
+    return "raise train.grad_accum_steps (smaller microbatches)"
+
+
 def preflight(trainer: Trainer) -> dict[str, Any]:
     """`Trainer.preflight`: compile on the run's own mesh, refuse a step that cannot fit, and
     make the compiled executable the run's train step."""
     devices = list(trainer.mesh.devices.flat)
     step = compile_step(trainer)
     usable, rule = device_usable_bytes([d for d in devices if d.process_index == jax.process_index()])
+    if jax.process_count() > 1:
+        # One verdict for every process: a host that stopped alone would leave the others in a collective.
+        from jax.experimental import multihost_utils
+
+        gathered = multihost_utils.process_allgather(np.asarray(-1 if usable is None else usable, np.int64))
+        limits = [int(limit) for limit in np.ravel(gathered) if limit >= 0]
+        usable = min(limits) if limits else None
+        rule = f"{rule}; the smallest over {jax.process_count()} processes"
     figures = _figures(trainer, step, usable, rule, trainer.peak_flops, DEFAULT_MFU)
     memory = step.memory or {}
     breakdown = ", ".join(
@@ -524,7 +542,7 @@ def preflight(trainer: Trainer) -> dict[str, Any]:
     )
     if figures["fits"] is False:
         raise PreflightError(
-            f"pre-flight: the {summary}. It does not fit: lower train.microbatch_rows_per_shard or raise train.grad_accum_steps (smaller microbatches), "
+            f"pre-flight: the {summary}. It does not fit: {smaller_microbatches(trainer.config)}, "
             "use --config.model.remat_policy=full, shard over more devices (mesh), or skip this check with "
             "--config.train.preflight_plan=false"
         )
