@@ -28,6 +28,18 @@ from typing import Any
 import numpy as np
 
 from prm_jax.tiny_tokenizer import TINY_VOCAB_SIZE
+from prm_jax.training.presets import QWEN2_5_MATH_1_5B
+
+_SHAPE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "tie_word_embeddings",
+)
 
 # Qwen2.5 shapes (the PRM drops the LM head; embeddings are still there).
 SIZES: dict[str, dict[str, Any]] = {
@@ -50,16 +62,8 @@ SIZES: dict[str, dict[str, Any]] = {
         head_dim=64,
         tie_word_embeddings=True,
     ),
-    "1.5b": dict(
-        vocab_size=151936,
-        hidden_size=1536,
-        intermediate_size=8960,
-        num_hidden_layers=28,
-        num_attention_heads=12,
-        num_key_value_heads=2,
-        head_dim=128,
-        tie_word_embeddings=True,
-    ),
+    # The Qwen2.5(-Math)-1.5B shape, from the preset's architecture (one copy of it).
+    "1.5b": {k: v for k, v in QWEN2_5_MATH_1_5B.items() if k in _SHAPE_FIELDS},
     "7b": dict(
         vocab_size=152064,
         hidden_size=3584,

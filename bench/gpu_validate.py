@@ -454,29 +454,6 @@ def _load_config(path: Path):
     return module.get_config()
 
 
-def synthetic_packed_batch(rows: int, seq_len: int, vocab: int, seed: int) -> dict[str, np.ndarray]:
-    """A random batch in the Trainer's packed layout: segments of random lengths, trailing
-    padding, a supervised position every 64 tokens (and at each segment's last token)."""
-    rng = np.random.default_rng(seed)
-    segment_ids = packed_segment_ids(rows, seq_len, seed=seed, left_pad=0)
-    positions = np.zeros((rows, seq_len), np.int32)
-    loss_mask = np.zeros((rows, seq_len), np.float32)
-    for b in range(rows):
-        for s in np.unique(segment_ids[b][segment_ids[b] > 0]):
-            where = np.flatnonzero(segment_ids[b] == s)
-            positions[b, where] = np.arange(len(where))
-            loss_mask[b, where[63::64]] = 1.0
-            loss_mask[b, where[-1]] = 1.0
-    return {
-        "input_ids": rng.integers(0, vocab, (rows, seq_len), dtype=np.int32),
-        "segment_ids": segment_ids,
-        "positions": positions,
-        "loss_mask": loss_mask,
-        "labels": (rng.random((rows, seq_len)) < 0.7).astype(np.float32),
-        "targets": rng.integers(0, vocab, (rows, seq_len), dtype=np.int32),
-    }
-
-
 def plan_batch_rows(smoke: bool, usable_bytes: int | None) -> list[int]:
     """Global batch rows to plan, in order: the next one when the plan refuses a batch."""
     if smoke:
@@ -492,6 +469,7 @@ def section_plan_vs_peak(record: dict[str, Any], smoke: bool, save: Callable[[],
 
         for name in ("plan_training", "preflight", "compile_step", "memory_figures", "PreflightError"):
             getattr(plan_module, name)
+        from bench.train_throughput import synthetic_batch
         from prm_jax.training.trainer import Trainer, _to_global
     except (ImportError, AttributeError) as error:
         raise SkipSection(f"skipped: plan API missing ({type(error).__name__}: {error})") from error
@@ -558,7 +536,7 @@ def section_plan_vs_peak(record: dict[str, Any], smoke: bool, save: Callable[[],
     with jax.set_mesh(trainer.mesh):
         opt_state = jax.jit(trainer.optimizer.init, out_shardings=trainer.opt_shardings)(params)
     batches = [
-        _to_global(synthetic_packed_batch(rows, seq_len, trainer.model_config.vocab_size, seed), trainer.batch_sharding)
+        _to_global(synthetic_batch(rows, seq_len, trainer.model_config.vocab_size, 4, 64, seed), trainer.batch_sharding)
         for seed in range(2)
     ]
     jax.block_until_ready((params, opt_state, batches))

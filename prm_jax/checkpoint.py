@@ -67,13 +67,10 @@ _READABLE_LAYOUTS = (*_PER_LAYER_LAYOUTS, LAYOUT_VERSION)
 # ---------------------------------------------------------------------------- lazy leaves
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class LazyTensor:
-    """A checkpoint leaf whose value is produced only when Orbax writes it."""
+class _LazyArrayShape:
+    """`size` and `ndim` from `shape`: what Orbax asks of a leaf before it writes it."""
 
     shape: tuple[int, ...]
-    dtype: np.dtype
-    load: Callable[[], np.ndarray]
 
     @property
     def size(self) -> int:
@@ -82,6 +79,15 @@ class LazyTensor:
     @property
     def ndim(self) -> int:
         return len(self.shape)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LazyTensor(_LazyArrayShape):
+    """A checkpoint leaf whose value is produced only when Orbax writes it."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    load: Callable[[], np.ndarray]
 
     def materialize(self) -> np.ndarray:
         value = np.asarray(self.load())
@@ -126,21 +132,13 @@ def _register_lazy_tensor_handler() -> None:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class StackedLazyTensor:
+class StackedLazyTensor(_LazyArrayShape):
     """A stacked-layers checkpoint leaf ([layers, ...]) produced one layer at a time while Orbax
     writes it: `load_layer(i)` gives layer i's tensor (shape `shape[1:]`)."""
 
     shape: tuple[int, ...]
     dtype: np.dtype
     load_layer: Callable[[int], np.ndarray]
-
-    @property
-    def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
 
     def layer(self, index: int) -> np.ndarray:
         value = np.asarray(self.load_layer(index))
