@@ -469,7 +469,7 @@ def section_plan_vs_peak(record: dict[str, Any], smoke: bool, save: Callable[[],
 
         for name in ("plan_training", "preflight", "compile_step", "memory_figures", "PreflightError"):
             getattr(plan_module, name)
-        from bench.train_throughput import synthetic_batch
+        from bench.synthetic import synthetic_batch
         from prm_jax.training.trainer import Trainer, _to_global
     except (ImportError, AttributeError) as error:
         raise SkipSection(f"skipped: plan API missing ({type(error).__name__}: {error})") from error

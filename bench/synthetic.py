@@ -1,5 +1,6 @@
-"""Synthetic ProcessBench-like solutions shared by the scoring benchmarks: lengths vary as real ones
-do, the words are arithmetic prose, nothing is downloaded."""
+"""Synthetic inputs shared by the benchmarks (no flags here, so any of them may import it):
+ProcessBench-like solutions for the scoring benchmarks (lengths vary as real ones do, the words are
+arithmetic prose, nothing is downloaded), and packed training batches for the training ones."""
 
 from __future__ import annotations
 
@@ -36,3 +37,25 @@ def synthetic_solutions(
         )
         for _ in range(count)
     ]
+
+
+def synthetic_batch(rows: int, seq_len: int, vocab: int, segments: int, label_every: int, seed: int) -> dict:
+    """A random batch in the Trainer's packed layout: `segments` equal segments per row and a
+    supervised position every `label_every` tokens (bench.train_throughput, bench.gpu_validate)."""
+    rng = np.random.default_rng(seed)
+    bounds = np.linspace(0, seq_len, segments + 1).astype(int)
+    segment_ids = np.zeros((rows, seq_len), np.int32)
+    positions = np.zeros((rows, seq_len), np.int32)
+    for s, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        segment_ids[:, a:b] = s + 1
+        positions[:, a:b] = np.arange(b - a)
+    loss_mask = np.zeros((rows, seq_len), np.float32)
+    loss_mask[:, label_every - 1 :: label_every] = 1.0
+    return {
+        "input_ids": rng.integers(0, vocab, (rows, seq_len), dtype=np.int32),
+        "segment_ids": segment_ids,
+        "positions": positions,
+        "loss_mask": loss_mask,
+        "labels": (rng.random((rows, seq_len)) < 0.7).astype(np.float32),
+        "targets": rng.integers(0, vocab, (rows, seq_len), dtype=np.int32),
+    }

@@ -19,6 +19,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from bench.synthetic import synthetic_batch
 from launch.logs import configure_logging
 from prm_jax.training import flops
 from prm_jax.training.trainer import Trainer, _to_global
@@ -29,26 +30,6 @@ _SEGMENTS = flags.DEFINE_integer("segments_per_row", 4, "Packed examples per row
 _LABEL_EVERY = flags.DEFINE_integer("label_every", 64, "A supervised position every N tokens.")
 _OUT = flags.DEFINE_string("out", None, "Also write the figures as JSON here.")
 flags.mark_flags_as_required(["config"])
-
-
-def synthetic_batch(rows: int, seq_len: int, vocab: int, segments: int, label_every: int, seed: int) -> dict:
-    rng = np.random.default_rng(seed)
-    bounds = np.linspace(0, seq_len, segments + 1).astype(int)
-    segment_ids = np.zeros((rows, seq_len), np.int32)
-    positions = np.zeros((rows, seq_len), np.int32)
-    for s, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
-        segment_ids[:, a:b] = s + 1
-        positions[:, a:b] = np.arange(b - a)
-    loss_mask = np.zeros((rows, seq_len), np.float32)
-    loss_mask[:, label_every - 1 :: label_every] = 1.0
-    return {
-        "input_ids": rng.integers(0, vocab, (rows, seq_len), dtype=np.int32),
-        "segment_ids": segment_ids,
-        "positions": positions,
-        "loss_mask": loss_mask,
-        "labels": (rng.random((rows, seq_len)) < 0.7).astype(np.float32),
-        "targets": rng.integers(0, vocab, (rows, seq_len), dtype=np.int32),
-    }
 
 
 def main(argv: list[str]) -> None:
