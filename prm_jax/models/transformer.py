@@ -317,23 +317,22 @@ def unstack_layers(layers: DecoderLayer) -> nnx.List:
 
 
 def _scan_layers(
-    body: Callable[..., tuple[Any, Any]], carry: Any, layers: DecoderLayer, *xs: Any, remat_policy: str = "none"
+    body: Callable[[Any, DecoderLayer], tuple[Any, Any]], carry: Any, layers: DecoderLayer, remat_policy: str = "none"
 ) -> tuple[Any, Any]:
-    """`body(carry, layer, *x) -> (carry, y)` over the stacked layers (and per-layer `xs`).
+    """`body(carry, layer) -> (carry, y)` over the stacked layers.
 
-    A `jax.lax.scan` over the layers' split state, each step merging one layer's slice: unlike a
-    graph-level transform it runs at any trace level (the sampler scans it inside its decode scan).
-    The remat policy wraps one layer, so the backward pass keeps one layer's residuals per step.
+    A `jax.lax.scan` over the layers' split state, each step merging one layer's slice: unlike
+    `nnx.scan`, it runs at any trace level (inside another scan or jit of the caller's). The remat
+    policy wraps one layer, so the backward pass keeps one layer's residuals per step.
     """
     graphdef, state = nnx.split(layers)
 
-    def step(carry: Any, sliced: tuple[Any, ...]) -> tuple[Any, Any]:
-        layer_state, *x = sliced
-        return body(carry, nnx.merge(graphdef, layer_state), *x)
+    def step(carry: Any, layer_state: Any) -> tuple[Any, Any]:
+        return body(carry, nnx.merge(graphdef, layer_state))
 
     if remat_policy != "none":
         step = jax.checkpoint(step, policy=_REMAT_POLICIES[remat_policy], prevent_cse=False)
-    return jax.lax.scan(step, carry, (state, *xs))
+    return jax.lax.scan(step, carry, state)
 
 
 class Decoder(nnx.Module):
