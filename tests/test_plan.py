@@ -150,6 +150,7 @@ def test_a_tpu_program_over_hbm_is_reported_as_not_fitting(tmp_path) -> None:
         "--config.model.arch.num_hidden_layers=2",
         "--config.model.remat_policy=none",
         "--config.train.global_batch_rows=256",
+        "--config.train.microbatch_rows_per_shard=0",  # the preset's 4 rows per shard would split it
         "--config.train.grad_accum_steps=1",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
