@@ -160,6 +160,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.consensus = ml_collections.ConfigDict()
     c.consensus.mode = "agree"  # "agree": MC first error == judge's | "mc" | "judge" (ablations)
     c.consensus.label_type = "hard"  # "hard" (0/1, the paper's final recipe) | "soft" (n_correct/k)
+    # A rolled-out step's hard MC label is 1 when n_correct / k > mc_threshold: 0 = "any completion
+    # correct" (the paper's best); its ablation sweeps 0 .. (k-1)/k. Recomputed from the MC counts,
+    # so it may change between runs (early stop keeps every step up to the first with none correct).
+    c.consensus.mc_threshold = 0.0
 
     c.io = ml_collections.ConfigDict()
     c.io.fsync_every = 64  # records between fsyncs of a stage shard
@@ -327,6 +331,12 @@ def validate(config: ml_collections.ConfigDict, *, model_sections: Sequence[str]
     label_type, mode = c.choice("consensus.label_type", LABEL_TYPES), c.choice("consensus.mode", CONSENSUS_MODES)
     if mode == "judge" and label_type == "soft":
         c.problems.append("consensus.mode='judge' has no soft labels; use label_type='hard'")
+    threshold = c.number("consensus.mc_threshold", 0.0, 1.0, high_open=True)
+    if threshold and (label_type == "soft" or mode == "judge"):
+        c.problems.append(
+            f"consensus.mc_threshold={threshold} thresholds hard MC labels; it has no effect with "
+            f"mode={mode!r}, label_type={label_type!r}: leave it at 0"
+        )
     problems = c.problems + _problem_file_problems(config) + _model_problems(config, model_sections)
     if problems:
         raise ConfigError("invalid synthesis config: " + "; ".join(problems))

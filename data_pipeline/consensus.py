@@ -8,7 +8,8 @@ are the MC hard labels (default; the paper's final recipe) or the soft ones
 (`label_type = "soft"`: `n_correct / k` as JSON floats). Extra keys (`problem_id`,
 `first_error`, `final_answer_correct`, `label_source`) ride along; readers ignore them.
 Ablations: `mode = "mc"` keeps every MC-labelled response, `mode = "judge"` labels with the
-judge alone (1 before its first error, 0 at it).
+judge alone (1 before its first error, 0 at it), and `mc_threshold` re-thresholds the hard MC labels
+(`n_correct / k > mc_threshold`; the MC first error moves with it, in "agree" mode too).
 
 Every response is accounted for: kept, or dropped with a reason (MC skipped and why, judge
 skipped, no verdict, disagreement), and the counts of every stage go into the summary, computed
@@ -50,15 +51,40 @@ def _bucket(first_error: int | None) -> str:
     return str(first_error) if first_error < _MAX_BUCKET else f"{_MAX_BUCKET}+"
 
 
-def decide(mc: MCRecord | None, judge: JudgeRecord | None, mode: str) -> tuple[int | None, str]:
+def mc_hard_labels(mc: MCRecord, threshold: float = 0.0) -> list[int]:
+    """The hard labels of a labelled MC record at `threshold`: a rolled-out step is 1 when
+    `n_correct / n > threshold` (0: any completion correct, the label the MC stage stored); the last
+    step, not rolled out, keeps its grade."""
+    if threshold == 0:
+        return [x.hard for x in mc.labels]
+    return [int(x.n_correct > threshold * x.n) if x.rolled_out else x.hard for x in mc.labels]
+
+
+def mc_first_error(mc: MCRecord, threshold: float = 0.0) -> int | None:
+    """The first step whose hard label at `threshold` is 0, or -1 (None for a skipped record).
+
+    A higher threshold only moves the first error earlier, so an early-stopped record (labelled up to
+    its first step with no correct completion) has every label this needs.
+    """
+    if mc.status != "labelled":
+        return None
+    if threshold == 0:
+        return mc.first_error
+    return next((i for i, hard in enumerate(mc_hard_labels(mc, threshold)) if hard == 0), -1)
+
+
+def decide(
+    mc: MCRecord | None, judge: JudgeRecord | None, mode: str, mc_threshold: float = 0.0
+) -> tuple[int | None, str]:
     """`(first_error, "kept")` for a kept response, else `(None, drop reason)`."""
     if mode != "judge":
         if mc is None:
             return None, "mc_missing"
         if mc.status == "skipped":
             return None, f"mc_skipped:{mc.skip_reason}"
+        mc_first = mc_first_error(mc, mc_threshold)
         if mode == "mc":
-            return mc.first_error, "kept"
+            return mc_first, "kept"
     if judge is None:
         return None, "judge_missing"
     if judge.status == "skipped":
@@ -67,13 +93,13 @@ def decide(mc: MCRecord | None, judge: JudgeRecord | None, mode: str) -> tuple[i
         return None, f"no_verdict:{judge.no_verdict_reason}"
     if mode == "judge":
         return judge.first_error, "kept"
-    if mc.first_error != judge.first_error:
+    if mc_first != judge.first_error:
         return None, "disagree"
-    return mc.first_error, "kept"
+    return mc_first, "kept"
 
 
 def training_record(
-    grade: GradeRecord, mc: MCRecord | None, first_error: int, *, mode: str, label_type: str
+    grade: GradeRecord, mc: MCRecord | None, first_error: int, *, mode: str, label_type: str, mc_threshold: float = 0.0
 ) -> dict[str, Any]:
     """The PRM training record of a kept response, ending at its first error."""
     length = len(grade.steps) if first_error == -1 else first_error + 1
@@ -85,7 +111,7 @@ def training_record(
         chosen = mc.labels[:length]
         if len(chosen) != length:
             raise ValueError(f"{grade.id}: {len(chosen)} MC labels for {length} steps")
-        labels = [x.hard for x in chosen] if label_type == "hard" else [float(x.soft) for x in chosen]
+        labels = mc_hard_labels(mc, mc_threshold)[:length] if label_type == "hard" else [float(x.soft) for x in chosen]
     record = {
         "id": grade.id,
         "problem": grade.problem,
@@ -113,7 +139,9 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def shard_consensus(layout: Layout, shard: Shard, mode: str, label_type: str) -> tuple[list[dict], dict]:
+def shard_consensus(
+    layout: Layout, shard: Shard, mode: str, label_type: str, mc_threshold: float = 0.0
+) -> tuple[list[dict], dict]:
     """This shard's kept training records (sorted by id) and its counts (ints only, summable)."""
     sample_errors = read_records_if_exists(layout.errors("sample", shard), ErrorRecord.from_json)
     mcs = {r.id: r for _, r in iter_records(layout.records("mc", shard), MCRecord.from_json)} if mode != "judge" else {}
@@ -211,16 +239,16 @@ def shard_consensus(layout: Layout, shard: Shard, mode: str, label_type: str) ->
         mc, judge = mcs.get(grade.id), judges.get(grade.id)
         if mc is not None and mc.status == "labelled" and judge is not None and judge.status == "judged":
             k["agreement"][_bucket(mc.first_error)][_bucket(judge.first_error)] += 1
-        first_error, outcome = decide(mc, judge, mode)
+        first_error, outcome = decide(mc, judge, mode, mc_threshold)
         if first_error is None:
             k["dropped"][outcome] += 1
             continue
-        record = training_record(grade, mc, first_error, mode=mode, label_type=label_type)
+        record = training_record(grade, mc, first_error, mode=mode, label_type=label_type, mc_threshold=mc_threshold)
         kept.append(record)
         k["kept"] += 1
         labels = k["labels"]
         labels["steps"] += len(record["labels"])
-        hard = record["labels"] if mode == "judge" else [x.hard for x in mc.labels[: len(record["labels"])]]
+        hard = record["labels"] if mode == "judge" else mc_hard_labels(mc, mc_threshold)[: len(record["labels"])]
         labels["positive"] += sum(hard)
         labels["negative"] += len(hard) - sum(hard)
         labels["records_with_error" if first_error != -1 else "records_all_correct"] += 1
@@ -234,7 +262,8 @@ def run_consensus(ctx: StageContext) -> None:
     needed = ["sample", "grade"] + (["mc"] if mode != "judge" else []) + (["judge"] if mode != "mc" else [])
     for stage in needed:
         ctx.require_done(stage)
-    kept, counts = shard_consensus(layout, shard, mode, cfg.consensus.label_type)
+    threshold = float(cfg.consensus.mc_threshold)
+    kept, counts = shard_consensus(layout, shard, mode, cfg.consensus.label_type, threshold)
     atomic_write_lines(layout.records("consensus", shard), (_line(r) for r in kept))
     atomic_write_json(
         layout.done("consensus", shard),
@@ -243,6 +272,7 @@ def run_consensus(ctx: StageContext) -> None:
             "num_shards": shard.count,
             "mode": mode,
             "label_type": cfg.consensus.label_type,
+            "mc_threshold": threshold,
             "counts": counts,
         },
     )
@@ -270,7 +300,7 @@ def _ratio(a: float, b: float) -> float | None:
     return round(a / b, 6) if b else None
 
 
-def summarize(counts: dict, *, num_shards: int, mode: str, label_type: str) -> dict:
+def summarize(counts: dict, *, num_shards: int, mode: str, label_type: str, mc_threshold: float = 0.0) -> dict:
     """Counts of all shards plus the derived figures (rates, savings, balance, agreement)."""
     m, k, g = counts["mc"], counts["consensus"], counts["grade"]["status"]
     agreement = k["agreement"]
@@ -318,7 +348,14 @@ def summarize(counts: dict, *, num_shards: int, mode: str, label_type: str) -> d
             "total": sum(counts["input"]["errors"].values()) + sum(counts["sample"]["errors"].values()),
         },
     }
-    return {"num_shards": num_shards, "consensus_mode": mode, "label_type": label_type, **derived, "counts": counts}
+    return {
+        "num_shards": num_shards,
+        "consensus_mode": mode,
+        "label_type": label_type,
+        "mc_threshold": mc_threshold,
+        **derived,
+        "counts": counts,
+    }
 
 
 def _line(record: dict[str, Any]) -> str:
@@ -347,13 +384,14 @@ def run_merge(layout: Layout, num_shards: int) -> Path:
     if missing:
         raise SynthesisError(f"merge needs every shard's consensus; missing: {', '.join(missing)}")
     markers = [read_json(layout.done("consensus", s)) for s in shards]
-    settings = {(m["mode"], m["label_type"]) for m in markers}
+    # Markers written before mc_threshold existed used 0 (any completion correct).
+    settings = {(m["mode"], m["label_type"], m.get("mc_threshold", 0.0)) for m in markers}
     if len(settings) != 1:
         raise SynthesisError(
             f"shards were filtered with different consensus settings {sorted(settings)}; "
             "rerun --stage=consensus on every shard with one setting"
         )
-    mode, label_type = settings.pop()
+    mode, label_type, mc_threshold = settings.pop()
 
     def validate(path: Path) -> None:
         for _ in read_prm_records(path):  # schema and unique ids, with file:line on failure
@@ -365,7 +403,7 @@ def run_merge(layout: Layout, num_shards: int) -> Path:
     total: dict = {}
     for marker in markers:
         _add(total, marker["counts"])
-    summary = summarize(total, num_shards=num_shards, mode=mode, label_type=label_type)
+    summary = summarize(total, num_shards=num_shards, mode=mode, label_type=label_type, mc_threshold=mc_threshold)
     atomic_write_json(layout.summary, summary)
     _log.info(
         "merge: %d training records in %s (keep rate %s); summary in %s",

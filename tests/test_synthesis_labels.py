@@ -348,6 +348,24 @@ def test_consensus_keeps_only_agreement(mc, judge, mode, expected) -> None:
     assert decide(mc, judge, mode) == expected
 
 
+def test_the_mc_hard_threshold_moves_the_first_error_earlier() -> None:
+    from data_pipeline.consensus import mc_first_error, mc_hard_labels
+    from data_pipeline.schemas import StepLabel
+
+    # n_correct of k=4 per step: 4, 2, 1, then the last step (not rolled out) keeps its grade.
+    labels = tuple(StepLabel(n, K, n / K, int(n >= 1), True) for n in (4, 2, 1)) + (StepLabel(1, 0, 1.0, 1, False),)
+    mc = MCRecord("p#0", "p", "labelled", None, K, 4, labels, -1, False, MCCost())
+    assert mc_hard_labels(mc, 0.0) == [1, 1, 1, 1] and mc_first_error(mc, 0.0) == -1
+    assert mc_hard_labels(mc, 0.25) == [1, 1, 0, 1] and mc_first_error(mc, 0.25) == 2  # 1/4 is not > 1/4
+    assert mc_first_error(mc, 0.5) == 1 and mc_first_error(mc, 0.875) == 1  # 4 of 4 is above every threshold
+    grade = grade_record(STEPS[:4], status="correct")
+    record = training_record(grade, mc, 1, mode="mc", label_type="hard", mc_threshold=0.5)
+    assert record["labels"] == [1, 0]
+    # In "agree" mode the judge is compared with the thresholded first error.
+    assert decide(mc, judge_record(1), "agree", 0.5) == (1, "kept")
+    assert decide(mc, judge_record(1), "agree") == (None, "disagree")
+
+
 def test_training_records_end_at_the_first_error(tmp_path) -> None:
     grade = grade_record(STEPS[:4])
     hard = training_record(grade, mc_record(2), 2, mode="agree", label_type="hard")
