@@ -43,11 +43,9 @@ def main(argv: list[str]) -> None:
     configure_logging()
     lessons = run_lessons(flags.FLAGS.config, _WORKDIR.value, say=lambda line: print(line, flush=True))
     report = Path(_REPORT.value or Path(_WORKDIR.value) / "lessons_reproduced.md")
-    # The command as a reader would rerun it (the workdir is theirs to choose).
+    # The command as a reader would rerun it (the workdir and the report's place are theirs to choose).
     shown = [a for a in sys.argv[1:] if not a.startswith(("--workdir", "--report"))]
-    command = shlex.join(["python -m launch.lessons", "--workdir=W", *shown]).replace(
-        "'python -m launch.lessons'", "python -m launch.lessons"
-    )
+    command = " ".join(["python -m launch.lessons --workdir=W", *map(shlex.quote, shown)])
     write_report(lessons, report, command)
     for finding in lessons["findings"]:
         print(f"  {finding['reproduced']:>15}: {finding['title']}", flush=True)

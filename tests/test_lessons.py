@@ -158,3 +158,24 @@ def test_the_committed_report_is_the_default_scale_run() -> None:
         assert (REPO / "docs" / "lessons_reproduced" / png).is_file()
     readme = (REPO / "README.md").read_text()
     assert "docs/lessons_reproduced.md" in readme
+
+
+def test_launch_lessons_refuses_a_bad_config_before_writing_anything(tmp_path) -> None:
+    workdir = tmp_path / "w"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launch.lessons",
+            f"--workdir={workdir}",
+            "--config.lessons.seeds=0",
+            "--config.scale=tiny",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "--config.lessons.seeds=0" in result.stderr and "--config.scale='tiny'" in result.stderr
+    assert not workdir.exists()
