@@ -27,6 +27,7 @@ FIRST_PARTY = set(PACKAGES) | {"bench"}
 OPTIONAL = {
     "vllm": "the vllm extra (prm_jax.generation.vllm_backend imports it lazily)",
     "openai": "the openai extra (prm_jax.generation.openai_backend imports it lazily)",
+    "ray": "the ray extra (data_pipeline.ray_runner imports it lazily, for launch.synthesize --runner=ray)",
     "torch": "the HF remote code run by transformers, and the torch side of the benchmarks",
 }
 # First-party packages each package must not import: the library never reaches up to synthesis or

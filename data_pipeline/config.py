@@ -168,6 +168,20 @@ def default_config() -> ml_collections.ConfigDict:
     c.io = ml_collections.ConfigDict()
     c.io.fsync_every = 64  # records between fsyncs of a stage shard
     c.io.progress = True  # tqdm bars with ETA on stderr
+
+    # `launch.synthesize --runner=ray` (data_pipeline.ray_runner): each model's batches go to
+    # generation workers on a Ray cluster, each worker holding one engine built from the model's
+    # section. None of it changes a record, so runs may change it between resumes.
+    c.ray = ml_collections.ConfigDict()
+    c.ray.address = ""  # "" = $RAY_ADDRESS, else a new local cluster; "auto" = this node's cluster; "host:port"
+    c.ray.workers = 0  # workers (engines) per model; 0 = as many as the cluster's resources fit
+    # GPUs per worker; -1 = what the engine needs on a cluster with GPUs (vllm: tensor_parallel_size,
+    # jax: the mesh's devices), 0 on a cluster without. Ray packs GPUs/gpus_per_worker engines per node.
+    c.ray.gpus_per_worker = -1.0
+    c.ray.cpus_per_worker = 1.0
+    c.ray.in_flight_per_worker = 2  # batches queued per worker (one runs while the next waits)
+    c.ray.max_attempts = 3  # tries of one batch on failing workers before the run stops naming its ids
+    c.ray.max_restarts = 2  # restarts of a dead worker (each loads the model again); then it is dropped
     return c
 
 
@@ -288,6 +302,21 @@ def _openai_problems(c: ConfigChecker, name: str) -> None:
     c.number(f"{name}.openai.timeout_s", 0.0, low_open=True)
 
 
+def _ray_problems(c: ConfigChecker) -> None:
+    if "ray" not in c.config:
+        return  # a config written before the section existed; the Ray runner fills in the defaults
+    if not isinstance(c.get("ray.address"), str):
+        c.add("ray.address", repr(c.get("ray.address")), "a string: '', 'auto' or host:port")
+    c.integer("ray.workers", 0)  # 0: as many as fit
+    gpus = c.number("ray.gpus_per_worker", -1.0)
+    if gpus is not None and -1 < gpus < 0:
+        c.add("ray.gpus_per_worker", repr(gpus), "-1 (the engine's own need) or a number >= 0")
+    c.number("ray.cpus_per_worker", 0.0)
+    c.integer("ray.in_flight_per_worker", 1)
+    c.integer("ray.max_attempts", 1)
+    c.integer("ray.max_restarts", 0)
+
+
 def validate(config: ml_collections.ConfigDict, *, model_sections: Sequence[str] = ()) -> None:
     """Reject inconsistent settings before any model is loaded or anything is written.
 
@@ -328,6 +357,7 @@ def validate(config: ml_collections.ConfigDict, *, model_sections: Sequence[str]
     c.number("grading.timeout_s", 0.0, low_open=True)
     c.integer("grading.workers", 0)
     c.integer("grading.max_memory_mb", 1)
+    _ray_problems(c)
     label_type, mode = c.choice("consensus.label_type", LABEL_TYPES), c.choice("consensus.mode", CONSENSUS_MODES)
     if mode == "judge" and label_type == "soft":
         c.problems.append("consensus.mode='judge' has no soft labels; use label_type='hard'")

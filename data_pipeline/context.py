@@ -44,13 +44,21 @@ class StageContext:
     policy: GenerationBackend | None = None
     judge: GenerationBackend | None = None
     grader: GradingPool | None = None
+    # Builds a backend from a model section (`data_pipeline.backends.build_backend` when None; the
+    # Ray runner builds a pool of engines on Ray workers from the same section).
+    build: Callable[[Any, int], GenerationBackend] | None = None
     _built: list[Any] = dataclasses.field(default_factory=list, repr=False)
+
+    def _build(self, section: Any) -> GenerationBackend:
+        if self.build is not None:
+            return self.build(section, self.config.seed)
+        from data_pipeline.backends import build_backend
+
+        return build_backend(section, seed=self.config.seed)
 
     def policy_backend(self) -> GenerationBackend:
         if self.policy is None:
-            from data_pipeline.backends import build_backend
-
-            self.policy = build_backend(self.config.policy, seed=self.config.seed)
+            self.policy = self._build(self.config.policy)
             self._built.append(self.policy)
         return self.policy
 
@@ -61,14 +69,12 @@ class StageContext:
             if same:
                 self.judge = self.policy_backend()
             else:
-                from data_pipeline.backends import build_backend
-
                 # The judge stage comes after the policy's stages: free the policy's engine (and its
                 # GPUs) before a second one starts.
                 if self.policy is not None and self.policy in self._built:
                     self._release(self.policy)
                     self.policy = None
-                self.judge = build_backend(judge_cfg, seed=self.config.seed)
+                self.judge = self._build(judge_cfg)
                 self._built.append(self.judge)
         return self.judge
 
@@ -144,13 +150,57 @@ class StageContext:
                 errors = stack.enter_context(AppendOnlyWriter(path, ErrorRecord.from_json, fsync_every=fsync_every))
             path = self.layout.records(stage, self.shard)
             writer = stack.enter_context(AppendOnlyWriter(path, parse, fsync_every=fsync_every))
+            before = len(writer.ids)
+            self._generation_reports()  # start this stage's window
             if with_errors:
                 body(writer, errors)
                 counts["errors"] = len(errors.ids)
             else:
                 body(writer)
             counts = {"records": len(writer.ids), **counts}
+            self._record_generation_report(stage, len(writer.ids) - before)
         atomic_write_json(self.layout.done(stage, self.shard), counts)
+
+    def _generation_reports(self) -> list[dict[str, Any]]:
+        """What the concurrent backends in use did since they were last asked (workers, batches,
+        retries, busy time); in-process backends report nothing."""
+        reports = []
+        for backend in dict.fromkeys(b for b in (self.policy, self.judge) if b is not None):
+            take = getattr(backend, "take_report", None)
+            if take is not None:
+                report = take()
+                if report.get("batches"):
+                    reports.append(report)
+        return reports
+
+    def _record_generation_report(self, stage: str, records: int) -> None:
+        """Add this stage's worker and timing figures to `W/ray_summary.json` (never to records)."""
+        reports = self._generation_reports()
+        if not reports:
+            return
+        path = self.layout.ray_summary
+        summary = read_json(path) if path.exists() else {}
+        for report in reports:  # one: a stage generates with one model
+            wall = report.get("wall_s") or 0.0
+            rate = round(records / wall, 3) if wall else None
+            key = stage if self.shard.count == 1 else f"{stage}/{self.shard.name}"
+            if len(reports) > 1:
+                key += f"/{report.get('model')}"
+            summary[key] = {"shard": self.shard.name, "records": records, "records_per_s": rate, **report}
+            _log.info(
+                "%s: %d records in %.1f s on %d workers (%s records/s, %d batches, %d retried, %d worker "
+                "failures); details in %s",
+                stage,
+                records,
+                wall,
+                len(report.get("workers", [])),
+                rate,
+                report.get("batches", 0),
+                report.get("retries", 0),
+                report.get("worker_failures", 0),
+                path,
+            )
+        atomic_write_json(path, summary)
 
     def per_graded_response(
         self,

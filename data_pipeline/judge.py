@@ -33,6 +33,7 @@ import ml_collections
 from data_pipeline.backends import context_length, prompt_lengths
 from data_pipeline.config import default_config, section_values
 from data_pipeline.context import StageContext
+from data_pipeline.dispatch import Generation, Task, drive
 from data_pipeline.ids import stable_seed
 from data_pipeline.schemas import GradeRecord, JudgeRecord
 from prm_jax.critique import PROMPTS, classify_verdict, critic_vote, critique_messages
@@ -93,6 +94,11 @@ class Judge:
         )
 
     def judge_batch(self, records: Sequence[GradeRecord]) -> list[JudgeRecord]:
+        """The records of one batch (one generate call on this judge's backend)."""
+        return list(drive(self.backend, [self.batch_task(records)], ordered=True))
+
+    def batch_task(self, records: Sequence[GradeRecord]) -> Task:
+        """One batch as a `dispatch` task: one generate call, then the batch's records in input order."""
         s = self.settings
         out: dict[str, JudgeRecord] = {}
         todo, prompts = [], []
@@ -121,7 +127,7 @@ class Judge:
             )
             for r in todo
         ]
-        outputs = self.backend.generate(prompts, params) if todo else []
+        outputs = (yield Generation(prompts, params, tuple(r.id for r in todo))) if todo else []
         for record, output in zip(todo, outputs):
             texts = [c.text for c in output.completions]
             parsed = [classify_verdict(t, len(record.steps), prompt=s.prompt) for t in texts]
@@ -140,17 +146,26 @@ class Judge:
                 no_verdict_reason=why,
                 texts=tuple(texts) if s.keep_text else None,
             )
-        return [out[r.id] for r in records]
+        for r in records:
+            yield out[r.id]
 
     def judge(self, records: Iterable[GradeRecord]) -> Iterator[JudgeRecord]:
-        batch: list[GradeRecord] = []
-        for record in records:
-            batch.append(record)
-            if len(batch) >= self.settings.batch_size:
-                yield from self.judge_batch(batch)
-                batch = []
-        if batch:
-            yield from self.judge_batch(batch)
+        """Records for `records` in input order, `batch_size` per generate call (several calls at
+        once on a concurrent backend)."""
+        return drive(
+            self.backend, (self.batch_task(b) for b in _batches(records, self.settings.batch_size)), ordered=True
+        )
+
+
+def _batches(records: Iterable[GradeRecord], size: int) -> Iterator[list[GradeRecord]]:
+    batch: list[GradeRecord] = []
+    for record in records:
+        batch.append(record)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def run_judge(ctx: StageContext) -> None:

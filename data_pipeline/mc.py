@@ -24,7 +24,10 @@ prefix of a response is requested in one wave.
 Batching: up to `mc.batch_responses` responses are in flight; each wave sends one request per
 in-flight response (its next prefix), and a finished response is written and replaced by the
 next one at once (continuous batching), so the backend sees full batches even though responses
-stop at different depths.
+stop at different depths. That loop is a `data_pipeline.dispatch` task (a lane); on engines in this
+process one lane runs, on Ray workers (`data_pipeline.ray_runner`) `workers x in_flight_per_worker`
+lanes share the queue of responses so that every engine has a wave to run. A record depends only
+on its own requests (seeds per response and step), not on which lane or wave carried them.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import ml_collections
 from data_pipeline.backends import context_length, prompt_lengths
 from data_pipeline.config import default_config, section_values
 from data_pipeline.context import StageContext
+from data_pipeline.dispatch import Generation, Task, drive, lanes
 from data_pipeline.grading import CORRECT, ERROR, TIMEOUT, GradingPool
 from data_pipeline.ids import stable_seed
 from data_pipeline.schemas import GradeRecord, MCCost, MCRecord, StepLabel
@@ -164,7 +168,9 @@ class MCLabeler:
 
     # ------------------------------------------------------------------ waves
 
-    def _wave(self, active: list[_InFlight]) -> None:
+    def _wave(self, active: list[_InFlight]) -> Task:
+        """One wave as a generate call: each in-flight response's next prefix (all of its prefixes
+        without early stop), the completions graded, a label appended per prefix."""
         s = self.settings
         requests = []  # (state, step index)
         for state in active:
@@ -184,7 +190,7 @@ class MCLabeler:
             )
             for st, i in requests
         ]
-        outputs = self.backend.generate(prompts, params)
+        outputs = yield Generation(prompts, params, tuple(dict.fromkeys(st.record.id for st, _ in requests)))
         pairs = []
         for (state, i), output in zip(requests, outputs):
             prefix = STEP_BREAK.join(state.record.steps[: i + 1]) + STEP_BREAK
@@ -207,13 +213,14 @@ class MCLabeler:
                 )
             )
 
-    def label(self, records: Iterable[GradeRecord]) -> Iterator[MCRecord]:
-        """MC records for `records` (skipped ones included), in completion order."""
+    def lane(self, queue: Iterator[GradeRecord], heads: dict[str, str]) -> Task:
+        """A continuous-batching labeller as a `dispatch` task: up to `batch_responses` responses in
+        flight, refilled from `queue` (which several lanes may share) as responses finish; yields
+        MC records (skipped ones included) in completion order. `heads` caches the rendered policy
+        prompt per problem text (responses share it)."""
         s = self.settings
-        queue = iter(records)
         active: list[_InFlight] = []
         exhausted = False
-        heads: dict[str, str] = {}  # rendered policy prompt per problem text (responses share it)
         while True:
             while not exhausted and len(active) < s.batch_responses:
                 record = next(queue, None)
@@ -239,7 +246,7 @@ class MCLabeler:
                     active.append(state)
             if not active:
                 return
-            self._wave(active)
+            yield from self._wave(active)
             still = []
             for state in active:
                 done = self._finished(state)
@@ -248,6 +255,14 @@ class MCLabeler:
                 else:
                     yield done
             active = still
+
+    def label(self, records: Iterable[GradeRecord]) -> Iterator[MCRecord]:
+        """MC records for `records` (skipped ones included), in completion order: one lane on an
+        in-process backend, `dispatch.lanes` lanes sharing the queue on a concurrent one."""
+        queue = iter(records)
+        heads: dict[str, str] = {}
+        tasks = [self.lane(queue, heads) for _ in range(lanes(self.backend))]
+        return drive(self.backend, tasks, ordered=False)
 
 
 def run_mc(ctx: StageContext) -> None:

@@ -16,6 +16,7 @@ import contextlib
 import fcntl
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import ml_collections
@@ -154,9 +155,12 @@ def run(
     policy: GenerationBackend | None = None,
     judge: GenerationBackend | None = None,
     grader: GradingPool | None = None,
+    build: Callable[[ml_collections.ConfigDict, int], GenerationBackend] | None = None,
 ) -> None:
     """Run `stage` (or all stages) for `shard`; backends and grader are built from the config
-    unless given (tests inject scripted ones). Raises SynthesisError for conditions a user fixes."""
+    unless given (tests inject scripted ones). `build(section, seed)` builds a model section's
+    backend (default `build_backend`; `data_pipeline.ray_runner.pool_builder` for engines on Ray
+    workers). Raises SynthesisError for conditions a user fixes."""
     if stage not in STAGES:
         raise ValueError(f"stage={stage!r}; choose one of {STAGES}")
     shard = shard or Shard()
@@ -164,7 +168,7 @@ def run(
     validate(config, model_sections=[s for s in MODEL_STAGES.get(stage, ()) if injected[s] is None])
     layout = Layout(Path(workdir))
     with _using_workdir(layout):
-        _run_stages(config, layout, stage, shard, policy, judge, grader)
+        _run_stages(config, layout, stage, shard, policy, judge, grader, build)
 
 
 def _run_stages(
@@ -175,12 +179,13 @@ def _run_stages(
     policy: GenerationBackend | None,
     judge: GenerationBackend | None,
     grader: GradingPool | None,
+    build: Callable[[ml_collections.ConfigDict, int], GenerationBackend] | None,
 ) -> None:
     check_run_config(layout, config, shard.count)
     if stage == "merge":
         run_merge(layout, shard.count)
         return
-    ctx = StageContext(config, layout, shard, policy=policy, judge=judge, grader=grader)
+    ctx = StageContext(config, layout, shard, policy=policy, judge=judge, grader=grader, build=build)
     try:
         if stage == "all":
             stages = ["sample", "grade", "mc", "judge", "consensus"]

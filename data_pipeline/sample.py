@@ -6,6 +6,10 @@ resumed run regenerates exactly what an uninterrupted one would. Output: one
 `SampleRecord` per problem in `W/sample/<shard>.jsonl`; bad input lines, prompts longer
 than the context and empty responses become `ErrorRecord`s in `<shard>.errors.jsonl`
 (or stop the run under `on_error="stop"`). Grading is the next stage.
+
+Each batch of `sample.batch_size` problems is a `data_pipeline.dispatch` task: one generate call,
+run in this process or, several at once, on Ray workers (`data_pipeline.ray_runner`), its records
+released in batch order either way.
 """
 
 from __future__ import annotations
@@ -13,34 +17,26 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+import ml_collections
+
 from data_pipeline.backends import context_length, prompt_lengths
 from data_pipeline.context import StageContext
+from data_pipeline.dispatch import Generation, Task, drive
 from data_pipeline.ids import response_id, shard_of, stable_seed
 from data_pipeline.problems import read_problems
 from data_pipeline.schemas import ErrorRecord, Problem, Response, SampleRecord
 from data_pipeline.solutions import final_answer, policy_prompt, split_steps
-from prm_jax.generation.types import GenerationBackend, SamplingParams
+from prm_jax.generation.types import GenerationBackend, RequestOutput, SamplingParams
 from prm_jax.jsonl import AppendOnlyWriter
 
 _log = logging.getLogger(__name__)
 
 
-def sample_problems(
-    backend: GenerationBackend,
-    problems: Sequence[Problem],
-    *,
-    n: int,
-    temperature: float,
-    top_p: float,
-    max_tokens: int,
-    system_prompt: str,
-    base_seed: int,
-    prompts: Sequence[str] | None = None,
-) -> list[SampleRecord]:
-    """One `SampleRecord` per problem from one batched `generate` call."""
-    if prompts is None:
-        prompts = [policy_prompt(backend.tokenizer, p.problem, system_prompt) for p in problems]
-    params = [
+def sample_params(
+    problems: Sequence[Problem], *, n: int, temperature: float, top_p: float, max_tokens: int, base_seed: int
+) -> list[SamplingParams]:
+    """One `n = N` request per problem, seeded by the problem id (resumes regenerate the same)."""
+    return [
         SamplingParams(
             n=n,
             temperature=temperature,
@@ -50,7 +46,12 @@ def sample_problems(
         )
         for p in problems
     ]
-    outputs = backend.generate(list(prompts), params)
+
+
+def sample_records(
+    problems: Sequence[Problem], params: Sequence[SamplingParams], outputs: Sequence[RequestOutput]
+) -> list[SampleRecord]:
+    """One `SampleRecord` per problem from its request's output."""
     records = []
     for problem, param, output in zip(problems, params, outputs):
         responses = tuple(
@@ -72,6 +73,27 @@ def sample_problems(
     return records
 
 
+def sample_problems(
+    backend: GenerationBackend,
+    problems: Sequence[Problem],
+    *,
+    n: int,
+    temperature: float,
+    top_p: float,
+    max_tokens: int,
+    system_prompt: str,
+    base_seed: int,
+    prompts: Sequence[str] | None = None,
+) -> list[SampleRecord]:
+    """One `SampleRecord` per problem from one batched `generate` call."""
+    if prompts is None:
+        prompts = [policy_prompt(backend.tokenizer, p.problem, system_prompt) for p in problems]
+    params = sample_params(
+        problems, n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, base_seed=base_seed
+    )
+    return sample_records(problems, params, backend.generate(list(prompts), params))
+
+
 def shard_problems(ctx: StageContext) -> list[Problem | ErrorRecord]:
     """This shard's problems and input errors, in file order (`problems.limit` applied first)."""
     cfg = ctx.config.problems
@@ -87,6 +109,50 @@ def shard_problems(ctx: StageContext) -> list[Problem | ErrorRecord]:
     return items
 
 
+def _sample_batch(backend: GenerationBackend, batch: Sequence[Problem], cfg: ml_collections.ConfigDict) -> Task:
+    """One batch of the sample stage as a `dispatch` task: prompt-length errors, one generate call,
+    then per problem its empty-response errors and its record (an error first: a kill between the
+    two re-derives it)."""
+    prompts = [policy_prompt(backend.tokenizer, p.problem, cfg.sample.system_prompt) for p in batch]
+    limit = context_length(backend)
+    if limit is not None:
+        keep = []
+        for problem, prompt, length in zip(batch, prompts, prompt_lengths(backend, prompts)):
+            if length >= limit:
+                yield ErrorRecord(
+                    id=problem.id,
+                    stage="sample",
+                    error="prompt_too_long",
+                    message=f"the prompt has {length} tokens; the policy's context is {limit}",
+                    record_id=problem.id,
+                    source=problem.source,
+                )
+            else:
+                keep.append((problem, prompt))
+        batch, prompts = [p for p, _ in keep], [q for _, q in keep]
+    if not batch:
+        return
+    s = cfg.sample
+    params = sample_params(
+        batch, n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens, base_seed=cfg.seed
+    )
+    outputs = yield Generation(prompts, params, tuple(p.id for p in batch))
+    for record, problem in zip(sample_records(batch, params, outputs), batch):
+        for response in record.responses:
+            if not response.steps:
+                rid = response_id(record.id, response.index)
+                yield ErrorRecord(
+                    id=rid,
+                    stage="sample",
+                    error="empty_response",
+                    message=f"response {response.index} has no text ({response.num_tokens} tokens, "
+                    f"finish_reason={response.finish_reason})",
+                    record_id=rid,
+                    source=problem.source,
+                )
+        yield record
+
+
 def run_sample(ctx: StageContext) -> None:
     shard, cfg = ctx.shard, ctx.config
 
@@ -98,63 +164,18 @@ def run_sample(ctx: StageContext) -> None:
             elif item.id not in writer.ids and item.id not in errors.ids:
                 pending.append(item)
         _log.info("sample: %s: %d problems to sample (%d already done)", shard.name, len(pending), len(writer.ids))
-        if pending:
-            backend = ctx.policy_backend()
-            limit = context_length(backend)
-            with ctx.progress(len(pending), "sample", "problem") as bar:
-                for start in range(0, len(pending), cfg.sample.batch_size):
-                    batch = pending[start : start + cfg.sample.batch_size]
-                    prompts = [policy_prompt(backend.tokenizer, p.problem, cfg.sample.system_prompt) for p in batch]
-                    if limit is not None:
-                        keep = []
-                        for problem, prompt, length in zip(batch, prompts, prompt_lengths(backend, prompts)):
-                            if length >= limit:
-                                ctx.error(
-                                    errors,
-                                    ErrorRecord(
-                                        id=problem.id,
-                                        stage="sample",
-                                        error="prompt_too_long",
-                                        message=f"the prompt has {length} tokens; the policy's context is {limit}",
-                                        record_id=problem.id,
-                                        source=problem.source,
-                                    ),
-                                )
-                            else:
-                                keep.append((problem, prompt))
-                        batch, prompts = [p for p, _ in keep], [q for _, q in keep]
-                    records = (
-                        sample_problems(
-                            backend,
-                            batch,
-                            n=cfg.sample.n,
-                            temperature=cfg.sample.temperature,
-                            top_p=cfg.sample.top_p,
-                            max_tokens=cfg.sample.max_tokens,
-                            system_prompt=cfg.sample.system_prompt,
-                            base_seed=cfg.seed,
-                            prompts=prompts,
-                        )
-                        if batch
-                        else []
-                    )
-                    for record, problem in zip(records, batch):
-                        for response in record.responses:
-                            if not response.steps:  # error first: a kill between the two re-derives it
-                                rid = response_id(record.id, response.index)
-                                ctx.error(
-                                    errors,
-                                    ErrorRecord(
-                                        id=rid,
-                                        stage="sample",
-                                        error="empty_response",
-                                        message=f"response {response.index} has no text ({response.num_tokens} tokens, "
-                                        f"finish_reason={response.finish_reason})",
-                                        record_id=rid,
-                                        source=problem.source,
-                                    ),
-                                )
-                        writer.write(record)
-                    bar.update(len(pending[start : start + cfg.sample.batch_size]))
+        if not pending:
+            return
+        backend = ctx.policy_backend()
+        size = cfg.sample.batch_size
+        tasks = (_sample_batch(backend, pending[i : i + size], cfg) for i in range(0, len(pending), size))
+        with ctx.progress(len(pending), "sample", "problem") as bar:
+            for item in drive(backend, tasks, ordered=True):
+                if isinstance(item, SampleRecord):
+                    writer.write(item)
+                    bar.update(1)
+                else:
+                    ctx.error(errors, item)
+                    bar.update(item.error == "prompt_too_long")
 
     ctx.append_stage("sample", SampleRecord.from_json, sample_all, with_errors=True)

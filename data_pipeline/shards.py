@@ -11,6 +11,7 @@ Layout of a synthesis workdir `W` (`S` = `shard-00003-of-00008`, one per node/pr
     W/consensus/shards/S.counts.json that shard's counts (input of the summary)
     W/consensus/prm_train.jsonl      the merged training records of all shards, sorted by id
     W/summary.json                   counts of every stage, keep rate, label balance, agreement
+    W/ray_summary.json               --runner=ray: per stage, workers, batches, retries, wall time
 
 Why append-only shards instead of one file written at the end: a labelling run is days of
 accelerator time, and a killed node must lose at most the records in flight. Stage records are
@@ -86,6 +87,10 @@ class Layout:
     @property
     def summary(self) -> Path:
         return self.workdir / "summary.json"
+
+    @property
+    def ray_summary(self) -> Path:
+        return self.workdir / "ray_summary.json"
 
     @property
     def run_config(self) -> Path:

@@ -491,11 +491,12 @@ def synthesize_table(tmp_path_factory):
         (base + ["--config.judge.top_p=1.5", "--config.seed=-3"], ["judge.top_p=1.5", "seed=-3"]),
         (base + [f"--config.judge.model_path={tmp / 'judge'}"], ["judge.model_path=", "does not exist"]),
         ([f"--config={ROOT / 'configs' / 'nope.py'}", f"--workdir={tmp / 'w'}"], ["nope.py"]),
+        (base + ["--ray_workers=2"], ["--ray_workers need --runner=ray"]),
     ]
     return tmp, cases, run_table("launch.synthesize", [args for args, _ in cases], tmp)
 
 
-@pytest.mark.parametrize("row", range(14))
+@pytest.mark.parametrize("row", range(15))
 def test_synthesize_bad_values_table(synthesize_table, row) -> None:
     tmp, cases, outcomes = synthesize_table
     assert_one_line_refusal(outcomes[row], *cases[row][1])
