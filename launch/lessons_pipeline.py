@@ -42,12 +42,12 @@ SCALES = ("default", "small")
 # What `--config.scale=small` changes (the test scale: every stage and kind of arm, tiny sizes and
 # shorter sweeps, about two minutes on 2 cores). A field set by a flag keeps the flag's value.
 SMALL_SCALE = {
-    "sft.num_problems": 400,
-    "sft.steps": 150,
-    "synth.num_problems": 32,
-    "eval.num_problems": 32,
-    "prm.steps": 12,
-    "prm.log_every": 6,
+    "sft.num_problems": 240,
+    "sft.steps": 80,
+    "synth.num_problems": 24,
+    "eval.num_problems": 24,
+    "prm.steps": 8,
+    "prm.log_every": 4,
     "lessons.judge_error_rates": (0.0, 0.1, 0.3),
     "lessons.trained_thresholds": (0.875,),
     "lessons.data_fractions": (0.5,),
