@@ -1,11 +1,13 @@
 """The findings of a lessons run, and its report (`docs/lessons_reproduced.md` is the default run's).
 
 Each finding states the paper's claim with its figures (arXiv 2501.07301), ours from `lessons.json`,
-and a verdict computed from the numbers: "reproduced", "not reproduced" (the direction is wrong, or
-the difference is inside the seeds' noise), or "not comparable" (the figure depends on this world's
-policy and judge, not on the labelling method). Two PRM arms differ "beyond noise" when their mean
-F1 (or other figure) differs by more than twice the standard error of the difference over the seeds
-and by at least half a point.
+and a verdict computed from the numbers: "reproduced" (the claimed difference is there beyond noise;
+for a claim of "equal or better", no loss beyond noise), "not reproduced" (the direction is wrong,
+or a claimed difference is inside the seeds' noise), or "not comparable" (a figure is undefined, the
+figure depends on this world's policy and judge rather than on the labelling method, or every arm
+compared sits at what the exact checker's labels reach, so this world cannot tell them apart). Two
+PRM arms differ "beyond noise" when their mean F1 (or other figure) differs by more than twice the
+standard error of the difference over the seeds and by at least half a point.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ def _fig(lessons: dict, arm: str, figure: str = "f1") -> dict:
 def difference(lessons: dict, a: str, b: str, figure: str = "f1") -> dict:
     """`a - b` on a figure's seed means, its standard error, and whether it is beyond noise."""
     fa, fb = _fig(lessons, a, figure), _fig(lessons, b, figure)
-    na, nb = len(fa["values"]), len(fb["values"])
+    na = max(1, sum(v is not None for v in fa["values"]))
+    nb = max(1, sum(v is not None for v in fb["values"]))
     se = math.sqrt((fa["std"] or 0.0) ** 2 / na + (fb["std"] or 0.0) ** 2 / nb)
     diff = _mean(lessons, a, figure) - _mean(lessons, b, figure)
     return {
@@ -69,6 +72,31 @@ def paired_difference(lessons: dict, arm: str, figure_a: str, figure_b: str, min
         "se": se,
         "beyond_noise": abs(mean) > max(2 * se, min_effect),
     }
+
+
+def at_ceiling(lessons: dict, arms: list[str]) -> bool:
+    """Whether every arm scores what the exact checker's labels reach (F1 within noise of the checker arm)."""
+    return all(not difference(lessons, arm, "checker")["beyond_noise"] for arm in arms)
+
+
+def ceiling_reason(lessons: dict, arms: list[str]) -> str:
+    if not at_ceiling(lessons, arms):
+        return ""
+    return (
+        f"every arm compared scores what the exact checker's labels reach (F1 {_f(_mean(lessons, 'checker'))}), "
+        "so this world cannot tell them apart; "
+    )
+
+
+def _undefined(finding: dict) -> dict:
+    """A finding whose compared figures are undefined (no seed defines them) is not comparable."""
+    if any(math.isnan(d["diff"]) for d in finding.get("comparisons", [])):
+        return {
+            **finding,
+            "reproduced": NOT_COMPARABLE,
+            "reason": "a compared figure is undefined in this run (no seed defines it); " + finding["reason"],
+        }
+    return finding
 
 
 def _better(d: dict) -> bool:
@@ -117,7 +145,11 @@ def findings(lessons: dict) -> list[dict]:
             ),
             "comparisons": [d, d_checker],
             "reproduced": REPRODUCED if _better(d) else NOT_REPRODUCED,
-            "reason": _reason(d, "the judge's PRM", "the MC PRM"),
+            "reason": _reason(d, "the judge's PRM", "the MC PRM")
+            + f"; as labels, MC's first errors agree with the checker about as often as the judge's "
+            f"({_f(quality[mc]['first_error_agreement'])} vs {_f(quality[judge]['first_error_agreement'])}), but MC "
+            f"misses more error steps (error recall {_f(quality[mc]['error_recall'])} vs "
+            f"{_f(quality[judge]['error_recall'])}), and a PRM learns those misses",
         }
     )
 
@@ -125,6 +157,8 @@ def findings(lessons: dict) -> list[dict]:
     group = [mc, judge, "checker", "consensus"]
     f1s = [_mean(lessons, a) for a in group]
     bons = [_mean(lessons, a, "prm_product") for a in group]
+    f1_spread, bon_spread = max(f1s) - min(f1s), max(bons) - min(bons)
+    headroom = _mean(lessons, mc, "pass") - _mean(lessons, mc, "maj")
     tau = kendall_tau(
         [_mean(lessons, a["name"]) for a in lessons["arms"]],
         [_mean(lessons, a["name"], "prm_product") for a in lessons["arms"]],
@@ -138,10 +172,16 @@ def findings(lessons: dict) -> list[dict]:
                 f"over {', '.join(group)}: prm@N spread {_f(max(bons) - min(bons))}, F1 spread {_f(max(f1s) - min(f1s))}; "
                 f"Kendall tau between the BoN and F1 rankings of all {len(lessons['arms'])} arms {_f(tau, 2)}"
             ),
-            "reproduced": REPRODUCED if max(bons) - min(bons) < max(f1s) - min(f1s) else NOT_REPRODUCED,
+            "reproduced": (
+                NOT_COMPARABLE
+                if any(math.isnan(v) for v in f1s + bons)
+                else REPRODUCED
+                if f1_spread > MIN_EFFECT and bon_spread < f1_spread
+                else NOT_REPRODUCED
+            ),
             "reason": (
-                "Best-of-N rewards a PRM for ranking final answers; the step-level differences between the labellers "
-                "show up in ProcessBench F1 more than in which response wins."
+                f"prm@N spread {_f(bon_spread)} (with {_f(headroom)} between maj@N and pass@N to move in) against an "
+                f"F1 spread of {_f(f1_spread)}; over all arms the two rankings agree with Kendall tau {_f(tau, 2)}"
             ),
         }
     )
@@ -193,8 +233,13 @@ def findings(lessons: dict) -> list[dict]:
                 f"soft CE {_f(_mean(lessons, 'consensus_soft_ce', 'prm_product'))}"
             ),
             "comparisons": [d_ce, d_mse],
-            "reproduced": REPRODUCED if _better(d_ce) and _better(d_mse) else NOT_REPRODUCED,
-            "reason": _reason(d_ce, "hard labels", "soft labels (CE)")
+            "reproduced": NOT_COMPARABLE
+            if at_ceiling(lessons, ["consensus", "consensus_soft_ce", "consensus_soft_mse"])
+            else REPRODUCED
+            if _better(d_ce) and _better(d_mse)
+            else NOT_REPRODUCED,
+            "reason": ceiling_reason(lessons, ["consensus", "consensus_soft_ce", "consensus_soft_mse"])
+            + _reason(d_ce, "hard labels", "soft labels (CE)")
             + "; "
             + _reason(d_mse, "hard labels", "soft labels (MSE)"),
         }
@@ -274,6 +319,8 @@ def findings(lessons: dict) -> list[dict]:
     judge_curve = [_mean(lessons, "checker" if r == 0 else f"judge_{_rate_name(r)}") for r in rates]
     cons_curve = [_mean(lessons, "consensus" if r == rate else f"consensus_{_rate_name(r)}") for r in rates]
     judge_drop, cons_drop = judge_curve[0] - judge_curve[-1], cons_curve[0] - cons_curve[-1]
+    noisiest = "checker" if rates[-1] == 0 else f"judge_{_rate_name(rates[-1])}"
+    judge_hurt = difference(lessons, "checker", noisiest)["beyond_noise"]
     out.append(
         {
             "id": "judge_noise",
@@ -283,8 +330,18 @@ def findings(lessons: dict) -> list[dict]:
                 f"PRM F1 at judge error rates {', '.join(f'{r:g}' for r in rates)}: judge alone "
                 f"{', '.join(_f(v) for v in judge_curve)}; consensus {', '.join(_f(v) for v in cons_curve)}"
             ),
-            "reproduced": REPRODUCED if judge_drop - cons_drop > MIN_EFFECT else NOT_REPRODUCED,
-            "reason": f"F1 falls by {_f(judge_drop)} with the judge alone and by {_f(cons_drop)} with consensus from "
+            "reproduced": NOT_COMPARABLE
+            if not judge_hurt
+            else REPRODUCED
+            if judge_drop - cons_drop > MIN_EFFECT
+            else NOT_REPRODUCED,
+            "reason": (
+                ""
+                if judge_hurt
+                else "the judge's random errors do not lower the judge-alone PRM's F1 beyond noise, so there is "
+                "nothing here for consensus to protect against; "
+            )
+            + f"F1 falls by {_f(judge_drop)} with the judge alone and by {_f(cons_drop)} with consensus from "
             f"rate {rates[0]:g} to {rates[-1]:g}",
         }
     )
@@ -309,7 +366,7 @@ def findings(lessons: dict) -> list[dict]:
             "reason": _reason(d_half, f"{half}", "MC on all the data", equal_ok=True),
         }
     )
-    return out
+    return [_undefined(f) for f in out]
 
 
 def _reason(d: dict, a: str, b: str, *, equal_ok: bool = False, figure: str = "F1") -> str:

@@ -179,3 +179,33 @@ def test_launch_lessons_refuses_a_bad_config_before_writing_anything(tmp_path) -
     assert result.returncode == 2, result.stderr[-2000:]
     assert "--config.lessons.seeds=0" in result.stderr and "--config.scale='tiny'" in result.stderr
     assert not workdir.exists()
+
+
+def test_a_resume_with_other_settings_is_refused_but_progress_may_change(tmp_path) -> None:
+    config = lp.default_config()
+    lp.check_run_config(config, tmp_path)
+    config.progress = False  # a runtime setting
+    lp.check_run_config(config, tmp_path)
+    config.prm.steps = 50
+    config.lessons.data_fractions = (0.5,)
+    with pytest.raises(ValueError, match=r"other lessons settings \(lessons.data_fractions, prm.steps"):
+        lp.check_run_config(config, tmp_path)
+
+
+def test_an_undefined_figure_makes_a_finding_not_comparable() -> None:
+    finding = {"reproduced": lr.REPRODUCED, "reason": "x", "comparisons": [{"diff": float("nan")}]}
+    assert lr._undefined(finding)["reproduced"] == lr.NOT_COMPARABLE
+    assert lr._undefined({**finding, "comparisons": [{"diff": 0.1}]})["reproduced"] == lr.REPRODUCED
+
+
+def test_arms_at_the_checkers_ceiling_cannot_be_told_apart() -> None:
+    lessons = _lessons({"checker": [0.99, 0.99, 0.99], "a": [0.99, 0.991, 0.99], "b": [0.80, 0.85, 0.82]})
+    assert lr.at_ceiling(lessons, ["a"]) and not lr.at_ceiling(lessons, ["a", "b"])
+
+
+def test_one_seed_or_a_repeated_rate_is_refused() -> None:
+    config = lp.default_config()
+    config.lessons.seeds = 1
+    config.lessons.judge_error_rates = (0.0, 0.1, 0.1)
+    problems = "\n".join(lp.validate_config(config))
+    assert "lessons.seeds=1" in problems and "has a value twice" in problems
