@@ -24,19 +24,24 @@ from prm_jax.generation.types import GenerationBackend, Prompt, render_prompt
 _log = logging.getLogger(__name__)
 
 
+def mesh_shape(spec: str) -> dict[str, int]:
+    """`"fsdp=4,tensor=2"` -> `{"fsdp": 4, "tensor": 2}`; empty -> {} (one device)."""
+    shape = {}
+    for part in spec.split(",") if spec else ():
+        axis, _, size = part.partition("=")
+        if not size:
+            raise ValueError(f"mesh {spec!r}: expected axis=size pairs like 'fsdp=4,tensor=2'")
+        shape[axis.strip()] = int(size)
+    return shape
+
+
 def _mesh_from_string(spec: str):
     """`"fsdp=4,tensor=2"` -> a mesh; empty -> None (one device)."""
     if not spec:
         return None
     from prm_jax.sharding import make_mesh
 
-    shape = {}
-    for part in spec.split(","):
-        axis, _, size = part.partition("=")
-        if not size:
-            raise ValueError(f"mesh {spec!r}: expected axis=size pairs like 'fsdp=4,tensor=2'")
-        shape[axis.strip()] = int(size)
-    return make_mesh(shape)
+    return make_mesh(mesh_shape(spec))
 
 
 def build_backend(section: Any, *, seed: int = 0) -> GenerationBackend:

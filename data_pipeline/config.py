@@ -173,7 +173,9 @@ def default_config() -> ml_collections.ConfigDict:
     # generation workers on a Ray cluster, each worker holding one engine built from the model's
     # section. None of it changes a record, so runs may change it between resumes.
     c.ray = ml_collections.ConfigDict()
-    c.ray.address = ""  # "" = $RAY_ADDRESS, else a new local cluster; "auto" = this node's cluster; "host:port"
+    # "" = $RAY_ADDRESS, else the latest `ray start` cluster on this node, else a new local one;
+    # "auto" = this node's cluster; "host:port".
+    c.ray.address = ""
     c.ray.workers = 0  # workers (engines) per model; 0 = as many as the cluster's resources fit
     # GPUs per worker; -1 = what the engine needs on a cluster with GPUs (vllm: tensor_parallel_size,
     # jax: the mesh's devices), 0 on a cluster without. Ray packs GPUs/gpus_per_worker engines per node.

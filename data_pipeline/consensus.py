@@ -238,7 +238,7 @@ def shard_consensus(
         k["candidates"] += 1
         mc, judge = mcs.get(grade.id), judges.get(grade.id)
         if mc is not None and mc.status == "labelled" and judge is not None and judge.status == "judged":
-            k["agreement"][_bucket(mc.first_error)][_bucket(judge.first_error)] += 1
+            k["agreement"][_bucket(mc_first_error(mc, mc_threshold))][_bucket(judge.first_error)] += 1
         first_error, outcome = decide(mc, judge, mode, mc_threshold)
         if first_error is None:
             k["dropped"][outcome] += 1

@@ -179,7 +179,14 @@ class StageContext:
         if not reports:
             return
         path = self.layout.ray_summary
-        summary = read_json(path) if path.exists() else {}
+        # Shards of one workdir (--num_shards with --runner=ray) update the file in turn, not over each other.
+        with exclusive_lock(path.with_name(path.name + ".lock"), wait=True):
+            summary = read_json(path) if path.exists() else {}
+            self._add_reports(summary, stage, records, reports)
+            atomic_write_json(path, summary)
+
+    def _add_reports(self, summary: dict, stage: str, records: int, reports: list[dict[str, Any]]) -> None:
+        path = self.layout.ray_summary
         for report in reports:  # one: a stage generates with one model
             wall = report.get("wall_s") or 0.0
             rate = round(records / wall, 3) if wall else None
@@ -200,7 +207,6 @@ class StageContext:
                 report.get("worker_failures", 0),
                 path,
             )
-        atomic_write_json(path, summary)
 
     def per_graded_response(
         self,

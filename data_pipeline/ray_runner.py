@@ -45,6 +45,7 @@ from prm_jax.generation.types import GenerationBackend, Prompt, RequestOutput, S
 _log = logging.getLogger(__name__)
 
 INSTALL_HINT = 'pip install -e ".[ray]"'
+_CLOSE_TIMEOUT_S = 30.0  # for the engines to stop before their actors are killed
 
 
 def import_ray() -> Any:
@@ -81,8 +82,9 @@ class RaySettings:
 
 
 def connect(address: str = "") -> bool:
-    """Join the Ray cluster at `address` ("" = $RAY_ADDRESS, else start a local one; "auto" = the
-    cluster this node belongs to). Returns whether this call connected (and so should disconnect)."""
+    """Join the Ray cluster at `address` ("" = Ray's own resolution: $RAY_ADDRESS, else the latest
+    cluster `ray start` began on this node, else a new local one; "auto" = the cluster this node
+    belongs to). Returns whether this call connected (and so should disconnect)."""
     ray = import_ray()
     if ray.is_initialized():
         return False
@@ -93,7 +95,7 @@ def connect(address: str = "") -> bool:
     resources = ray.cluster_resources()
     _log.info(
         "ray: connected to %s (%d nodes, %g CPUs, %g GPUs)",
-        address or os.environ.get("RAY_ADDRESS") or "a new local cluster",
+        address or os.environ.get("RAY_ADDRESS") or "this node's latest or a new local cluster",
         len([n for n in ray.nodes() if n.get("Alive")]),
         resources.get("CPU", 0),
         resources.get("GPU", 0),
@@ -304,7 +306,12 @@ class RayGenerationPool:
         return [w.pid for w in self._workers if w.state == "ready" and w.pid is not None]
 
     def close(self) -> None:
-        """Stop every worker (frees its GPUs); outstanding calls are dropped."""
+        """Stop every worker (frees its GPUs); outstanding calls are dropped. Engines are closed first
+        (a vLLM engine stops its processes cleanly), then the actors are killed."""
+        alive = [w for w in self._workers if w.state == "ready"]
+        if alive:
+            closing = [w.actor.close.remote() for w in alive]
+            self._ray.wait(closing, num_returns=len(closing), timeout=_CLOSE_TIMEOUT_S)
         for worker in self._workers:
             if worker.state != "dead":
                 self._ray.kill(worker.actor, no_restart=True)
@@ -518,8 +525,15 @@ def gpus_per_worker(section: ml_collections.ConfigDict, settings: RaySettings, c
         return 0.0
     if section.backend == "vllm":
         return float(section.vllm.tensor_parallel_size)
-    mesh = [int(part.partition("=")[2]) for part in section.mesh.split(",") if part] if section.mesh else [1]
-    return float(math.prod(mesh))
+    from data_pipeline.backends import mesh_shape
+
+    sizes = list(mesh_shape(section.mesh).values()) or [1]
+    if any(size < 1 for size in sizes):
+        raise SynthesisError(
+            f"mesh {section.mesh!r}: under --runner=ray give every axis a size (an engine's GPUs are what Ray "
+            "grants it, not a whole node), or set --config.ray.gpus_per_worker"
+        )
+    return float(math.prod(sizes))
 
 
 def worker_count(settings: RaySettings, gpus: float, cluster: dict[str, float]) -> int:

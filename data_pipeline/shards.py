@@ -115,8 +115,9 @@ class ShardLockedError(RuntimeError):
 
 
 @contextlib.contextmanager
-def exclusive_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on `path` (two processes writing one shard would duplicate ids).
+def exclusive_lock(path: Path, *, wait: bool = False) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (two processes writing one shard would duplicate ids); held by
+    another process: raise, or with `wait` block until it is free (a short shared update).
 
     The lock dies with its process, so a killed run never leaves a stale lock behind.
     """
@@ -124,7 +125,7 @@ def exclusive_lock(path: Path) -> Iterator[None]:
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise ShardLockedError(
                 f"{path} is locked: another process is writing this stage and shard. Give each "
