@@ -38,20 +38,13 @@ def build_policy(root: Path) -> Path:
     from prm_jax.checkpoint import save_model
     from prm_jax.models.config import ModelConfig
     from prm_jax.models.transformer import Transformer
-    from prm_jax.tiny_tokenizer import TINY_VOCAB_SIZE, build_tiny_tokenizer
+    from prm_jax.tiny_tokenizer import build_tiny_tokenizer
+    from prm_jax.training.config import default_config as training_defaults
 
     build_tiny_tokenizer(root / "tokenizer")
-    config = ModelConfig(
-        vocab_size=TINY_VOCAB_SIZE,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=512,
-        with_prm_head=False,
-    )
+    # The from-scratch architecture of the training defaults (configs/tiny.py's), as a causal LM.
+    arch = {**dict(training_defaults().model.arch), "max_position_embeddings": 512}
+    config = ModelConfig(**arch, with_prm_head=False)
     model = Transformer(config, rngs=nnx.Rngs(0))
     # A random model rarely writes a blank line, and the mc stage rolls out step prefixes: give the
     # residual stream a constant direction (embedding dim 0) that only the "\n\n" tokens' logits read.

@@ -140,20 +140,11 @@ def semantic_config(config: ml_collections.ConfigDict) -> dict:
     return json.loads(json.dumps(values))  # tuples as lists, as the file holds them
 
 
-def _flatten(values: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def check_run_config(config: ml_collections.ConfigDict, W: Path) -> None:
     """Record the run's settings on first use of `W`; refuse a resume with other settings, since every
     cached dataset and arm would then describe a run that did not happen."""
     from prm_jax.files import atomic_write_json
+    from prm_jax.training.run_record import flatten
 
     path = W / "lessons_config.json"
     current = semantic_config(config)
@@ -161,7 +152,7 @@ def check_run_config(config: ml_collections.ConfigDict, W: Path) -> None:
         atomic_write_json(path, current)
         return
     stored = json.loads(path.read_text())
-    flat_stored, flat_current = _flatten(stored), _flatten(current)
+    flat_stored, flat_current = flatten(stored), flatten(current)
     diffs = sorted(k for k in set(flat_stored) | set(flat_current) if flat_stored.get(k) != flat_current.get(k))
     if diffs:
         raise ValueError(

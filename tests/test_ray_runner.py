@@ -23,6 +23,7 @@ import pytest
 import test_synthesis_pipeline as scripted_world
 from test_synthesis_e2e import KILL_WRAPPER, REPO, SCHEMAS, assert_same_run, command, kill_at_the_mc_kill_point
 from test_synthesis_e2e import assets as e2e_assets  # noqa: F401 - registers the tiny models' `assets` fixture
+from test_synthesis_e2e import environment as launcher_env
 from test_synthesis_pipeline import world
 
 from data_pipeline.config import ConfigError, default_config, validate
@@ -189,17 +190,6 @@ def test_a_worker_killed_mid_stage_loses_and_duplicates_nothing(cluster, tmp_pat
     assert mc["worker_failures"] >= 1 and mc["retries"] >= 1
     # Ray restarts the killed worker; whether it is back before the stage ends depends on timing.
     assert killed[0] not in pids_after
-
-
-def launcher_env(assets) -> dict[str, str]:
-    return {
-        **os.environ,
-        "JAX_PLATFORMS": "cpu",
-        "JAX_COMPILATION_CACHE_DIR": str(assets["cache"]),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-        "PYTHONPATH": str(REPO),
-    }
 
 
 def synthesize(assets, workdir: Path, *extra: str) -> None:

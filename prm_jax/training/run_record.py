@@ -64,11 +64,12 @@ def committed_steps(workdir: Path) -> list[int]:
     return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit())
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested dict as `{"section.key": value}` (how config differences are named)."""
     flat: dict[str, Any] = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat
@@ -107,7 +108,7 @@ def _same(field: str, old: Any, new: Any, old_all: dict[str, Any], new_all: dict
 def config_changes(recorded: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """Fields whose value differs, runtime fields excepted. Fields absent from the record (added
     to the schema since) are not changes; paths compare as the files they name."""
-    old, new = _flatten(recorded), _flatten(current)
+    old, new = flatten(recorded), flatten(current)
     return {
         field: (old[field], new.get(field))
         for field in sorted(old)
