@@ -10,8 +10,8 @@ smaller training sets), each trained at `lessons.seeds` seeds with the same budg
 the same held-out responses (`launch.lessons_pipeline`). Output: W/lessons.json (`arms`, `findings`,
 `label_quality`), the report (W/lessons_reproduced.md unless --report says where) with its PNGs, and
 every arm's artifacts under W. Rerunning the same command resumes; the same seed gives the same
-lessons.json, and a resume with other settings is refused. The default scale took 19 minutes on 2 CPU
-cores shared with other jobs, `--config.scale=small` under 2.
+lessons.json, and a resume with other settings is refused. The default scale takes 16 minutes on 2 CPU
+cores, `--config.scale=small` under 2.
 """
 
 from __future__ import annotations

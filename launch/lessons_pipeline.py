@@ -56,7 +56,7 @@ SMALL_SCALE = {
 
 
 def default_config() -> ml_collections.ConfigDict:
-    """The demo's world, policy and sizes, plus what the lessons add (19 minutes measured on 2 cores)."""
+    """The demo's world, policy and sizes, plus what the lessons add (16 minutes measured on 2 cores)."""
     c = demo.default_config()
     c.scale = "default"
     c.synth.k = 8  # the paper's k; the k=4 arm reuses this run's samples and grades
