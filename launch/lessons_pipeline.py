@@ -179,6 +179,16 @@ def rate_name(rate: float) -> str:
     return f"r{rate:g}"
 
 
+def judge_arm(rate: float) -> str:
+    """The arm trained on the judge's labels at error rate `rate` (0: the exact checker)."""
+    return "checker" if rate == 0 else f"judge_{rate_name(rate)}"
+
+
+def consensus_arm(rate: float, judge_rate: float) -> str:
+    """The arm trained on consensus with the judge at `rate` (`judge_rate`'s is the main one)."""
+    return "consensus" if rate == judge_rate else f"consensus_{rate_name(rate)}"
+
+
 def arms(config: ml_collections.ConfigDict) -> list[Arm]:
     """Every arm of the run, in report order."""
     k, small_k, rate = int(config.synth.k), int(config.lessons.small_k), float(config.judge.error_rate)
@@ -559,12 +569,11 @@ def labeller_quality(config: ml_collections.ConfigDict, W: Path, datasets: dict[
         return figures
 
     labellers = {}
-    for name in (f"mc_hard_k{k}", f"mc_hard_k{small_k}"):
-        labellers[name] = quality(
-            _read_jsonl(W / "datasets" / f"{name}.jsonl"), mc_k=int(name.rsplit("k", 1)[1]), judged=False
-        )
+    for mc_k in (k, small_k):
+        name = f"mc_hard_k{mc_k}"
+        labellers[name] = quality(_read_jsonl(W / "datasets" / f"{name}.jsonl"), mc_k=mc_k, judged=False)
     for r in config.lessons.judge_error_rates:
-        judge_name = "checker" if r == 0 else f"judge_{rate_name(r)}"
+        judge_name = judge_arm(r)
         labellers[judge_name] = quality(
             _read_jsonl(W / "datasets" / f"judge_{rate_name(r)}.jsonl"), mc_k=None, judged=True
         )

@@ -16,6 +16,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from launch.lessons_pipeline import consensus_arm, judge_arm, rate_name
+
 REPRODUCED, NOT_REPRODUCED, NOT_COMPARABLE = "reproduced", "not reproduced", "not comparable"
 MIN_EFFECT = 0.005
 
@@ -117,16 +119,12 @@ def _mean(lessons: dict, arm: str, figure: str = "f1") -> float:
     return math.nan if mean is None else mean
 
 
-def _rate_name(rate: float) -> str:
-    return f"r{rate:g}"
-
-
 def findings(lessons: dict) -> list[dict]:
     """The paper's findings, each with our measurement and a verdict."""
     cfg = lessons["config"]
     k = cfg["synth"]["k"]
     rate = cfg["judge"]["error_rate"]
-    mc, judge = f"mc_hard_k{k}", f"judge_{_rate_name(rate)}"
+    mc, judge = f"mc_hard_k{k}", f"judge_{rate_name(rate)}"
     quality = lessons["label_quality"]["labellers"]
     out = []
 
@@ -187,7 +185,7 @@ def findings(lessons: dict) -> list[dict]:
     )
 
     # 3. Consensus filtering: a fraction of the data at equal or better quality.
-    keep = quality[f"consensus_{_rate_name(rate)}"]["keep_rate"]
+    keep = quality[f"consensus_{rate_name(rate)}"]["keep_rate"]
     d_all = difference(lessons, "consensus", mc)
     d_same = difference(lessons, "consensus", "mc_same_size")
     out.append(
@@ -316,10 +314,10 @@ def findings(lessons: dict) -> list[dict]:
 
     # 8. The noise curve: consensus protects against the judge's errors.
     rates = sorted(cfg["lessons"]["judge_error_rates"])
-    judge_curve = [_mean(lessons, "checker" if r == 0 else f"judge_{_rate_name(r)}") for r in rates]
-    cons_curve = [_mean(lessons, "consensus" if r == rate else f"consensus_{_rate_name(r)}") for r in rates]
+    judge_curve = [_mean(lessons, judge_arm(r)) for r in rates]
+    cons_curve = [_mean(lessons, consensus_arm(r, rate)) for r in rates]
     judge_drop, cons_drop = judge_curve[0] - judge_curve[-1], cons_curve[0] - cons_curve[-1]
-    noisiest = "checker" if rates[-1] == 0 else f"judge_{_rate_name(rates[-1])}"
+    noisiest = judge_arm(rates[-1])
     judge_hurt = difference(lessons, "checker", noisiest)["beyond_noise"]
     out.append(
         {
@@ -607,8 +605,8 @@ def plot_lessons(lessons: dict, out_dir: Path) -> dict[str, Path]:
     rates = sorted(cfg["lessons"]["judge_error_rates"])
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for label, names in (
-        ("judge alone", ["checker" if r == 0 else f"judge_{_rate_name(r)}" for r in rates]),
-        ("consensus (MC and judge agree)", ["consensus" if r == rate else f"consensus_{_rate_name(r)}" for r in rates]),
+        ("judge alone", [judge_arm(r) for r in rates]),
+        ("consensus (MC and judge agree)", [consensus_arm(r, rate) for r in rates]),
     ):
         figs = [_fig(lessons, n) for n in names]
         ax.errorbar(rates, [f["mean"] for f in figs], yerr=[f["std"] for f in figs], marker="o", capsize=3, label=label)
