@@ -12,6 +12,10 @@ wherever it is read:
   after reading at most that many bytes, so a corrupt or concatenated file fails fast instead of
   filling host memory.
 - Every problem is a `DataError` reading `file:line: field 'name': problem`; ids are unique per file.
+- JSON is decoded by `loads` / `raw_decode` only: Python's decoder fails in three ways (a syntax
+  error, an integer over `sys.get_int_max_str_digits()` digits, nesting past the recursion limit),
+  and these turn all three into one `json.JSONDecodeError`, so no line of any file ends in a
+  traceback without its `file:line`.
 
 Each record type supplies a parser from a decoded object to a record, written with `Fields`. Whole
 files are written with `prm_jax.files`; files that grow record by record (synthesis shards, days of
@@ -23,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from os import PathLike
@@ -99,6 +104,57 @@ def json_type_name(value: Any) -> str:
     return type(value).__name__
 
 
+# ---------------------------------------------------------------------------- decoding
+
+
+class JSONLimitError(json.JSONDecodeError):
+    """Well-formed JSON past what Python's decoder reads: an integer of more digits than
+    `sys.get_int_max_str_digits()` (a `ValueError` from `int`), or arrays/objects nested deeper than the
+    recursion limit (a `RecursionError`). A `json.JSONDecodeError`, so every handler of malformed JSON
+    catches it; unlike a syntax error it cannot be a text cut short, so a reader that refills its
+    buffer on a syntax error (a streamed JSON array) must not refill for this one."""
+
+
+_DECODER = json.JSONDecoder()
+
+
+def _limit_error(error: BaseException, text: str, position: int) -> JSONLimitError:
+    if isinstance(error, RecursionError):
+        why = (
+            f"arrays or objects nested deeper than Python's JSON decoder reads (about {sys.getrecursionlimit()} levels)"
+        )
+    else:  # int(): the only ValueError json raises that is not a JSONDecodeError
+        why = f"a number of more than {sys.get_int_max_str_digits()} digits (Python's limit for reading integers)"
+    return JSONLimitError(why, text, position)
+
+
+def loads(text: str) -> Any:
+    """`json.loads` of one JSON text whose every failure is a `json.JSONDecodeError` (see `JSONLimitError`)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise
+    except (ValueError, RecursionError) as e:
+        raise _limit_error(e, text, 0) from None
+
+
+def raw_decode(text: str, position: int = 0) -> tuple[Any, int]:
+    """`json.JSONDecoder().raw_decode(text, position)` (one value and where it ends) with `loads`'s errors."""
+    try:
+        return _DECODER.raw_decode(text, position)
+    except json.JSONDecodeError:
+        raise
+    except (ValueError, RecursionError) as e:
+        raise _limit_error(e, text, position) from None
+
+
+def json_problem(error: json.JSONDecodeError) -> str:
+    """What a decode failure means, for a `file:line` message (the column only where it is known)."""
+    if isinstance(error, JSONLimitError):
+        return f"unreadable JSON: {error.msg}"
+    return f"malformed JSON: {error.msg} (column {error.colno})"
+
+
 # ---------------------------------------------------------------------------- reading
 
 
@@ -136,13 +192,13 @@ def scan_lines(path: PathLikeStr, *, max_line_bytes: int = MAX_LINE_BYTES, knob:
                 text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
                 if not text.strip():
                     continue
-                obj = json.loads(text)
+                obj = loads(text)
             except UnicodeDecodeError as e:
                 problem = f"not valid UTF-8 ({e.reason} at byte {e.start})"
             except json.JSONDecodeError as e:
                 # A line without a newline is the file's last: most likely a writer killed mid-line.
                 torn = "" if ended else "; the last line has no newline (was its writer killed mid-write?)"
-                problem = f"malformed JSON: {e.msg} (column {e.colno}){torn}"
+                problem = json_problem(e) + torn
             if problem is None and not isinstance(obj, dict):
                 problem, obj = f"expected a JSON object, got {json_type_name(obj)}", None
             error = None if problem is None else DataError(problem, path=path, line=number)
