@@ -18,7 +18,8 @@ same few answers; a cached timeout also stops one adversarial answer from costin
 again), a string-equality fast path, and `None` answers graded `"no_answer"` without a worker.
 
 Statuses: `correct`, `incorrect`, `no_answer`, `timeout`, `error`, `bad_gold` (the
-gold itself does not parse); only `correct` counts as correct.
+gold fails `prm_jax.answers.answer_problem`, the rule the problem reader applies too, or does not
+parse); only `correct` counts as correct.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from prm_jax.answers import BAD_GOLD, CORRECT, INCORRECT, grade_answer, normalized_answer  # noqa: F401 - re-exported statuses
+from prm_jax.answers import BAD_GOLD, CORRECT, INCORRECT, answer_problem, grade_answer, normalized_answer  # noqa: F401 - re-exported statuses
 
 _log = logging.getLogger(__name__)
 
@@ -226,6 +227,9 @@ class GradingPool:
             self.stats.items += 1
             if answer is None or not answer.strip():
                 results[i] = NO_ANSWER
+                continue
+            if answer_problem(gold) is not None:  # before the fast path: `x}{y` must not equal itself
+                results[i] = BAD_GOLD
                 continue
             key = (gold, answer)
             cached = self._cache.get(key)

@@ -14,7 +14,8 @@ Any of the three gold spellings is accepted in any format's answer field (plain 
 which is stable when the file is reordered or split.
 
 Bad lines never disappear silently: each becomes an `ErrorRecord` (malformed JSON, not an
-object, a missing or empty problem or answer, a wrong type, a duplicate id) in input order, which
+object, a missing or empty problem or answer, a gold failing the grader's answer rule
+(`prm_jax.answers.answer_problem`: unbalanced braces), a wrong type, a duplicate id) in input order, which
 the sample stage counts and writes (or stops on, with `on_error="stop"`).
 """
 
@@ -27,6 +28,7 @@ from typing import Any
 from data_pipeline.config import PROBLEM_FORMATS
 from data_pipeline.ids import content_id
 from data_pipeline.schemas import ErrorRecord, Problem
+from prm_jax.answers import answer_problem
 from prm_jax.critique import last_boxed
 from prm_jax.jsonl import RecordTooLongError, scan_lines
 
@@ -102,6 +104,9 @@ def _problem_from_object(obj: dict[str, Any], fmt: str, source: str) -> Problem:
     gold = gold_answer(raw_answer or "")
     if gold is None:
         raise _BadLine("missing_answer", f"no gold answer could be read from {raw_answer!r:.80}")
+    why = answer_problem(gold)
+    if why is not None:  # the grader's rule: such a gold would grade every answer wrongly
+        raise _BadLine("bad_gold", f"the gold answer {gold!r:.80} {why}; fix the answer field")
     return Problem(id=record_id, problem=problem, answer=gold, source=source)
 
 

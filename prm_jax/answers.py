@@ -6,6 +6,10 @@ here, so `0.5` and `\\frac12` vote together exactly when the grader would call t
 lives in `prm_jax` because evaluation (`prm_jax`) must not import `data_pipeline`.
 
 Both sides are wrapped in `\\boxed{}` so math-verify's LaTeX extraction reads exactly the answer.
+That holds only for an answer whose braces balance (`answer_problem`, the one answer-validity rule
+of the problem reader, the grader and the vote): `\\boxed{` + `x}{y` + `}` is a box around `x`,
+and `\\boxed{` + `\\frac{1}{` + `}` a box that never closes, so such a gold is `bad_gold` and
+such an answer matches nothing, instead of grading by what the re-balanced text happens to say.
 A cheap string normalisation (dollar signs, spacing commands, `\\left`/`\\right`, `\\dfrac`)
 decides the common case without sympy. Comparison errors inside math-verify count as "not equal"
 (its `raise_on_error=False`): one candidate interpretation failing is routine there.
@@ -21,11 +25,41 @@ from __future__ import annotations
 import functools
 import threading
 
-__all__ = ["CORRECT", "INCORRECT", "BAD_GOLD", "normalized_answer", "grade_answer", "equivalent_answers"]
+__all__ = [
+    "CORRECT",
+    "INCORRECT",
+    "BAD_GOLD",
+    "answer_problem",
+    "normalized_answer",
+    "grade_answer",
+    "equivalent_answers",
+]
 
 CORRECT, INCORRECT, BAD_GOLD = "correct", "incorrect", "bad_gold"
 
 _FAST_PATH_DROP = ("$", " ", "\\!", "\\,", "\\;", "\\left", "\\right")
+
+
+def answer_problem(text: str) -> str | None:
+    """Why `text` cannot be read as a bare final answer (a gold, or a response's box content), or None.
+
+    An answer must be non-blank and its braces must balance the way `\\boxed{...}` counts them
+    (every `{` and `}`, escaped or not; `\\{1,2\\}` balances): only then does the box this module
+    wraps around it end where the answer ends. The message completes "the answer ...".
+    """
+    if not text.strip():
+        return "is empty"
+    depth = 0
+    for position, char in enumerate(text):
+        if char == "{":
+            depth += 1
+        elif char == "}":
+            depth -= 1
+            if depth < 0:
+                return f"has unbalanced braces: the '}}' at character {position + 1} closes no '{{'"
+    if depth:
+        return f"has unbalanced braces: {depth} '{{' never closed"
+    return None
 
 
 def normalized_answer(text: str) -> str:
@@ -50,8 +84,13 @@ def _verify(gold: tuple, answer: tuple, timeout_s: int | None) -> bool:
 
 def grade_answer(gold: str, answer: str) -> str:
     """math-verify's verdict on `answer` against `gold` (both bare answers, e.g. box contents):
-    `correct`, `incorrect` or `bad_gold` (the gold does not parse). No timeout here: call it
-    where a hard limit is enforced (`data_pipeline.grading.GradingPool`) or on trusted input."""
+    `correct`, `incorrect` or `bad_gold` (the gold fails `answer_problem` or does not parse); an
+    answer failing `answer_problem` is `incorrect`. No timeout here: call it where a hard limit is
+    enforced (`data_pipeline.grading.GradingPool`) or on trusted input."""
+    if answer_problem(gold) is not None:
+        return BAD_GOLD
+    if answer_problem(answer) is not None:
+        return INCORRECT
     gold_parsed = _parsed(gold, None)
     if not gold_parsed:
         return BAD_GOLD
@@ -63,10 +102,12 @@ def grade_answer(gold: str, answer: str) -> str:
 
 def equivalent_answers(reference: str, answer: str, *, timeout_s: int | None = 5) -> bool:
     """Whether `answer` equals `reference` as the grader compares them (`reference` plays the
-    gold). An answer that does not parse equals only its own normalised string; a math-verify
-    timeout or error counts as not equal."""
+    gold). An answer that fails `answer_problem` or does not parse equals only its own normalised
+    string; a math-verify timeout or error counts as not equal."""
     if normalized_answer(reference) == normalized_answer(answer):
         return True
+    if answer_problem(reference) is not None or answer_problem(answer) is not None:
+        return False
     if threading.current_thread() is not threading.main_thread():
         timeout_s = None  # signal.alarm cannot be armed off the main thread
     try:

@@ -54,3 +54,42 @@ def test_synthesis_turns_a_line_past_the_decoder_limits_into_an_error_record(tmp
     assert isinstance(first, ErrorRecord) and first.error == "malformed_json"
     assert first.source == f"{path}:1" and "unreadable JSON" in first.message
     assert isinstance(second, Problem) and second.id == "p2"
+
+
+# ---------------------------------------------------------------------------- item 7: one answer-validity rule
+
+MALFORMED_GOLDS = ["\\frac{1}{", "x}{y"]
+
+
+@pytest.mark.parametrize("gold", MALFORMED_GOLDS)
+def test_the_problem_reader_refuses_a_gold_the_box_would_rebalance(tmp_path, gold):
+    path = tmp_path / "problems.jsonl"
+    good = json.dumps({"id": "ok", "problem": "1+1?", "answer": "2"})
+    path.write_text(good + "\n" + json.dumps({"id": "bad", "problem": "What is x?", "answer": gold}) + "\n")
+    ok, bad = read_problems(path)
+    assert isinstance(ok, Problem)
+    assert isinstance(bad, ErrorRecord) and bad.error == "bad_gold" and bad.source == f"{path}:2"
+    assert "unbalanced braces" in bad.message and repr(gold) in bad.message
+
+
+@pytest.mark.parametrize(
+    "gold, answer",
+    [
+        ("\\frac{1}{", "\\frac{1}{2}"),  # was `incorrect` for every answer: every MC label 0
+        ("x}{y", "x"),  # was `correct`: the box closed after x
+        ("x}{y", "x}{y"),  # the string fast path must not call it equal to itself
+    ],
+)
+def test_the_grader_calls_a_malformed_gold_bad_gold(gold, answer):
+    from data_pipeline.grading import BAD_GOLD, GradingPool
+
+    with GradingPool(workers=0) as pool:
+        assert pool.grade(gold, answer) == BAD_GOLD
+
+
+def test_a_malformed_answer_matches_nothing():
+    from prm_jax.answers import INCORRECT, equivalent_answers, grade_answer
+
+    assert grade_answer("x", "x}{y") == INCORRECT
+    assert not equivalent_answers("x}{y", "x") and not equivalent_answers("x", "x}{y")
+    assert equivalent_answers("\\{1,2\\}", "\\{1, 2\\}")  # escaped braces count, and balance
