@@ -34,6 +34,8 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import json
+import os
+import stat
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from os import PathLike
@@ -194,18 +196,49 @@ def iter_json_objects(
 def input_files(path: PathLikeStr) -> list[Path]:
     """The data files a `--data` argument names: the file itself, or a directory's
     `*.jsonl`/`*.json` files sorted by name (hidden files skipped; so `gsm8k, math, olympiadbench, omnimath`
-    come out in ProcessBench's own order)."""
+    come out in ProcessBench's own order).
+
+    Every such name must be a regular file (a symlink to one is fine: the Hub cache links its
+    files): one that is a dangling symlink, a directory, a FIFO or a device is refused, naming it,
+    rather than left out, which would average the F1 over fewer subsets without a word."""
     path = Path(path)
     if path.is_file():
         return [path]
     if path.is_dir():
-        files = sorted(
-            p for p in path.iterdir() if p.is_file() and p.suffix in (".jsonl", ".json") and not p.name.startswith(".")
-        )
+        files = sorted(p for p in path.iterdir() if p.suffix in (".jsonl", ".json") and not p.name.startswith("."))
+        for file in files:
+            problem = _not_a_regular_file(file)
+            if problem is not None:
+                raise EvaluationDataError(
+                    f"{problem}; every *.jsonl/*.json file in a --data folder is read as a subset"
+                )
         if not files:
             raise FileNotFoundError(f"{path}: no *.jsonl or *.json files")
         return files
+    problem = _not_a_regular_file(path) if path.is_symlink() or path.exists() else None
+    if problem is not None:
+        raise EvaluationDataError(problem)
     raise FileNotFoundError(f"{path}: no such file or directory")
+
+
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def _not_a_regular_file(path: Path) -> str | None:
+    """Why `path` cannot be read as a data file (naming it), or None for a regular file."""
+    if path.is_symlink() and not path.exists():
+        return f"{path}: a dangling symlink (to {os.readlink(path)}); remove it or point it at the subset's file"
+    if path.is_file():
+        return None
+    mode = path.stat().st_mode
+    kind = next((name for test, name in _FILE_KINDS if test(mode)), "a special file")
+    return f"{path}: not a regular file ({kind}); a data file must be a regular file (or a symlink to one)"
 
 
 def _subset_name(path: Path) -> str:
