@@ -45,6 +45,10 @@ _HELP = {
     "max_length": "The model's trained context in tokens (default: max_position_embeddings; 0: no limit).",
     "over_length": "Inputs longer than max_length: score them anyway (RoPE extrapolates, as the model card does) or "
     "skip their record (BoN: the whole problem); counted in results.json either way.",
+    "max_score_tokens": "Longest input scored, in tokens, whatever over_length says: it bounds the scorer's memory "
+    "(attention grows with the square of the length on the xla path). A longer input's record (bon: its problem) is "
+    "not scored, and is counted and named in results.json (over_length.over_cap_records). Default: the larger of "
+    "max_length and 16384.",
     "dtype": "Compute dtype (jax backend).",
     "vllm_dtype": "vllm: engine dtype (auto: the checkpoint's; float16 on GPUs without bfloat16).",
     "param_dtype": "Parameter dtype in memory (jax backend).",

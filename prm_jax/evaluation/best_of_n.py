@@ -65,12 +65,12 @@ _LOG_FLOOR = 1e-30  # log(0) would make every response containing a 0.0 step tie
 
 
 def aggregate(rewards: Sequence[float], how: str) -> float:
-    """One response score from its step rewards; `product` is returned as the log-product."""
+    """One response score from its step rewards; `product` is returned as the log-product.
+
+    Rewards are finite: `prm_jax.evaluation.scorer.score_stream` refuses any other, for every task."""
     if not rewards:
         raise ValueError("a response needs at least one step reward")
     values = np.asarray(rewards, dtype=np.float64)
-    if not np.all(np.isfinite(values)):
-        raise ValueError(f"non-finite step reward in {list(rewards)}")
     if how == "product":
         return float(np.sum(np.log(np.maximum(values, _LOG_FLOOR))))
     if how == "min":

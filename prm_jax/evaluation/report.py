@@ -101,6 +101,7 @@ def processbench_markdown(results: Mapping[str, Any]) -> str:
         return _table(header, rows)
 
     parts += [scores_table(results), ""]
+    parts += _not_scored_lines(results)
     sweep = results.get("threshold_sweep")
     if sweep:
         parts += [f"## Threshold tuned on {sweep['tuned_on']}: {sweep['threshold']:.4g}", "", scores_table(sweep), ""]
@@ -112,6 +113,19 @@ def processbench_markdown(results: Mapping[str, Any]) -> str:
         "Accuracies in %; F1 = 2·acc_err·acc_ok/(acc_err+acc_ok), 0 when a class is empty; average = unweighted mean of subset F1s."
     )
     return "\n".join(parts) + "\n"
+
+
+def _not_scored_lines(results: Mapping[str, Any]) -> list[str]:
+    """A note on the records left out for the scoring cap (`over_length.over_cap_records`)."""
+    over = results.get("over_length") or {}
+    left_out = over.get("over_cap_records") or []
+    if not left_out:
+        return []
+    shown = ", ".join(left_out[:10]) + (f", ... ({len(left_out) - 10} more)" if len(left_out) > 10 else "")
+    return [
+        f"Not scored: {len(left_out)} record(s) with an input longer than max_score_tokens="
+        f"{over['max_score_tokens']} ({shown}); they are in no metric above.\n"
+    ]
 
 
 def _analyses_lines(analyses: Mapping[str, Any]) -> list[str]:
@@ -258,6 +272,11 @@ def bon_markdown(results: Mapping[str, Any]) -> str:
             _table(["method", *(f"@{k}" for k in ks)], k_rows),
             "",
         ]
+    not_measured = results.get("by_k_not_measured")
+    if not_measured:
+        reasons = sorted(set(not_measured.values()), key=list(not_measured.values()).index)
+        parts.append(f"k = {', '.join(not_measured)}: not measured ({'; '.join(reasons)}).\n")
+    parts += _not_scored_lines(results)
     if results["average"].get("n_inconsistent_votes"):
         parts.append(
             f"Note: {results['average']['n_inconsistent_votes']} problems had responses with the same answer but "

@@ -13,6 +13,11 @@ Modes:
 `prm_jax.generation.jax_sampler.JaxSampler` on a `(data, fsdp, tensor)` mesh; `backend="vllm"`
 uses `VLLMStepScorer` / `VLLMBackend` on a Hugging Face directory (GPU only, optional dependency).
 Only process 0 writes outputs in a multi-process run.
+
+Each finished record's row is appended to `OUT/predictions.partial.jsonl` as the run goes (flushed
+per row), and the file is removed once `predictions.jsonl` and `results.json` are written: a run
+that fails late (out of memory on the longest batch, a non-finite reward, a lost node) keeps every
+record scored before the failure, and the absence of `results.json` says it did not finish.
 """
 
 from __future__ import annotations
@@ -23,17 +28,19 @@ import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 import jax
 
 from prm_jax.evaluation.best_of_n import AGGREGATIONS
 from prm_jax.evaluation.processbench import DEFAULT_THRESHOLD
 from prm_jax.evaluation.records import MAX_RECORD_BYTES, read_bon, read_processbench
+from prm_jax.evaluation.report import json_safe
 from prm_jax.evaluation.scorer import SCORE_WINDOW, BatchedScorer, BucketConfig
 from prm_jax.evaluation.tasks import (
     OVER_LENGTH,
     EvaluationOutput,
+    RowSink,
     bon_with_prm,
     processbench_with_critic,
     processbench_with_predictions,
@@ -43,7 +50,7 @@ from prm_jax.evaluation.tasks import (
 from prm_jax.generation.types import SamplingParams, VLLMEngineConfig
 from prm_jax.output_paths import overlapping_inputs
 
-__all__ = ["EvaluationConfig", "check_inputs", "parse_mesh_shape", "run_evaluation"]
+__all__ = ["EvaluationConfig", "PARTIAL_PREDICTIONS", "check_inputs", "parse_mesh_shape", "run_evaluation"]
 
 _log = logging.getLogger(__name__)
 
@@ -68,6 +75,9 @@ class EvaluationConfig:
     bon_k: tuple[int, ...] = ()
     max_length: int | None = None  # the trained context; None: max_position_embeddings; 0: no limit
     over_length: Literal["score", "skip"] = "score"  # inputs past max_length: score anyway, or skip the record
+    # Hard cap on one scored input (tokens), whatever over_length says: longer inputs' records are
+    # never scored, counted in results.json. None: the larger of max_length and tasks.MAX_SCORE_TOKENS.
+    max_score_tokens: int | None = None
     # JAX model and batching
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
     param_dtype: Literal["bfloat16", "float32"] | None = "bfloat16"  # None: the checkpoint's (HF: float32)
@@ -136,6 +146,8 @@ class EvaluationConfig:
         problems = []
         if self.max_length is not None and self.max_length < 0:
             problems.append(f"max_length={self.max_length} must be >= 0 (0: no limit)")
+        if self.max_score_tokens is not None and self.max_score_tokens < 1:
+            problems.append(f"max_score_tokens={self.max_score_tokens} must be >= 1")
         positive = (
             "tokens_per_batch",
             "max_rows",
@@ -189,6 +201,8 @@ def input_problems(config: EvaluationConfig) -> list[str]:
         if value and not Path(value).exists()
     ]
     overlaps = overlapping_inputs(config.input_paths(), config.out, "out")
+    if Path(config.out).exists() and not Path(config.out).is_dir():
+        problems.append(f"out={config.out} is not a folder; outputs are written into one")
     return problems + [f"{p}; choose an --out of its own" for p in overlaps]
 
 
@@ -289,12 +303,81 @@ def _released(engine: Any) -> Iterator[Any]:
             close()
 
 
+#: Rows of the records finished so far, while a run goes on (see the module docstring).
+PARTIAL_PREDICTIONS = "predictions.partial.jsonl"
+
+
+class _KeptRows:
+    """Appends each finished row to `path` as one flushed JSON line (the file opens with the first row)."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path, self.enabled, self.count = path, enabled, 0
+        self._file: IO[str] | None = None
+
+    def __call__(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "w", encoding="utf-8")  # noqa: SIM115 - closed by close()
+        self._file.write(json.dumps(json_safe(row), allow_nan=False, ensure_ascii=False) + "\n")
+        self._file.flush()  # a kill or a crash keeps every row written so far
+        self.count += 1
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+@contextlib.contextmanager
+def _rows_kept(out: Path, enabled: bool) -> Iterator[RowSink]:
+    """A row sink writing `out/PARTIAL_PREDICTIONS`; the file goes once the block finishes (the
+    outputs are written), and stays, named in a warning, when it fails."""
+    kept = _KeptRows(out / PARTIAL_PREDICTIONS, enabled)
+    if enabled:
+        kept.path.unlink(missing_ok=True)  # a failed earlier run's rows: this run writes its own
+    try:
+        yield kept
+    except BaseException:
+        kept.close()
+        if kept.count:
+            _log.warning(
+                "the evaluation stopped after %d finished record(s): their rows are in %s (no results.json: "
+                "the run did not finish)",
+                kept.count,
+                kept.path,
+            )
+        raise
+    kept.close()
+    if enabled:
+        kept.path.unlink(missing_ok=True)
+
+
 def run_evaluation(config: EvaluationConfig) -> EvaluationOutput:
     """Run one evaluation and write its outputs (process 0 only); returns what was written."""
     check_inputs(config)
     out = Path(config.out)
     if (out / "results.json").exists() and not config.overwrite:
         raise FileExistsError(f"{out}/results.json exists; pass overwrite to replace it")
+    with _rows_kept(out, enabled=jax.process_index() == 0) as on_row:
+        output = _run_task(config, on_row)
+        output.results["run"] = {
+            "data": str(config.data),
+            "model": config.model or config.critic_model,
+            "predictions": config.predictions,
+            "backend": None if config.predictions else config.backend,
+            "dtype": None if config.predictions else config.vllm_dtype if config.backend == "vllm" else config.dtype,
+            "devices": jax.device_count(),
+        }
+        if jax.process_index() == 0:
+            write_outputs(out, output, plots=config.plots)
+            _log.info("wrote %s", out / "results.json")
+    return output
+
+
+def _run_task(config: EvaluationConfig, on_row: RowSink) -> EvaluationOutput:
+    """The task `config` names, each finished row handed to `on_row`."""
     if config.task == "processbench":
         records = list(read_processbench(config.data, max_record_bytes=config.max_record_bytes))
         if config.model:
@@ -311,7 +394,12 @@ def run_evaluation(config: EvaluationConfig) -> EvaluationOutput:
             )
             with _released(_critic_backend(config)) as backend:
                 output = processbench_with_critic(
-                    records, backend, params, batch_size=config.critic_batch, official_parse=config.official_parse
+                    records,
+                    backend,
+                    params,
+                    batch_size=config.critic_batch,
+                    official_parse=config.official_parse,
+                    on_row=on_row,
                 )
         else:
             scorer, tokenizer, max_length = _prm_scorer(config)
@@ -324,7 +412,9 @@ def run_evaluation(config: EvaluationConfig) -> EvaluationOutput:
                     tune_on=config.tune_threshold_on,
                     max_length=max_length,
                     over_length=config.over_length,
+                    max_score_tokens=config.max_score_tokens,
                     window=config.window,
+                    on_row=on_row,
                 )
     else:
         scorer, tokenizer, max_length = _prm_scorer(config)
@@ -337,19 +427,10 @@ def run_evaluation(config: EvaluationConfig) -> EvaluationOutput:
                 ks=config.bon_k,
                 max_length=max_length,
                 over_length=config.over_length,
+                max_score_tokens=config.max_score_tokens,
                 window=config.window,
+                on_row=on_row,
             )
-    output.results["run"] = {
-        "data": str(config.data),
-        "model": config.model or config.critic_model,
-        "predictions": config.predictions,
-        "backend": None if config.predictions else config.backend,
-        "dtype": None if config.predictions else config.vllm_dtype if config.backend == "vllm" else config.dtype,
-        "devices": jax.device_count(),
-    }
-    if jax.process_index() == 0:
-        write_outputs(out, output, plots=config.plots)
-        _log.info("wrote %s", out / "results.json")
     return output
 
 

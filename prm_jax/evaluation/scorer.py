@@ -20,6 +20,11 @@ program for every new shape. `BatchedScorer` therefore
   multi-host run can read them.
 
 Rewards equal an unpadded forward (padding is a separate segment the real tokens never attend to).
+
+`score_stream` is the one path from any `StepScorer` (this one, vLLM's) to the evaluation tasks,
+so it is where rewards are checked: a non-finite reward (a diverged checkpoint, fp16 overflow)
+stops the run naming the record and step (`NonFiniteRewardError`), instead of becoming a
+"no error" prediction (`nan < threshold` is false) or a silently skipped selection.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol, TypeVar
 
 import jax
@@ -40,7 +45,16 @@ from prm_jax.models.transformer import Transformer, step_rewards
 from prm_jax.sharding import LogicalAxisRules, logical_to_partition_spec, make_mesh, state_shardings
 from prm_jax.tokenization import PRMInput
 
-__all__ = ["BucketConfig", "ScoringStats", "BatchedScorer", "length_bucket", "StepScorer"]
+__all__ = [
+    "BucketConfig",
+    "ScoringStats",
+    "BatchedScorer",
+    "length_bucket",
+    "StepScorer",
+    "NonFiniteRewardError",
+    "checked_rewards",
+    "score_stream",
+]
 
 K = TypeVar("K")
 
@@ -248,18 +262,46 @@ class BatchedScorer:
 SCORE_WINDOW = 4096
 
 
+class NonFiniteRewardError(ValueError):
+    """A scorer returned a NaN or infinite step reward: no metric may be computed from it."""
+
+
+def checked_rewards(rewards: Sequence[float], where: str) -> list[float]:
+    """`rewards` as a list when every one is finite; else `NonFiniteRewardError` naming `where` and the step."""
+    for step, value in enumerate(rewards):
+        if not math.isfinite(value):
+            raise NonFiniteRewardError(
+                f"{where}: step {step} reward is {value}: the PRM's output is not finite (a diverged or corrupt "
+                "checkpoint, or overflow in the compute dtype: try --dtype=float32); no prediction is made from it"
+            )
+    return list(rewards)
+
+
 def score_stream(
-    scorer: StepScorer, items: Iterable[tuple[K, PRMInput]], window: int = SCORE_WINDOW
+    scorer: StepScorer,
+    items: Iterable[tuple[K, PRMInput]],
+    window: int = SCORE_WINDOW,
+    *,
+    describe: Callable[[K], str] = str,
 ) -> Iterator[tuple[K, list[float]]]:
     """`(key, rewards)` for a stream of `(key, input)`, in order, scoring `window` inputs per
-    `StepScorer.score` call (each window is sorted and bucketed on its own)."""
+    `StepScorer.score` call (each window is sorted and bucketed on its own).
+
+    Every reward list is checked here (`checked_rewards`), whichever backend scored it;
+    `describe(key)` names the record in the error (e.g. `record 'gsm8k-3' (gsm8k.json:40)`).
+    """
     keys: list[K] = []
     inputs: list[PRMInput] = []
+
+    def scored() -> Iterator[tuple[K, list[float]]]:
+        for key, rewards in zip(keys, scorer.score(inputs)):
+            yield key, checked_rewards(rewards, describe(key))
+
     for key, x in items:
         keys.append(key)
         inputs.append(x)
         if len(inputs) >= window:
-            yield from zip(keys, scorer.score(inputs))
+            yield from scored()
             keys, inputs = [], []
     if inputs:
-        yield from zip(keys, scorer.score(inputs))
+        yield from scored()

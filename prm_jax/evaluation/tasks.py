@@ -14,25 +14,32 @@ results.json layouts (accuracies are fractions; undefined values are `null`):
   "n_unparseable"}}, "average_f1": float, "threshold_sweep"?: {"tuned_on", "threshold",
   "subsets", "average_f1"}, "analyses": {"min_position"?, "flawed_process", "calibration"?},
   "scoring"?: {...throughput...}, "critic"?: {...sampling...}, "over_length"?: {"max_length",
-  "policy", "n_inputs", "n_skipped", "longest", "by_group"}}`
+  "policy", "max_score_tokens", "n_inputs", "n_skipped", "n_over_cap", "over_cap_records",
+  "longest", "by_group"}}`
 * Best-of-N: `{"task": "bon", "aggregations": [...], "datasets": {name: {"n_problems",
   "n_responses", "n", "prm_at_n": {aggregation: acc}, "maj_at_n", "pass_at_n",
   "n_inconsistent_votes"}}, "average": {same keys, unweighted over datasets}, "by_k"?: {k:
-  average}, "analyses": {"min_position"}, "over_length": {...as above...}, "scoring"?: {...}}`
+  average}, "by_k_not_measured"?: {k: reason}, "analyses": {"min_position"}, "over_length":
+  {...as above...}, "scoring"?: {...}}`
+
+Rows are handed to `on_row` as soon as their record is finished (ProcessBench: its rewards are
+back; Best-of-N: its last response's), so a caller can keep them while the run goes on: the runner
+streams them to `predictions.partial.jsonl`, and a failure late in a long run loses no finished
+record.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 from prm_jax.critique import critic_vote, critique_messages, parse_first_error
 from prm_jax.evaluation import report
 from prm_jax.evaluation.analyses import calibration, flawed_process_detection, labelled_steps, min_position_stats
-from prm_jax.evaluation.best_of_n import AGGREGATIONS, bon_scores, response_answer, score_problem
+from prm_jax.evaluation.best_of_n import AGGREGATIONS, ProblemOutcome, bon_scores, response_answer, score_problem
 from prm_jax.evaluation.processbench import (
     DEFAULT_THRESHOLD,
     f1_curves,
@@ -50,7 +57,9 @@ __all__ = [
     "EvaluationOutput",
     "prepare_input",
     "OVER_LENGTH",
+    "MAX_SCORE_TOKENS",
     "OverLengthCount",
+    "RowSink",
     "processbench_with_prm",
     "processbench_with_critic",
     "processbench_with_predictions",
@@ -59,6 +68,14 @@ __all__ = [
 ]
 
 _log = logging.getLogger(__name__)
+
+
+#: Receives each finished prediction row (see the module docstring).
+RowSink = Callable[[dict[str, Any]], None]
+
+
+def _ignore(row: dict[str, Any]) -> None:
+    """The default `on_row`: rows are only returned at the end."""
 
 
 @dataclasses.dataclass
@@ -83,21 +100,41 @@ def prepare_input(tokenizer: Any, problem: str, steps: Sequence[str], *, source:
 #: record. Either way the over-long inputs are counted in results.json (`over_length`).
 OVER_LENGTH = ("score", "skip")
 
+#: The default hard cap on one scored input (tokens), unless the trained context is longer: the
+#: scorer's memory for one row grows with its length (with its square on the `xla` attention
+#: path: a 24k-token input needs ~30 GB of attention logits for a 7B), so under `score` an input
+#: of any length would otherwise reach it. 16,384 is 4x Qwen2.5-Math-PRM's 4,096-token context;
+#: the longest ProcessBench solution is under 3,000 tokens.
+MAX_SCORE_TOKENS = 16384
+
 
 @dataclasses.dataclass
 class OverLengthCount:
-    """Inputs longer than `max_length` tokens and what was done with them."""
+    """Inputs longer than `max_length` tokens and what was done with them.
+
+    `max_score_tokens` bounds what any policy scores: an input longer than it never reaches the
+    scorer and its record (Best-of-N: its problem) is left out of every metric, counted in
+    `n_over_cap` (inputs) and `over_cap_records` (ids). None: the larger of `max_length` and
+    `MAX_SCORE_TOKENS`, so the default cap never cuts into the trained context.
+    """
 
     max_length: int | None
     policy: str
+    max_score_tokens: int | None = None
     n_inputs: int = 0  # over-long inputs seen (responses for Best-of-N)
-    n_skipped: int = 0  # records left out of every metric (policy "skip"; BoN: whole problems)
+    n_skipped: int = 0  # records left out of every metric (policy "skip" or the cap; BoN: whole problems)
+    n_over_cap: int = 0  # inputs longer than max_score_tokens (never scored)
+    over_cap_records: list[str] = dataclasses.field(default_factory=list)  # ids left out for the cap
     longest: int = 0  # tokens of the longest over-long input
     by_group: dict[str, int] = dataclasses.field(default_factory=dict)  # subset/dataset -> over-long inputs
 
     def __post_init__(self) -> None:
         if self.policy not in OVER_LENGTH:
             raise ValueError(f"over_length={self.policy!r}; choose one of {list(OVER_LENGTH)}")
+        if self.max_score_tokens is None:
+            self.max_score_tokens = max(self.max_length or 0, MAX_SCORE_TOKENS)
+        if self.max_score_tokens < 1:
+            raise ValueError(f"max_score_tokens={self.max_score_tokens} must be >= 1")
 
     def check(self, x: PRMInput, group: str) -> bool:
         """Count `x` if it is over-long; True when it is."""
@@ -107,6 +144,20 @@ class OverLengthCount:
         self.longest = max(self.longest, len(x.input_ids))
         self.by_group[group] = self.by_group.get(group, 0) + 1
         return True
+
+    def left_out(self, record_id: str, inputs: Sequence[PRMInput], group: str) -> bool:
+        """Count a record's inputs (`check`); True (counted as skipped) when the record is not to be
+        scored: an input over `max_score_tokens`, or over `max_length` under the `skip` policy."""
+        over = [self.check(x, group) for x in inputs]
+        capped = [len(x.input_ids) for x in inputs if len(x.input_ids) > self.max_score_tokens]
+        if capped:
+            self.n_over_cap += len(capped)
+            self.over_cap_records.append(record_id)
+            self.longest = max(self.longest, *capped)
+        if capped or (any(over) and self.policy == "skip"):
+            self.n_skipped += 1
+            return True
+        return False
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -120,6 +171,16 @@ class OverLengthCount:
                 self.max_length,
                 self.longest,
                 f"{self.n_skipped} record(s) skipped" if self.policy == "skip" else "scored past the trained context",
+            )
+        if self.n_over_cap:
+            _log.warning(
+                "%d record(s) not scored: %d %s(s) longer than max_score_tokens=%d (%s); raise --max_score_tokens "
+                "to score them (the scorer's memory per row grows with its length)",
+                len(self.over_cap_records),
+                self.n_over_cap,
+                unit,
+                self.max_score_tokens,
+                _preview(self.over_cap_records),
             )
 
 
@@ -141,6 +202,16 @@ class _Scored:
     generator: str
     rewards: list[float]
     over_length: bool = False
+    source: str = ""
+
+    def describe(self) -> str:
+        return _record_label(self.id, self.source)
+
+
+def _record_label(record_id: str, source: str, response: int | None = None) -> str:
+    """How errors name a record (and a Best-of-N response): `record 'q3' response 2 (bon.jsonl:4)`."""
+    name = f"record {record_id!r}" + ("" if response is None else f" response {response}")
+    return f"{name} ({source})" if source else name
 
 
 def processbench_with_prm(
@@ -152,29 +223,51 @@ def processbench_with_prm(
     tune_on: str | None = None,
     max_length: int | None = None,
     over_length: str = "score",
+    max_score_tokens: int | None = None,
     window: int = SCORE_WINDOW,
+    on_row: RowSink = _ignore,
 ) -> EvaluationOutput:
     """ProcessBench with a PRM: rewards per step, the first below `threshold` is the verdict.
 
     `tune_on` adds the threshold sweep (best threshold on that subset, applied to all).
     Inputs longer than `max_length` tokens are scored or skipped per `over_length` (see
-    `OVER_LENGTH`), and counted in `results["over_length"]`.
+    `OVER_LENGTH`); inputs longer than `max_score_tokens` are never scored (see
+    `OverLengthCount`); all are counted in `results["over_length"]`. Each row goes to `on_row`
+    as soon as its rewards are back.
     """
-    too_long = OverLengthCount(max_length, over_length)
+    too_long = OverLengthCount(max_length, over_length, max_score_tokens)
 
     def inputs() -> Iterator[tuple[_Scored, PRMInput]]:
         for r in records:
             x = prepare_input(tokenizer, r.problem, r.steps, source=r.source)
-            over = too_long.check(x, r.subset)
-            if over and over_length == "skip":
-                too_long.n_skipped += 1
+            if too_long.left_out(r.id, [x], r.subset):
                 continue
-            yield _Scored(r.id, r.subset, r.label, r.final_answer_correct, r.generator, [], over), x
+            over = too_long.max_length is not None and len(x.input_ids) > too_long.max_length
+            yield _Scored(r.id, r.subset, r.label, r.final_answer_correct, r.generator, [], over, r.source), x
 
-    scored = [dataclasses.replace(meta, rewards=rewards) for meta, rewards in score_stream(scorer, inputs(), window)]
+    scored: list[_Scored] = []
+    predictions: list[int] = []
+    rows: list[dict[str, Any]] = []
+    for meta, rewards in score_stream(scorer, inputs(), window, describe=_Scored.describe):
+        s = dataclasses.replace(meta, rewards=rewards)
+        p = predict_first_error(rewards, threshold)
+        row = {
+            "id": s.id,
+            "subset": s.subset,
+            "label": s.label,
+            "pred": p,
+            "correct": p == s.label,
+            "final_answer_correct": s.final_answer_correct,
+            "generator": s.generator,
+            "over_length": s.over_length,
+            "rewards": s.rewards,
+        }
+        scored.append(s)
+        predictions.append(p)
+        rows.append(row)
+        on_row(row)
     if not scored:
         raise ValueError("no ProcessBench records to evaluate")
-    predictions = [predict_first_error(s.rewards, threshold) for s in scored]
     scores = processbench_scores((s.subset, p, s.label) for s, p in zip(scored, predictions))
     results: dict[str, Any] = {"task": "processbench", "mode": "prm", "threshold": threshold, **scores.as_dict()}
     results["over_length"] = too_long.as_dict()
@@ -196,20 +289,6 @@ def processbench_with_prm(
         results["scoring"] = stats
     thresholds, f1 = f1_curves(by_subset)
     curves = {"thresholds": thresholds.tolist(), "f1": {name: values.tolist() for name, values in f1.items()}}
-    rows = [
-        {
-            "id": s.id,
-            "subset": s.subset,
-            "label": s.label,
-            "pred": p,
-            "correct": p == s.label,
-            "final_answer_correct": s.final_answer_correct,
-            "generator": s.generator,
-            "over_length": s.over_length,
-            "rewards": s.rewards,
-        }
-        for s, p in zip(scored, predictions)
-    ]
     return EvaluationOutput(results, rows, curves)
 
 
@@ -221,11 +300,13 @@ def processbench_with_critic(
     batch_size: int = 64,
     keep_texts: bool = True,
     official_parse: bool = False,
+    on_row: RowSink = _ignore,
 ) -> EvaluationOutput:
     """ProcessBench with an LLM critic: the critique prompt, `params.n` samples per solution,
     verdict = last `\\boxed{}` index, one verdict from the samples by `prm_jax.critique.critic_vote`
     (the vote synthesis's judge uses). `official_parse` reads verdicts exactly as ProcessBench's
-    `extract_answer` does (see `prm_jax.critique.classify_verdict`)."""
+    `extract_answer` does (see `prm_jax.critique.classify_verdict`). Each row goes to `on_row` as
+    soon as its batch is generated."""
     rows: list[dict[str, Any]] = []
     samples = unparseable_samples = truncated = 0
 
@@ -251,6 +332,7 @@ def processbench_with_critic(
             if keep_texts:
                 row["outputs"] = [c.text for c in out.completions]
             rows.append(row)
+            on_row(row)
 
     batch: list[ProcessBenchRecord] = []
     for record in records:
@@ -377,6 +459,7 @@ class _Problem:
     dataset: str
     correct: tuple[bool, ...]
     answers: tuple[str | None, ...]
+    source: str = ""
 
 
 def bon_with_prm(
@@ -388,16 +471,21 @@ def bon_with_prm(
     ks: Sequence[int] | None = None,
     max_length: int | None = None,
     over_length: str = "score",
+    max_score_tokens: int | None = None,
     window: int = SCORE_WINDOW,
+    on_row: RowSink = _ignore,
 ) -> EvaluationOutput:
     """Best-of-N with a PRM: score every response, select per aggregation, compare with maj/pass.
 
     `ks` also reports every metric using only each problem's first k responses (a curve over N;
-    prefixes of the sampled order, not fresh draws). Responses longer than `max_length` tokens
-    are scored, or (`over_length="skip"`) their whole problem is left out, so prm@N, maj@N and
-    pass@N stay computed on the same problems; counted in `results["over_length"]`.
+    prefixes of the sampled order, not fresh draws); a k above the responses of any problem is
+    not measured (`results["by_k_not_measured"]` says why, see `_by_k`). Responses longer than
+    `max_length` tokens are scored, or (`over_length="skip"`) their whole problem is left out, so
+    prm@N, maj@N and pass@N stay computed on the same problems; a response longer than
+    `max_score_tokens` always leaves its problem out (see `OverLengthCount`); all counted in
+    `results["over_length"]`. Each problem's row goes to `on_row` once its last response is scored.
     """
-    too_long = OverLengthCount(max_length, over_length)
+    too_long = OverLengthCount(max_length, over_length, max_score_tokens)
     for how in aggregations:
         if how not in AGGREGATIONS:
             raise ValueError(f"unknown aggregation {how!r}; choose from {AGGREGATIONS}")
@@ -409,9 +497,7 @@ def bon_with_prm(
                 prepare_input(tokenizer, r.problem, response.steps, source=f"{r.source} (response {j})")
                 for j, response in enumerate(r.responses)
             ]
-            over = [too_long.check(x, r.dataset) for x in prepared]
-            if any(over) and over_length == "skip":
-                too_long.n_skipped += 1
+            if too_long.left_out(r.id, prepared, r.dataset):
                 continue
             problems.append(
                 _Problem(
@@ -419,19 +505,31 @@ def bon_with_prm(
                     r.dataset,
                     tuple(x.correct for x in r.responses),
                     tuple(response_answer(x) for x in r.responses),
+                    r.source,
                 )
             )
             for j, x in enumerate(prepared):
                 yield (len(problems) - 1, j), x
 
+    def describe(key: tuple[int, int]) -> str:
+        problem = problems[key[0]]
+        return _record_label(problem.id, problem.source, response=key[1])
+
     rewards_of: list[list[list[float]]] = []
-    for (i, j), rewards in score_stream(scorer, inputs(), window):
+    outcomes: list[ProblemOutcome] = []
+    rows: list[dict[str, Any]] = []
+    for (i, j), rewards in score_stream(scorer, inputs(), window, describe=describe):
         if j == 0:
             rewards_of.append([])
         rewards_of[i].append(rewards)
+        p = problems[i]
+        if len(rewards_of[i]) == len(p.correct):  # the problem's last response: its row is final
+            outcome = score_problem(p.correct, p.answers, rewards_of[i], aggregations)
+            outcomes.append(outcome)
+            rows.append(_bon_row(p, outcome, rewards_of[i]))
+            on_row(rows[-1])
     if not problems:
         raise ValueError("no Best-of-N records to evaluate")
-    outcomes = [score_problem(p.correct, p.answers, r, aggregations) for p, r in zip(problems, rewards_of)]
     datasets, average = bon_scores(((p.dataset, o) for p, o in zip(problems, outcomes)), aggregations)
     results: dict[str, Any] = {
         "task": "bon",
@@ -442,37 +540,65 @@ def bon_with_prm(
     }
     too_long.log("response")
     if ks:
-        by_k = {}
-        for k in sorted(set(ks)):
-            if k <= 0:
-                raise ValueError(f"k must be positive, got {k}")
-            at_k = (
-                (p.dataset, score_problem(p.correct[:k], p.answers[:k], r[:k], aggregations))
-                for p, r in zip(problems, rewards_of)
-            )
-            by_k[str(k)] = bon_scores(at_k, aggregations)[1].as_dict()
-        results["by_k"] = by_k
+        results["by_k"], not_measured = _by_k(problems, rewards_of, ks, aggregations)
+        if not_measured:
+            results["by_k_not_measured"] = not_measured
+            _log.warning("bon_k not measured: %s", "; ".join(f"k={k}: {why}" for k, why in not_measured.items()))
     results["analyses"] = {"min_position": min_position_stats(r for rs in rewards_of for r in rs).as_dict()}
     stats = _scoring_stats(scorer)
     if stats is not None:
         results["scoring"] = stats
-    rows = [
-        {
-            "id": p.id,
-            "dataset": p.dataset,
-            "n": o.n,
-            "selected": o.selected,
-            "prm_correct": o.prm_correct,
-            "majority_answer": o.majority_answer,
-            "majority_index": o.majority_index,
-            "maj_correct": o.maj_correct,
-            "pass": o.pass_correct,
-            "correct": list(p.correct),
-            "rewards": r,
-        }
-        for p, o, r in zip(problems, outcomes, rewards_of)
-    ]
     return EvaluationOutput(results, rows)
+
+
+def _bon_row(p: _Problem, o: ProblemOutcome, rewards: list[list[float]]) -> dict[str, Any]:
+    return {
+        "id": p.id,
+        "dataset": p.dataset,
+        "n": o.n,
+        "selected": o.selected,
+        "prm_correct": o.prm_correct,
+        "majority_answer": o.majority_answer,
+        "majority_index": o.majority_index,
+        "maj_correct": o.maj_correct,
+        "pass": o.pass_correct,
+        "correct": list(p.correct),
+        "rewards": rewards,
+    }
+
+
+def _by_k(
+    problems: Sequence[_Problem],
+    rewards_of: Sequence[list[list[float]]],
+    ks: Sequence[int],
+    aggregations: Sequence[str],
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Average scores on each problem's first k responses, for the ks every problem has; the
+    others, with the reason, as not measured.
+
+    A k above a problem's N would score all N there (a prefix cannot grow), so its column would
+    repeat a smaller k's numbers as if k responses had been drawn; it is left out instead, named.
+    """
+    sizes = [len(p.correct) for p in problems]
+    fewest = min(range(len(problems)), key=lambda i: (sizes[i], i))
+    measured: dict[str, Any] = {}
+    not_measured: dict[str, str] = {}
+    for k in sorted(set(ks)):
+        if k <= 0:
+            raise ValueError(f"k must be positive, got {k}")
+        short = sum(size < k for size in sizes)
+        if short:
+            not_measured[str(k)] = (
+                f"{short} of {len(problems)} problems have fewer than {k} responses (the fewest: "
+                f"{sizes[fewest]}, record {problems[fewest].id!r}); k is measured only up to {sizes[fewest]}"
+            )
+            continue
+        at_k = (
+            (p.dataset, score_problem(p.correct[:k], p.answers[:k], r[:k], aggregations))
+            for p, r in zip(problems, rewards_of)
+        )
+        measured[str(k)] = bon_scores(at_k, aggregations)[1].as_dict()
+    return measured, not_measured
 
 
 # ---------------------------------------------------------------------------- outputs
