@@ -15,7 +15,10 @@ which is stable when the file is reordered or split.
 
 Bad lines never disappear silently: each becomes an `ErrorRecord` (malformed JSON, not an
 object, a missing or empty problem or answer, a gold failing the grader's answer rule
-(`prm_jax.answers.answer_problem`: unbalanced braces), a wrong type, a duplicate id) in input order, which
+(`prm_jax.answers.answer_problem`: unbalanced braces), a problem holding the step separator or a
+chat control token (`prm_jax.tokenization.text_problem`, the rule training records follow: such a
+problem would fake a turn boundary in every prompt and make the trainer refuse prm_train.jsonl),
+a wrong type, a duplicate id) in input order, which
 the sample stage counts and writes (or stops on, with `on_error="stop"`).
 """
 
@@ -31,6 +34,7 @@ from data_pipeline.schemas import ErrorRecord, Problem
 from prm_jax.answers import answer_problem
 from prm_jax.critique import last_boxed
 from prm_jax.jsonl import RecordTooLongError, scan_lines
+from prm_jax.tokenization import text_problem
 
 FORMATS = PROBLEM_FORMATS
 
@@ -101,6 +105,9 @@ def _problem_from_object(obj: dict[str, Any], fmt: str, source: str) -> Problem:
         raise _BadLine("missing_field", "field 'id' is empty")
     if not problem or not problem.strip():
         raise _BadLine("missing_field", "the problem text is empty")
+    why = text_problem(problem)  # the rule the trainer applies to prm_train.jsonl: refused here, not there
+    if why is not None:
+        raise _BadLine("control_token", f"the problem text {why}")
     gold = gold_answer(raw_answer or "")
     if gold is None:
         raise _BadLine("missing_answer", f"no gold answer could be read from {raw_answer!r:.80}")

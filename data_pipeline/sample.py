@@ -7,6 +7,11 @@ resumed run regenerates exactly what an uninterrupted one would. Output: one
 than the context and empty responses become `ErrorRecord`s in `<shard>.errors.jsonl`
 (or stop the run under `on_error="stop"`). Grading is the next stage.
 
+Text follows `prm_jax.tokenization.text_problem` with the policy tokenizer's special tokens added
+(`control_tokens`): a problem holding one is a `control_token` error and is never prompted, and a
+response holding one (or the step separator) is a `response_control_token` error and keeps no
+steps, so it is graded `empty` and never reaches `prm_train.jsonl`, whose reader refuses such text.
+
 Each batch of `sample.batch_size` problems is a `data_pipeline.dispatch` task: one generate call,
 run in this process or, several at once, on Ray workers (`data_pipeline.ray_runner`), its records
 released in batch order either way.
@@ -28,8 +33,12 @@ from data_pipeline.schemas import ErrorRecord, Problem, Response, SampleRecord
 from data_pipeline.solutions import final_answer, policy_prompt, split_steps
 from prm_jax.generation.types import GenerationBackend, RequestOutput, SamplingParams
 from prm_jax.jsonl import AppendOnlyWriter
+from prm_jax.tokenization import CONTROL_TOKENS, control_tokens, text_problem
 
 _log = logging.getLogger(__name__)
+
+#: Sample-stage errors that end a problem (it is never sampled); the others are about one response.
+_PROBLEM_ERRORS = ("prompt_too_long", "control_token")
 
 
 def sample_params(
@@ -49,16 +58,20 @@ def sample_params(
 
 
 def sample_records(
-    problems: Sequence[Problem], params: Sequence[SamplingParams], outputs: Sequence[RequestOutput]
+    problems: Sequence[Problem],
+    params: Sequence[SamplingParams],
+    outputs: Sequence[RequestOutput],
+    forbidden: Sequence[str] = CONTROL_TOKENS,
 ) -> list[SampleRecord]:
-    """One `SampleRecord` per problem from its request's output."""
+    """One `SampleRecord` per problem from its request's output; a response whose text holds one of
+    `forbidden` (`text_problem`) keeps no steps."""
     records = []
     for problem, param, output in zip(problems, params, outputs):
         responses = tuple(
             Response(
                 index=j,
                 text=c.text,
-                steps=tuple(split_steps(c.text)),
+                steps=() if text_problem(c.text, forbidden) else tuple(split_steps(c.text)),
                 answer=final_answer(c.text),
                 finish_reason=c.finish_reason,
                 num_tokens=len(c.token_ids),
@@ -110,9 +123,25 @@ def shard_problems(ctx: StageContext) -> list[Problem | ErrorRecord]:
 
 
 def _sample_batch(backend: GenerationBackend, batch: Sequence[Problem], cfg: ml_collections.ConfigDict) -> Task:
-    """One batch of the sample stage as a `dispatch` task: prompt-length errors, one generate call,
-    then per problem its empty-response errors and its record (an error first: a kill between the
-    two re-derives it)."""
+    """One batch of the sample stage as a `dispatch` task: control-token and prompt-length errors, one
+    generate call, then per problem its response errors (control tokens, empty) and its record (an
+    error first: a kill between the two re-derives it)."""
+    forbidden = control_tokens(backend.tokenizer)
+    checked = []
+    for problem in batch:  # the reader checked Qwen's tokens; this policy may have its own
+        why = text_problem(problem.problem, forbidden)
+        if why is None:
+            checked.append(problem)
+        else:
+            yield ErrorRecord(
+                id=problem.id,
+                stage="sample",
+                error="control_token",
+                message=f"the problem text {why}",
+                record_id=problem.id,
+                source=problem.source,
+            )
+    batch = checked
     prompts = [policy_prompt(backend.tokenizer, p.problem, cfg.sample.system_prompt) for p in batch]
     limit = context_length(backend)
     if limit is not None:
@@ -137,10 +166,20 @@ def _sample_batch(backend: GenerationBackend, batch: Sequence[Problem], cfg: ml_
         batch, n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens, base_seed=cfg.seed
     )
     outputs = yield Generation(prompts, params, tuple(p.id for p in batch))
-    for record, problem in zip(sample_records(batch, params, outputs), batch):
+    for record, problem in zip(sample_records(batch, params, outputs, forbidden), batch):
         for response in record.responses:
-            if not response.steps:
-                rid = response_id(record.id, response.index)
+            rid = response_id(record.id, response.index)
+            why = text_problem(response.text, forbidden)
+            if why is not None:
+                yield ErrorRecord(
+                    id=rid,
+                    stage="sample",
+                    error="response_control_token",
+                    message=f"response {response.index} {why}; it keeps no steps (graded empty, never labelled)",
+                    record_id=rid,
+                    source=problem.source,
+                )
+            elif not response.steps:
                 yield ErrorRecord(
                     id=rid,
                     stage="sample",
@@ -176,6 +215,6 @@ def run_sample(ctx: StageContext) -> None:
                     bar.update(1)
                 else:
                     ctx.error(errors, item)
-                    bar.update(item.error == "prompt_too_long")
+                    bar.update(item.error in _PROBLEM_ERRORS)
 
     ctx.append_stage("sample", SampleRecord.from_json, sample_all, with_errors=True)

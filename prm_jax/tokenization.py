@@ -18,6 +18,14 @@ the added token `<|quad_end|>`. Only the *released* Qwen2.5-Math-PRM's tokenizer
 new special token; an id other than 151651 must then be passed to vLLM explicitly
 (`vllm_pooler_setting`).
 
+What text may hold (`text_problem`, the one text-validity rule of synthesis input, training
+records and evaluation records): no step separator, and no control token (`<|im_end|>`,
+`<|im_start|>`, `<|endoftext|>`, any special token of the tokenizer at hand). A tokenizer reads
+each as one control token, never as text: a separator inside a step is scored as a step end, and
+`<|im_end|>` inside a problem closes the user turn, faking a turn boundary in every prompt built
+from it. Readers without a tokenizer apply it with `CONTROL_TOKENS`; `build_prm_input` (training
+and scoring) and synthesis's sample stage add the tokenizer's own special tokens (`control_tokens`).
+
 The `transformers` tokenizer is only used through its public API (`encode`, `decode`,
 `apply_chat_template`, `add_special_tokens`, `save_pretrained`) and works with transformers
 4.45+ and 5.x.
@@ -25,9 +33,12 @@ The `transformers` tokenizer is only used through its public API (`encode`, `dec
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import re
 import tempfile
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +50,10 @@ if TYPE_CHECKING:  # transformers is heavy to import; only type checkers need it
 __all__ = [
     "STEP_SEPARATOR",
     "SYSTEM_PROMPT",
+    "CONTROL_TOKENS",
+    "CHAT_CONTROL_TOKENS",
+    "control_tokens",
+    "text_problem",
     "QWEN2_5_ADDED_TOKENS",
     "QWEN2_5_FIRST_ADDED_ID",
     "VLLM_DEFAULT_STEP_TAG_ID",
@@ -78,6 +93,14 @@ _QWEN_SEPARATOR_SLOT = "<|quad_end|>"  # what id 151651 holds in the base/Instru
 # added tokens' names.
 _QWEN_BPE_PROBE = ("Hello world", [9707, 1879])
 
+#: Control tokens of the chat format, refused in any text that becomes part of a prompt (problems,
+#: steps, SFT prompts and completions) where no tokenizer is at hand: Qwen2.5's added tokens, the
+#: family this project trains and its turn markers among them.
+CHAT_CONTROL_TOKENS: tuple[str, ...] = QWEN2_5_ADDED_TOKENS
+
+#: ... and with the step separator first: what a problem or a step of a PRM record may not hold.
+CONTROL_TOKENS: tuple[str, ...] = (STEP_SEPARATOR, *CHAT_CONTROL_TOKENS)
+
 #: The system prompt Qwen2.5-Math-PRM was trained with (its model card uses it verbatim).
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -99,6 +122,73 @@ def separator_token_id(tokenizer: PreTrainedTokenizerBase, separator: str = STEP
     """
     ids = _encode_plain(tokenizer, separator)
     return ids[0] if len(ids) == 1 else None
+
+
+def _special_tokens(tokenizer: Any) -> tuple[str, ...]:
+    """Every string `tokenizer` reads as a special token: its BOS/EOS/PAD/... and its added tokens
+    flagged special. Added tokens that are not special (some vocabularies add runs of spaces) are
+    ordinary text and stay allowed."""
+    found = [str(t) for t in getattr(tokenizer, "all_special_tokens", None) or ()]
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    found += [str(t) for t in added.values() if getattr(t, "special", False)]
+    return tuple(dict.fromkeys(t for t in found if t))
+
+
+#: `_special_tokens` per tokenizer object, with the vocabulary size it was read at (adding a token
+#: changes it). Weak: a cache must not keep a tokenizer alive.
+_SPECIALS: weakref.WeakKeyDictionary[Any, tuple[int, tuple[str, ...]]] = weakref.WeakKeyDictionary()
+
+
+def control_tokens(tokenizer: Any = None, separator: str | None = STEP_SEPARATOR) -> tuple[str, ...]:
+    """The strings `text_problem` refuses: `separator` first (None: text that is never split into
+    steps, such as SFT's), Qwen2.5's chat control tokens, and with a tokenizer every special token
+    it has (a Llama policy's `<|eot_id|>` too)."""
+    tokens = (*((separator,) if separator else ()), *CHAT_CONTROL_TOKENS)
+    if tokenizer is not None:
+        size = len(tokenizer) if hasattr(tokenizer, "__len__") else -1
+        try:
+            cached = _SPECIALS.get(tokenizer)
+        except TypeError:  # neither hashable nor weakly referable (a test double)
+            cached = None
+        if cached is None or cached[0] != size:
+            cached = (size, _special_tokens(tokenizer))
+            try:
+                _SPECIALS[tokenizer] = cached
+            except TypeError:
+                pass
+        tokens += cached[1]
+    return tuple(dict.fromkeys(tokens))
+
+
+@functools.lru_cache(maxsize=64)
+def _matcher(tokens: tuple[str, ...]) -> re.Pattern[str]:
+    # One scan of the text for all tokens (hundreds for some vocabularies), longest first so a
+    # token that contains another is the one reported.
+    return re.compile("|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)))
+
+
+def text_problem(text: str, tokens: Sequence[str] = CONTROL_TOKENS, *, separator: str = STEP_SEPARATOR) -> str | None:
+    """Why `text` may not go into a prompt or a PRM input, or None: the one text-validity rule.
+
+    `text` must not hold any of `tokens` (`CONTROL_TOKENS` where no tokenizer is at hand,
+    `control_tokens(tokenizer)` where one is). The message completes "the problem ..." or
+    "step 2 ...".
+    """
+    if not tokens:
+        return None
+    found = _matcher(tuple(tokens)).search(text)
+    if found is None:
+        return None
+    token = found.group()
+    if token == separator:
+        return (
+            f"contains the step separator {token!r} (at character {found.start() + 1}), which marks where each "
+            "step ends; remove it from the text"
+        )
+    return (
+        f"contains {token!r} (at character {found.start() + 1}), a control token of the chat format that the "
+        "tokenizer reads as a turn boundary or special token, not as text; remove it from the text"
+    )
 
 
 def _pieces(tokenizer: PreTrainedTokenizerBase, text: str) -> list[str]:
@@ -381,8 +471,9 @@ def build_prm_input(
     Raises:
         TypeError: `problem` is not a string, `steps` is a bare string, or a step is not a
             string.
-        ValueError: `steps` is empty; a step, the problem or the system prompt contains the
-            separator; or the encoded text does not hold exactly one separator token per step
+        ValueError: `steps` is empty; a step, the problem or the system prompt fails
+            `text_problem` (holds the separator or a control token of this tokenizer); or the
+            encoded text does not hold exactly one separator token per step
             (typically because the separator is not a single token — call
             `ensure_step_separator` first).
     """
@@ -395,17 +486,12 @@ def build_prm_input(
     for i, step in enumerate(steps):
         if not isinstance(step, str):
             raise TypeError(f"step {i} must be a str, got {type(step).__name__}")
-        if separator in step:
-            raise ValueError(
-                f"step {i} contains the step separator {separator!r}; steps must not contain it "
-                "because the separator marks where each step ends"
-            )
-    for name, text in (("problem", problem), ("system_prompt", system_prompt or "")):
-        if separator in text:
-            raise ValueError(
-                f"{name} contains the step separator {separator!r}, which would be scored as a "
-                "step; remove it from the text"
-            )
+    forbidden = control_tokens(tokenizer, separator)
+    texts = [("problem", problem), *((f"step {i}", step) for i, step in enumerate(steps))]
+    for name, text in [*texts, ("system_prompt", system_prompt or "")]:
+        why = text_problem(text, forbidden, separator=separator)
+        if why is not None:
+            raise ValueError(f"{name} {why}")
 
     messages = [
         {"role": "user", "content": problem},

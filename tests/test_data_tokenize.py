@@ -170,10 +170,10 @@ def test_no_step_fits_or_drop_mode_returns_none_and_counts(tokenizer):
     assert stats.steps_dropped_overlong == 8 and stats.truncated == 0
 
 
-def test_separator_inside_a_step_is_a_data_error(tokenizer):
-    record = PRMRecord("bad", PROBLEM, ("a <extra_0> b",), (1,))
-    with pytest.raises(DataError, match="record 'bad'.*contains the step separator"):
-        tokenize_prm(record, tokenizer, TokenizeConfig(max_length=512), 0)
+def test_separator_inside_a_step_is_a_data_error():
+    # The record refuses it (prm_jax.tokenization.text_problem), before any tokenizer sees it.
+    with pytest.raises(DataError, match="field 'steps': step 0 contains the step separator"):
+        PRMRecord("bad", PROBLEM, ("a <extra_0> b",), (1,))
 
 
 def test_sft_loss_on_completion_and_eos_only(tokenizer):

@@ -18,6 +18,13 @@ lines skipped, unknown keys ignored so that pipelines can carry metadata such as
 
 Ids must be unique within a file: they are how outputs, resumptions and consensus filtering refer
 back to a record, so a duplicate means the file was assembled wrongly.
+
+Text follows `prm_jax.tokenization.text_problem`, the rule synthesis input and evaluation records
+follow too: no problem or step holds the step separator or a chat control token (`<|im_end|>`,
+`<|im_start|>`, ...; `CONTROL_TOKENS`), and no SFT prompt or completion a chat control token. A
+tokenizer would read them as control tokens (a fake turn boundary, a step end), so they are
+refused at the line that holds them, before any accelerator time; the tokenizer's own further
+special tokens are refused when the record is tokenized (`build_prm_input`, `tokenize_sft`).
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from os import PathLike
 from typing import Any
 
 from prm_jax.jsonl import MAX_LINE_BYTES, DataError, Fields, iter_records, json_type_name
+from prm_jax.tokenization import CHAT_CONTROL_TOKENS, CONTROL_TOKENS, text_problem
 
 __all__ = [
     "file_sha256",
@@ -102,8 +110,12 @@ class PRMRecord:
         """Validate programmatic construction with the same rules as the file reader."""
         f = Fields(self.__dict__)
         f.string("id", non_empty=True)
-        f.string("problem")
+        _check_text(f, "problem", CONTROL_TOKENS)
         steps = f.strings("steps", item="step", non_empty=True)
+        for i, step in enumerate(steps):
+            why = text_problem(step, CONTROL_TOKENS)
+            if why is not None:
+                raise f.fail("steps", f"step {i} {why}")
         labels = self.labels
         if isinstance(labels, list | tuple):
             # Programmatic labels may be floats 0.0/1.0 meant as hard labels; accept any number
@@ -144,8 +156,15 @@ class SFTRecord:
         """Validate programmatic construction with the same rules as the file reader."""
         f = Fields(self.__dict__)
         f.string("id", non_empty=True)
-        f.string("prompt")
-        f.string("completion")
+        _check_text(f, "prompt", CHAT_CONTROL_TOKENS)
+        _check_text(f, "completion", CHAT_CONTROL_TOKENS)
+
+
+def _check_text(f: Fields, key: str, tokens: tuple[str, ...]) -> None:
+    """A string field that `text_problem` accepts."""
+    why = text_problem(f.string(key), tokens)
+    if why is not None:
+        raise f.fail(key, why)
 
 
 def file_sha256(path: str | PathLike[str]) -> str:

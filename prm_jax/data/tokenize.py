@@ -23,7 +23,15 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from prm_jax.data.records import DataError, PRMRecord, SFTRecord
-from prm_jax.tokenization import STEP_SEPARATOR, SYSTEM_PROMPT, build_prm_input, render_chat, separator_token_id
+from prm_jax.tokenization import (
+    STEP_SEPARATOR,
+    SYSTEM_PROMPT,
+    build_prm_input,
+    control_tokens,
+    render_chat,
+    separator_token_id,
+    text_problem,
+)
 
 if TYPE_CHECKING:  # transformers is heavy to import; only type checkers need it here.
     from transformers import PreTrainedTokenizerBase
@@ -364,13 +372,19 @@ def tokenize_sft(
     returns `None` in both modes.
 
     Raises:
-        DataError: The tokenizer has no EOS token (the model could never learn to stop).
+        DataError: The tokenizer has no EOS token (the model could never learn to stop); the
+            prompt or completion holds one of the tokenizer's control tokens (`text_problem`).
     """
     stats = stats if stats is not None else TokenizeStats()
     stats.seen += 1
     eos_id = tokenizer.eos_token_id
     if eos_id is None:
         raise DataError("the tokenizer has no eos_token; SFT needs one to teach the model to stop")
+    forbidden = control_tokens(tokenizer, separator=None)  # this tokenizer's own special tokens too
+    for name in ("prompt", "completion"):
+        why = text_problem(getattr(record, name), forbidden)
+        if why is not None:
+            raise DataError(f"record {record.id!r}: {why}", field=name)
     completion = record.completion
     if cfg.max_chars is not None:
         # Text past the cap cannot fit: drop or cut it before tokenizing it all.
