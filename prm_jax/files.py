@@ -5,15 +5,28 @@ shards, plots, remote code) goes through `atomic_file`; a killed or failed write
 previous file (or none) in place, never a truncated one. Directories built beside their target
 (an HF export, a run's tokenizer, an overwritten model checkpoint) take its place through
 `replace_directory`. Appending record by record is `prm_jax.jsonl.AppendOnlyWriter`'s job.
+
+A staging directory is owned by its writer through an flock'ed lock file beside it (the lock dies
+with its process): the next `staged_directory` on the same target removes what dead writers left
+(a killed 7B export leaves ~15 GB) and never touches a live writer's. A write that fails with an
+OSError naming no file (a full disk during `write`) gets the path it was writing, so the message
+can name it. Files read whole (`read_regular_text`) must be regular and bounded: a FIFO would
+block the reader forever and `/dev/zero` would fill its memory.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
+import glob
 import json
 import logging
 import os
+import re
 import shutil
+import socket
+import stat
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -38,14 +51,27 @@ def atomic_file(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
     # Unique per process and thread; opened normally so the file gets the usual umask permissions.
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
     try:
-        with open(tmp, mode, **({"encoding": "utf-8"} if mode == "w" else {})) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with _naming_path(path):
+            with open(tmp, mode, **({"encoding": "utf-8"} if mode == "w" else {})) as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
         _fsync_directory(path.parent)  # the rename itself survives a power loss
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _naming_path(path: Path) -> Iterator[None]:
+    """An OSError without a file name (ENOSPC from `write` or `fsync`) gets `path`, so the report can
+    say where the disk filled up instead of "path unknown"."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename is None and error.errno is not None:  # (without errno, str() would show None)
+            error.filename = str(path)
+        raise
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -63,11 +89,13 @@ def replace_directory(staging: str | Path, target: str | Path) -> Path:
     """Puts the complete directory `staging` at `target`, replacing whatever was there.
 
     The old directory is renamed aside first and deleted last, so `target` is never half-written
-    and is absent only between two renames (never during a whole delete).
+    and is absent only between two renames (never during a whole delete). The aside name extends
+    `staging`'s, so a writer killed between the renames leaves it under its own lock, and the next
+    `staged_directory` puts it back.
     """
     staging, target = Path(staging), Path(target)
     # A unique name: a leftover of a run killed while deleting cannot block the next swap.
-    old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:12]}")
+    old = staging.with_name(f"{staging.name}.old-{uuid.uuid4().hex[:12]}")
     if target.exists():
         target.rename(old)
     try:
@@ -83,22 +111,167 @@ def replace_directory(staging: str | Path, target: str | Path) -> Path:
     return target
 
 
+def _staging_prefix(target: Path) -> str:
+    return f".{target.name}.tmp-"
+
+
+#: `.NAME.tmp-<id>` (the staging directory) and what shares its id: `.lock` (the writer's lock),
+#: `.old-<id>` (the replaced directory, moved aside), `.orbax-checkpoint-tmp*` (Orbax's own staging).
+_STAGING_ID = re.compile(r"([0-9a-f]{12})(.*)", re.DOTALL)
+_LOCK_SUFFIX = ".lock"
+# flock unsupported (some network and FUSE file systems).
+_NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS}
+
+
+@contextlib.contextmanager
+def _writer_lock(lock: Path) -> Iterator[None]:
+    """Holds an exclusive flock on `lock` (created, naming pid and host) for the writer's lifetime.
+
+    The lock file is checked to still be the one locked: a cleaner that judged an earlier writer
+    dead may have deleted it between our open and our lock.
+    """
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.fstat(fd).st_ino == os.stat(lock).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        except OSError as error:
+            if error.errno not in _NO_LOCKS:
+                os.close(fd)
+                raise
+            # A file system without flock: the lock file alone marks the staging as someone's, and
+            # `_remove_dead_writer`, unable to lock it either, leaves it alone.
+            break
+        os.close(fd)
+    try:
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        yield
+    finally:
+        lock.unlink(missing_ok=True)  # the staging directory is gone (swapped in or removed) by now
+        os.close(fd)
+
+
+def _size(path: Path) -> int:
+    if not path.is_dir() or path.is_symlink():
+        return path.lstat().st_size
+    return sum(p.lstat().st_size for p in path.rglob("*"))
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _human(size: int) -> str:
+    if size < 1000:
+        return f"{size} bytes"
+    value = float(size)
+    for unit in ("KB", "MB", "GB"):
+        value /= 1000
+        if value < 1000 or unit == "GB":
+            break
+    return f"{value:.1f} {unit}"
+
+
+def remove_stale_staging(target: str | Path) -> list[str]:
+    """Removes what writers of `target` that died left beside it; returns one line per thing done.
+
+    A writer's entries (`.NAME.tmp-<id>*`) are removed only when its lock file can be locked, that
+    is when no live process holds it: a live concurrent writer's staging is never touched. A
+    directory the dead writer had moved aside while `target` is missing (killed between the two
+    renames of a swap) is put back at `target` instead. Entries without a lock file (written by a
+    prm-jax that took none) are reported, not removed: whether their writer lives cannot be told.
+    """
+    target = Path(target)
+    prefix = _staging_prefix(target)
+    by_id: dict[str, list[Path]] = {}
+    with contextlib.suppress(FileNotFoundError):
+        for entry in target.parent.iterdir():
+            match = _STAGING_ID.fullmatch(entry.name[len(prefix) :]) if entry.name.startswith(prefix) else None
+            if match:
+                by_id.setdefault(match.group(1), []).append(entry)
+    report = []
+    for writer_id, entries in sorted(by_id.items()):
+        lock = target.with_name(f"{prefix}{writer_id}{_LOCK_SUFFIX}")
+        if lock not in entries:
+            report += [
+                f"left {entry} ({_human(_size(entry))}): staging of an earlier prm-jax without a writer lock; "
+                "delete it by hand once no other conversion or save to this path is running"
+                for entry in entries
+            ]
+            continue
+        report += _remove_dead_writer(
+            target, lock, [e for e in entries if e != lock], len(lock.name) - len(_LOCK_SUFFIX)
+        )
+    for line in report:
+        _log.warning("%s", line)
+    return report
+
+
+def _remove_dead_writer(target: Path, lock: Path, entries: list[Path], staging_length: int) -> list[str]:
+    """What `remove_stale_staging` did with one writer's entries (nothing if it is alive); their
+    names extend the staging name, `staging_length` characters long."""
+    try:
+        fd = os.open(lock, os.O_RDWR)
+    except FileNotFoundError:
+        return []  # finished (or cleaned) since the listing
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return []  # a live writer
+        except OSError as error:
+            if error.errno in _NO_LOCKS:
+                return [f"left {', '.join(map(str, entries))}: this file system cannot tell whether its writer lives"]
+            raise
+        with contextlib.suppress(FileNotFoundError):
+            if os.fstat(fd).st_ino != os.stat(lock).st_ino:
+                return []  # another cleaner took it first
+        writer = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "an unknown process"
+        done = []
+        for entry in sorted(entries):
+            if entry.name[staging_length:].startswith(".old-") and not os.path.lexists(target):
+                entry.rename(target)
+                done.append(f"put back {target} from {entry.name} (its writer, {writer}, died mid-swap)")
+                continue
+            size = _size(entry)
+            _remove(entry)
+            done.append(f"removed {entry} ({_human(size)}), left by a writer that died ({writer})")
+        lock.unlink(missing_ok=True)
+        return done
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def staged_directory(target: str | Path) -> Iterator[Path]:
     """A fresh path beside `target` to build a directory at, put in `target`'s place on success.
 
     The path does not exist yet (writers such as Orbax insist on creating it); on a clean exit it
     replaces `target` (`replace_directory`), on an exception it is removed and `target` is left
-    as it was.
+    as it was. What killed writers of `target` left beside it is removed first
+    (`remove_stale_staging`, logged); this writer's lock keeps later ones off its staging. An
+    OSError naming no file (a full disk mid-write) is given `target`.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:12]}")
-    try:
-        yield staging
-        replace_directory(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)  # nothing left after a swap
+    remove_stale_staging(target)
+    writer_id = uuid.uuid4().hex[:12]
+    staging = target.with_name(f"{_staging_prefix(target)}{writer_id}")
+    with _writer_lock(target.with_name(f"{staging.name}{_LOCK_SUFFIX}")):
+        try:
+            with _naming_path(target):  # the user's path, not the hidden staging name
+                yield staging
+                replace_directory(staging, target)
+        finally:
+            for leftover in target.parent.glob(f"{glob.escape(staging.name)}*"):
+                if leftover.name != f"{staging.name}{_LOCK_SUFFIX}":
+                    _remove(leftover)  # nothing left after a swap; all of it after a failure
 
 
 def atomic_write(path: str | Path, data: str | bytes) -> Path:
@@ -131,3 +304,66 @@ def atomic_write_lines(
             f.flush()
             validate(Path(f.name))
     return count
+
+
+class NotRegularFileError(ValueError):
+    """A file read whole is not a regular file (a FIFO, a device, ...) or is larger than its cap."""
+
+
+_FILE_TYPES = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO (named pipe): reading it would wait for a writer forever"),
+    (stat.S_ISCHR, "a character device: reading it may never end"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _file_problem(path: Path, mode: int, size: int, max_bytes: int | None) -> str | None:
+    for test, kind in _FILE_TYPES:
+        if test(mode):
+            return f"{path} is {kind}, not a regular file; point at the file itself"
+    if not stat.S_ISREG(mode):
+        return f"{path} is not a regular file; point at the file itself"
+    if max_bytes is not None and size > max_bytes:
+        return f"{path} is {_human(size)}, more than the {_human(max_bytes)} such a file can be: is it the right file?"
+    return None
+
+
+def check_regular_file(path: str | Path, *, max_bytes: int | None = None) -> Path:
+    """`path` (symlinks followed) when it is a regular file of at most `max_bytes`, else
+    `NotRegularFileError` naming it and what it is; FileNotFoundError when it is absent."""
+    path = Path(path)
+    info = path.stat()  # FileNotFoundError (a dangling link too) names the path
+    problem = _file_problem(path, info.st_mode, info.st_size, max_bytes)
+    if problem:
+        raise NotRegularFileError(problem)
+    return path
+
+
+def read_regular_bytes(path: str | Path, *, max_bytes: int) -> bytes:
+    """The whole of `path`, refused in one line (`NotRegularFileError`) unless it is a regular file
+    of at most `max_bytes`.
+
+    Opened without blocking and checked on the open descriptor, so a FIFO cannot hang the call and
+    a file swapped after a check cannot slip through; at most `max_bytes` are ever read.
+    """
+    path = Path(path)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        problem = _file_problem(path, info.st_mode, info.st_size, max_bytes)
+        if problem:
+            raise NotRegularFileError(problem)
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:  # grew since the stat
+        raise NotRegularFileError(_file_problem(path, stat.S_IFREG, len(data), max_bytes) or str(path))
+    return data
+
+
+def read_regular_text(path: str | Path, *, max_bytes: int) -> str:
+    """`read_regular_bytes` decoded as UTF-8 (ValueError naming the file when it is not UTF-8)."""
+    try:
+        return read_regular_bytes(path, max_bytes=max_bytes).decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
