@@ -9,8 +9,11 @@ orbax, is a bug and keeps its traceback. `--verbose_errors` shows the traceback 
 
 Flag parsing errors (an unknown flag, a bad enum or integer value, a missing required flag) and
 `app.UsageError` are user errors as well: one `error: ...` line and the same exit status,
-instead of absl's multi-line usage dump and exit 1. A full disk, a quota, a read-only file system
-and a held lock are reported as one line naming the path.
+instead of absl's multi-line usage dump and exit 1. A full disk, a quota, a read-only file system,
+a permission refused and a held lock are reported as one line naming the path, each with its own
+remedy (space is freed; a read-only or forbidden path is swapped for another). What a rerun does
+is said only by a launcher that knows (`run(..., rerun_note=...)`): a training run resumes, a
+conversion starts over.
 """
 
 from __future__ import annotations
@@ -65,27 +68,50 @@ def _raised_by_own_code(error: BaseException) -> bool:
     return os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_OWN_PACKAGES)
 
 
-#: OSErrors that are the environment's state, not a bug: what the user frees, fixes or waits for.
+#: OSErrors that are the environment's state, not a bug: (what happened, what the user does).
 _ENVIRONMENT_ERRNOS = {
-    errno.ENOSPC: "no space left on the device",
-    errno.EDQUOT: "disk quota exceeded",
-    errno.EROFS: "read-only file system",
+    errno.ENOSPC: ("no space left on the device", "free space or choose another output directory"),
+    errno.EDQUOT: ("disk quota exceeded", "free space within the quota or choose another output directory"),
+    errno.EROFS: ("read-only file system", "choose an output directory on a writable file system"),
+    errno.EACCES: ("permission denied", "choose a path you may use, or fix its permissions"),
+    errno.EPERM: ("operation not permitted", "choose a path you may use, or fix its permissions"),
 }
 
 
-def environment_message(error: OSError) -> str | None:
-    """One line for a full disk / quota / read-only FS (naming the path), else None."""
-    reason = _ENVIRONMENT_ERRNOS.get(error.errno)
-    if reason is None:
+def _path_of(error: BaseException) -> str | None:
+    """The file an OSError names, looking through the errors it was raised from or during."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.filename:
+            return os.fsdecode(current.filename)
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def environment_message(error: OSError, rerun_note: str | None = None) -> str | None:
+    """One line for a full disk / quota / read-only FS / refused permission (naming the path), else None.
+
+    `rerun_note` says what a rerun does (the launcher knows: "it resumes", "it starts over");
+    without it nothing is promised.
+    """
+    known = _ENVIRONMENT_ERRNOS.get(error.errno)
+    if known is None:
         return None
-    where = error.filename or "(path unknown)"
-    return f"{reason} writing {where}: free space or choose another output directory, then rerun (it resumes)"
+    reason, remedy = known
+    path = _path_of(error)
+    where = f"at {path}" if path else "(the system did not say which file: check the output directory's file system)"
+    then = f", then rerun ({rerun_note})" if rerun_note else ", then rerun"
+    return f"{reason} {where}: {remedy}{then}"
 
 
-def user_message(error: BaseException, extra_user_errors: Sequence[type[BaseException]] = ()) -> str | None:
+def user_message(
+    error: BaseException, extra_user_errors: Sequence[type[BaseException]] = (), rerun_note: str | None = None
+) -> str | None:
     """The one-line message of a user error, or None for a bug (which keeps its traceback)."""
     if isinstance(error, OSError):
-        message = environment_message(error)
+        message = environment_message(error, rerun_note)
         if message is not None:
             return message
     if isinstance(error, USER_ERRORS + PATH_ERRORS + tuple(extra_user_errors)):
@@ -118,7 +144,11 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def call(
-    main: Callable[[list[str]], None], argv: list[str], extra_user_errors: Sequence[type[BaseException]] = ()
+    main: Callable[[list[str]], None],
+    argv: list[str],
+    extra_user_errors: Sequence[type[BaseException]] = (),
+    *,
+    rerun_note: str | None = None,
 ) -> None:
     """Run `main(argv)` (flags already parsed); a user error exits 2 with one `error:` line."""
     try:
@@ -126,7 +156,7 @@ def call(
     except app.UsageError as error:
         _fail(str(error))
     except Exception as error:  # noqa: BLE001 - classified below; bugs are re-raised untouched
-        message = user_message(error, extra_user_errors)
+        message = user_message(error, extra_user_errors, rerun_note)
         if message is None:
             raise
         if flags.FLAGS.is_parsed() and _VERBOSE.value:
@@ -134,6 +164,15 @@ def call(
         _fail(message)
 
 
-def run(main: Callable[[list[str]], None], extra_user_errors: Sequence[type[BaseException]] = ()) -> None:
-    """`absl.app.run(main)`, with user errors printed as one line and exit status 2."""
-    app.run(lambda argv: call(main, argv, extra_user_errors), flags_parser=parse_flags)
+def run(
+    main: Callable[[list[str]], None],
+    extra_user_errors: Sequence[type[BaseException]] = (),
+    *,
+    rerun_note: str | None = None,
+) -> None:
+    """`absl.app.run(main)`, with user errors printed as one line and exit status 2.
+
+    `rerun_note` is what a rerun after a full disk does, when the launcher can promise it
+    ("it resumes from the last checkpoint"); the message promises nothing otherwise.
+    """
+    app.run(lambda argv: call(main, argv, extra_user_errors, rerun_note=rerun_note), flags_parser=parse_flags)
