@@ -10,6 +10,11 @@ orbax_to_hf writes the Qwen2.5-Math-PRM layout, loadable with
 AutoModel.from_pretrained(dir, trust_remote_code=True) and by vLLM, in the recorded source dtype
 unless --dtype says otherwise, with the tokenizer the training run recorded (a --tokenizer_dir
 whose separator id or vocabulary disagrees with that record is refused).
+
+The destination must be absent or empty; --overwrite replaces only what this tool wrote (an HF
+export recognised by its config.json, an Orbax checkpoint by its import metadata): a training
+workdir or any other folder is refused before anything is read. A conversion writes beside the
+destination and swaps in at the end; what a killed conversion left there is removed by the next.
 """
 
 from __future__ import annotations
@@ -20,9 +25,9 @@ from absl import app, flags
 
 from launch import errors
 from launch.logs import configure_logging
-from prm_jax.conversion.hf_checkpoint import hf_to_orbax, orbax_to_hf, parse_size
+from prm_jax.conversion.hf_checkpoint import HF_EXPORT, ORBAX_IMPORT, hf_to_orbax, orbax_to_hf, parse_size
 from prm_jax.conversion.safetensors_io import SafetensorsFormatError
-from prm_jax.output_paths import overlapping_inputs
+from prm_jax.output_paths import overlapping_inputs, replace_problem
 from prm_jax.tokenization import STEP_SEPARATOR
 from prm_jax.weights import DEFAULT_EXPORT_DTYPE, EXPORT_DTYPES, ConversionError
 
@@ -50,7 +55,11 @@ _SEPARATOR = flags.DEFINE_string(
 _ADD_SEPARATOR = flags.DEFINE_bool(
     "add_separator", True, "orbax_to_hf: add the separator as a special token if it splits (else refuse)."
 )
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing destination.")
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite",
+    False,
+    "Replace an existing destination, only if this tool wrote it (an HF export, an imported Orbax checkpoint).",
+)
 _HEAD = flags.DEFINE_enum(
     "head", "prm", ["prm", "lm"], "orbax_to_hf: export the PRM (Qwen2.5-Math-PRM layout) or the causal LM (a policy)."
 )
@@ -59,6 +68,8 @@ flags.mark_flags_as_required(["direction", "hf_dir", "orbax_dir"])
 
 #: Library errors reported as one line (see launch.errors).
 USER_ERRORS = (ConversionError, SafetensorsFormatError)
+#: What a rerun after a full disk does: nothing partial is kept (the output is swapped in whole).
+RERUN_NOTE = "it starts over: a conversion keeps nothing partial"
 
 
 def _missing_dir(name: str, value: str | None) -> list[str]:
@@ -70,12 +81,18 @@ def _missing_dir(name: str, value: str | None) -> list[str]:
 def config_problems() -> list[str]:
     """Every problem with the flags, found without reading a checkpoint."""
     if _DIRECTION.value == "hf_to_orbax":
-        source, destination, inputs = "hf_dir", "orbax_dir", {"--hf_dir": _HF_DIR.value}
+        source, destination, inputs, own = "hf_dir", "orbax_dir", {"--hf_dir": _HF_DIR.value}, ORBAX_IMPORT
     else:
-        source, destination = "orbax_dir", "hf_dir"
+        source, destination, own = "orbax_dir", "hf_dir", HF_EXPORT
         inputs = {"--orbax_dir": _ORBAX_DIR.value, "--tokenizer_dir": _TOKENIZER_DIR.value}
     problems = _missing_dir(source, flags.FLAGS[source].value) + _missing_dir("tokenizer_dir", _TOKENIZER_DIR.value)
-    problems += overlapping_inputs(inputs, flags.FLAGS[destination].value, f"--{destination}")
+    overlaps = overlapping_inputs(inputs, flags.FLAGS[destination].value, f"--{destination}")
+    problems += overlaps
+    if not overlaps:  # else the destination is an input: that problem is the one to fix
+        replace = replace_problem(
+            flags.FLAGS[destination].value, name=f"--{destination}", own=own, overwrite=_OVERWRITE.value
+        )
+        problems += [replace] if replace else []
     if _SEED.value < 0:
         problems.append(f"--seed={_SEED.value} must be >= 0")
     try:
@@ -119,4 +136,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    errors.run(main, extra_user_errors=USER_ERRORS)
+    errors.run(main, extra_user_errors=USER_ERRORS, rerun_note=RERUN_NOTE)

@@ -4,7 +4,9 @@ Training (`model.init_from`), evaluation, synthesis's JAX backend and `hf_to_orb
 here. A source is checked against the model it is loaded as before any tensor is read: every
 tensor present (a head the source does not declare, such as a causal LM's PRM head, may be
 initialised from a seed), none unknown, shapes
-exact, dtypes floating point; each problem names the tensor (and its file).
+exact, dtypes floating point; each problem names the tensor (and its file). Every tensor read
+from Hugging Face safetensors is checked finite as it streams (NaN or Inf weights are refused,
+naming the tensor), and config.json must be a regular file of bounded size.
 
 Hugging Face safetensors are streamed: each tensor is read with plain file reads (a long-lived
 memory map would keep every touched page resident), relaid out for JAX, cast, placed onto the
@@ -16,6 +18,7 @@ restore straight onto the target shardings.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -42,6 +45,7 @@ from prm_jax.checkpoint import (
 )
 from prm_jax.conversion.hf_mapping import HEADS, TensorMapping, is_stacked, param_mappings, tensor_mappings
 from prm_jax.conversion.safetensors_io import SafetensorsCheckpoint
+from prm_jax.files import check_regular_file
 from prm_jax.models.config import ModelConfig
 from prm_jax.models.factory import ParamPath, abstract_model, abstract_params, params_of
 from prm_jax.models.transformer import LMHead, StepHead, Transformer
@@ -66,8 +70,28 @@ _HEAD_MODULES = {"score": StepHead, "lm_head": LMHead}
 Head = Literal["prm", "lm"]
 
 
+#: Largest config.json read (real ones are a few KB): a wrong file must not fill host memory.
+MAX_CONFIG_BYTES = 16 * 2**20
+#: Elements checked finite at a time: the check's scratch memory stays small beside a huge tensor.
+_FINITE_CHUNK = 1 << 24
+
+
 class ConversionError(ValueError):
     """A checkpoint does not match the model it is loaded or converted as."""
+
+
+def hf_config_file(directory: str | Path) -> Path:
+    """`directory/config.json`, refused in one line (`files.NotRegularFileError`) when it exists but
+    is a FIFO, a device or larger than `MAX_CONFIG_BYTES`: reading it would block or fill memory."""
+    path = Path(directory) / "config.json"
+    if os.path.lexists(path):
+        check_regular_file(path, max_bytes=MAX_CONFIG_BYTES)
+    return path
+
+
+def hf_config(directory: str | Path, **overrides: Any) -> ModelConfig:
+    """The ModelConfig of a Hugging Face directory's config.json (checked by `hf_config_file`)."""
+    return ModelConfig.from_hf_file(hf_config_file(directory), **overrides)
 
 
 def checkpoint_kind(path: str | Path) -> Literal["orbax", "hf"]:
@@ -75,7 +99,7 @@ def checkpoint_kind(path: str | Path) -> Literal["orbax", "hf"]:
     path = Path(path)
     if (path / PARAMS_ITEM).is_dir() and (path / CONFIG_ITEM).is_dir():
         return "orbax"
-    if (path / "config.json").is_file():
+    if hf_config_file(path).is_file():
         return "hf"
     raise FileNotFoundError(
         f"{path} is neither a prm-jax Orbax checkpoint ('{PARAMS_ITEM}/' and '{CONFIG_ITEM}/') nor a "
@@ -86,7 +110,7 @@ def checkpoint_kind(path: str | Path) -> Literal["orbax", "hf"]:
 def read_config(path: str | Path, **overrides: Any) -> ModelConfig:
     """The ModelConfig of the weights at `path` (Orbax metadata or HF config.json)."""
     if checkpoint_kind(path) == "hf":
-        return ModelConfig.from_hf_file(path, **overrides)
+        return hf_config(path, **overrides)
     return read_model_config(path, **overrides)
 
 
@@ -104,7 +128,7 @@ def source_dtype(path: str | Path) -> str | None:
 
 def hf_source_dtype(reader: SafetensorsCheckpoint) -> str | None:
     """`source_dtype` of an HF checkpoint already open (its headers are read once)."""
-    config = ModelConfig.from_hf_file(reader.directory).replace(with_lm_head=True, with_prm_head=True)
+    config = hf_config(reader.directory).replace(with_lm_head=True, with_prm_head=True)
     found = {reader.spec(m.hf_name).dtype for m in tensor_mappings(config) if m.hf_name in reader}
     by_dtype = {dtype: name for name, dtype in EXPORT_DTYPES.items()}
     if len(found) == 1 and next(iter(found)) in by_dtype:
@@ -152,6 +176,27 @@ def _check(
         raise ConversionError(f"{source}: " + "; ".join(problems))
 
 
+def refuse_non_finite(value: np.ndarray, where: str) -> np.ndarray:
+    """`value` when every element is finite, else `ConversionError` naming `where`, the count of
+    NaN/Inf values and the first one's index. Checked in chunks: scratch memory stays small."""
+    flat = value.reshape(-1)
+    for start in range(0, flat.size, _FINITE_CHUNK):
+        bad = ~np.isfinite(flat[start : start + _FINITE_CHUNK])
+        if bad.any():
+            first = start + int(np.argmax(bad))
+            count = int(bad.sum()) + sum(
+                int(np.count_nonzero(~np.isfinite(flat[i : i + _FINITE_CHUNK])))
+                for i in range(start + _FINITE_CHUNK, flat.size, _FINITE_CHUNK)
+            )
+            index = tuple(int(i) for i in np.unravel_index(first, value.shape))
+            raise ConversionError(
+                f"{where}: {count} of {flat.size} values are NaN or Inf as {value.dtype} (the first, "
+                f"{flat[first]}, at index {list(index)}); the weights are corrupt (or from a diverged "
+                "run) and are not loaded"
+            )
+    return value
+
+
 def _heads_of(config: ModelConfig) -> set[str]:
     return {path[0] for path in flatten(abstract_params(config))} & set(HEADS)
 
@@ -186,7 +231,7 @@ def hf_tensors(
     mappings = [m for group in groups.values() for m in group]
     # What the checkpoint itself declares: a PRM (Qwen2ForProcessRewardModel) has the step head and
     # no LM head, a causal LM the reverse; a tensor of a head it does not declare is unexpected.
-    source = ModelConfig.from_hf_file(reader.directory)
+    source = hf_config(reader.directory)
     source = source.replace(with_prm_head=not source.with_lm_head)
     known = {m.hf_name for m in tensor_mappings(source)}
     fresh = _heads_to_initialise(config, source, fresh_heads_seed)
@@ -204,7 +249,8 @@ def hf_tensors(
     dtype = np.dtype(config.parameter_dtype)
 
     def read(m: TensorMapping) -> np.ndarray:
-        return m.to_jax(reader.get(m.hf_name)).astype(dtype, copy=False)
+        value = m.to_jax(reader.get(m.hf_name)).astype(dtype, copy=False)
+        return refuse_non_finite(value, f"{reader.directory}: tensor {m.hf_name} ({reader.file_of(m.hf_name).name})")
 
     lazy: dict[ParamPath, LazyTensor | StackedLazyTensor] = {}
     for path, group in groups.items():
@@ -347,11 +393,15 @@ __all__ = [
     "ConversionError",
     "DEFAULT_EXPORT_DTYPE",
     "EXPORT_DTYPES",
+    "MAX_CONFIG_BYTES",
     "checkpoint_kind",
+    "hf_config",
+    "hf_config_file",
     "hf_source_dtype",
     "hf_tensors",
     "load_model",
     "load_weights",
     "read_config",
+    "refuse_non_finite",
     "source_dtype",
 ]

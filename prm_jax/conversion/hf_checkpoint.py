@@ -16,7 +16,15 @@ HF -> Orbax -> HF with default settings is exact.
 
 Both directions validate everything they can from metadata alone (names, shapes, dtypes, config)
 before writing a byte, stream tensors one by one, and write into a temporary directory that is
-renamed only on success: a failure leaves nothing at the destination.
+renamed only on success: a failure leaves nothing at the destination. Imported tensors must be
+finite (NaN or Inf is refused, naming the tensor); config.json, the safetensors index and tokenizer
+files must be regular files of bounded size (a FIFO or /dev/zero is refused, not read).
+
+`overwrite` replaces only what this module wrote (`output_paths.replace_problem`): an export
+directory is recognised by its config.json (`EXPORT_MARKER`, or for exports written before the
+marker our architecture, auto_map and remote-code files), an imported Orbax checkpoint by the
+provenance `hf_to_orbax` records. A training workdir, a downloaded model or any other folder is
+refused before anything is read.
 """
 
 from __future__ import annotations
@@ -29,14 +37,14 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from prm_jax.checkpoint import StoredParams, read_checkpoint_metadata, save_params
+from prm_jax.checkpoint import CONFIG_ITEM, PARAMS_ITEM, StoredParams, read_checkpoint_metadata, save_params
 from prm_jax.conversion.hf_mapping import TensorMapping, tensor_mappings
-from prm_jax.conversion.remote_code import remote_code_for, write_remote_code
+from prm_jax.conversion.remote_code import REMOTE_CODE, remote_code_for, write_remote_code
 from prm_jax.conversion.safetensors_io import SafetensorsCheckpoint, TensorSpec, write_safetensors
-from prm_jax.files import staged_directory
+from prm_jax.files import check_regular_file, read_regular_text, staged_directory
 from prm_jax.models.config import CAUSAL_LM_ARCHITECTURES, ModelConfig, UnsupportedCheckpointError
 from prm_jax.models.vocab import grow_vocab_axis, padded_vocab_size
-from prm_jax.output_paths import refuse_output_over_input
+from prm_jax.output_paths import OwnOutput, refuse_output_over_input, refuse_unreplaceable
 from prm_jax.tokenization import (
     STEP_SEPARATOR,
     VLLM_DEFAULT_STEP_TAG_ID,
@@ -44,9 +52,79 @@ from prm_jax.tokenization import (
     prepare_step_separator,
     vllm_pooler_setting,
 )
-from prm_jax.weights import DEFAULT_EXPORT_DTYPE, EXPORT_DTYPES, ConversionError, hf_source_dtype, hf_tensors
+from prm_jax.weights import (
+    DEFAULT_EXPORT_DTYPE,
+    EXPORT_DTYPES,
+    MAX_CONFIG_BYTES,
+    ConversionError,
+    hf_config,
+    hf_source_dtype,
+    hf_tensors,
+)
 
 _log = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------------- what overwrite may replace
+
+#: The config.json entry that marks a directory as an `orbax_to_hf` export.
+EXPORT_MARKER: dict[str, str] = {"exported_by": "prm-jax"}
+#: `provenance.source_format` of a checkpoint `hf_to_orbax` wrote.
+IMPORT_SOURCE_FORMAT = "huggingface"
+# The file Orbax's JsonSave writes an item into (its JsonCheckpointHandler's default name).
+_ORBAX_JSON_FILE = "metadata"
+
+
+def _json_object(path: Path) -> dict[str, Any] | None:
+    """A small JSON object file, or None when it is absent, irregular, too big or not an object."""
+    try:
+        value = json.loads(read_regular_text(path, max_bytes=MAX_CONFIG_BYTES))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def is_hf_export(directory: Path) -> bool:
+    """Whether `directory` holds an `orbax_to_hf` export: config.json with `EXPORT_MARKER`, or (exports
+    written before the marker) a PRM architecture with our auto_map and our remote-code files."""
+    config = _json_object(directory / "config.json")
+    if config is None:
+        return False
+    if all(config.get(key) == value for key, value in EXPORT_MARKER.items()):
+        return True
+    return any(
+        config.get("architectures") == [code.architecture]
+        and config.get("auto_map") == dict(code.auto_map)
+        and all((directory / name).is_file() for name in code.files)
+        for code in REMOTE_CODE.values()
+    )
+
+
+def is_orbax_import(directory: Path) -> bool:
+    """Whether `directory` holds a checkpoint `hf_to_orbax` wrote (its metadata's provenance says so)."""
+    metadata = _json_object(directory / CONFIG_ITEM / _ORBAX_JSON_FILE)
+    provenance = (metadata or {}).get("provenance")
+    return (
+        (directory / PARAMS_ITEM).is_dir()
+        and isinstance(provenance, dict)
+        and provenance.get("source_format") == IMPORT_SOURCE_FORMAT
+    )
+
+
+HF_EXPORT = OwnOutput("a prm-jax Hugging Face export (its config.json says exported_by prm-jax)", is_hf_export)
+ORBAX_IMPORT = OwnOutput("a prm-jax Orbax checkpoint imported from Hugging Face", is_orbax_import)
+
+#: Largest tokenizer file read (Qwen's tokenizer.json is 11 MB; the largest vocabularies ~35 MB).
+MAX_TOKENIZER_FILE_BYTES = 512 * 2**20
+# The tokenizer files transformers may read from a directory (by suffix).
+_TOKENIZER_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
+
+
+def check_tokenizer_files(directory: str | Path) -> None:
+    """Refuses (one line naming it) a tokenizer file that is a FIFO, a device or oversized, before
+    transformers reads the directory: it would block, or read without end."""
+    for entry in sorted(Path(directory).iterdir()):
+        if entry.name.endswith(_TOKENIZER_SUFFIXES) and not entry.is_dir():
+            check_regular_file(entry, max_bytes=MAX_TOKENIZER_FILE_BYTES)
 
 
 # ---------------------------------------------------------------------------- HF -> Orbax
@@ -64,16 +142,17 @@ def hf_to_orbax(
     """
     hf_dir, orbax_dir = Path(hf_dir), Path(orbax_dir)
     refuse_output_over_input({"hf_dir": hf_dir}, orbax_dir, "orbax_dir")
+    refuse_unreplaceable(orbax_dir, name="orbax_dir", own=ORBAX_IMPORT, overwrite=overwrite)
     if not hf_dir.is_dir():
         raise FileNotFoundError(f"hf_dir {hf_dir} does not exist (or is not a directory)")
-    config = ModelConfig.from_hf_file(hf_dir, param_dtype=param_dtype)
+    config = hf_config(hf_dir, param_dtype=param_dtype)
     is_prm = config.with_prm_head and not config.with_lm_head
     with SafetensorsCheckpoint(hf_dir) as reader:
         params = hf_tensors(reader, config, fresh_heads_seed=None if is_prm else seed)
         source = hf_source_dtype(reader)
         provenance = {
             "source": str(hf_dir.absolute()),
-            "source_format": "huggingface",
+            "source_format": IMPORT_SOURCE_FORMAT,  # also what a later overwrite recognises
             "prm_head": "imported" if is_prm else f"fresh (seed {seed})",
         }
         save_params(
@@ -82,7 +161,7 @@ def hf_to_orbax(
             config,
             provenance=provenance,
             source_dtype=source,
-            overwrite=overwrite,
+            overwrite=True,  # refuse_unreplaceable has decided: nothing there, empty, or our own import
         )
     _log.info("wrote %s (%d tensors, %s, source %s)", orbax_dir, len(params), provenance["prm_head"], source)
     return config
@@ -110,11 +189,6 @@ def parse_size(size: int | str) -> int:
     if value is None or value <= 0:
         raise ValueError(f"max_shard_size={size!r}: expected a positive size such as 5GB, 500MB or 2GiB")
     return value
-
-
-def _refuse_to_overwrite(hf_dir: Path, overwrite: bool) -> None:
-    if hf_dir.exists() and any(hf_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{hf_dir} exists and is not empty; pass overwrite to replace it")
 
 
 def _recorded_tokenizer_dir(orbax_dir: Path, recorded: dict[str, Any]) -> Path:
@@ -160,6 +234,7 @@ def checkpoint_tokenizer(
         tokenizer_dir = _recorded_tokenizer_dir(orbax_dir, recorded)
     from transformers import AutoTokenizer
 
+    check_tokenizer_files(tokenizer_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     tokenizer, step_separator = prepare_step_separator(tokenizer, separator, add_if_missing=add_separator)
     if recorded is not None and (step_separator.token_id, step_separator.vocabulary) != (
@@ -225,6 +300,7 @@ def orbax_to_hf(
     """
     orbax_dir, hf_dir = Path(orbax_dir), Path(hf_dir)
     refuse_output_over_input({"orbax_dir": orbax_dir, "tokenizer_dir": tokenizer_dir}, hf_dir, "hf_dir")
+    refuse_unreplaceable(hf_dir, name="hf_dir", own=HF_EXPORT, overwrite=overwrite)
     max_shard_bytes = parse_size(max_shard_size)
     if not orbax_dir.is_dir():
         raise FileNotFoundError(f"orbax_dir {orbax_dir} does not exist (or is not a directory)")
@@ -283,23 +359,23 @@ def orbax_to_hf(
             value = grow_vocab_axis(value, vocab_size, axis=0)
         return value.astype(out_dtype, copy=False)
 
-    _refuse_to_overwrite(hf_dir, overwrite)
     notes = []
     with staged_directory(hf_dir) as staging:
         staging.mkdir()
         write_safetensors(staging, specs, get_tensor, max_shard_bytes=max_shard_bytes)
-        hf_config = {
+        config_json = {
             **architecture,
             **config.replace(vocab_size=vocab_size).to_hf_dict(torch_dtype=dtype),
             "transformers_version": _transformers_version(),
+            **EXPORT_MARKER,  # what a later overwrite recognises as ours
         }
         if head == "lm" and tokenizer is not None and tokenizer.eos_token_id is not None:
-            hf_config["eos_token_id"] = tokenizer.eos_token_id
+            config_json["eos_token_id"] = tokenizer.eos_token_id
         if step_separator is not None:
-            hf_config["step_separator"] = step_separator.token
-            hf_config["step_separator_id"] = step_separator.token_id
+            config_json["step_separator"] = step_separator.token
+            config_json["step_separator_id"] = step_separator.token_id
             if step_separator.token_id != VLLM_DEFAULT_STEP_TAG_ID:
-                hf_config["vllm_pooler_config"] = vllm_pooler_setting(step_separator.token_id)
+                config_json["vllm_pooler_config"] = vllm_pooler_setting(step_separator.token_id)
                 if remote_code.vllm_native:  # else the note below says vLLM cannot serve it at all
                     notes.append(vllm_separator_note(step_separator.token, step_separator.token_id))
         if head == "prm" and not remote_code.vllm_native:
@@ -311,7 +387,7 @@ def orbax_to_hf(
         if notes:
             body = "\n\n".join(notes)
             (staging / "README.md").write_text(f"# Process reward model (prm-jax export)\n\n{body}\n")
-        (staging / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+        (staging / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
         if head == "prm":
             write_remote_code(staging, config.model_type)
         if tokenizer is not None:
@@ -330,6 +406,7 @@ def _lm_tokenizer(orbax_dir: Path, recorded: dict[str, Any] | None, tokenizer_di
         tokenizer_dir = _recorded_tokenizer_dir(orbax_dir, recorded)
     from transformers import AutoTokenizer
 
+    check_tokenizer_files(tokenizer_dir)
     return AutoTokenizer.from_pretrained(str(tokenizer_dir))
 
 
@@ -347,4 +424,16 @@ def hf_tensor_names(config: ModelConfig) -> list[str]:
     return [m.hf_name for m in tensor_mappings(config) if m.head != "lm_head"]
 
 
-__all__ = ["hf_to_orbax", "orbax_to_hf", "parse_size", "hf_tensor_names", "vllm_separator_note"]
+__all__ = [
+    "EXPORT_MARKER",
+    "HF_EXPORT",
+    "ORBAX_IMPORT",
+    "check_tokenizer_files",
+    "hf_tensor_names",
+    "hf_to_orbax",
+    "is_hf_export",
+    "is_orbax_import",
+    "orbax_to_hf",
+    "parse_size",
+    "vllm_separator_note",
+]

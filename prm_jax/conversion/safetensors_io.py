@@ -38,7 +38,7 @@ from typing import Any, Final
 import ml_dtypes
 import numpy as np
 
-from prm_jax.files import atomic_file, atomic_write
+from prm_jax.files import atomic_file, atomic_write, check_regular_file, read_regular_text
 
 __all__ = [
     "INDEX_NAME",
@@ -149,6 +149,19 @@ def _c_contiguous(array: np.ndarray) -> np.ndarray:
 _MAX_HEADER_BYTES: Final[int] = 100_000_000
 
 
+#: Largest `model.safetensors.index.json` read (a 72B model's is ~100 KB).
+_MAX_INDEX_BYTES: Final[int] = 64 * 2**20
+
+
+def _is_present(path: Path) -> bool:
+    """Whether a weight file exists; one that exists but is not a regular file (a FIFO, a device)
+    is refused by name (`files.NotRegularFileError`), not taken for missing."""
+    if not os.path.lexists(path):
+        return False
+    check_regular_file(path)
+    return True
+
+
 class SafetensorsFormatError(ValueError):
     """A safetensors file is corrupt or truncated; the message names the file (and tensor)."""
 
@@ -244,17 +257,18 @@ class SafetensorsCheckpoint:
     def _open(self) -> None:
         single = self.directory / SINGLE_FILE_NAME
         index = self.directory / INDEX_NAME
-        if single.is_file():
+        if _is_present(single):
             self._weight_map = {name: single for name in self._tensor_names(single)}
-        elif index.is_file():
+        elif _is_present(index):
             self._open_index(index)
         else:
             raise FileNotFoundError(self._missing_weights_message())
 
     def _open_index(self, index: Path) -> None:
+        text = read_regular_text(index, max_bytes=_MAX_INDEX_BYTES)
         try:
-            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
-        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+            weight_map = json.loads(text).get("weight_map")
+        except (json.JSONDecodeError, AttributeError) as e:
             raise SafetensorsFormatError(f"{index}: not a JSON object ({e}); the index is corrupt") from None
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError(f"{index} has no 'weight_map' (or it is empty)")
@@ -263,7 +277,7 @@ class SafetensorsCheckpoint:
             by_shard.setdefault(shard, []).append(name)
         for shard, names in by_shard.items():
             path = self.directory / shard
-            if not path.is_file():
+            if not _is_present(path):
                 raise FileNotFoundError(f"{index} references shard {shard!r}, which is missing from {self.directory}")
             present = set(self._tensor_names(path))
             for name in names:
