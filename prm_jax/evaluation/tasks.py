@@ -121,7 +121,7 @@ class OverLengthCount:
     max_length: int | None
     policy: str
     max_score_tokens: int | None = None
-    n_inputs: int = 0  # over-long inputs seen (responses for Best-of-N)
+    n_inputs: int = 0  # over-long inputs seen, within the cap (responses for Best-of-N)
     n_skipped: int = 0  # records left out of every metric (policy "skip" or the cap; BoN: whole problems)
     n_over_cap: int = 0  # inputs longer than max_score_tokens (never scored)
     over_cap_records: list[str] = dataclasses.field(default_factory=list)  # ids left out for the cap
@@ -146,15 +146,18 @@ class OverLengthCount:
         return True
 
     def left_out(self, record_id: str, inputs: Sequence[PRMInput], group: str) -> bool:
-        """Count a record's inputs (`check`); True (counted as skipped) when the record is not to be
-        scored: an input over `max_score_tokens`, or over `max_length` under the `skip` policy."""
-        over = [self.check(x, group) for x in inputs]
+        """True (counted as skipped) when a record is not to be scored: an input over
+        `max_score_tokens` (counted as over the cap only), or over `max_length` (`check`) under
+        the `skip` policy."""
         capped = [len(x.input_ids) for x in inputs if len(x.input_ids) > self.max_score_tokens]
         if capped:
             self.n_over_cap += len(capped)
             self.over_cap_records.append(record_id)
             self.longest = max(self.longest, *capped)
-        if capped or (any(over) and self.policy == "skip"):
+            self.n_skipped += 1
+            return True
+        over = [self.check(x, group) for x in inputs]
+        if any(over) and self.policy == "skip":
             self.n_skipped += 1
             return True
         return False
@@ -170,7 +173,9 @@ class OverLengthCount:
                 unit,
                 self.max_length,
                 self.longest,
-                f"{self.n_skipped} record(s) skipped" if self.policy == "skip" else "scored past the trained context",
+                f"{self.n_skipped - len(self.over_cap_records)} record(s) skipped"
+                if self.policy == "skip"
+                else "scored past the trained context",
             )
         if self.n_over_cap:
             _log.warning(
