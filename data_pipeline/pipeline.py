@@ -13,9 +13,7 @@ last node to finish does it; the merge is deterministic, so a race between two i
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,6 +31,7 @@ from data_pipeline.shards import Layout, Shard, read_json
 from prm_jax.data.records import file_sha256
 from prm_jax.files import atomic_write_json
 from prm_jax.generation.types import GenerationBackend
+from prm_jax.run_lock import HeldLock, workdir_lock
 
 _log = logging.getLogger("data_pipeline")
 
@@ -100,40 +99,27 @@ def check_run_config(layout: Layout, config: ml_collections.ConfigDict, num_shar
         )
 
 
-# Every synthesis process holds this lock shared while it runs, so a process that would replace the
-# recorded settings can tell whether another one (another shard, possibly still loading its model
-# and not yet writing) already runs with them. flock dies with its process: never stale.
-_WORKDIR_LOCK = ".run.lock"
-_held_workdir_locks: dict[Path, int] = {}
+# Every synthesis process holds the workdir's run lock shared while it runs (`prm_jax.run_lock`), so a
+# process that would replace the recorded settings can tell whether another one (another shard,
+# possibly still loading its model and not yet writing) already runs with them, and a tool that
+# writes the directory alone (a training run pointed at it) is refused. flock: never stale.
+_held_workdir_locks: dict[Path, HeldLock] = {}
 
 
 @contextlib.contextmanager
 def _using_workdir(layout: Layout):
-    layout.workdir.mkdir(parents=True, exist_ok=True)
-    path = layout.workdir / _WORKDIR_LOCK
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH)
-        _held_workdir_locks[path] = fd
-        yield
-    finally:
-        _held_workdir_locks.pop(path, None)
-        os.close(fd)
+    with workdir_lock(layout.workdir, "synthesis", shared=True) as held:
+        _held_workdir_locks[layout.workdir] = held
+        try:
+            yield
+        finally:
+            _held_workdir_locks.pop(layout.workdir, None)
 
 
 def _alone_on(layout: Layout) -> bool:
-    """Whether no other process holds the workdir's lock (this process's shared hold becomes
-    exclusive; a failed attempt leaves it shared)."""
-    fd = _held_workdir_locks.get(layout.workdir / _WORKDIR_LOCK)
-    if fd is None:
-        return True  # called outside `run` (tests of the record alone)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fcntl.flock(fd, fcntl.LOCK_SH)
-        return False
-    fcntl.flock(fd, fcntl.LOCK_SH)
-    return True
+    """Whether no other process holds the workdir's lock (this process keeps its shared hold)."""
+    held = _held_workdir_locks.get(layout.workdir)
+    return True if held is None else held.alone()  # None: called outside `run` (tests of the record alone)
 
 
 def has_stage_output(layout: Layout) -> bool:

@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import json
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 from prm_jax.jsonl import DataError, read_records
+from prm_jax.run_lock import RunLockedError, hold
 
 T = TypeVar("T")
 
@@ -110,27 +109,20 @@ def read_json(path: Path) -> Any:
         raise DataError(f"malformed JSON: {e.msg}", path=path, line=e.lineno) from None
 
 
-class ShardLockedError(RuntimeError):
-    """Another process holds a stage shard's lock (the message names the lock file)."""
+#: Another process holds a stage shard's lock (the message names the lock file and its holder).
+ShardLockedError = RunLockedError
 
 
 @contextlib.contextmanager
 def exclusive_lock(path: Path, *, wait: bool = False) -> Iterator[None]:
     """Hold an exclusive lock on `path` (two processes writing one shard would duplicate ids); held by
-    another process: raise, or with `wait` block until it is free (a short shared update).
+    another process: raise, naming it, or with `wait` block until it is free (a short shared update).
 
-    The lock dies with its process, so a killed run never leaves a stale lock behind.
+    `prm_jax.run_lock.hold`: the lock dies with its process, so a killed run never leaves a stale lock.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ShardLockedError(
-                f"{path} is locked: another process is writing this stage and shard. Give each "
-                "process its own --shard_index, or wait for the other one to finish"
-            ) from None
+    refusal = (
+        f"{path} is locked by {{holder}}: another process is writing this stage and shard. Give each "
+        "process its own --shard_index, or wait for the other one to finish"
+    )
+    with hold(path, tool="synthesis", refusal=refusal, wait=wait):
         yield
-    finally:
-        os.close(fd)

@@ -1,0 +1,270 @@
+"""One lock per run directory: a second writer is refused at the door, never interleaved.
+
+Every tool that writes a run (training, synthesis, the demo, the lessons) holds `W/.run.lock` while
+it runs, and a second process is refused in one line that names the holder:
+
+    W is in use by pid 1234 on host h (launch.train, started 2025-01-31 12:00:00 UTC); ...
+
+The lock is `fcntl.flock`: it dies with its process (a SIGKILL, an OOM kill, a node reboot), so it
+is never stale and never needs deleting. The file itself only says who holds it (one JSON line per
+holder: pid, host, tool, start), for the refusal; a record left by a dead holder is ignored when
+the holder ran on this host and no longer lives.
+
+Exclusive holders (a training run, the demo) exclude everyone; shared holders (the synthesis shards
+of one workdir, each on its own node) exclude only exclusive ones, and can ask whether they are
+alone (`HeldLock.alone`). The same mechanism locks smaller things (one synthesis stage shard, a file
+updated in turn) through `hold`. A process that already holds a workdir's lock may take it again
+(the launcher and the library function it calls both lock the workdir): nested holds are counted,
+not re-locked, since two flock descriptors of one file in one process would exclude each other.
+
+On a shared filesystem flock must reach across hosts: NFS does (Linux maps it onto NFS byte-range
+locks), Lustre needs the `flock` mount option. Multi-host jobs decide who locks (one process per job
+for training: `prm_jax.training.run`), since every process of one job writes the same workdir.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import fcntl
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+#: The lock file of a run directory.
+LOCK_FILE = ".run.lock"
+
+
+class RunLockedError(RuntimeError):
+    """Another process holds the lock; the message names it (pid, host, tool, start) and what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Holder:
+    """Who holds a lock, as recorded in the lock file."""
+
+    pid: int
+    host: str
+    tool: str
+    started: str
+
+    @classmethod
+    def of_this_process(cls, tool: str) -> Holder:
+        started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+        return cls(pid=os.getpid(), host=socket.gethostname(), tool=tool, started=started)
+
+    def describe(self) -> str:
+        return f"pid {self.pid} on host {self.host} ({self.tool}, started {self.started})"
+
+    def is_dead(self) -> bool:
+        """Known dead: it ran on this host and its pid is gone (another host's cannot be asked)."""
+        if self.host != socket.gethostname():
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # alive, another user's
+            return False
+        return False
+
+
+def read_holders(path: Path) -> list[Holder]:
+    """The holders a lock file records, dead ones and unreadable lines left out."""
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return []
+    holders = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+            holder = Holder(int(record["pid"]), str(record["host"]), str(record["tool"]), str(record["started"]))
+        except (ValueError, KeyError, TypeError):
+            continue  # a line being written, or a foreign file: the refusal says "another process"
+        if not holder.is_dead() and holder not in holders:
+            holders.append(holder)
+    return holders
+
+
+def describe_holders(holders: list[Holder], limit: int = 3) -> str:
+    if not holders:
+        return "another process (it has not recorded itself yet)"
+    shown = ", ".join(h.describe() for h in holders[:limit])
+    more = len(holders) - limit
+    return shown + (f" and {more} more" if more > 0 else "")
+
+
+@dataclasses.dataclass(frozen=True)
+class HeldLock:
+    """A lock this process holds (`fd` is the flocked descriptor)."""
+
+    path: Path
+    fd: int
+    shared: bool
+
+    def alone(self) -> bool:
+        """For a shared hold: whether no other process holds the lock now (this process's hold
+        stays shared either way). An exclusive hold is alone by definition."""
+        if not self.shared:
+            return True
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        finally:
+            fcntl.flock(self.fd, fcntl.LOCK_SH)
+        return True
+
+
+@dataclasses.dataclass
+class _Reentrant:
+    held: HeldLock
+    depth: int = 1
+
+
+# Reentrant locks this process holds, by lock file: the launcher and the library function it calls
+# both lock the workdir (flock belongs to an open file description: a second descriptor of the same
+# file in this process would be refused by the first).
+_held: dict[Path, _Reentrant] = {}
+_held_guard = threading.Lock()
+
+
+def _record(fd: int, holder: Holder, *, replace: bool) -> None:
+    """Write this process's line into the lock file: alone, it replaces the file (dropping the
+    lines of holders long gone); beside other shared holders, it appends."""
+    line = (json.dumps(dataclasses.asdict(holder), sort_keys=True) + "\n").encode("utf-8")
+    if replace:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, line, 0)
+    else:
+        os.lseek(fd, 0, os.SEEK_END)
+        os.write(fd, line)
+
+
+def _acquire(fd: int, path: Path, *, shared: bool, wait: bool, holder: Holder, refusal: str) -> None:
+    """flock `fd` (exclusive, or shared) and record `holder`; refuse with `refusal` (its `{holder}`
+    names who holds the lock) when another process holds it and `wait` is false."""
+
+    def refuse() -> RunLockedError:
+        return RunLockedError(refusal.format(holder=describe_holders(read_holders(path))))
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        alone = True
+    except BlockingIOError:
+        if not shared and not wait:
+            raise refuse() from None
+        alone = False
+    if alone:
+        _record(fd, holder, replace=True)
+        if shared:
+            # Not atomic (flock drops, then takes): an exclusive taker in between wins, and is named.
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise refuse() from None
+        return
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        raise refuse() from None
+    _record(fd, holder, replace=not shared)
+
+
+@contextlib.contextmanager
+def hold(
+    path: str | Path, *, tool: str, refusal: str, shared: bool = False, wait: bool = False, reentrant: bool = False
+) -> Iterator[HeldLock]:
+    """Hold the lock file `path` (created with its directory) while the block runs.
+
+    Another holder: raise `RunLockedError(refusal.format(holder=...))`, or with `wait` block until
+    it is free (a short update taken in turn). `tool` names this process in the file. A second
+    hold by this same process is refused like any other, unless both are `reentrant` (then nested
+    holds are counted; a shared hold cannot become exclusive by nesting).
+    """
+    path = Path(path).absolute()
+    if reentrant:
+        with _held_guard:
+            nested = _held.get(path)
+            if nested is not None:
+                if nested.held.shared and not shared:
+                    raise RuntimeError(f"{path}: this process holds the lock shared and asks for it exclusive")
+                nested.depth += 1
+        if nested is not None:
+            try:
+                yield nested.held
+            finally:
+                with _held_guard:
+                    nested.depth -= 1
+            return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        _acquire(fd, path, shared=shared, wait=wait, holder=Holder.of_this_process(tool), refusal=refusal)
+        held = HeldLock(path, fd, shared)
+        if reentrant:
+            with _held_guard:
+                _held[path] = _Reentrant(held)
+        try:
+            yield held
+        finally:
+            if reentrant:
+                with _held_guard:
+                    _held.pop(path, None)
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def check_directory(workdir: str | Path, flag: str = "--workdir") -> Path:
+    """`workdir` as a Path, refused in one line when it exists and is not a directory."""
+    workdir = Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise NotADirectoryError(f"{flag}={workdir} is a file, not a directory: choose a directory")
+    return workdir
+
+
+@contextlib.contextmanager
+def workdir_lock(
+    workdir: str | Path, tool: str, *, shared: bool = False, flag: str = "--workdir"
+) -> Iterator[HeldLock]:
+    """Hold the run directory `workdir`'s lock (`W/.run.lock`; the directory is created) while the
+    block runs; another holder is refused in one line naming its pid, host, tool and start."""
+    workdir = check_directory(workdir, flag)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # a file appeared, or a path component is a file
+        raise NotADirectoryError(f"{flag}={workdir}: a path component is a file, not a directory") from None
+    except OSError as error:
+        if error.errno != errno.ENOTDIR:
+            raise
+        raise NotADirectoryError(f"{flag}={workdir}: a path component is a file, not a directory") from None
+    if shared:
+        refusal = (
+            f"{workdir} is in use by {{holder}}, which writes it alone: wait for it to finish, or use another {flag}"
+        )
+    else:
+        refusal = (
+            f"{workdir} is in use by {{holder}}; two runs writing one directory would overwrite each other's "
+            f"checkpoints and records: wait for it to finish, or give this run its own {flag}"
+        )
+    with hold(workdir / LOCK_FILE, tool=tool, refusal=refusal, shared=shared, reentrant=True) as held:
+        yield held
+
+
+__all__ = [
+    "LOCK_FILE",
+    "Holder",
+    "HeldLock",
+    "RunLockedError",
+    "check_directory",
+    "describe_holders",
+    "hold",
+    "read_holders",
+    "workdir_lock",
+]
