@@ -51,7 +51,7 @@ def atomic_file(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
     # Unique per process and thread; opened normally so the file gets the usual umask permissions.
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
     try:
-        with _naming_path(path):
+        with naming_path(path):
             with open(tmp, mode, **({"encoding": "utf-8"} if mode == "w" else {})) as f:
                 yield f
                 f.flush()
@@ -63,9 +63,10 @@ def atomic_file(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
 
 
 @contextlib.contextmanager
-def _naming_path(path: Path) -> Iterator[None]:
-    """An OSError without a file name (ENOSPC from `write` or `fsync`) gets `path`, so the report can
-    say where the disk filled up instead of "path unknown"."""
+def naming_path(path: str | Path) -> Iterator[None]:
+    """An OSError without a file name (ENOSPC from `write` or `fsync`) raised in the block gets
+    `path`, so the report can say where the disk filled up instead of "path unknown". Any writer
+    that streams into a file it opened itself (appends, Orbax items) wraps its writes in it."""
     try:
         yield
     except OSError as error:
@@ -265,7 +266,7 @@ def staged_directory(target: str | Path) -> Iterator[Path]:
     staging = target.with_name(f"{_staging_prefix(target)}{writer_id}")
     with _writer_lock(target.with_name(f"{staging.name}{_LOCK_SUFFIX}")):
         try:
-            with _naming_path(target):  # the user's path, not the hidden staging name
+            with naming_path(target):  # the user's path, not the hidden staging name
                 yield staging
                 replace_directory(staging, target)
         finally:
@@ -312,8 +313,8 @@ class NotRegularFileError(ValueError):
 
 _FILE_TYPES = (
     (stat.S_ISDIR, "a directory"),
-    (stat.S_ISFIFO, "a FIFO (named pipe): reading it would wait for a writer forever"),
-    (stat.S_ISCHR, "a character device: reading it may never end"),
+    (stat.S_ISFIFO, "a FIFO (named pipe; reading it would wait for a writer forever)"),
+    (stat.S_ISCHR, "a character device (reading it may never end)"),
     (stat.S_ISBLK, "a block device"),
     (stat.S_ISSOCK, "a socket"),
 )
@@ -322,9 +323,9 @@ _FILE_TYPES = (
 def _file_problem(path: Path, mode: int, size: int, max_bytes: int | None) -> str | None:
     for test, kind in _FILE_TYPES:
         if test(mode):
-            return f"{path} is {kind}, not a regular file; point at the file itself"
+            return f"{path} is not a regular file but {kind}: point at the file itself"
     if not stat.S_ISREG(mode):
-        return f"{path} is not a regular file; point at the file itself"
+        return f"{path} is not a regular file: point at the file itself"
     if max_bytes is not None and size > max_bytes:
         return f"{path} is {_human(size)}, more than the {_human(max_bytes)} such a file can be: is it the right file?"
     return None

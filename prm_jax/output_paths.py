@@ -148,8 +148,8 @@ def replace_problem(target: PathLike, *, name: str, own: OwnOutput, overwrite: b
     if own.recognise(target):
         return None
     return (
-        f"{name}={target} is not {own.kind} but {describe_directory(target)}: --overwrite replaces only "
-        f"{own.kind} (it would delete all of this); choose another {name}, or remove it yourself"
+        f"{name}={target} is {describe_directory(target)}, not {own.kind}: --overwrite replaces only "
+        f"{own.kind} (here it would delete all of this); choose another {name}, or remove it yourself"
     )
 
 

@@ -190,9 +190,8 @@ def refuse_non_finite(value: np.ndarray, where: str) -> np.ndarray:
             )
             index = tuple(int(i) for i in np.unravel_index(first, value.shape))
             raise ConversionError(
-                f"{where}: {count} of {flat.size} values are NaN or Inf as {value.dtype} (the first, "
-                f"{flat[first]}, at index {list(index)}); the weights are corrupt (or from a diverged "
-                "run) and are not loaded"
+                f"{where}: {count} of {flat.size} values are NaN or Inf (the first, {flat[first]}, at "
+                f"index {list(index)}); the weights are corrupt (or from a diverged run) and are not loaded"
             )
     return value
 
@@ -249,8 +248,11 @@ def hf_tensors(
     dtype = np.dtype(config.parameter_dtype)
 
     def read(m: TensorMapping) -> np.ndarray:
-        value = m.to_jax(reader.get(m.hf_name)).astype(dtype, copy=False)
-        return refuse_non_finite(value, f"{reader.directory}: tensor {m.hf_name} ({reader.file_of(m.hf_name).name})")
+        # Checked as stored (the index names the HF tensor's own element), one tensor at a time.
+        value = refuse_non_finite(
+            reader.get(m.hf_name), f"{reader.directory}: tensor {m.hf_name} ({reader.file_of(m.hf_name).name})"
+        )
+        return m.to_jax(value).astype(dtype, copy=False)
 
     lazy: dict[ParamPath, LazyTensor | StackedLazyTensor] = {}
     for path, group in groups.items():

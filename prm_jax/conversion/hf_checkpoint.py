@@ -110,8 +110,8 @@ def is_orbax_import(directory: Path) -> bool:
     )
 
 
-HF_EXPORT = OwnOutput("a prm-jax Hugging Face export (its config.json says exported_by prm-jax)", is_hf_export)
-ORBAX_IMPORT = OwnOutput("a prm-jax Orbax checkpoint imported from Hugging Face", is_orbax_import)
+HF_EXPORT = OwnOutput("a prm-jax Hugging Face export", is_hf_export)
+ORBAX_IMPORT = OwnOutput("an Orbax checkpoint imported by prm-jax", is_orbax_import)
 
 #: Largest tokenizer file read (Qwen's tokenizer.json is 11 MB; the largest vocabularies ~35 MB).
 MAX_TOKENIZER_FILE_BYTES = 512 * 2**20
