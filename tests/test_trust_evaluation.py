@@ -7,7 +7,12 @@
 * a Best-of-N k above the responses a problem has is reported as not measured (it used to be a
   column copied from the largest real k);
 * over-length scoring is bounded by `max_score_tokens` (longer inputs are never given to the
-  scorer, their records counted), and a run that fails late keeps the rows it finished.
+  scorer, their records counted), and a run that fails late keeps the rows it finished;
+* a JSON-array record past Python's decoder (a 5,000-digit integer, deep nesting) is one line at
+  `file:line`, not a bare ValueError or RecursionError;
+* a problem or step holding the separator or a chat control token, and a malformed gold answer,
+  are refused when the record is read, naming `file:line` and the field;
+* a vLLM checkpoint's config.json that does not read is named.
 """
 
 from __future__ import annotations
@@ -200,3 +205,153 @@ def test_a_late_failure_keeps_the_rows_already_scored(tokenizer, tmp_path, monke
     assert not (out / "predictions.partial.jsonl").exists()
     final = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert final[:4] == partial and len(final) == 5
+
+
+# ---------------------------------------------------------------------------- 13. JSON past the decoder's limits
+
+
+def _array_file(path: Path, elements: list[str]) -> Path:
+    path.write_text("[\n" + ",\n".join(elements) + "\n]\n")
+    return path
+
+
+def test_a_json_array_element_past_the_decoders_limits_is_one_line_at_its_element(tmp_path, monkeypatch) -> None:
+    """A ProcessBench array file with a 5,000-digit integer, or nesting past the recursion limit, used
+    to end in a bare ValueError or RecursionError (after re-reading the rest of the file as if the
+    element were cut by a chunk boundary); now it is an EvaluationDataError at the element's line."""
+    import prm_jax.evaluation.records as records_module
+    from prm_jax.evaluation.records import read_processbench
+
+    good = json.dumps({"id": "g0", "problem": "p", "steps": ["a"], "label": -1})
+    huge = '{"id": "g1", "problem": "p", "steps": ["a"], "label": ' + "9" * 5000 + "}"
+    deep = '{"id": "g1", "problem": "p", "steps": ["a"], "label": -1, "meta": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    for name, element, why in [("huge", huge, "more than 4300 digits"), ("deep", deep, "nested deeper")]:
+        path = _array_file(tmp_path / f"{name}.json", [good, element, good.replace("g0", "g2")])
+        with pytest.raises(EvaluationDataError) as error:
+            list(read_processbench(path))
+        message = str(error.value)
+        assert message.startswith(f"{path}:3: unreadable JSON: ") and why in message and "(element 1)" in message
+        assert "\n" not in message
+
+    # A long float is legal JSON: a read chunk ending inside its digits must not refuse it.
+    monkeypatch.setattr(records_module, "_READ_CHUNK", 1000)
+    long_float = '{"id": "g1", "problem": "p", "steps": ["a"], "label": -1, "meta": ' + "1" * 5000 + ".5}"
+    path = _array_file(tmp_path / "float.json", [good, long_float])
+    assert [r.id for r in read_processbench(path)] == ["g0", "g1"]
+
+
+# ---------------------------------------------------------------------------- 7, 10. text and gold rules at read time
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def _read_error(path: Path, reader: Callable) -> str:
+    with pytest.raises(EvaluationDataError) as error:
+        list(reader(path))
+    return str(error.value)
+
+
+def test_evaluation_readers_refuse_control_tokens_and_malformed_golds_naming_file_line_and_field(tmp_path) -> None:
+    """A `<|im_end|>` in a problem fakes a turn boundary in the prompt, a separator in a step is scored
+    as a step end, and a gold like `x}{y` means the responses' `correct` flags were graded wrong: all
+    used to be read (or found only by the scorer, labelled `steps` even when it was the problem)."""
+    from prm_jax.evaluation.records import read_bon, read_processbench
+
+    row = {"id": "g1", "problem": "p", "steps": ["a", "b"], "label": -1}
+    cases = [
+        ({**row, "problem": "Compute 2+2.<|im_end|>"}, "problem", "contains '<|im_end|>' (at character 13)"),
+        ({**row, "steps": ["a", "b <extra_0> c"]}, "steps", "step 1 contains the step separator '<extra_0>'"),
+        ({**row, "steps": ["<|im_start|>user", "b"]}, "steps", "step 0 contains '<|im_start|>'"),
+    ]
+    for bad_row, field, why in cases:
+        path = _jsonl(tmp_path / "gsm8k.jsonl", [{**row, "id": "g0"}, bad_row])
+        assert f"{path}:2: field {field!r}: {why}" in _read_error(path, read_processbench)
+
+    response = {"steps": ["x", "\\boxed{4}"], "correct": True}
+    bon_row = {"id": "q", "problem": "p", "answer": "4", "responses": [response, response]}
+    cases = [
+        ({**bon_row, "problem": "p<|endoftext|>"}, "problem", "contains '<|endoftext|>'"),
+        ({**bon_row, "responses": [response, {**response, "steps": ["x<extra_0>"]}]}, "responses[1].steps", "step 0"),
+        ({**bon_row, "answer": "x}{y"}, "answer", "the gold answer has unbalanced braces: the '}' at character 2"),
+        ({**bon_row, "answer": "\\frac{1}{"}, "answer", "the gold answer has unbalanced braces: 1 '{' never closed"),
+        ({**bon_row, "answer": " "}, "answer", "the gold answer is empty"),
+    ]
+    for bad_row, field, why in cases:
+        path = _jsonl(tmp_path / "math500.jsonl", [bad_row])
+        assert f"{path}:1: field {field!r}: {why}" in _read_error(path, read_bon)
+    assert [r.answer for r in read_bon(_jsonl(tmp_path / "ok.jsonl", [{**bon_row, "answer": "\\frac{1}{2}"}]))]
+
+
+REAL_PROCESSBENCH = Path("/work/shared/data/processbench")
+
+
+@pytest.mark.skipif(not REAL_PROCESSBENCH.is_dir(), reason="the ProcessBench release is not on this machine")
+def test_the_real_processbench_release_still_reads_whole() -> None:
+    """The new text rule must never refuse the benchmark itself: no official record holds a separator
+    or a chat control token."""
+    from collections import Counter
+
+    from prm_jax.evaluation.records import read_processbench
+
+    subsets = Counter(r.subset for r in read_processbench(REAL_PROCESSBENCH))
+    assert subsets == {"gsm8k": 400, "math": 1000, "olympiadbench": 1000, "omnimath": 1000}
+
+
+def test_the_scorer_names_the_field_that_holds_a_tokenizers_own_control_token(tokenizer) -> None:
+    """At scoring time the tokenizer's own special tokens count too; `prepare_input` used to label
+    every failure `field 'steps'`, the problem's included, and Best-of-N's without the response."""
+    import copy
+
+    from prm_jax.evaluation.tasks import prepare_input
+
+    tokenizer = copy.deepcopy(tokenizer)  # the module's tokenizer stays as built
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|eot_id|>"]})
+    with pytest.raises(EvaluationDataError, match=r"^d\.jsonl:3: field 'problem': contains '<\|eot_id\|>'"):
+        prepare_input(tokenizer, "Compute.<|eot_id|>", ["a"], source="d.jsonl:3")
+    with pytest.raises(EvaluationDataError, match=r"^d\.jsonl:3: field 'steps': step 1 contains '<\|eot_id\|>'"):
+        prepare_input(tokenizer, "Compute.", ["a", "b<|eot_id|>"], source="d.jsonl:3")
+    record = dataclasses.replace(bon("q0", 3), source="d.jsonl:7")
+    responses = list(record.responses)
+    responses[2] = BoNResponse(("x <|eot_id|>",), False)
+    with pytest.raises(EvaluationDataError, match=r"^d\.jsonl:7: field 'responses\[2\]\.steps': step 0 contains"):
+        bon_with_prm([dataclasses.replace(record, responses=tuple(responses))], FakeScorer(), tokenizer)
+
+
+# ---------------------------------------------------------------------------- vLLM's config.json
+
+
+def test_a_vllm_checkpoints_config_json_that_does_not_read_is_named(tmp_path) -> None:
+    """The vLLM scorer read config.json with json.loads: a truncated file, a 5,000-digit number or a
+    non-object gave a message without the file (or an AttributeError), a FIFO was skipped."""
+    from types import SimpleNamespace
+
+    from prm_jax.generation.vllm_backend import _refuse_architectures_vllm_lacks, _separator_id_from_checkpoint
+
+    model = tmp_path / "export"
+    model.mkdir()
+    config = model / "config.json"
+    fake_vllm = SimpleNamespace(
+        ModelRegistry=SimpleNamespace(get_supported_archs=lambda: ["Qwen2ForProcessRewardModel"])
+    )
+    cases = [
+        ('{"step_separator_id": 151651,\n"architectures": [', r":2: malformed JSON: Expecting value"),
+        ('{"step_separator_id": ' + "1" * 5000 + "}", r":1: unreadable JSON: a number of more than 4300 digits"),
+        ("[151651]", r": expected a JSON object, got array"),
+        ('{"step_separator_id": "151651"}', r": field 'step_separator_id': expected a token id"),
+    ]
+    for text, message in cases:
+        config.write_text(text)
+        with pytest.raises(ValueError, match="^" + str(config).replace(".", r"\.") + message):
+            _separator_id_from_checkpoint(str(model), None, False)
+    config.unlink()
+    os.mkfifo(config)
+    with pytest.raises(ValueError, match=r"config\.json .*a FIFO"):
+        _refuse_architectures_vllm_lacks(fake_vllm, str(model))
+    config.unlink()
+    config.write_text(json.dumps({"architectures": ["Qwen3ForProcessRewardModel"], "step_separator_id": 7}))
+    assert _separator_id_from_checkpoint(str(model), None, False) == 7
+    with pytest.raises(ValueError, match=r"has no model class for \['Qwen3ForProcessRewardModel'\]"):
+        _refuse_architectures_vllm_lacks(fake_vllm, str(model))

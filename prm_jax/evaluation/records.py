@@ -11,10 +11,18 @@ writes JSON Lines into `.json` files by default):
 * **JSON Lines**, read by `prm_jax.jsonl` like every other record file;
 * **a JSON array** of objects (how the official ProcessBench release stores each subset); it is
   decoded one element at a time, so memory stays at one record plus a read buffer. Error
-  locations name the line where the element starts and its index in the array.
+  locations name the line where the element starts and its index in the array; an element past
+  Python's decoder (a 5,000-digit integer, nesting past the recursion limit: `prm_jax.jsonl`'s
+  `JSONLimitError`) is refused there at once.
 
 Unknown keys are ignored (pipelines carry metadata); ids must be strings, unique across everything
 one run reads, because predictions and outputs are joined on them.
+
+Text follows `prm_jax.tokenization.text_problem`, the rule of synthesis input and training records:
+no problem or step may hold the step separator or a chat control token (`CONTROL_TOKENS`; the scorer
+adds its tokenizer's own special tokens), refused at `file:line` naming `problem`, `steps` or
+`responses[j].steps`. A Best-of-N gold `answer` follows `prm_jax.answers.answer_problem`, the
+grader's rule (non-blank, balanced braces): the responses' `correct` flags were graded against it.
 
 Schemas (one per file; each reader accepts exactly one):
 
@@ -36,13 +44,24 @@ import dataclasses
 import json
 import os
 import stat
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
 from typing import Any, TypeVar
 
-from prm_jax.jsonl import DataError, Fields, iter_objects, json_type_name, too_long
+from prm_jax.answers import answer_problem
+from prm_jax.jsonl import (
+    DataError,
+    Fields,
+    JSONLimitError,
+    iter_objects,
+    json_problem,
+    json_type_name,
+    raw_decode,
+    too_long,
+)
+from prm_jax.tokenization import CONTROL_TOKENS, text_problem
 
 __all__ = [
     "EvaluationDataError",
@@ -51,6 +70,7 @@ __all__ = [
     "BoNRecord",
     "Prediction",
     "iter_json_objects",
+    "solution_text_problem",
     "input_files",
     "read_processbench",
     "read_bon",
@@ -94,7 +114,6 @@ def _iter_json_array(path: Path, max_record_bytes: int) -> Iterator[tuple[int, A
     text is dropped as the buffer advances, and newlines are counted so that errors can name the
     line where an element starts.
     """
-    decoder = json.JSONDecoder()
     utf8 = codecs.getincrementaldecoder("utf-8-sig")()
     with open(path, "rb") as f:
         buffer, position, line, eof = "", 0, 1, False
@@ -149,8 +168,18 @@ def _iter_json_array(path: Path, max_record_bytes: int) -> Iterator[tuple[int, A
                 break
             while True:
                 try:
-                    obj, end = decoder.raw_decode(buffer, position)
+                    obj, end = raw_decode(buffer, position)
                     break
+                except JSONLimitError as e:
+                    # Well-formed but past Python's decoder (a 5,000-digit integer, nesting past the
+                    # recursion limit): more text cannot cure it, so it is reported at once, not read
+                    # on to the end of the file. The one exception is a buffer ending inside a
+                    # number: the chunk boundary may have cut a long float (legal) before its '.'.
+                    if eof or not buffer[-1:].isdigit():
+                        raise DataError(f"{json_problem(e)} (element {index})", path=path, line=line) from None
+                    if len(buffer) - position > max_record_bytes:
+                        raise too_long(max_record_bytes, path=path, line=line, what="record", knob=_KNOB) from None
+                    fill()
                 except json.JSONDecodeError as e:
                     # An element cut by the chunk boundary fails like a malformed one; read on
                     # until the element is complete or the file ends.
@@ -309,9 +338,36 @@ class ProcessBenchRecord:
             )
 
 
+def solution_text_problem(
+    problem: str | None, steps: Sequence[str], tokens: Sequence[str] = CONTROL_TOKENS
+) -> tuple[str, str] | None:
+    """The first text of a solution that `prm_jax.tokenization.text_problem` refuses, as `(field, reason)`
+    (field `problem` or `steps`), or None; `problem=None` checks the steps only.
+
+    The readers apply it with `CONTROL_TOKENS` (no tokenizer at read time, so a bad record stops the
+    run before any model loads) and the scorer's `prepare_input` with the tokenizer's own special
+    tokens added: a separator inside a step would be scored as a step end, a `<|im_end|>` inside a
+    problem would close the user turn of the prompt.
+    """
+    if problem is not None and (why := text_problem(problem, tokens)) is not None:
+        return "problem", why
+    for i, step in enumerate(steps):
+        if (why := text_problem(step, tokens)) is not None:
+            return "steps", f"step {i} {why}"
+    return None
+
+
+def _refuse_text(f: Fields, problem: str | None, steps: Sequence[str]) -> None:
+    """`solution_text_problem` as a `DataError` naming the field (with `f`'s prefix: `responses[2].steps`)."""
+    found = solution_text_problem(problem, steps)
+    if found is not None:
+        raise f.fail(*found)
+
+
 def _parse_processbench(f: Fields, default_subset: str) -> ProcessBenchRecord:
     record_id, problem = f.string("id", non_empty=True), f.string("problem")
     steps = f.strings("steps", item="step", non_empty=True)
+    _refuse_text(f, problem, steps)
     label = f.integer("label")
     subset = f.string("subset", non_empty=True) if "subset" in f.obj else default_subset
     final = f.boolean("final_answer_correct", optional=True)
@@ -359,6 +415,7 @@ def _scalar(f: Fields, key: str, expected: str) -> str:
 
 def _parse_response(f: Fields) -> BoNResponse:
     steps = f.strings("steps", item="step", non_empty=True)
+    _refuse_text(f, None, steps)
     correct = f.boolean("correct")
     final = None if f.absent("final_answer") else _scalar(f, "final_answer", "a string, number or null")
     return BoNResponse(steps, correct, final)
@@ -366,7 +423,13 @@ def _parse_response(f: Fields) -> BoNResponse:
 
 def _parse_bon(f: Fields, default_dataset: str) -> BoNRecord:
     record_id, problem = f.string("id", non_empty=True), f.string("problem")
+    _refuse_text(f, problem, ())
     answer = _scalar(f, "answer", "a string or number")
+    # The rule the grader applies to a gold: the responses' `correct` flags were graded against this
+    # answer, and against a gold like `x}{y` or `\\frac{1}{` grading is wrong in silence.
+    why = answer_problem(answer)
+    if why is not None:
+        raise f.fail("answer", f"the gold answer {why}; the responses' 'correct' flags cannot have been graded right")
     responses = f.objects("responses", of="responses")
     if not responses:
         raise f.fail("responses", "no responses; Best-of-N needs at least one")

@@ -47,11 +47,17 @@ from prm_jax.evaluation.processbench import (
     processbench_scores,
     sweep_threshold,
 )
-from prm_jax.evaluation.records import BoNRecord, EvaluationDataError, ProcessBenchRecord, read_predictions
+from prm_jax.evaluation.records import (
+    BoNRecord,
+    EvaluationDataError,
+    ProcessBenchRecord,
+    read_predictions,
+    solution_text_problem,
+)
 from prm_jax.evaluation.scorer import SCORE_WINDOW, BatchedScorer, StepScorer, score_stream
 from prm_jax.files import atomic_write
 from prm_jax.generation.types import GenerationBackend, SamplingParams
-from prm_jax.tokenization import PRMInput, build_prm_input
+from prm_jax.tokenization import PRMInput, build_prm_input, control_tokens
 
 __all__ = [
     "EvaluationOutput",
@@ -87,12 +93,24 @@ class EvaluationOutput:
     curves: dict[str, Any] | None = None
 
 
-def prepare_input(tokenizer: Any, problem: str, steps: Sequence[str], *, source: str) -> PRMInput:
-    """Tokenize one solution in the PRM layout; problems are reported at the record's `path:line`."""
+def prepare_input(
+    tokenizer: Any, problem: str, steps: Sequence[str], *, source: str, steps_field: str = "steps"
+) -> PRMInput:
+    """Tokenize one solution in the PRM layout; problems are reported at the record's `path:line`.
+
+    A problem or step holding one of this tokenizer's control tokens (the readers checked the fixed
+    `CONTROL_TOKENS`; a Llama tokenizer adds `<|eot_id|>` and the like) is named by its field:
+    `problem`, or `steps_field` (Best-of-N: `responses[j].steps`). Any other failure of
+    `build_prm_input` is the tokenizer's (a separator that is not one token), not a field's.
+    """
+    found = solution_text_problem(problem, steps, control_tokens(tokenizer))
+    if found is not None:
+        field, why = found
+        raise EvaluationDataError(why, path=source, field=steps_field if field == "steps" else field)
     try:
         return build_prm_input(tokenizer, problem, list(steps))
     except (TypeError, ValueError) as e:
-        raise EvaluationDataError(str(e), path=source, field="steps") from None
+        raise EvaluationDataError(str(e), path=source) from None
 
 
 #: What to do with an input longer than the model's context (`max_length`): `score` it anyway
@@ -499,7 +517,9 @@ def bon_with_prm(
     def inputs() -> Iterator[tuple[tuple[int, int], PRMInput]]:
         for r in records:
             prepared = [
-                prepare_input(tokenizer, r.problem, response.steps, source=f"{r.source} (response {j})")
+                prepare_input(
+                    tokenizer, r.problem, response.steps, source=r.source, steps_field=f"responses[{j}].steps"
+                )
                 for j, response in enumerate(r.responses)
             ]
             if too_long.left_out(r.id, prepared, r.dataset):

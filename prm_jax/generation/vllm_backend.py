@@ -31,12 +31,14 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from prm_jax.files import read_regular_text
 from prm_jax.generation.types import (
     Prompt,
     RequestOutput,
@@ -49,6 +51,7 @@ from prm_jax.generation.types import (
     requested_n,
     served_output,
 )
+from prm_jax.jsonl import json_problem, json_type_name, loads
 from prm_jax.tokenization import STEP_SEPARATOR, VLLM_DEFAULT_STEP_TAG_ID, PRMInput, separator_token_id
 
 __all__ = ["VLLMBackend", "VLLMStepScorer", "to_request_output", "to_vllm_sampling_params"]
@@ -206,14 +209,40 @@ class VLLMBackend:
         _shutdown(self.llm)
 
 
+#: Largest config.json read (as `prm_jax.weights.MAX_CONFIG_BYTES`; that module imports JAX, this one
+#: must not): a wrong file must not fill host memory.
+_MAX_CONFIG_BYTES = 16 * 2**20
+
+
+def _checkpoint_config(model: str) -> dict[str, Any]:
+    """A local checkpoint's config.json as an object, {} when `model` has none (a Hub id: vLLM fetches it).
+
+    Every failure is one line naming the file: not a regular file (a FIFO would block), over the
+    size bound, not UTF-8, not JSON (`prm_jax.jsonl.loads`: a 5,000-digit number or deep nesting
+    included), not an object.
+    """
+    path = Path(model) / "config.json"
+    if not os.path.lexists(path):
+        return {}
+    text = read_regular_text(path, max_bytes=_MAX_CONFIG_BYTES)
+    try:
+        config = loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: {json_problem(e)}; is the checkpoint's config.json complete?") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {json_type_name(config)}")
+    return config
+
+
 def _refuse_architectures_vllm_lacks(vllm: Any, model: str) -> None:
     """A clear error before an engine starts for a local checkpoint whose architecture this vLLM has
     no class for (a Qwen3 PRM: vLLM ships Qwen2ForProcessRewardModel only)."""
-    config_path = Path(model) / "config.json"
     registry = getattr(vllm, "ModelRegistry", None)
-    if registry is None or not config_path.is_file():
+    if registry is None:
         return
-    architectures = json.loads(config_path.read_text(encoding="utf-8")).get("architectures") or []
+    architectures = _checkpoint_config(model).get("architectures") or []
+    if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
+        raise ValueError(f"{Path(model) / 'config.json'}: field 'architectures': expected an array of strings")
     missing = [a for a in architectures if a not in registry.get_supported_archs()]
     if missing:
         raise ValueError(
@@ -225,11 +254,14 @@ def _refuse_architectures_vllm_lacks(vllm: Any, model: str) -> None:
 def _separator_id_from_checkpoint(model: str, tokenizer: str | None, trust_remote_code: bool) -> int:
     """The step separator id: `config.json["step_separator_id"]` (our exports), else the tokenizer's
     single-token `<extra_0>` (released Qwen2.5-Math-PRM checkpoints), else an error."""
-    config_path = Path(model) / "config.json"
-    if config_path.is_file():
-        value = json.loads(config_path.read_text(encoding="utf-8")).get("step_separator_id")
-        if value is not None:
-            return int(value)
+    value = _checkpoint_config(model).get("step_separator_id")
+    if value is not None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(
+                f"{Path(model) / 'config.json'}: field 'step_separator_id': expected a token id (an integer >= 0), "
+                f"got {value!r}"
+            )
+        return value
     tok = _load_tokenizer(tokenizer or model, trust_remote_code)
     token_id = separator_token_id(tok, STEP_SEPARATOR)
     if token_id is None:
