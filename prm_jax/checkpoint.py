@@ -356,11 +356,43 @@ def _remove_partial_saves(directory: Path) -> None:
 # ---------------------------------------------------------------------------- restore
 
 
+def committed_steps(checkpoints_root: str | Path) -> list[int]:
+    """The steps Orbax has committed under a training run's `checkpoints/` directory, oldest first.
+
+    Orbax saves a step into `<step>.orbax-checkpoint-tmp-*` and renames it to `<step>` once every
+    item is written: a kill mid-save leaves only the temporary directory, which is not a step.
+    """
+    root = Path(checkpoints_root)
+    if not root.is_dir():
+        return []
+    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def _committed_hint(directory: Path) -> str:
+    """Where the committed checkpoints near `directory` are (its siblings, or its `checkpoints/`)."""
+    for root in (directory.parent, directory / "checkpoints", directory):
+        steps = committed_steps(root)
+        if steps:
+            return f"; the latest committed step is {root / str(steps[-1])}"
+    return ""
+
+
 def read_checkpoint_metadata(directory: str | Path) -> dict[str, Any]:
+    """The `model_config` item of a model checkpoint (a training step directory or an import).
+
+    Refused in one line: a directory Orbax never committed (what a kill mid-save leaves), and a
+    directory that is no checkpoint (a training workdir: the message names its latest committed step).
+    """
     directory = Path(directory).absolute()
+    if directory.is_dir() and not ocp.step.is_checkpoint_finalized(directory):
+        raise ValueError(
+            f"{directory} is an uncommitted checkpoint (Orbax was stopped while saving it, so its files may be "
+            f"incomplete): use a committed one{_committed_hint(directory)}"
+        )
     if not (directory / CONFIG_ITEM).is_dir() or not (directory / PARAMS_ITEM).is_dir():
         raise FileNotFoundError(
-            f"{directory} is not a prm-jax model checkpoint (expected '{PARAMS_ITEM}/' and '{CONFIG_ITEM}/' items)"
+            f"{directory} is not a prm-jax model checkpoint (expected '{PARAMS_ITEM}/' and '{CONFIG_ITEM}/' "
+            f"items){_committed_hint(directory)}"
         )
     restored = _checkpointer().restore(directory, args=ocp.args.Composite(**{CONFIG_ITEM: ocp.args.JsonRestore()}))
     metadata = dict(restored[CONFIG_ITEM])
@@ -374,7 +406,8 @@ def read_checkpoint_metadata(directory: str | Path) -> dict[str, Any]:
 
 def read_model_config(directory: str | Path, **overrides: Any) -> ModelConfig:
     """The ModelConfig stored with a checkpoint; runtime fields may be overridden."""
-    return ModelConfig.from_json_dict(read_checkpoint_metadata(directory)["config"], **overrides)
+    source = f"{Path(directory).absolute() / CONFIG_ITEM}"
+    return ModelConfig.from_json_dict(read_checkpoint_metadata(directory)["config"], source=source, **overrides)
 
 
 def restore_params(
@@ -397,7 +430,7 @@ def restore_params(
     """
     directory = Path(directory).absolute()
     metadata = read_checkpoint_metadata(directory)
-    config = config or ModelConfig.from_json_dict(metadata["config"])
+    config = config or ModelConfig.from_json_dict(metadata["config"], source=str(directory / CONFIG_ITEM))
     if mesh is None:
         mesh = Mesh(np.array(jax.local_devices()[:1]).reshape(1, 1, 1), MESH_AXES)
     targets = nnx.traversals.flatten_mapping(abstract_params(config, mesh, rules))
@@ -496,6 +529,7 @@ __all__ = [
     "CONFIG_ITEM",
     "save_params",
     "save_model",
+    "committed_steps",
     "read_checkpoint_metadata",
     "read_model_config",
     "stored_tensors",

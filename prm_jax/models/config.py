@@ -72,6 +72,26 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_positive_int(value: Any) -> bool:
+    return _is_int(value) and value > 0
+
+
+#: Labels of the PRM step head: 0 = the step is wrong, 1 = correct (Qwen2.5-Math-PRM's `score.2` is [2, h]).
+PRM_NUM_LABELS = 2
+# The sizes every array shape is built from (the `ModelConfig` fields; config.json's are POSITIVE_INT_FIELDS).
+_SHAPE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
+    "num_labels",
+)
+
+
 def _field_problem(name: str, value: Any) -> str | None:
     """What is wrong with one config.json field's value (None: fine or absent)."""
     if value is None and name in _NULLABLE_FIELDS:
@@ -93,6 +113,15 @@ def _field_problem(name: str, value: Any) -> str | None:
         if not values or not all(_is_int(v) and v >= 0 for v in values):
             return f"eos_token_id={value!r} must be a non-negative integer, a list of them, or null"
     return None
+
+
+def _hf_num_labels(hf: Mapping[str, Any]) -> int:
+    """A PRM config.json's label count: `num_labels`, else the size of `id2label` (what transformers
+    writes), else the recipe's 2."""
+    if "num_labels" in hf:
+        return hf["num_labels"]
+    id2label = hf.get("id2label")
+    return len(id2label) if isinstance(id2label, dict) and id2label else PRM_NUM_LABELS
 
 
 def check_hf_field_types(hf: Mapping[str, Any], source: str) -> None:
@@ -149,6 +178,17 @@ class ModelConfig:
         # Modules keep the config as static (hashed) metadata: lists become tuples.
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        # Shapes first: a zero or negative size builds arrays that train to nothing, or divides by zero below.
+        bad = [f"{name}={getattr(self, name)!r}" for name in _SHAPE_FIELDS if not _is_positive_int(getattr(self, name))]
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: must be positive integers")
+        if self.with_prm_head and self.num_labels != PRM_NUM_LABELS:
+            # With one label softmax is 1.0 for every step (loss 0, nothing learnt); with more, label 1
+            # is no longer "correct against error". The recipe's head is Linear(h, 2).
+            raise ValueError(
+                f"num_labels={self.num_labels}: a PRM step head has exactly {PRM_NUM_LABELS} labels (error, "
+                "correct; the step reward is softmax(logits)[1])"
+            )
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -271,30 +311,35 @@ class ModelConfig:
         is_prm = any(a in PRM_ARCHITECTURES for a in architectures)
         defaults: dict[str, Any] = {"with_lm_head": not is_prm, "with_prm_head": True}
         defaults.update(overrides)
-        attention_bias = hf.get("attention_bias", model_type == "qwen2")
         # transformers' Qwen3Config defaults head_dim to 128, not hidden_size // heads.
         default_head_dim = 128 if model_type == "qwen3" else int(hf["hidden_size"]) // n_heads
-        return cls(
-            vocab_size=int(hf["vocab_size"]),
-            hidden_size=int(hf["hidden_size"]),
-            intermediate_size=int(hf["intermediate_size"]),
-            num_hidden_layers=int(hf["num_hidden_layers"]),
-            num_attention_heads=n_heads,
-            num_key_value_heads=int(hf.get("num_key_value_heads") or n_heads),
-            head_dim=int(hf.get("head_dim") or default_head_dim),
-            rope_theta=float(rope_theta),
-            rope_scaling_factor=scaling_factor,
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
-            attention_bias=bool(attention_bias),
-            qk_norm=model_type == "qwen3",
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            num_labels=int(hf.get("num_labels", 2)),
-            model_type=model_type,
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_id=hf.get("eos_token_id"),
-            **defaults,
-        )
+        attention_bias = hf.get("attention_bias", model_type == "qwen2")
+        try:
+            return cls(
+                vocab_size=int(hf["vocab_size"]),
+                hidden_size=int(hf["hidden_size"]),
+                intermediate_size=int(hf["intermediate_size"]),
+                num_hidden_layers=int(hf["num_hidden_layers"]),
+                num_attention_heads=n_heads,
+                num_key_value_heads=int(hf.get("num_key_value_heads") or n_heads),
+                head_dim=int(hf.get("head_dim") or default_head_dim),
+                rope_theta=float(rope_theta),
+                rope_scaling_factor=scaling_factor,
+                rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+                max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+                attention_bias=bool(attention_bias),
+                qk_norm=model_type == "qwen3",
+                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                # A causal LM's num_labels describes no weights (transformers' sequence-classification default):
+                # the PRM head trained on it is ours, with the recipe's 2 labels. A PRM's is checked.
+                num_labels=_hf_num_labels(hf) if is_prm else PRM_NUM_LABELS,
+                model_type=model_type,
+                bos_token_id=hf.get("bos_token_id"),
+                eos_token_id=hf.get("eos_token_id"),
+                **defaults,
+            )
+        except ValueError as error:  # the invariants of __post_init__, named with the file
+            raise ValueError(f"{source}: {error}") from None
 
     @classmethod
     def from_hf_file(cls, path: str | Path, **overrides: Any) -> ModelConfig:
@@ -387,11 +432,17 @@ class ModelConfig:
         return data
 
     @classmethod
-    def from_json_dict(cls, data: Mapping[str, Any], **overrides: Any) -> ModelConfig:
+    def from_json_dict(
+        cls, data: Mapping[str, Any], source: str = "checkpoint metadata", **overrides: Any
+    ) -> ModelConfig:
+        """The config stored as checkpoint metadata (`to_json_dict`); `source` names it in errors."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown ModelConfig field(s) in checkpoint metadata: {unknown}")
+            raise ValueError(f"{source}: unknown ModelConfig field(s) {unknown}")
         values = dict(data)
         values.update(overrides)
-        return cls(**values)
+        try:
+            return cls(**values)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{source}: {error}") from None
