@@ -21,6 +21,7 @@ from typing import Any
 
 import ml_collections
 
+from prm_jax.checkpoint import committed_steps as checkpoint_steps
 from prm_jax.data.records import file_sha256
 from prm_jax.files import atomic_write_json
 
@@ -57,11 +58,8 @@ class ConfigChangeError(ValueError):
 
 
 def committed_steps(workdir: Path) -> list[int]:
-    """Checkpoint steps Orbax has committed (uncommitted ones carry a tmp suffix)."""
-    root = Path(workdir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit())
+    """Checkpoint steps Orbax has committed in a run's workdir (`checkpoint.committed_steps`)."""
+    return checkpoint_steps(Path(workdir) / "checkpoints")
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -75,13 +73,26 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+#: Fields holding paths: `data/x.jsonl` and `./data/x.jsonl` (or a symlink to it) are the same file.
+PATH_FIELDS = ("data.train_file", "data.eval_file", "data.tokenizer_dir", "model.init_from")
+#: The record's key for the training file's SHA-256 (under `fingerprints`).
+TRAIN_FILE_SHA256 = "data.train_file.sha256"
+
+
 def _as_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """The record: the config, plus the content hash of the training file (a path that now holds
-    other records is other data)."""
+    """The record: the config with its local paths made absolute (a resume from another current
+    directory names the same files), plus the content hash of the training file (a path that now
+    holds other records is other data)."""
     record = json.loads(json.dumps(config.to_dict(), sort_keys=True, default=str))
+    for field in PATH_FIELDS:
+        section, key = field.split(".")
+        value = record.get(section, {}).get(key)
+        # Only paths that exist: a Hub id (`Qwen/Qwen2.5-Math-7B`) stays as typed.
+        if isinstance(value, str) and value and os.path.exists(value):
+            record[section][key] = os.path.abspath(value)
     train_file = config.data.train_file
     if train_file and Path(train_file).is_file():
-        record["fingerprints"] = {"data.train_file.sha256": file_sha256(train_file)}
+        record["fingerprints"] = {TRAIN_FILE_SHA256: file_sha256(train_file)}
     return record
 
 
@@ -89,15 +100,15 @@ def _matches(field: str, patterns: tuple[str, ...]) -> bool:
     return any(field == p or (p.endswith(".") and field.startswith(p)) for p in patterns)
 
 
-#: Fields holding paths: `data/x.jsonl` and `./data/x.jsonl` (or a symlink to it) are the same file.
-PATH_FIELDS = ("data.train_file", "data.eval_file", "data.tokenizer_dir", "model.init_from")
-
-
 def _same(field: str, old: Any, new: Any, old_all: dict[str, Any], new_all: dict[str, Any]) -> bool:
     if old == new:
         return True
     if field in PATH_FIELDS and isinstance(old, str) and isinstance(new, str) and old and new:
-        return os.path.realpath(old) == os.path.realpath(new)
+        if os.path.realpath(old) == os.path.realpath(new):
+            return True
+        # The training file moved or was copied: the same bytes are the same data.
+        sha = f"fingerprints.{TRAIN_FILE_SHA256}"
+        return field == "data.train_file" and old_all.get(sha) is not None and old_all.get(sha) == new_all.get(sha)
     if field == "data.negative_threshold":
         # Runs recorded before the paper's cut (0.0: the first label 0) carry the old default 0.5;
         # with hard labels (0/1) both select the same steps, so such a run resumes unchanged.
