@@ -24,6 +24,7 @@ from ml_collections import config_flags
 from launch import errors
 from launch.demo_pipeline import default_config, run_demo
 from launch.logs import configure_logging
+from prm_jax.run_lock import RunLockedError, workdir_lock
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (every artifact goes here).")
 flags.mark_flags_as_required(["workdir"])
@@ -36,7 +37,9 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     configure_logging()
-    run_demo(flags.FLAGS.config, _WORKDIR.value, say=lambda line: print(line, flush=True))
+    # One demo per workdir at a time (a second is refused, naming the first); a file is refused too.
+    with workdir_lock(_WORKDIR.value, "launch.demo"):
+        run_demo(flags.FLAGS.config, _WORKDIR.value, say=lambda line: print(line, flush=True))
     sys.exit(0)
 
 
@@ -45,7 +48,7 @@ def run() -> None:
     from data_pipeline.context import SynthesisError
     from prm_jax.training.trainer import TrainingError
 
-    errors.run(main, extra_user_errors=(SynthesisError, TrainingError))
+    errors.run(main, extra_user_errors=(SynthesisError, TrainingError, RunLockedError))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from ml_collections import config_flags
 from launch import errors
 from launch.lessons_pipeline import default_config, run_lessons
 from launch.logs import configure_logging
+from prm_jax.run_lock import RunLockedError, workdir_lock
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (every artifact goes here).")
 _REPORT = flags.DEFINE_string("report", None, "Where to write the markdown report (default W/lessons_reproduced.md).")
@@ -42,12 +43,14 @@ def main(argv: list[str]) -> None:
     from launch.lessons_report import write_report
 
     configure_logging()
-    lessons = run_lessons(flags.FLAGS.config, _WORKDIR.value, say=lambda line: print(line, flush=True))
-    report = Path(_REPORT.value or Path(_WORKDIR.value) / "lessons_reproduced.md")
-    # The command as a reader would rerun it (the workdir and the report's place are theirs to choose).
-    shown = [a for a in sys.argv[1:] if not a.startswith(("--workdir", "--report"))]
-    command = " ".join(["python -m launch.lessons --workdir=W", *map(shlex.quote, shown)])
-    write_report(lessons, report, command)
+    # One lessons run per workdir at a time (a second is refused, naming the first); a file is refused too.
+    with workdir_lock(_WORKDIR.value, "launch.lessons"):
+        lessons = run_lessons(flags.FLAGS.config, _WORKDIR.value, say=lambda line: print(line, flush=True))
+        report = Path(_REPORT.value or Path(_WORKDIR.value) / "lessons_reproduced.md")
+        # The command as a reader would rerun it (the workdir and the report's place are theirs to choose).
+        shown = [a for a in sys.argv[1:] if not a.startswith(("--workdir", "--report"))]
+        command = " ".join(["python -m launch.lessons --workdir=W", *map(shlex.quote, shown)])
+        write_report(lessons, report, command)
     for finding in lessons["findings"]:
         print(f"  {finding['reproduced']:>15}: {finding['title']}", flush=True)
     print(f"wrote {Path(_WORKDIR.value) / 'lessons.json'} and {report}", flush=True)
@@ -59,7 +62,7 @@ def run() -> None:
     from data_pipeline.context import SynthesisError
     from prm_jax.training.trainer import TrainingError
 
-    errors.run(main, extra_user_errors=(SynthesisError, TrainingError))
+    errors.run(main, extra_user_errors=(SynthesisError, TrainingError, RunLockedError))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 import jax
 from absl import app, flags
@@ -48,15 +47,16 @@ def main(argv: list[str]) -> None:
         )
     # Imported after distributed init: these modules touch devices.
     from data_pipeline.synthetic import prepare_synthetic_run
+    from prm_jax.run_lock import check_directory
     from prm_jax.training.config import check as check_config
-    from prm_jax.training.run import train_from_config
+    from prm_jax.training.run import run_directory_lock, train_from_config
 
-    workdir = Path(_WORKDIR.value)
-    if workdir.exists() and not workdir.is_dir():
-        raise errors.UserError(f"--workdir={workdir} is a file, not a directory")
-    # The whole config, before the synthetic generator or anything else writes into the workdir.
+    workdir = check_directory(_WORKDIR.value)
+    # The whole config, before the synthetic generator or anything else writes into the workdir; the
+    # workdir's lock before anything is written (a second run on it is refused, naming the first).
     check_config(_CONFIG.value, device_count=jax.device_count())
-    result = train_from_config(prepare_synthetic_run(_CONFIG.value, workdir), workdir)
+    with run_directory_lock(workdir, "launch.train"):
+        result = train_from_config(prepare_synthetic_run(_CONFIG.value, workdir), workdir)
     if jax.process_index() == 0:
         summary = {"final_step": result.final_step, "stopped_early": result.stopped_early, **(result.last_eval or {})}
         print(
@@ -74,9 +74,10 @@ def _peer_processes_from_environment() -> int:
 
 def run() -> None:
     """Entry point: user errors (bad config, data, paths, a failed save) exit 2 with one message."""
+    from prm_jax.run_lock import RunLockedError
     from prm_jax.training.trainer import TrainingError
 
-    errors.run(main, extra_user_errors=(TrainingError,))
+    errors.run(main, extra_user_errors=(TrainingError, RunLockedError))
 
 
 if __name__ == "__main__":

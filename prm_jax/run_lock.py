@@ -33,7 +33,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 #: The lock file of a run directory.
@@ -179,14 +179,22 @@ def _acquire(fd: int, path: Path, *, shared: bool, wait: bool, holder: Holder, r
 
 @contextlib.contextmanager
 def hold(
-    path: str | Path, *, tool: str, refusal: str, shared: bool = False, wait: bool = False, reentrant: bool = False
+    path: str | Path,
+    *,
+    tool: str,
+    refusal: str,
+    shared: bool = False,
+    wait: bool = False,
+    reentrant: bool = False,
+    on_release: Callable[[], None] | None = None,
 ) -> Iterator[HeldLock]:
     """Hold the lock file `path` (created with its directory) while the block runs.
 
     Another holder: raise `RunLockedError(refusal.format(holder=...))`, or with `wait` block until
     it is free (a short update taken in turn). `tool` names this process in the file. A second
     hold by this same process is refused like any other, unless both are `reentrant` (then nested
-    holds are counted; a shared hold cannot become exclusive by nesting).
+    holds are counted; a shared hold cannot become exclusive by nesting). `on_release` runs as an
+    exclusive hold ends, before the lock is released (it may remove the lock file).
     """
     path = Path(path).absolute()
     if reentrant:
@@ -204,9 +212,8 @@ def hold(
                     nested.depth -= 1
             return
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _open_and_lock(path, shared=shared, wait=wait, holder=Holder.of_this_process(tool), refusal=refusal)
     try:
-        _acquire(fd, path, shared=shared, wait=wait, holder=Holder.of_this_process(tool), refusal=refusal)
         held = HeldLock(path, fd, shared)
         if reentrant:
             with _held_guard:
@@ -217,8 +224,34 @@ def hold(
             if reentrant:
                 with _held_guard:
                     _held.pop(path, None)
+            if on_release is not None and not shared:
+                on_release()  # still held: nobody else can take the file while it is removed
     finally:
         os.close(fd)  # releases the flock
+
+
+def _open_and_lock(path: Path, *, shared: bool, wait: bool, holder: Holder, refusal: str) -> int:
+    """The descriptor of `path`, flocked. A holder may remove the file as it releases it
+    (`on_release`), so a lock taken on a file that is no longer at `path` is retried on the new one:
+    two processes never hold locks on two different files of one name."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            _acquire(fd, path, shared=shared, wait=wait, holder=holder, refusal=refusal)
+            locked, current = os.fstat(fd), _stat_or_none(path)
+        except BaseException:
+            os.close(fd)
+            raise
+        if current is not None and (locked.st_dev, locked.st_ino) == (current.st_dev, current.st_ino):
+            return fd
+        os.close(fd)
+
+
+def _stat_or_none(path: Path) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        return None
 
 
 def check_directory(workdir: str | Path, flag: str = "--workdir") -> Path:
@@ -234,8 +267,10 @@ def workdir_lock(
     workdir: str | Path, tool: str, *, shared: bool = False, flag: str = "--workdir"
 ) -> Iterator[HeldLock]:
     """Hold the run directory `workdir`'s lock (`W/.run.lock`; the directory is created) while the
-    block runs; another holder is refused in one line naming its pid, host, tool and start."""
+    block runs; another holder is refused in one line naming its pid, host, tool and start. An
+    exclusive holder that wrote nothing else leaves no lock file (nor a directory it created)."""
     workdir = check_directory(workdir, flag)
+    created = not workdir.exists()
     try:
         workdir.mkdir(parents=True, exist_ok=True)
     except FileExistsError:  # a file appeared, or a path component is a file
@@ -253,7 +288,16 @@ def workdir_lock(
             f"{workdir} is in use by {{holder}}; two runs writing one directory would overwrite each other's "
             f"checkpoints and records: wait for it to finish, or give this run its own {flag}"
         )
-    with hold(workdir / LOCK_FILE, tool=tool, refusal=refusal, shared=shared, reentrant=True) as held:
+
+    def leave_no_trace() -> None:
+        # A run refused before it wrote anything leaves the directory as it found it (absent, or empty).
+        if [p.name for p in workdir.iterdir()] == [LOCK_FILE]:
+            (workdir / LOCK_FILE).unlink()
+            if created:
+                workdir.rmdir()
+
+    lock = workdir / LOCK_FILE
+    with hold(lock, tool=tool, refusal=refusal, shared=shared, reentrant=True, on_release=leave_no_trace) as held:
         yield held
 
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 
 from prm_jax.checkpoint import read_checkpoint_metadata
 from prm_jax.data.pipeline import (
@@ -20,6 +23,7 @@ from prm_jax.data.pipeline import (
 )
 from prm_jax.data.tokenize import TokenizeConfig
 from prm_jax.files import staged_directory
+from prm_jax.run_lock import RunLockedError, workdir_lock
 from prm_jax.tokenization import prepare_step_separator
 from prm_jax.training.config import check as check_config
 from prm_jax.training.config import seq_len_problem
@@ -89,16 +93,60 @@ def _load_tokenizer(tokenizer_dir: str) -> Any:
 
 def _check_resumed_separator(workdir: Path, tokenizer_record: dict[str, Any]) -> None:
     """Refuse a resume whose tokenizer gives the separator another id or vocabulary than the latest
-    checkpoint was trained with, before anything in the workdir (its saved tokenizer) is replaced."""
-    steps = committed_steps(Path(workdir))
-    if steps:
-        step = steps[-1]
-        stored = read_checkpoint_metadata(Path(workdir) / "checkpoints" / str(step)).get("tokenizer")
+    readable checkpoint was trained with, before any data is read. A step whose metadata cannot be
+    read is left to the restore, which walks past it and names it (`Trainer._restore_latest`)."""
+    for step in reversed(committed_steps(Path(workdir))):
+        try:
+            stored = read_checkpoint_metadata(Path(workdir) / "checkpoints" / str(step)).get("tokenizer")
+        except Exception:  # noqa: BLE001 - damaged: reported by the restore, which checks the separator again
+            continue
         check_same_separator(stored, tokenizer_record, step, Path(workdir))
+        return
+
+
+@contextlib.contextmanager
+def run_directory_lock(workdir: Path, tool: str = "prm_jax.training") -> Iterator[None]:
+    """Hold the training run directory's lock (`prm_jax.run_lock`): a second run on it is refused.
+
+    Every process of one multi-host job writes the same workdir (Orbax saves), so the job takes
+    one lock: process 0 takes it, and every process learns whether it got it (a broadcast from
+    process 0), so a refused job stops on every host with the same message before anything is
+    written, instead of its other processes hanging in their first collective.
+    """
+    with contextlib.ExitStack() as stack:
+        refusal = ""
+        if jax.process_index() == 0:
+            try:
+                stack.enter_context(workdir_lock(workdir, tool))
+            except RunLockedError as error:
+                refusal = str(error)
+        if jax.process_count() > 1:
+            refusal = _from_process_0(refusal)
+        if refusal:
+            raise RunLockedError(refusal)
+        yield
+
+
+def _from_process_0(text: str, size: int = 4096) -> str:
+    """Process 0's `text` on every process (a collective)."""
+    from jax.experimental import multihost_utils
+
+    data = np.zeros(size, dtype=np.uint8)
+    encoded = text.encode("utf-8")[:size]
+    data[: len(encoded)] = np.frombuffer(encoded, dtype=np.uint8)
+    received = np.asarray(multihost_utils.broadcast_one_to_all(data))
+    return bytes(received.astype(np.uint8)).rstrip(b"\0").decode("utf-8", errors="replace")
 
 
 def train_from_config(config: ml_collections.ConfigDict, workdir: Path) -> TrainResult:
+    """Train `config` in `workdir` (a new run, or the resume of the run it holds), holding the
+    workdir's lock throughout (`run_directory_lock`)."""
     workdir = Path(workdir)
+    with run_directory_lock(workdir):
+        return _train(config, workdir)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: Path) -> TrainResult:
     # Everything is checked before anything is read in bulk, compiled or written into the workdir.
     check_config(config, device_count=jax.device_count())
     for warning in config_warnings(config):
@@ -145,14 +193,20 @@ def train_from_config(config: ml_collections.ConfigDict, workdir: Path) -> Train
         eval_batches = build_eval_batches(
             eval_examples, dataclasses.replace(pipeline_config, shuffle=False, num_epochs=1)
         )
-    # Inputs are valid: only now does the workdir get its record and tokenizer.
-    check_resume_config(config, workdir, write=jax.process_index() == 0, current=run_record)
-    if tokenizer_record is not None:
-        _save_tokenizer(tokenizer, Path(tokenizer_record["dir"]))
     stats = {f"train_{k}": v for k, v in dataclasses.asdict(train_stats).items()}
     _log.info("training data: %s", stats)
+
+    def write_records(resumed_step: int | None) -> None:
+        # Inputs are valid and the run's state restored (or fresh): only now does the workdir get its
+        # record and tokenizer, so a failed restore never leaves a rewritten config.json behind.
+        check_resume_config(config, workdir, write=jax.process_index() == 0, current=run_record)
+        if tokenizer_record is not None:
+            _save_tokenizer(tokenizer, Path(tokenizer_record["dir"]))
+
     trainer = Trainer(config, workdir, tokenizer_record=tokenizer_record)
     try:
-        return trainer.run(build_train_iterator(train_examples, pipeline_config), eval_batches, stats)
+        return trainer.run(
+            build_train_iterator(train_examples, pipeline_config), eval_batches, stats, on_start=write_records
+        )
     finally:
         trainer.close()

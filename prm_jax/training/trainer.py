@@ -3,7 +3,8 @@
 Side effects live here (data loading, checkpoint I/O, metrics, signals); the math is in
 `train_step`. One run directory (`workdir`) holds `checkpoints/<step>/` (params, opt_state,
 data_iter, model_config, trainer_state), `prm_tokenizer/` (the separator-bearing tokenizer a PRM run
-trains with, recorded in every checkpoint's metadata), `metrics.jsonl` and `tensorboard/`. A
+trains with, recorded in every checkpoint's metadata), `metrics.jsonl`, `tensorboard/`, and
+`broken_checkpoints/<step>/` once a resume found a damaged step and fell back past it. A
 checkpoint step directory is also a model checkpoint: `weights.load_model` and `launch.convert`
 read it.
 
@@ -15,6 +16,7 @@ restored iterator state replays exactly the batches an uninterrupted run would h
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -22,7 +24,7 @@ import math
 import signal
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +63,8 @@ _log = logging.getLogger(__name__)
 OPT_STATE_ITEM = "opt_state"
 DATA_ITER_ITEM = "data_iter"
 TRAINER_STATE_ITEM = "trainer_state"
+#: Where damaged checkpoint steps are moved once an earlier one restored (beside `checkpoints/`).
+BROKEN_CHECKPOINTS_DIR = "broken_checkpoints"
 # The batch fields the jitted steps take; the others (example and step indices) stay on the host.
 STEP_INPUT_FIELDS = ("input_ids", "segment_ids", "positions", "loss_mask", "labels", "targets")
 
@@ -351,11 +355,74 @@ class Trainer:
         )
         return bool(saved)
 
+    def _restore_latest(self, iterator: Any) -> tuple[int, Any, Any, dict[str, Any]] | None:
+        """(step, params, opt_state, trainer_state) of the newest committed checkpoint that restores,
+        or None when there is none (a fresh run).
+
+        A committed checkpoint can still be damaged afterwards (a truncated array file, an emptied
+        metadata file: a disk or a copy gone wrong). Such a step is skipped with a warning naming it
+        and why, and the previous committed one is restored; once one restores, the damaged steps are
+        moved aside (`_set_aside`), so the run saves those steps anew and nothing is deleted. A
+        refusal (another model, separator or layout) is not damage: it stops the run. When no
+        committed step restores, the run stops and names them all rather than silently start over.
+        """
+        broken: list[tuple[int, str]] = []
+        for step in sorted(self.checkpoint_manager.all_steps(), reverse=True):
+            try:
+                params, opt_state, trainer_state = self._restore(step, iterator)
+                problem = None
+            except DamagedCheckpointError as error:
+                problem = str(error)
+            problem = _agreed_problem(problem)
+            if problem is None:
+                if broken:
+                    self._set_aside([s for s, _ in broken])
+                return step, params, opt_state, trainer_state
+            broken.append((step, problem))
+            _log.warning(
+                "checkpoint step %d in %s cannot be restored (%s); trying the previous committed step",
+                step,
+                self.workdir / "checkpoints",
+                problem,
+            )
+        if broken:
+            listed = "; ".join(f"step {s}: {p}" for s, p in broken)
+            raise TrainingError(
+                f"no checkpoint in {self.workdir / 'checkpoints'} can be restored ({listed}); restore the files, or "
+                f"move {self.workdir / 'checkpoints'} aside to start the run over"
+            )
+        return None
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Move damaged checkpoint steps out of Orbax's directory (into `broken_checkpoints/`), kept
+        for inspection: the run saves those steps again, and Orbax never counts them as saved."""
+        root = self.workdir / "checkpoints"
+        aside = self.workdir / BROKEN_CHECKPOINTS_DIR
+        if self.is_primary:
+            aside.mkdir(parents=True, exist_ok=True)
+            for step in steps:
+                target = aside / str(step)
+                suffix = 1
+                while target.exists():
+                    target, suffix = aside / f"{step}.{suffix}", suffix + 1
+                (root / str(step)).rename(target)
+                _log.warning("moved the damaged checkpoint step %d to %s (delete it once inspected)", step, target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("prm_jax_set_aside_broken_checkpoints")
+        self.checkpoint_manager.reload()
+
     def _restore(self, step: int, iterator: Any) -> tuple[Any, Any, dict[str, Any]]:
+        """Restore checkpoint `step`: raises TrainingError for a checkpoint of another model, separator
+        or layout, `DamagedCheckpointError` naming the item for files that cannot be read."""
+        directory = self.workdir / "checkpoints" / str(step)
         # Runtime fields (dtype, remat, attention) may change on resume, e.g. after an OOM; the
         # architecture and heads may not. Checked before restoring anything big.
-        metadata = read_checkpoint_metadata(self.workdir / "checkpoints" / str(step))
-        stored = ModelConfig.from_json_dict(metadata["config"])
+        with _damage_in(CONFIG_ITEM):
+            metadata = read_checkpoint_metadata(directory)
+            stored = ModelConfig.from_json_dict(metadata["config"], source=str(directory / CONFIG_ITEM))
+            layout_version = metadata["layout_version"]
         runtime = {f: getattr(self.model_config, f) for f in _RUNTIME_FIELDS}
         if stored.replace(**runtime) != self.model_config:
             raise TrainingError(
@@ -363,35 +430,40 @@ class Trainer:
                 f"  checkpoint: {stored}\n  this run:   {self.model_config}"
             )
         check_same_separator(metadata.get("tokenizer"), self.tokenizer_record, step, self.workdir)
-        if metadata["layout_version"] != LAYOUT_VERSION:
+        if layout_version != LAYOUT_VERSION:
             # Its optimizer state holds the old parameter names too; only the model is read across layouts.
             raise TrainingError(
-                f"checkpoint {step} in {self.workdir} has parameter layout {metadata['layout_version']} (an older "
+                f"checkpoint {step} in {self.workdir} has parameter layout {layout_version} (an older "
                 f"prm-jax): resume it with that version, or start a new run from it with "
-                f"--config.model.init_from={self.workdir / 'checkpoints' / str(step)}"
+                f"--config.model.init_from={directory}"
             )
         abstract_opt = jax.tree.map(
             lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
             self.abstract_opt_state,
             self.opt_shardings,
         )
-        restored = self.checkpoint_manager.restore(
-            step,
-            args=ocp.args.Composite(
-                **{
-                    PARAMS_ITEM: ocp.args.PyTreeRestore(
-                        item=self.abstract_params,
-                        restore_args=ocp.checkpoint_utils.construct_restore_args(self.abstract_params),
-                    ),
-                    OPT_STATE_ITEM: ocp.args.PyTreeRestore(
-                        item=abstract_opt, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_opt)
-                    ),
-                    DATA_ITER_ITEM: grain.checkpoint.CheckpointRestore(iterator),
-                    TRAINER_STATE_ITEM: ocp.args.JsonRestore(),
-                }
+        # One item at a time, so damage is named by its item; the data iterator last, so a damaged
+        # step never leaves the iterator moved (the previous step's restore sets it anyway).
+        items = {
+            PARAMS_ITEM: ocp.args.PyTreeRestore(
+                item=self.abstract_params,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(self.abstract_params),
             ),
-        )
-        return restored[PARAMS_ITEM], restored[OPT_STATE_ITEM], dict(restored[TRAINER_STATE_ITEM])
+            OPT_STATE_ITEM: ocp.args.PyTreeRestore(
+                item=abstract_opt, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_opt)
+            ),
+            TRAINER_STATE_ITEM: ocp.args.JsonRestore(),
+            DATA_ITER_ITEM: grain.checkpoint.CheckpointRestore(iterator),
+        }
+        restored = {}
+        for name, args in items.items():
+            with _damage_in(name):
+                restored[name] = self.checkpoint_manager.restore(step, args=ocp.args.Composite(**{name: args}))[name]
+        with _damage_in(TRAINER_STATE_ITEM):
+            trainer_state = dict(restored[TRAINER_STATE_ITEM])
+            if int(trainer_state["step"]) != step:
+                raise ValueError(f"records step {trainer_state['step']}")
+        return restored[PARAMS_ITEM], restored[OPT_STATE_ITEM], trainer_state
 
     # ------------------------------------------------------------------ eval
 
@@ -461,16 +533,25 @@ class Trainer:
         return bool(np.any(flag))
 
     def run(
-        self, train_iterator: Any, eval_batches: list[dict[str, np.ndarray]] | None, data_stats: dict[str, Any]
+        self,
+        train_iterator: Any,
+        eval_batches: list[dict[str, np.ndarray]] | None,
+        data_stats: dict[str, Any],
+        on_start: Callable[[int | None], None] | None = None,
     ) -> TrainResult:
+        """Train to `train.num_steps`, resuming from the newest checkpoint that restores
+        (`_restore_latest`). `on_start(step)` runs once the state is restored (`step`) or freshly
+        initialised (None), before the first line of metrics: the caller writes its run records
+        there, so a failed restore leaves them as they were."""
         cfg = self.config.train
         num_steps = int(cfg.num_steps)
         if cfg.get("preflight_plan", False):
             self.preflight()  # before any weights are loaded or restored
-        latest = self.checkpoint_manager.latest_step()
+        restored = self._restore_latest(train_iterator)
+        latest = None if restored is None else restored[0]
         self._last_good_step = latest
-        if latest is not None:
-            params, opt_state, trainer_state = self._restore(latest, train_iterator)
+        if restored is not None:
+            _, params, opt_state, trainer_state = restored
             step = int(trainer_state["step"])
             _log.info("resumed from %s at step %d", self.workdir / "checkpoints", step)
         else:
@@ -478,6 +559,8 @@ class Trainer:
             with jax.set_mesh(self.mesh):
                 opt_state = jax.jit(self.optimizer.init, out_shardings=self.opt_shardings)(params)
             step = 0
+        if on_start is not None:
+            on_start(latest)  # the run's state is known good: its records may now be written
         # A fresh start forgets all lines of an attempt killed before its first checkpoint
         # (resume_step=None); keeping its step-0 line would log the data stats twice.
         writer = MetricsWriter(self.workdir, enabled=self.is_primary, resume_step=step if latest is not None else None)
@@ -595,6 +678,42 @@ def check_same_separator(
         )
 
 
+class DamagedCheckpointError(Exception):
+    """A committed checkpoint's files cannot be read (the message names the item and the error)."""
+
+
+@contextlib.contextmanager
+def _damage_in(item: str) -> Iterator[None]:
+    """Any failure reading `item` of a checkpoint is damage to it (Orbax, TensorStore and JSON each
+    report it their own way); a refusal (TrainingError) stays one."""
+    try:
+        yield
+    except TrainingError:
+        raise
+    except Exception as error:  # noqa: BLE001 - see the docstring
+        raise DamagedCheckpointError(f"{item}/: {_first_line(error)}") from error
+
+
+def _first_line(error: BaseException, limit: int = 240) -> str:
+    """An error as one short line (TensorStore and Orbax messages run over many lines)."""
+    text = " ".join(str(error).split()) or "no message"
+    text = text.split(" See full TensorStore details")[0]  # a dump of the TensorStore spec follows
+    text = f"{type(error).__name__}: {text}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _agreed_problem(problem: str | None) -> str | None:
+    """Every process restores the same step: a step one process could not restore is broken for all."""
+    if jax.process_count() == 1:
+        return problem
+    from jax.experimental import multihost_utils
+
+    failed = multihost_utils.process_allgather(np.array([problem is not None], dtype=np.int32))
+    if problem is None and np.any(failed):
+        return "another process could not restore it (see that process's log)"
+    return problem
+
+
 def threading_is_main() -> bool:
     import threading
 
@@ -615,4 +734,4 @@ def _progress(enabled: bool, initial: int, total: int):
     return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
 
 
-__all__ = ["Trainer", "TrainResult", "TrainingError", "training_model_config"]
+__all__ = ["DamagedCheckpointError", "Trainer", "TrainResult", "TrainingError", "training_model_config"]
