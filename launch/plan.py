@@ -17,6 +17,7 @@ Targets: local, h100x8, h100x16, h100x64, h200x8, h200x64, v5p-8, v5p-64, v5p-25
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from ml_collections import config_flags
 
 from launch import errors
 from launch.logs import configure_logging
+from prm_jax.files import atomic_write
 from prm_jax.training import plan
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).")
@@ -40,15 +42,31 @@ def main(argv: list[str]) -> None:
     configure_logging()
     if not 0 < _MFU.value <= 1:
         raise errors.UserError(f"--mfu={_MFU.value}: must be in (0, 1]")
+    out = _writable_file(_OUT.value) if _OUT.value else None  # before the compile, which takes minutes
     record = plan.plan_training(_CONFIG.value, _TARGET.value, mfu=_MFU.value)
     record["config_file"] = config_flags.get_config_filename(flags.FLAGS["config"])
     print(plan.format_plan(record))
-    if _OUT.value:
-        out = Path(_OUT.value)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(record, indent=2) + "\n")
+    if out is not None:
+        atomic_write(out, json.dumps(record, indent=2) + "\n")
         print(f"plan written to {out}")
     sys.stdout.flush()
+
+
+def _writable_file(value: str) -> Path:
+    """--out as a file path that can be written, refused in one line otherwise (nothing is created)."""
+    out = Path(value)
+    if out.is_dir():
+        raise errors.UserError(f"--out={value} is a directory: name the JSON file to write (e.g. {out / 'plan.json'})")
+    parent = out.parent
+    while not parent.exists():  # the folders that writing will create
+        parent = parent.parent
+    if not parent.is_dir():
+        raise errors.UserError(f"--out={value}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise errors.UserError(f"--out={value}: {parent} is not writable")
+    if out.exists() and not os.access(out, os.W_OK):
+        raise errors.UserError(f"--out={value} exists and is not writable")
+    return out
 
 
 def run() -> None:

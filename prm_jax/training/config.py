@@ -337,7 +337,7 @@ def _validate_optimizer(c: ConfigChecker) -> None:
     c.number("optimizer.b2", 0.0, 1.0, high_open=True)
     c.number("optimizer.eps", 0.0, low_open=True)
     c.number("optimizer.weight_decay", 0.0)
-    c.number("optimizer.grad_clip_norm")  # <= 0 disables clipping
+    c.number("optimizer.grad_clip_norm", 0.0)  # 0 disables clipping; a negative norm is a typo, not "off"
 
 
 def _validate_checkpoint(c: ConfigChecker) -> None:

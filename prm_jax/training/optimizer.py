@@ -18,7 +18,7 @@ class OptimizerConfig:
     Attributes:
         end_learning_rate_ratio: Final learning rate as a fraction of the peak.
         schedule: "cosine", "linear" or "constant", after the linear warmup.
-        grad_clip_norm: Global-norm clipping; <= 0 disables it.
+        grad_clip_norm: Global-norm clipping; 0 disables it (the config checks refuse a negative norm).
     """
 
     learning_rate: float
