@@ -694,8 +694,11 @@ def _damage_in(item: str) -> Iterator[None]:
         raise DamagedCheckpointError(f"{item}/: {_first_line(error)}") from error
 
 
-def _first_line(error: BaseException, limit: int = 240) -> str:
-    """An error as one short line (TensorStore and Orbax messages run over many lines)."""
+def _first_line(error: BaseException, limit: int = 300) -> str:
+    """An error as one short line (TensorStore and Orbax messages run over many lines). Orbax
+    re-raises TensorStore's error in a generic one: the innermost cause says which array and why."""
+    while error.__cause__ is not None:
+        error = error.__cause__
     text = " ".join(str(error).split()) or "no message"
     text = text.split(" See full TensorStore details")[0]  # a dump of the TensorStore spec follows
     text = f"{type(error).__name__}: {text}"
