@@ -6,9 +6,10 @@ previous file (or none) in place, never a truncated one. Directories built besid
 (an HF export, a run's tokenizer, an overwritten model checkpoint) take its place through
 `replace_directory`. Appending record by record is `prm_jax.jsonl.AppendOnlyWriter`'s job.
 
-A staging directory is owned by its writer through an flock'ed lock file beside it (the lock dies
-with its process): the next `staged_directory` on the same target removes what dead writers left
-(a killed 7B export leaves ~15 GB) and never touches a live writer's. A write that fails with an
+A staging directory is owned by its writer through a lock file beside it (`prm_jax.run_lock`: an
+flock that dies with its process, and the holder's name): the next `staged_directory` on the same
+target removes what dead writers left (a killed 7B export leaves ~15 GB) and never touches a live
+writer's. A write that fails with an
 OSError naming no file (a full disk during `write`) gets the path it was writing, so the message
 can name it. Files read whole (`read_regular_text`) must be regular and bounded: a FIFO would
 block the reader forever and `/dev/zero` would fill its memory.
@@ -17,21 +18,20 @@ block the reader forever and `/dev/zero` would fill its memory.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import glob
 import json
 import logging
 import os
 import re
 import shutil
-import socket
 import stat
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
+
+from prm_jax import run_lock
 
 _log = logging.getLogger(__name__)
 
@@ -120,39 +120,26 @@ def _staging_prefix(target: Path) -> str:
 #: `.old-<id>` (the replaced directory, moved aside), `.orbax-checkpoint-tmp*` (Orbax's own staging).
 _STAGING_ID = re.compile(r"([0-9a-f]{12})(.*)", re.DOTALL)
 _LOCK_SUFFIX = ".lock"
-# flock unsupported (some network and FUSE file systems).
-_NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS}
 
 
 @contextlib.contextmanager
-def _writer_lock(lock: Path) -> Iterator[None]:
-    """Holds an exclusive flock on `lock` (created, naming pid and host) for the writer's lifetime.
-
-    The lock file is checked to still be the one locked: a cleaner that judged an earlier writer
-    dead may have deleted it between our open and our lock.
-    """
-    while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            if os.fstat(fd).st_ino == os.stat(lock).st_ino:
-                break
-        except FileNotFoundError:
-            pass
-        except OSError as error:
-            if error.errno not in _NO_LOCKS:
-                os.close(fd)
-                raise
-            # A file system without flock: the lock file alone marks the staging as someone's, and
-            # `_remove_dead_writer`, unable to lock it either, leaves it alone.
-            break
-        os.close(fd)
-    try:
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+def _writer_lock(lock: Path, target: Path) -> Iterator[None]:
+    """Holds the staging's lock file `lock` (`prm_jax.run_lock.hold`: flock'ed, naming this process)
+    for the writer's lifetime, and removes it at the end (the staging is gone by then: swapped in or
+    removed). It waits rather than refuse: the only other process that may hold a fresh writer's
+    lock is a cleaner that found it before its staging existed, and that one removes it (`hold`
+    then takes the new file). On a file system without flock the lock file alone marks the staging
+    as someone's, and `remove_stale_staging`, unable to tell whether its writer lives, leaves it."""
+    refusal = f"{lock} is held by {{holder}}"  # never raised: the hold waits
+    with run_lock.hold(
+        lock,
+        tool=f"a write of {target.name}",
+        refusal=refusal,
+        wait=True,
+        required=False,
+        on_release=lambda: lock.unlink(missing_ok=True),
+    ):
         yield
-    finally:
-        lock.unlink(missing_ok=True)  # the staging directory is gone (swapped in or removed) by now
-        os.close(fd)
 
 
 def _size(path: Path) -> int:
@@ -218,35 +205,23 @@ def _remove_dead_writer(target: Path, lock: Path, entries: list[Path], staging_l
     """What `remove_stale_staging` did with one writer's entries (nothing if it is alive); their
     names extend the staging name, `staging_length` characters long."""
     try:
-        fd = os.open(lock, os.O_RDWR)
-    except FileNotFoundError:
-        return []  # finished (or cleaned) since the listing
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return []  # a live writer
-        except OSError as error:
-            if error.errno in _NO_LOCKS:
-                return [f"left {', '.join(map(str, entries))}: this file system cannot tell whether its writer lives"]
-            raise
-        with contextlib.suppress(FileNotFoundError):
-            if os.fstat(fd).st_ino != os.stat(lock).st_ino:
-                return []  # another cleaner took it first
-        writer = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "an unknown process"
-        done = []
-        for entry in sorted(entries):
-            if entry.name[staging_length:].startswith(".old-") and not os.path.lexists(target):
-                entry.rename(target)
-                done.append(f"put back {target} from {entry.name} (its writer, {writer}, died mid-swap)")
-                continue
-            size = _size(entry)
-            _remove(entry)
-            done.append(f"removed {entry} ({_human(size)}), left by a writer that died ({writer})")
-        lock.unlink(missing_ok=True)
-        return done
-    finally:
-        os.close(fd)
+        with run_lock.abandoned(lock) as dead:
+            if dead is None:
+                return []  # a live writer, or finished (or cleaned) since the listing
+            writer = run_lock.describe_holders(dead) if dead else "an unknown process"
+            done = []
+            for entry in sorted(entries):
+                if entry.name[staging_length:].startswith(".old-") and not os.path.lexists(target):
+                    entry.rename(target)
+                    done.append(f"put back {target} from {entry.name} (its writer, {writer}, died mid-swap)")
+                    continue
+                size = _size(entry)
+                _remove(entry)
+                done.append(f"removed {entry} ({_human(size)}), left by a writer that died: {writer}")
+            lock.unlink(missing_ok=True)
+            return done
+    except run_lock.LocksUnsupportedError:
+        return [f"left {', '.join(map(str, entries))}: this file system cannot tell whether its writer lives"]
 
 
 @contextlib.contextmanager
@@ -264,7 +239,7 @@ def staged_directory(target: str | Path) -> Iterator[Path]:
     remove_stale_staging(target)
     writer_id = uuid.uuid4().hex[:12]
     staging = target.with_name(f"{_staging_prefix(target)}{writer_id}")
-    with _writer_lock(target.with_name(f"{staging.name}{_LOCK_SUFFIX}")):
+    with _writer_lock(target.with_name(f"{staging.name}{_LOCK_SUFFIX}"), target):
         try:
             with naming_path(target):  # the user's path, not the hidden staging name
                 yield staging

@@ -18,8 +18,12 @@ updated in turn) through `hold`. A process that already holds a workdir's lock m
 not re-locked, since two flock descriptors of one file in one process would exclude each other.
 
 On a shared filesystem flock must reach across hosts: NFS does (Linux maps it onto NFS byte-range
-locks), Lustre needs the `flock` mount option. Multi-host jobs decide who locks (one process per job
-for training: `prm_jax.training.run`), since every process of one job writes the same workdir.
+locks), Lustre needs the `flock` mount option. A file system without flock refuses a lock that must
+keep a second writer out (`LocksUnsupportedError`, one line); a lock that only marks what is whose
+(`hold(required=False)`: a staging directory's writer, `prm_jax.files`) goes on unenforced. Whether
+a lock file was left behind by holders that are gone is told by trying to take it (`abandoned`).
+Multi-host jobs decide who locks (one process per job for training: `prm_jax.training.run`), since
+every process of one job writes the same workdir.
 """
 
 from __future__ import annotations
@@ -39,9 +43,36 @@ from pathlib import Path
 #: The lock file of a run directory.
 LOCK_FILE = ".run.lock"
 
+# flock unsupported: some network and FUSE file systems, Lustre mounted without `flock`.
+_NO_FLOCK = frozenset({errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS})
+
 
 class RunLockedError(RuntimeError):
     """Another process holds the lock; the message names it (pid, host, tool, start) and what to do."""
+
+
+class LocksUnsupportedError(RunLockedError):
+    """The lock file's file system has no flock: a second writer could not be kept out (or a holder's
+    life could not be told); the message names the file and what to do."""
+
+    @classmethod
+    def at(cls, path: Path, what: str) -> LocksUnsupportedError:
+        return cls(
+            f"{path}: this file system does not support flock, so {what}: use a local disk or a file system "
+            "with locks (NFS with its lock service, Lustre mounted with -o flock)"
+        )
+
+
+def _flock(fd: int, operation: int) -> bool:
+    """`fcntl.flock(fd, operation)`; False when the file system has no flock (BlockingIOError, with
+    LOCK_NB, when another process holds it)."""
+    try:
+        fcntl.flock(fd, operation)
+    except OSError as error:
+        if error.errno not in _NO_FLOCK:
+            raise
+        return False
+    return True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,12 +105,8 @@ class Holder:
         return False
 
 
-def read_holders(path: Path) -> list[Holder]:
-    """The holders a lock file records, dead ones and unreadable lines left out."""
-    try:
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return []
+def _recorded(text: str) -> list[Holder]:
+    """The holders a lock file's text records, unreadable lines left out."""
     holders = []
     for line in text.splitlines():
         try:
@@ -87,9 +114,18 @@ def read_holders(path: Path) -> list[Holder]:
             holder = Holder(int(record["pid"]), str(record["host"]), str(record["tool"]), str(record["started"]))
         except (ValueError, KeyError, TypeError):
             continue  # a line being written, or a foreign file: the refusal says "another process"
-        if not holder.is_dead() and holder not in holders:
+        if holder not in holders:
             holders.append(holder)
     return holders
+
+
+def read_holders(path: Path) -> list[Holder]:
+    """The holders a lock file records, dead ones and unreadable lines left out."""
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return []
+    return [holder for holder in _recorded(text) if not holder.is_dead()]
 
 
 def describe_holders(holders: list[Holder], limit: int = 3) -> str:
@@ -102,11 +138,13 @@ def describe_holders(holders: list[Holder], limit: int = 3) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class HeldLock:
-    """A lock this process holds (`fd` is the flocked descriptor)."""
+    """A lock this process holds (`fd` is the flocked descriptor; not `enforced`: a file system
+    without flock, for a `hold(required=False)`)."""
 
     path: Path
     fd: int
     shared: bool
+    enforced: bool = True
 
     def alone(self) -> bool:
         """For a shared hold: whether no other process holds the lock now (this process's hold
@@ -147,15 +185,20 @@ def _record(fd: int, holder: Holder, *, replace: bool) -> None:
         os.write(fd, line)
 
 
-def _acquire(fd: int, path: Path, *, shared: bool, wait: bool, holder: Holder, refusal: str) -> None:
+def _acquire(fd: int, path: Path, *, shared: bool, wait: bool, holder: Holder, refusal: str, required: bool) -> bool:
     """flock `fd` (exclusive, or shared) and record `holder`; refuse with `refusal` (its `{holder}`
-    names who holds the lock) when another process holds it and `wait` is false."""
+    names who holds the lock) when another process holds it and `wait` is false. Returns whether the
+    lock is enforced: False on a file system without flock, which is refused unless not `required`."""
 
     def refuse() -> RunLockedError:
         return RunLockedError(refusal.format(holder=describe_holders(read_holders(path))))
 
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if not _flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB):
+            if required:
+                raise LocksUnsupportedError.at(path, "a second writer could not be kept out")
+            _record(fd, holder, replace=False)  # the file still says whose it is
+            return False
         alone = True
     except BlockingIOError:
         if not shared and not wait:
@@ -169,12 +212,13 @@ def _acquire(fd: int, path: Path, *, shared: bool, wait: bool, holder: Holder, r
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise refuse() from None
-        return
+        return True
     try:
         fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
     except BlockingIOError:
         raise refuse() from None
     _record(fd, holder, replace=not shared)
+    return True
 
 
 @contextlib.contextmanager
@@ -186,6 +230,7 @@ def hold(
     shared: bool = False,
     wait: bool = False,
     reentrant: bool = False,
+    required: bool = True,
     on_release: Callable[[], None] | None = None,
 ) -> Iterator[HeldLock]:
     """Hold the lock file `path` (created with its directory) while the block runs.
@@ -193,8 +238,10 @@ def hold(
     Another holder: raise `RunLockedError(refusal.format(holder=...))`, or with `wait` block until
     it is free (a short update taken in turn). `tool` names this process in the file. A second
     hold by this same process is refused like any other, unless both are `reentrant` (then nested
-    holds are counted; a shared hold cannot become exclusive by nesting). `on_release` runs as an
-    exclusive hold ends, before the lock is released (it may remove the lock file).
+    holds are counted; a shared hold cannot become exclusive by nesting). On a file system without
+    flock: `LocksUnsupportedError`, or, when not `required`, the block runs unenforced (the file
+    still records this holder). `on_release` runs as an exclusive hold ends, before the lock is
+    released (it may remove the lock file).
     """
     path = Path(path).absolute()
     if reentrant:
@@ -212,9 +259,11 @@ def hold(
                     nested.depth -= 1
             return
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = _open_and_lock(path, shared=shared, wait=wait, holder=Holder.of_this_process(tool), refusal=refusal)
+    fd, enforced = _open_and_lock(
+        path, shared=shared, wait=wait, holder=Holder.of_this_process(tool), refusal=refusal, required=required
+    )
     try:
-        held = HeldLock(path, fd, shared)
+        held = HeldLock(path, fd, shared, enforced)
         if reentrant:
             with _held_guard:
                 _held[path] = _Reentrant(held)
@@ -230,28 +279,64 @@ def hold(
         os.close(fd)  # releases the flock
 
 
-def _open_and_lock(path: Path, *, shared: bool, wait: bool, holder: Holder, refusal: str) -> int:
-    """The descriptor of `path`, flocked. A holder may remove the file as it releases it
-    (`on_release`), so a lock taken on a file that is no longer at `path` is retried on the new one:
-    two processes never hold locks on two different files of one name."""
+def _open_and_lock(
+    path: Path, *, shared: bool, wait: bool, holder: Holder, refusal: str, required: bool
+) -> tuple[int, bool]:
+    """The descriptor of `path`, flocked, and whether the lock is enforced. A holder (or a cleaner,
+    `abandoned`) may remove the file as it releases it, so a lock taken on a file that is no longer
+    at `path` is retried on the new one: two processes never hold locks on two different files of
+    one name."""
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            _acquire(fd, path, shared=shared, wait=wait, holder=holder, refusal=refusal)
-            locked, current = os.fstat(fd), _stat_or_none(path)
+            enforced = _acquire(fd, path, shared=shared, wait=wait, holder=holder, refusal=refusal, required=required)
         except BaseException:
             os.close(fd)
             raise
-        if current is not None and (locked.st_dev, locked.st_ino) == (current.st_dev, current.st_ino):
-            return fd
+        if _still_at(fd, path):
+            return fd, enforced
         os.close(fd)
 
 
-def _stat_or_none(path: Path) -> os.stat_result | None:
+def _still_at(fd: int, path: Path) -> bool:
+    """Whether the open file `fd` is still the file at `path` (not removed or replaced since)."""
     try:
-        return os.stat(path)
+        current = os.stat(path)
     except FileNotFoundError:
-        return None
+        return False
+    locked = os.fstat(fd)
+    return (locked.st_dev, locked.st_ino) == (current.st_dev, current.st_ino)
+
+
+@contextlib.contextmanager
+def abandoned(path: str | Path) -> Iterator[list[Holder] | None]:
+    """Whether the lock file `path` was left behind by holders that are gone, told by trying to take
+    it without waiting (a live holder, on any host, keeps its flock).
+
+    Left behind: yields the holders it records (dead ones: who left it; possibly none) while holding
+    it, so no other process acts on what it guarded meanwhile; the caller may remove the file in the
+    block. Held by a live process, or gone: yields None. A file system without flock, where this
+    cannot be told: `LocksUnsupportedError`.
+    """
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        yield None
+        return
+    try:
+        try:
+            locked = _flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            locked = None  # a live holder
+        if locked is False:
+            raise LocksUnsupportedError.at(path, "whether its holder lives cannot be told")
+        if not locked or not _still_at(fd, path):  # held, or removed by another cleaner since the open
+            yield None
+            return
+        yield _recorded(os.pread(fd, 1 << 16, 0).decode("utf-8", "replace"))
+    finally:
+        os.close(fd)  # releases the flock
 
 
 def check_directory(workdir: str | Path, flag: str = "--workdir") -> Path:
@@ -297,7 +382,14 @@ def workdir_lock(
                 workdir.rmdir()
 
     lock = workdir / LOCK_FILE
-    with hold(lock, tool=tool, refusal=refusal, shared=shared, reentrant=True, on_release=leave_no_trace) as held:
+    with contextlib.ExitStack() as stack:
+        try:
+            held = stack.enter_context(
+                hold(lock, tool=tool, refusal=refusal, shared=shared, reentrant=True, on_release=leave_no_trace)
+            )
+        except LocksUnsupportedError:
+            leave_no_trace()  # nobody can hold a lock there: the file this attempt created goes
+            raise
         yield held
 
 
@@ -305,7 +397,9 @@ __all__ = [
     "LOCK_FILE",
     "Holder",
     "HeldLock",
+    "LocksUnsupportedError",
     "RunLockedError",
+    "abandoned",
     "check_directory",
     "describe_holders",
     "hold",

@@ -304,3 +304,25 @@ def test_staging_without_a_writer_lock_is_reported_not_removed(tmp_path, caplog)
     with caplog.at_level(logging.WARNING, logger="prm_jax"), staged_directory(tmp_path / "export") as staging:
         staging.mkdir()
     assert legacy.is_dir() and any(f"left {legacy}" in r.getMessage() for r in caplog.records)
+
+
+def test_without_flock_a_staging_is_kept_as_someones_and_never_removed(tmp_path, caplog, monkeypatch) -> None:
+    """A file system without flock (one lock mechanism, `prm_jax.run_lock`): the writer goes on, its
+    lock file still names it, and the next writer, unable to tell whether it lives, leaves its staging."""
+    import fcntl
+
+    def no_flock(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    target = tmp_path / "export"
+    with staged_directory(target) as first:
+        first.mkdir()
+        (first / "f").write_text("first")
+        (lock,) = tmp_path.glob(".export.tmp-*.lock")
+        assert f'"pid": {os.getpid()}' in lock.read_text()
+        with caplog.at_level(logging.WARNING, logger="prm_jax"), staged_directory(target) as second:
+            second.mkdir()
+        assert (first / "f").read_text() == "first"
+    assert any("cannot tell whether its writer lives" in r.getMessage() for r in caplog.records)
+    assert (target / "f").read_text() == "first" and sorted(p.name for p in tmp_path.iterdir()) == ["export"]

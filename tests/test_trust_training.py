@@ -24,7 +24,7 @@ from training_runs import RUN_TIMEOUT_S, read_metrics, running, start, train_fla
 from data_pipeline.synthetic import prepare_synthetic_run
 from prm_jax.checkpoint import read_checkpoint_metadata, read_model_config, restore_params
 from prm_jax.models.config import ModelConfig
-from prm_jax.run_lock import LOCK_FILE, RunLockedError, read_holders, workdir_lock
+from prm_jax.run_lock import LOCK_FILE, LocksUnsupportedError, RunLockedError, read_holders, workdir_lock
 from prm_jax.training.config import ConfigError
 from prm_jax.training.config import check as check_config
 from prm_jax.training.run import train_from_config
@@ -99,6 +99,23 @@ def test_shared_holders_exclude_only_exclusive_ones(tmp_path) -> None:
         child.wait()
     with workdir_lock(workdir, "synthesis", shared=True) as held:
         assert held.alone()
+
+
+def test_a_workdir_on_a_file_system_without_flock_is_refused_in_one_line(tmp_path, monkeypatch) -> None:
+    """No flock, no way to keep a second run out: refused (not run unguarded), leaving nothing behind."""
+    import errno
+    import fcntl
+
+    def no_flock(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    with pytest.raises(LocksUnsupportedError) as refused, workdir_lock(tmp_path / "run", "launch.train"):
+        pass
+    message = str(refused.value)
+    assert isinstance(refused.value, RunLockedError) and "\n" not in message
+    assert str(tmp_path / "run" / LOCK_FILE) in message and "does not support flock" in message
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_file_as_workdir_is_one_line_for_demo_and_train(tmp_path) -> None:
