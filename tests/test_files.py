@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
 import pytest
 
-from prm_jax.files import atomic_file, atomic_write, atomic_write_lines, replace_directory
+from prm_jax.files import atomic_file, atomic_write, atomic_write_lines, naming_path, replace_directory
 
 
 def test_a_failed_write_leaves_the_previous_file_and_no_temporary(tmp_path) -> None:
@@ -62,3 +63,17 @@ def test_a_failed_swap_puts_the_previous_directory_back(tmp_path, monkeypatch) -
         replace_directory(staging, target)
     assert (target / "f").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == [".ckpt.tmp", "ckpt"]
+
+
+def test_naming_path_names_only_an_os_error_that_has_an_errno(tmp_path) -> None:
+    """ENOSPC from write() gets the path; an OSError made from a message alone keeps its message
+    (a file name on it would print as "[Errno None] None: '<path>'")."""
+    with pytest.raises(OSError) as full, naming_path(tmp_path / "out"):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert full.value.filename == str(tmp_path / "out")
+    with pytest.raises(OSError) as plain, naming_path(tmp_path / "out"):
+        raise OSError("disk on fire")
+    assert str(plain.value) == "disk on fire" and plain.value.filename is None
+    with pytest.raises(FileNotFoundError) as named, naming_path(tmp_path / "out"):
+        open(tmp_path / "absent")
+    assert named.value.filename == str(tmp_path / "absent")  # its own file name is kept
