@@ -33,6 +33,10 @@ flags.mark_flags_as_required(["workdir"])
 config_flags.DEFINE_config_dict("config", default_config(), "Demo settings (launch.demo_pipeline.default_config).")
 
 
+#: What a rerun after a full disk does (`launch.errors`; `run_demo` resumes every stage).
+RERUN_NOTE = "it resumes: finished records and checkpoints are kept"
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -48,7 +52,7 @@ def run() -> None:
     from data_pipeline.context import SynthesisError
     from prm_jax.training.trainer import TrainingError
 
-    errors.run(main, extra_user_errors=(SynthesisError, TrainingError, RunLockedError))
+    errors.run(main, extra_user_errors=(SynthesisError, TrainingError, RunLockedError), rerun_note=RERUN_NOTE)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,10 @@ config_flags.DEFINE_config_dict(
 )
 
 
+#: What a rerun after a full disk does (`launch.errors`; `run_lessons` reuses what exists).
+RERUN_NOTE = "it resumes: finished arms and checkpoints are kept"
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -62,7 +66,7 @@ def run() -> None:
     from data_pipeline.context import SynthesisError
     from prm_jax.training.trainer import TrainingError
 
-    errors.run(main, extra_user_errors=(SynthesisError, TrainingError, RunLockedError))
+    errors.run(main, extra_user_errors=(SynthesisError, TrainingError, RunLockedError), rerun_note=RERUN_NOTE)
 
 
 if __name__ == "__main__":

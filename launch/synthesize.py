@@ -59,6 +59,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 USER_ERRORS = (SynthesisError, ShardLockedError, DataError, OpenAIServerError)
 
 
+#: What a rerun after a full disk does (`launch.errors`): the append-only shards resume by id.
+RERUN_NOTE = "it resumes: finished records are kept"
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -98,4 +102,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    errors.run(main, extra_user_errors=USER_ERRORS)
+    errors.run(main, extra_user_errors=USER_ERRORS, rerun_note=RERUN_NOTE)

@@ -30,6 +30,10 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+#: What a rerun after a full disk does (`launch.errors`): training resumes from its checkpoints.
+RERUN_NOTE = "it resumes from the last committed checkpoint"
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -77,7 +81,7 @@ def run() -> None:
     from prm_jax.run_lock import RunLockedError
     from prm_jax.training.trainer import TrainingError
 
-    errors.run(main, extra_user_errors=(TrainingError, RunLockedError))
+    errors.run(main, extra_user_errors=(TrainingError, RunLockedError), rerun_note=RERUN_NOTE)
 
 
 if __name__ == "__main__":

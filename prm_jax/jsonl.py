@@ -34,6 +34,8 @@ from os import PathLike
 from pathlib import Path
 from typing import Any, Generic, NamedTuple, TypeVar
 
+from prm_jax.files import naming_path
+
 _log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -450,8 +452,9 @@ class AppendOnlyWriter(Generic[T]):
                 path=self.path,
             )
         written = 0
-        while written < len(data):  # one write() in practice; loop for partial writes
-            written += os.write(self._fd, data[written:])
+        with naming_path(self.path):  # a full disk names this file (a torn line is cut on reopen)
+            while written < len(data):  # one write() in practice; loop for partial writes
+                written += os.write(self._fd, data[written:])
         self.ids.add(record.id)
         self._unsynced += 1
         if self._unsynced >= self._fsync_every or time.monotonic() - self._last_sync > self._fsync_seconds:
@@ -459,7 +462,8 @@ class AppendOnlyWriter(Generic[T]):
         return True
 
     def sync(self) -> None:
-        os.fsync(self._fd)
+        with naming_path(self.path):
+            os.fsync(self._fd)
         self._unsynced = 0
         self._last_sync = time.monotonic()
 

@@ -46,7 +46,7 @@ from prm_jax.checkpoint import (
 from prm_jax.conversion.hf_mapping import HEADS, TensorMapping, is_stacked, param_mappings, tensor_mappings
 from prm_jax.conversion.safetensors_io import SafetensorsCheckpoint
 from prm_jax.files import check_regular_file
-from prm_jax.models.config import ModelConfig
+from prm_jax.models.config import MAX_CONFIG_BYTES, ModelConfig
 from prm_jax.models.factory import ParamPath, abstract_model, abstract_params, params_of
 from prm_jax.models.transformer import LMHead, StepHead, Transformer
 from prm_jax.sharding import LogicalAxisRules
@@ -70,8 +70,6 @@ _HEAD_MODULES = {"score": StepHead, "lm_head": LMHead}
 Head = Literal["prm", "lm"]
 
 
-#: Largest config.json read (real ones are a few KB): a wrong file must not fill host memory.
-MAX_CONFIG_BYTES = 16 * 2**20
 #: Elements checked finite at a time: the check's scratch memory stays small beside a huge tensor.
 _FINITE_CHUNK = 1 << 24
 

@@ -326,3 +326,89 @@ def test_without_flock_a_staging_is_kept_as_someones_and_never_removed(tmp_path,
         assert (first / "f").read_text() == "first"
     assert any("cannot tell whether its writer lives" in r.getMessage() for r in caplog.records)
     assert (target / "f").read_text() == "first" and sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
+# ---------------------------------------------------------------------------- 13. JSON past Python's decoder
+
+_HUGE_NUMBER = "1" * 5000  # past sys.get_int_max_str_digits(): json.loads raises a bare ValueError
+
+
+def _one_line_naming(error: BaseException, path: Path) -> None:
+    message = str(error)
+    assert str(path) in message and "digits" in message and "\n" not in message, message
+
+
+def test_a_config_json_number_past_the_decoder_is_one_line_naming_the_file(tiny, tmp_path) -> None:
+    from prm_jax.models.config import ModelConfig
+
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "model.safetensors").symlink_to(tiny["hf"] / "model.safetensors")
+    config = (tiny["hf"] / "config.json").read_text()
+    (hf / "config.json").write_text(config.replace("{", '{"huge": ' + _HUGE_NUMBER + ",", 1))
+    with pytest.raises(ValueError) as e:
+        ModelConfig.from_hf_file(hf)
+    _one_line_naming(e.value, hf / "config.json")
+    with pytest.raises(ValueError) as e:
+        hf_to_orbax(hf, tmp_path / "o")
+    _one_line_naming(e.value, hf / "config.json")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_safetensors_header_or_index_number_past_the_decoder_names_the_file(tmp_path) -> None:
+    import struct
+
+    from prm_jax.conversion.safetensors_io import SafetensorsFormatError
+
+    single = tmp_path / "single"
+    single.mkdir()
+    header = ('{"__metadata__": {"n": "1"}, "huge": ' + _HUGE_NUMBER + "}").encode()
+    (single / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+    with pytest.raises(SafetensorsFormatError) as e:
+        SafetensorsCheckpoint(single)
+    _one_line_naming(e.value, single / "model.safetensors")
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    (sharded / "model.safetensors.index.json").write_text('{"metadata": {"total_size": ' + _HUGE_NUMBER + "}}")
+    with pytest.raises(SafetensorsFormatError) as e:
+        SafetensorsCheckpoint(sharded)
+    _one_line_naming(e.value, sharded / "model.safetensors.index.json")
+
+
+# ---------------------------------------------------------------------------- 12/17. evaluation's tokenizer, appends
+
+
+def test_evaluate_refuses_a_tokenizer_file_that_is_a_fifo(tiny, tmp_path) -> None:
+    from prm_jax.evaluation.tokenizer_loading import load_tokenizer
+
+    tokenizer = tmp_path / "tok"
+    tokenizer.mkdir()
+    os.mkfifo(tokenizer / "tokenizer.json")
+    with _within(20), pytest.raises(NotRegularFileError, match="tokenizer.json is not a regular file but a FIFO"):
+        load_tokenizer(tiny["export"], tokenizer)
+
+
+def test_a_full_disk_during_an_append_names_the_file(tmp_path, monkeypatch) -> None:
+    """`AppendOnlyWriter` (synthesis records, predictions): ENOSPC from write/fsync names the file."""
+    import dataclasses
+
+    from prm_jax.jsonl import AppendOnlyWriter
+
+    @dataclasses.dataclass
+    class Record:
+        id: str
+
+        def to_json(self) -> dict:
+            return {"id": self.id}
+
+    def full(*args) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    path = tmp_path / "records.jsonl"
+    with AppendOnlyWriter(path, lambda d: Record(d["id"]), fsync_every=1) as writer:
+        monkeypatch.setattr(os, "fsync", full)
+        with pytest.raises(OSError) as e:
+            writer.write(Record("a"))
+        monkeypatch.undo()
+    assert e.value.filename == str(path)
+    assert f"no space left on the device at {path}" in errors.user_message(e.value, rerun_note="it resumes")

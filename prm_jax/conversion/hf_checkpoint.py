@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
+from prm_jax import jsonl
 from prm_jax.checkpoint import CONFIG_ITEM, PARAMS_ITEM, StoredParams, read_checkpoint_metadata, save_params
 from prm_jax.conversion.hf_mapping import TensorMapping, tensor_mappings
 from prm_jax.conversion.remote_code import REMOTE_CODE, remote_code_for, write_remote_code
@@ -77,7 +78,7 @@ _ORBAX_JSON_FILE = "metadata"
 def _json_object(path: Path) -> dict[str, Any] | None:
     """A small JSON object file, or None when it is absent, irregular, too big or not an object."""
     try:
-        value = json.loads(read_regular_text(path, max_bytes=MAX_CONFIG_BYTES))
+        value = jsonl.loads(read_regular_text(path, max_bytes=MAX_CONFIG_BYTES))
     except (OSError, ValueError):
         return None
     return value if isinstance(value, dict) else None

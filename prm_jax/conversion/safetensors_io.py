@@ -38,6 +38,7 @@ from typing import Any, Final
 import ml_dtypes
 import numpy as np
 
+from prm_jax import jsonl
 from prm_jax.files import atomic_file, atomic_write, check_regular_file, read_regular_text
 
 __all__ = [
@@ -215,9 +216,11 @@ def _read_header(path: Path) -> tuple[dict[str, Any], int]:
             )
         raw = f.read(header_size)
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SafetensorsFormatError(f"{path}: header is not valid UTF-8 JSON ({e}); the file is corrupt") from None
+        header = jsonl.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise SafetensorsFormatError(f"{path}: header is not UTF-8 ({e.reason}); the file is corrupt") from None
+    except json.JSONDecodeError as e:
+        raise SafetensorsFormatError(f"{path}: header is {jsonl.json_problem(e)}; the file is corrupt") from None
     if not isinstance(header, dict):
         raise SafetensorsFormatError(f"{path}: header is not a JSON object; the file is corrupt")
     metadata = header.get(_METADATA_KEY, {})
@@ -267,9 +270,13 @@ class SafetensorsCheckpoint:
     def _open_index(self, index: Path) -> None:
         text = read_regular_text(index, max_bytes=_MAX_INDEX_BYTES)
         try:
-            weight_map = json.loads(text).get("weight_map")
-        except (json.JSONDecodeError, AttributeError) as e:
-            raise SafetensorsFormatError(f"{index}: not a JSON object ({e}); the index is corrupt") from None
+            weight_map = jsonl.loads(text).get("weight_map")
+        except json.JSONDecodeError as e:
+            raise SafetensorsFormatError(
+                f"{index}: {jsonl.json_problem(e)} at line {e.lineno}; the index is corrupt"
+            ) from None
+        except AttributeError:
+            raise SafetensorsFormatError(f"{index}: not a JSON object; the index is corrupt") from None
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError(f"{index} has no 'weight_map' (or it is empty)")
         by_shard: dict[str, list[str]] = {}

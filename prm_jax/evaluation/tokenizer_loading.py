@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from prm_jax.checkpoint import read_checkpoint_metadata
-from prm_jax.conversion.hf_checkpoint import checkpoint_tokenizer
+from prm_jax.conversion.hf_checkpoint import check_tokenizer_files, checkpoint_tokenizer
 from prm_jax.weights import checkpoint_kind
 
 __all__ = ["load_tokenizer"]
@@ -31,4 +31,7 @@ def load_tokenizer(model_path: str | Path, tokenizer_path: str | Path | None = N
                 f"{model_path} is an Orbax checkpoint that records no tokenizer; pass the tokenizer directory "
                 "(e.g. the base model's or the exported HF directory) with --tokenizer"
             )
-    return AutoTokenizer.from_pretrained(str(tokenizer_path or model_path))
+    source = Path(tokenizer_path or model_path)
+    if source.is_dir():  # a FIFO or a device named tokenizer.json would block transformers, or never end
+        check_tokenizer_files(source)
+    return AutoTokenizer.from_pretrained(str(source))

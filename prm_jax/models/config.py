@@ -16,7 +16,12 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from prm_jax import jsonl
+from prm_jax.files import read_regular_text
 from prm_jax.models.attention import ATTENTION_IMPLEMENTATIONS, DEFAULT_MAX_SEGMENTS_PER_ROW
+
+#: Largest config.json read (a real one is a few KB; a FIFO or `/dev/zero` named so is refused).
+MAX_CONFIG_BYTES = 16 * 2**20
 
 # Architectures whose checkpoints map onto our decoder without changes to the math.
 SUPPORTED_ARCHITECTURES = (
@@ -343,17 +348,18 @@ class ModelConfig:
 
     @classmethod
     def from_hf_file(cls, path: str | Path, **overrides: Any) -> ModelConfig:
+        """The config of a Hugging Face `config.json` (or a directory holding one), read bounded
+        (`files.read_regular_text`: a FIFO or a device is refused, not read) and decoded with
+        `jsonl.loads`, so every failure is one line naming the file."""
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
         try:
-            data = json.loads(path.read_text())
+            data = jsonl.loads(read_regular_text(path, max_bytes=MAX_CONFIG_BYTES))
         except FileNotFoundError:
             raise FileNotFoundError(f"{path}: no config.json") from None
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path}: not UTF-8 text ({e.reason})") from None
+            raise ValueError(f"{path}: {jsonl.json_problem(e)} at line {e.lineno}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
         return cls.from_hf_dict(data, source=str(path), **overrides)

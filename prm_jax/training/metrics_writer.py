@@ -8,7 +8,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from prm_jax.files import atomic_write_lines
+from prm_jax import jsonl
+from prm_jax.files import atomic_write_lines, naming_path
 
 
 class MetricsWriter:
@@ -31,9 +32,11 @@ class MetricsWriter:
         keep = []
         for line in self.jsonl_path.read_text().splitlines():
             try:
-                record = json.loads(line)
+                record = jsonl.loads(line)  # bounded: a 5,000-digit number is a bad line, not a crash
             except json.JSONDecodeError:
                 continue  # a line cut by a kill
+            if not isinstance(record, dict):
+                continue  # not a metrics line
             if step is not None and record.get("step", 0) <= step:
                 keep.append(line)
         atomic_write_lines(self.jsonl_path, keep)
@@ -42,7 +45,7 @@ class MetricsWriter:
         if not self.enabled:
             return
         clean = {k: _plain(v) for k, v in metrics.items()}
-        with self.jsonl_path.open("a") as f:
+        with naming_path(self.jsonl_path), self.jsonl_path.open("a") as f:  # a full disk names the file
             f.write(json.dumps({"step": step, **clean}, allow_nan=True) + "\n")
         for key, value in clean.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):

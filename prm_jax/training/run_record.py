@@ -21,9 +21,10 @@ from typing import Any
 
 import ml_collections
 
+from prm_jax import jsonl
 from prm_jax.checkpoint import committed_steps as checkpoint_steps
 from prm_jax.data.records import file_sha256
-from prm_jax.files import atomic_write_json
+from prm_jax.files import atomic_write_json, read_regular_text
 
 RECORD_FILE = "config.json"
 CHANGES_FILE = "config_changes.jsonl"
@@ -127,6 +128,28 @@ def config_changes(recorded: dict[str, Any], current: dict[str, Any]) -> dict[st
     }
 
 
+#: Largest run record read (a real one is a few KB).
+_MAX_RECORD_BYTES = 16 * 2**20
+
+
+def _read_record(record: Path) -> dict[str, Any]:
+    """The run record `record`, or a one-line ConfigChangeError naming it: bounded and regular
+    (`files.read_regular_text`), UTF-8, decoded by `jsonl.loads` (a 5,000-digit number too), an object."""
+    try:
+        text = read_regular_text(record, max_bytes=_MAX_RECORD_BYTES)
+    except ValueError as error:  # not regular, too big, not UTF-8: the message names the file
+        raise ConfigChangeError(f"run record {error}; restore it or use a new workdir") from None
+    try:
+        recorded = jsonl.loads(text)
+    except json.JSONDecodeError as error:
+        why = f"{jsonl.json_problem(error)} at line {error.lineno}"
+    else:
+        if isinstance(recorded, dict):
+            return recorded
+        why = f"a JSON {type(recorded).__name__}, not an object"
+    raise ConfigChangeError(f"{record}: unreadable run record ({why}); restore it or use a new workdir")
+
+
 def check_and_record(
     config: ml_collections.ConfigDict, workdir: Path, *, write: bool = True, current: dict[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -139,12 +162,7 @@ def check_and_record(
     steps = committed_steps(workdir)
     changes: dict[str, tuple[Any, Any]] = {}
     if steps and record.is_file():
-        try:
-            recorded = json.loads(record.read_text())
-        except json.JSONDecodeError as error:
-            raise ConfigChangeError(
-                f"{record}: unreadable run record ({error}); restore it or use a new workdir"
-            ) from None
+        recorded = _read_record(record)
         changes = config_changes(recorded, current)
         fixed = {f: v for f, v in changes.items() if _matches(f, FIXED_FIELDS)}
         if fixed:
