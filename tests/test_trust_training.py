@@ -312,3 +312,46 @@ def test_plan_out_is_checked_before_the_compile(tmp_path) -> None:
     (outcome,) = run_table("launch.plan", [[f"--config={ROOT / 'configs' / 'tiny.py'}", f"--out={tmp_path}"]], tmp_path)
     assert_one_line_refusal(outcome, f"--out={tmp_path} is a directory")
     assert outcome["stdout"] == ""  # no plan printed: nothing was compiled
+
+
+def test_a_run_record_past_the_json_decoder_or_not_a_file_is_one_line(tmp_path) -> None:
+    """The run record (W/config.json) is read bounded and decoded by `jsonl.loads`: a 5,000-digit
+    number, or a FIFO in its place, is a ConfigChangeError naming it, not a bare ValueError or a hang."""
+    workdir = tmp_path / "run"
+    (workdir / "checkpoints" / "2").mkdir(parents=True)  # a committed step: the record is read
+    record = workdir / "config.json"
+    record.write_text('{"seed": ' + "1" * 5000 + "}")
+    with pytest.raises(ConfigChangeError) as e:
+        check_and_record(tiny_config(), workdir)
+    assert str(record) in str(e.value) and "digits" in str(e.value) and "\n" not in str(e.value)
+    record.unlink()
+    os.mkfifo(record)
+    with pytest.raises(ConfigChangeError, match="config.json is not a regular file but a FIFO"):
+        check_and_record(tiny_config(), workdir)
+
+
+def test_a_full_disk_during_a_checkpoint_save_names_the_checkpoints_directory(tmp_path) -> None:
+    """Orbax's writes (and an async save's error, raised at confirmation) are named by
+    `files.naming_path`: the message says where the disk filled up."""
+    import errno
+    import types
+
+    from prm_jax.training.trainer import Trainer
+
+    def full(*args, **kwargs) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    trainer = object.__new__(Trainer)  # only the save bookkeeping, no model
+    trainer.workdir = tmp_path / "run"
+    trainer.config = tiny_config(**{"checkpoint.async_save": True})
+    trainer._saving_step, trainer._last_good_step = None, 2
+    trainer._start_save = full
+    with pytest.raises(TrainingError) as e:
+        trainer._save(4, None, None, None, {})
+    named = f"No space left on device: '{tmp_path / 'run' / 'checkpoints'}'"
+    assert named in str(e.value) and "last good checkpoint is step 2" in str(e.value)
+    trainer.checkpoint_manager = types.SimpleNamespace(is_saving_in_progress=lambda: False, wait_until_finished=full)
+    trainer._saving_step = 4  # an async save in flight fails in its thread
+    with pytest.raises(TrainingError) as e:
+        trainer._confirm_save(block=False)
+    assert named in str(e.value)

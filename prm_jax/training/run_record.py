@@ -161,7 +161,7 @@ def check_and_record(
     current = _as_json(config) if current is None else current
     steps = committed_steps(workdir)
     changes: dict[str, tuple[Any, Any]] = {}
-    if steps and record.is_file():
+    if steps and record.exists():  # a FIFO or a device there is refused by the read, not skipped
         recorded = _read_record(record)
         changes = config_changes(recorded, current)
         fixed = {f: v for f, v in changes.items() if _matches(f, FIXED_FIELDS)}

@@ -45,6 +45,7 @@ from prm_jax.checkpoint import (
     params_save_args,
     read_checkpoint_metadata,
 )
+from prm_jax.files import naming_path
 from prm_jax.metrics import first_error_index, step_error_scores
 from prm_jax.models.config import ModelConfig
 from prm_jax.models.factory import abstract_model, abstract_params, create_model, params_of
@@ -295,7 +296,8 @@ class Trainer:
     ) -> bool:
         self._confirm_save(block=True)  # Orbax would wait for the previous save anyway
         try:
-            saved = self._start_save(step, params, opt_state, iterator, extra, force)
+            with naming_path(self.workdir / "checkpoints"):  # a full disk names where
+                saved = self._start_save(step, params, opt_state, iterator, extra, force)
         except Exception as error:  # noqa: BLE001 - any failure to write loses this step's state
             raise self._save_failed(step, error) from error
         self._saving_step = step if saved else None
@@ -311,8 +313,9 @@ class Trainer:
             return
         self._saving_step = None
         try:
-            self.checkpoint_manager.wait_until_finished()
-            self.checkpoint_manager.check_for_errors()
+            with naming_path(self.workdir / "checkpoints"):
+                self.checkpoint_manager.wait_until_finished()
+                self.checkpoint_manager.check_for_errors()
         except Exception as error:  # noqa: BLE001 - Orbax re-raises the writer's own error
             raise self._save_failed(step, error) from error
         if not ocp.step.is_checkpoint_finalized(self.workdir / "checkpoints" / str(step)):
