@@ -218,9 +218,11 @@ def _read_header(path: Path) -> tuple[dict[str, Any], int]:
     try:
         header = jsonl.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
-        raise SafetensorsFormatError(f"{path}: header is not UTF-8 ({e.reason}); the file is corrupt") from None
+        why = f"{e.reason} at byte {e.start}"
+        raise SafetensorsFormatError(f"{path}: header is not valid UTF-8 JSON ({why}); the file is corrupt") from None
     except json.JSONDecodeError as e:
-        raise SafetensorsFormatError(f"{path}: header is {jsonl.json_problem(e)}; the file is corrupt") from None
+        why = jsonl.json_problem(e)
+        raise SafetensorsFormatError(f"{path}: header is not valid UTF-8 JSON ({why}); the file is corrupt") from None
     if not isinstance(header, dict):
         raise SafetensorsFormatError(f"{path}: header is not a JSON object; the file is corrupt")
     metadata = header.get(_METADATA_KEY, {})
