@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from prm_jax.jsonl import DataError, read_records
+from prm_jax.jsonl import DataError, json_problem, loads, read_records
 from prm_jax.run_lock import RunLockedError, hold
 
 T = TypeVar("T")
@@ -104,9 +104,9 @@ def read_records_if_exists(path: Path, parse: Callable[[dict[str, Any]], T]) -> 
 def read_json(path: Path) -> Any:
     """A whole JSON file (a done marker, the run config); malformed JSON names its line."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return loads(path.read_text(encoding="utf-8"))  # bounded: a 5,000-digit number is this error too
     except json.JSONDecodeError as e:
-        raise DataError(f"malformed JSON: {e.msg}", path=path, line=e.lineno) from None
+        raise DataError(json_problem(e), path=path, line=e.lineno) from None
 
 
 #: Another process holds a stage shard's lock (the message names the lock file and its holder).
