@@ -112,7 +112,7 @@ def _recorded(text: str) -> list[Holder]:
         try:
             record = json.loads(line)
             holder = Holder(int(record["pid"]), str(record["host"]), str(record["tool"]), str(record["started"]))
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):  # RecursionError: a deeply nested line
             continue  # a line being written, or a foreign file: the refusal says "another process"
         if holder not in holders:
             holders.append(holder)
@@ -147,6 +147,7 @@ class HeldLock:
     enforced: bool = True
 
     def alone(self) -> bool:
+        # Briefly exclusive: a shared taker arriving meanwhile waits it out (`_take_shared`).
         """For a shared hold: whether no other process holds the lock now (this process's hold
         stays shared either way). An exclusive hold is alone by definition."""
         if not self.shared:
@@ -185,6 +186,28 @@ def _record(fd: int, holder: Holder, *, replace: bool) -> None:
         os.write(fd, line)
 
 
+# Shared holders hold the lock exclusively for a moment (writing their line alone, asking `alone`):
+# a shared taker arriving then retries this long before it decides an exclusive holder has it.
+_SHARED_PATIENCE_S = 3.0
+
+
+def _take_shared(fd: int, *, wait: bool) -> bool:
+    """flock `fd` shared; False when the lock stays held exclusively for `_SHARED_PATIENCE_S` (an
+    exclusive holder: training, the demo), rather than for a shared holder's moment."""
+    if wait:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        return True
+    deadline = time.monotonic() + _SHARED_PATIENCE_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+
+
 def _acquire(fd: int, path: Path, *, shared: bool, wait: bool, holder: Holder, refusal: str, required: bool) -> bool:
     """flock `fd` (exclusive, or shared) and record `holder`; refuse with `refusal` (its `{holder}`
     names who holds the lock) when another process holds it and `wait` is false. Returns whether the
@@ -207,16 +230,19 @@ def _acquire(fd: int, path: Path, *, shared: bool, wait: bool, holder: Holder, r
     if alone:
         _record(fd, holder, replace=True)
         if shared:
-            # Not atomic (flock drops, then takes): an exclusive taker in between wins, and is named.
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise refuse() from None
+            # Not atomic (flock drops, then takes): an exclusive taker in between wins, and is named;
+            # a shared one in between holds it exclusively only for a moment, which is waited out.
+            if not _take_shared(fd, wait=wait):
+                raise refuse()
         return True
-    try:
-        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
-    except BlockingIOError:
-        raise refuse() from None
+    if shared:
+        if not _take_shared(fd, wait=wait):
+            raise refuse()
+    else:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise refuse() from None
     _record(fd, holder, replace=not shared)
     return True
 

@@ -101,6 +101,34 @@ def test_shared_holders_exclude_only_exclusive_ones(tmp_path) -> None:
         assert held.alone()
 
 
+def test_shared_holders_arriving_at_once_are_all_admitted(tmp_path) -> None:
+    """Each shared holder is exclusive for a moment (writing its line, asking `alone`): the others
+    arriving then wait it out instead of being refused (8 synthesis shards started together)."""
+    import threading
+
+    from prm_jax.run_lock import hold
+
+    lock = tmp_path / "synth" / LOCK_FILE
+    refused: list[str] = []
+    start_together = threading.Barrier(8)
+
+    def shard() -> None:
+        start_together.wait()
+        for _ in range(20):
+            try:  # `hold` opens its own descriptor each time: threads lock like separate processes
+                with hold(lock, tool="synthesis", refusal="refused by {holder}", shared=True) as held:
+                    held.alone()
+            except RunLockedError as error:
+                refused.append(str(error))
+
+    threads = [threading.Thread(target=shard) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert refused == []
+
+
 def test_a_workdir_on_a_file_system_without_flock_is_refused_in_one_line(tmp_path, monkeypatch) -> None:
     """No flock, no way to keep a second run out: refused (not run unguarded), leaving nothing behind."""
     import errno
