@@ -129,6 +129,31 @@ def test_shared_holders_arriving_at_once_are_all_admitted(tmp_path) -> None:
     assert refused == []
 
 
+def test_any_lock_failure_on_process_0_reaches_the_other_processes_before_it_raises(tmp_path, monkeypatch) -> None:
+    """Not only a refusal: a failure to lock at all (EACCES) is broadcast before process 0 raises,
+    so the other processes of a multi-host job stop with it instead of waiting for the broadcast."""
+    import errno
+
+    from prm_jax.training import run
+
+    def unwritable(workdir: Path, tool: str) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied", str(workdir))
+
+    broadcast: list[str] = []
+    monkeypatch.setattr(run, "workdir_lock", unwritable)
+    monkeypatch.setattr(run.jax, "process_count", lambda: 2)
+    monkeypatch.setattr(run, "_from_process_0", lambda text: broadcast.append(text) or text)
+    with pytest.raises(PermissionError), run.run_directory_lock(tmp_path / "run"):
+        pass
+    assert len(broadcast) == 1 and broadcast[0].startswith("PermissionError: ")
+    # What the other processes do with it: stop, naming process 0's failure.
+    monkeypatch.setattr(run.jax, "process_index", lambda: 1)
+    monkeypatch.setattr(run, "_from_process_0", lambda text: broadcast[0])
+    with pytest.raises(RunLockedError, match="process 0 could not lock .*PermissionError"):
+        with run.run_directory_lock(tmp_path / "run"):
+            pass
+
+
 def test_a_workdir_on_a_file_system_without_flock_is_refused_in_one_line(tmp_path, monkeypatch) -> None:
     """No flock, no way to keep a second run out: refused (not run unguarded), leaving nothing behind."""
     import errno

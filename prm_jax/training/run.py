@@ -114,16 +114,20 @@ def run_directory_lock(workdir: Path, tool: str = "prm_jax.training") -> Iterato
     written, instead of its other processes hanging in their first collective.
     """
     with contextlib.ExitStack() as stack:
-        refusal = ""
+        failure: Exception | None = None
         if jax.process_index() == 0:
             try:
                 stack.enter_context(workdir_lock(workdir, tool))
-            except RunLockedError as error:
-                refusal = str(error)
+            except Exception as error:  # noqa: BLE001 - any failure (a file as workdir, EACCES, ENOSPC) stops every process
+                failure = error
+        refusal = str(failure) if failure is not None else ""
         if jax.process_count() > 1:
-            refusal = _from_process_0(refusal)
+            # Every process waits for this broadcast, so process 0 reaches it whatever happened.
+            refusal = _from_process_0(f"{type(failure).__name__}: {refusal or 'failed'}" if failure else "")
+        if failure is not None:
+            raise failure
         if refusal:
-            raise RunLockedError(refusal)
+            raise RunLockedError(f"process 0 could not lock {workdir}: {refusal}")
         yield
 
 
