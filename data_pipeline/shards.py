@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+from prm_jax.files import read_regular_text
 from prm_jax.jsonl import DataError, json_problem, loads, read_records
 from prm_jax.run_lock import RunLockedError, hold
 
@@ -101,10 +102,16 @@ def read_records_if_exists(path: Path, parse: Callable[[dict[str, Any]], T]) -> 
     return read_records(path, parse) if path.exists() else []
 
 
+#: A done marker, the run config or a summary is a few KiB; anything far larger is not one of them.
+MAX_SMALL_JSON_BYTES = 64 * 2**20
+
+
 def read_json(path: Path) -> Any:
-    """A whole JSON file (a done marker, the run config); malformed JSON names its line."""
+    """A whole JSON file (a done marker, the run config); malformed JSON names its line. The file must
+    be regular and small (a FIFO would block the reader forever): `files.read_regular_text`."""
     try:
-        return loads(path.read_text(encoding="utf-8"))  # bounded: a 5,000-digit number is this error too
+        # bounded: a 5,000-digit number is this error too
+        return loads(read_regular_text(path, max_bytes=MAX_SMALL_JSON_BYTES))
     except json.JSONDecodeError as e:
         raise DataError(json_problem(e), path=path, line=e.lineno) from None
 

@@ -205,3 +205,17 @@ def test_synthesis_never_writes_control_text_into_prm_train(tmp_path):
     records = list(read_prm_records(tmp_path / "w" / "consensus" / "prm_train.jsonl"))  # read whole
     assert records and {r.id for r in records} <= {"q1#0", "q1#1", "q1#2"}
     assert not any("<|" in step for r in records for step in r.steps)
+
+
+def test_a_synthesis_marker_that_is_a_fifo_is_refused_not_waited_on(tmp_path) -> None:
+    """`data_pipeline.shards.read_json` (done markers, the run config, summaries) used to block on a
+    FIFO forever; it goes through the one regular-file rule."""
+    import os
+
+    from data_pipeline.shards import read_json
+    from prm_jax.files import NotRegularFileError
+
+    fifo = tmp_path / "run_config.json"
+    os.mkfifo(fifo)
+    with pytest.raises(NotRegularFileError, match=r"run_config\.json is not a regular file but a FIFO"):
+        read_json(fifo)

@@ -43,7 +43,6 @@ import codecs
 import dataclasses
 import json
 import os
-import stat
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from os import PathLike
@@ -51,6 +50,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from prm_jax.answers import answer_problem
+from prm_jax.files import NotRegularFileError, check_regular_file
 from prm_jax.jsonl import (
     DataError,
     Fields,
@@ -250,24 +250,16 @@ def input_files(path: PathLikeStr) -> list[Path]:
     raise FileNotFoundError(f"{path}: no such file or directory")
 
 
-_FILE_KINDS = (
-    (stat.S_ISDIR, "a directory"),
-    (stat.S_ISFIFO, "a FIFO"),
-    (stat.S_ISSOCK, "a socket"),
-    (stat.S_ISCHR, "a character device"),
-    (stat.S_ISBLK, "a block device"),
-)
-
-
 def _not_a_regular_file(path: Path) -> str | None:
-    """Why `path` cannot be read as a data file (naming it), or None for a regular file."""
+    """Why `path` cannot be read as a data file (naming it), or None for a regular file: the one
+    regular-file rule (`prm_jax.files.check_regular_file`), plus a dangling symlink's target."""
     if path.is_symlink() and not path.exists():
         return f"{path}: a dangling symlink (to {os.readlink(path)}); remove it or point it at the subset's file"
-    if path.is_file():
-        return None
-    mode = path.stat().st_mode
-    kind = next((name for test, name in _FILE_KINDS if test(mode)), "a special file")
-    return f"{path}: not a regular file ({kind}); a data file must be a regular file (or a symlink to one)"
+    try:
+        check_regular_file(path)
+    except NotRegularFileError as error:
+        return f"{error} (a data file must be a regular file, or a symlink to one)"
+    return None
 
 
 def _subset_name(path: Path) -> str:
