@@ -252,6 +252,28 @@ def test_a_damaged_latest_checkpoint_resumes_from_the_previous_step_and_ends_as_
 
 
 @pytest.mark.slow
+def test_an_error_that_is_no_verdict_on_the_files_is_raised_and_moves_no_checkpoint(
+    short_run, tmp_path, monkeypatch
+) -> None:
+    """Out of memory while restoring (reported as a ValueError, as TensorStore and XLA do) says
+    nothing about the files: it stops the run as it is, and no intact step is moved aside."""
+    from prm_jax.training import trainer
+
+    straight_dir, config, _ = short_run
+    workdir = tmp_path / "run"
+    shutil.copytree(straight_dir, workdir)
+
+    def out_of_memory(directory: Path) -> dict:
+        raise ValueError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.00GiB")
+
+    monkeypatch.setattr(trainer, "read_checkpoint_metadata", out_of_memory)
+    with pytest.raises(ValueError, match="RESOURCE_EXHAUSTED"):
+        train_from_config(config.copy_and_resolve_references(), workdir)
+    assert not (workdir / trainer.BROKEN_CHECKPOINTS_DIR).exists()
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4"]
+
+
+@pytest.mark.slow
 def test_no_restorable_checkpoint_stops_naming_each_and_leaves_the_record_alone(short_run, tmp_path) -> None:
     straight_dir, config, _ = short_run
     workdir = tmp_path / "run"

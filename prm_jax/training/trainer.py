@@ -685,15 +685,37 @@ class DamagedCheckpointError(Exception):
     """A committed checkpoint's files cannot be read (the message names the item and the error)."""
 
 
+# Errors that say the files are bad: TensorStore reports data errors as ValueError, JSON decoding
+# too; a missing key, a wrong type, a missing file. Anything else (MemoryError, an XLA RuntimeError,
+# an OSError such as EIO or EACCES) is no verdict on the files: moving the step aside for it would
+# silently restart the run from an older step.
+_DAMAGE = (ValueError, KeyError, TypeError, IndexError, EOFError, FileNotFoundError)
+# Out of memory reported inside a ValueError (TensorStore, XLA): the files may be intact.
+_NOT_DAMAGE_TEXT = ("RESOURCE_EXHAUSTED", "out of memory", "Out of memory")
+
+
+def _is_damage(error: BaseException) -> bool:
+    """Whether `error` (Orbax's, wrapping TensorStore's or JSON's) says the checkpoint's files are bad."""
+    chain = [error]
+    while chain[-1].__cause__ is not None:
+        chain.append(chain[-1].__cause__)
+    if any(isinstance(e, MemoryError) or any(t in str(e) for t in _NOT_DAMAGE_TEXT) for e in chain):
+        return False
+    return isinstance(chain[-1], _DAMAGE)
+
+
 @contextlib.contextmanager
 def _damage_in(item: str) -> Iterator[None]:
-    """Any failure reading `item` of a checkpoint is damage to it (Orbax, TensorStore and JSON each
-    report it their own way); a refusal (TrainingError) stays one."""
+    """A failure reading `item` of a checkpoint that says its files are bad (`_is_damage`) is damage
+    to it; a refusal (TrainingError) stays one, and any other error (out of memory, a read error of
+    the disk) is raised as it is, moving nothing."""
     try:
         yield
     except TrainingError:
         raise
-    except Exception as error:  # noqa: BLE001 - see the docstring
+    except Exception as error:
+        if not _is_damage(error):
+            raise
         raise DamagedCheckpointError(f"{item}/: {_first_line(error)}") from error
 
 
