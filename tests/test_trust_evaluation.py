@@ -285,7 +285,8 @@ def test_evaluation_readers_refuse_control_tokens_and_malformed_golds_naming_fil
     assert [r.answer for r in read_bon(_jsonl(tmp_path / "ok.jsonl", [{**bon_row, "answer": "\\frac{1}{2}"}]))]
 
 
-REAL_PROCESSBENCH = Path("/work/shared/data/processbench")
+# shared/ lies beside the checkout (developers' machines and CI alike).
+REAL_PROCESSBENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "processbench"
 
 
 @pytest.mark.skipif(not REAL_PROCESSBENCH.is_dir(), reason="the ProcessBench release is not on this machine")
