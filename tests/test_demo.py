@@ -177,11 +177,11 @@ def small_config(**overrides):
 # instruction-set caps on an AMD EPYC, plus the Intel Xeon AVX-512/AMX run that missed the earlier
 # 0.9 floor; docs/performance.md, "The end-to-end test's spread"), each with the margin stated.
 E2E_SIZES = {"synth.num_problems": 256, "prm.steps": 300, "eval.num_problems": 128}
-POLICY_ACCURACY_BAND = (0.45, 0.85)  # measured 0.621-0.654: 0.17 below, 0.19 above
-MC_AGREEMENT_FLOOR = 0.75  # measured >= 0.913
-PRM_F1_FLOOR = 0.85  # measured >= 0.954 (and above it on the Intel run)
+POLICY_ACCURACY_BAND = (0.45, 0.85)  # measured 0.621-0.684: 0.17 below, 0.17 above
+MC_AGREEMENT_FLOOR = 0.75  # measured >= 0.913: 0.16 under
+PRM_F1_FLOOR = 0.85  # measured >= 0.954: 0.10 under (the Intel run passed it)
 OUT_OF_RANGE_FLOOR = 0.8  # measured >= 0.985 here, 0.870 (187/215) on the Intel run: 0.07 under that
-BON_MARGIN = 0.05  # prm@4 - maj@4 measured >= 0.164
+BON_MARGIN = 0.03  # prm@4 - maj@4 measured >= 0.094 (12 of 128 problems): 0.064 under
 
 
 @pytest.mark.slow
