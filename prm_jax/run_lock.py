@@ -301,8 +301,22 @@ def hold(
                     _held.pop(path, None)
             if on_release is not None and not shared:
                 on_release()  # still held: nobody else can take the file while it is removed
+            _forget(held)
     finally:
         os.close(fd)  # releases the flock
+
+
+def _forget(held: HeldLock) -> None:
+    """Drop this holder's record as it leaves, when no other holder's line could be lost (an
+    exclusive hold, or a shared one now alone): a finished run leaves an empty lock file, so a rerun
+    that changes nothing leaves it as it found it. A shared holder beside others leaves its line,
+    which readers ignore once its process is gone."""
+    if not held.enforced:
+        return
+    with contextlib.suppress(OSError):  # BlockingIOError included: others hold it, their lines stay
+        if held.shared:  # alone: take it exclusive, so no holder arriving now appends meanwhile
+            fcntl.flock(held.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.ftruncate(held.fd, 0)
 
 
 def _open_and_lock(
