@@ -83,18 +83,8 @@ def _is_positive_int(value: Any) -> bool:
 
 #: Labels of the PRM step head: 0 = the step is wrong, 1 = correct (Qwen2.5-Math-PRM's `score.2` is [2, h]).
 PRM_NUM_LABELS = 2
-# The sizes every array shape is built from (the `ModelConfig` fields; config.json's are POSITIVE_INT_FIELDS).
-_SHAPE_FIELDS = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "max_position_embeddings",
-    "num_labels",
-)
+# The sizes every array shape is built from: the `ModelConfig` fields named as config.json's.
+_SHAPE_FIELDS = POSITIVE_INT_FIELDS
 
 
 def _field_problem(name: str, value: Any) -> str | None:
