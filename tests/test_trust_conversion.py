@@ -3,6 +3,7 @@ files that are not regular, and the messages of a full or read-only disk."""
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import errno
 import json
@@ -263,8 +264,18 @@ def test_a_fifo_weight_file_is_named_as_such_not_missing(tmp_path) -> None:
     ) and "no model.safetensors" not in str(e.value)
 
 
+def _launcher_constant(launcher: str, name: str) -> str:
+    """A module-level string of a launcher, read without importing it: a launcher defines its absl
+    flags at import, and two launchers in one test process (evaluate, convert) both define --dtype."""
+    tree = ast.parse((Path(__file__).parents[1] / "launch" / f"{launcher}.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise AssertionError(f"launch/{launcher}.py defines no {name}")
+
+
 def test_a_full_disk_names_the_file_and_promises_no_resume(tmp_path, monkeypatch) -> None:
-    from launch import convert
+    convert_rerun_note = _launcher_constant("convert", "RERUN_NOTE")
 
     def full(fd: int) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")  # as the kernel reports it: no file name
@@ -275,7 +286,7 @@ def test_a_full_disk_names_the_file_and_promises_no_resume(tmp_path, monkeypatch
     generic = errors.user_message(e.value)
     assert f"no space left on the device at {tmp_path / 'out' / 'model.safetensors'}" in generic
     assert "resumes" not in generic and "free space" in generic
-    assert "starts over" in errors.user_message(e.value, rerun_note=convert.RERUN_NOTE)
+    assert "starts over" in errors.user_message(e.value, rerun_note=convert_rerun_note)
     # A directory built in stages (an export, an Orbax save) names its destination.
     with pytest.raises(OSError) as e, staged_directory(tmp_path / "export"):
         raise OSError(errno.ENOSPC, "No space left on device")
