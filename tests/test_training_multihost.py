@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -111,7 +112,22 @@ def _compare_with_reference(workdir, reference, label: str, runs: int = 1) -> No
     )
 
 
+def _assert_both_processes_wrote_step(workdir: Path, step: int) -> None:
+    """Each process wrote its parameter shard and its (identical: one global stream) iterator state."""
+    step_dir = workdir / "checkpoints" / str(step)
+    assert sorted(p.name for p in (step_dir / "params").glob("ocdbt.process_*")) == [
+        "ocdbt.process_0",
+        "ocdbt.process_1",
+    ]
+    iter_states = sorted((step_dir / "data_iter").glob("process_*.json"))
+    assert [p.name for p in iter_states] == ["process_0-of-2.json", "process_1-of-2.json"]
+    assert json.loads(iter_states[0].read_text()) == json.loads(iter_states[1].read_text())
+
+
+@pytest.mark.redundant
 def test_two_processes_match_one_process(tmp_path, reference) -> None:
+    """Redundant with `test_two_process_preemption_resumes`, which ends the same 2-process run (after
+    a preemption) equal to the 1-process reference, with both processes' shards and iterator states."""
     workdir = tmp_path / "multi"
     workers = _start_two_processes(workdir, tmp_path, "multi")
     with running(*workers):
@@ -120,16 +136,8 @@ def test_two_processes_match_one_process(tmp_path, reference) -> None:
     assert "training done: final_step=4, stopped_early=False" in logs[0]
     assert "training done" not in logs[1]  # only process 0 reports
 
-    # Both processes wrote their shards and their (identical: one global stream) iterator state.
     assert committed_steps(workdir)[-1] == N
-    step_dir = workdir / "checkpoints" / str(N)
-    assert sorted(p.name for p in (step_dir / "params").glob("ocdbt.process_*")) == [
-        "ocdbt.process_0",
-        "ocdbt.process_1",
-    ]
-    iter_states = sorted((step_dir / "data_iter").glob("process_*.json"))
-    assert [p.name for p in iter_states] == ["process_0-of-2.json", "process_1-of-2.json"]
-    assert json.loads(iter_states[0].read_text()) == json.loads(iter_states[1].read_text())
+    _assert_both_processes_wrote_step(workdir, N)
 
     _compare_with_reference(workdir, reference, "2 processes")
 
@@ -157,4 +165,7 @@ def test_two_process_preemption_resumes(tmp_path, reference) -> None:
     for worker in workers:
         assert resumed_at(worker.log(tail=10**7)) == stopped_at
     assert "training done: final_step=4, stopped_early=False" in workers[0].log(tail=10**7)
+    assert "training done" not in workers[1].log(tail=10**7)  # only process 0 reports
+    assert committed_steps(workdir)[-1] == N
+    _assert_both_processes_wrote_step(workdir, N)
     _compare_with_reference(workdir, reference, f"2 processes, preempted at {stopped_at} and resumed", runs=2)

@@ -150,7 +150,12 @@ def _evaluate(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize("task", ["processbench", "bon"])
+@pytest.mark.parametrize(
+    "task",
+    # `bon` is redundant: the same scorer and launcher as `processbench`, and Best-of-N through
+    # vLLM runs in test_demo.py::test_demo_on_vllm_generates_and_scores_through_vllm (about 75 s).
+    ["processbench", pytest.param("bon", marks=pytest.mark.redundant)],
+)
 def test_launch_evaluate_on_vllm_equals_jax(task, qwen_prm_checkpoint, eval_data) -> None:
     """`launch.evaluate --backend=vllm` scores with VLLMStepScorer (the export's separator is
     151651: vLLM's default pooler, no override) and matches the JAX scorer within 1e-3 in fp32."""

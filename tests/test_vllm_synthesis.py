@@ -335,7 +335,12 @@ def test_vllm_requests_are_one_per_problem_prefix_and_response(assets, reference
     assert Counter(key(r) for r in sent) == expected
 
 
+@pytest.mark.redundant
 def test_sigkill_during_mc_then_rerun_equals_an_uninterrupted_run(assets, reference) -> None:
+    """Redundant with `test_synthesis_e2e.py::test_sigkill_during_mc_then_rerun_equals_an_uninterrupted_run`
+    (the same stage runner's resume, killed at the same point, on the JAX backend) and with
+    `test_rerun_of_a_finished_run_changes_nothing_and_starts_no_engine` below (vLLM engines started
+    only for missing work); this one kills a vLLM engine's process group too (about 110 s)."""
     ref_workdir, ref_events = reference
     workdir = assets["root"] / "killed"
     log = assets["root"] / "killed.log"
